@@ -1,0 +1,71 @@
+"""The hand-written backward of the training-mode BN transform (Ioffe & Szegedy 2015, Sec. 3).
+
+The paper's six chain-rule equations, simplified with Σ(x_i − μ_B) = 0 (which kills the second
+term of ∂ℓ/∂μ_B) and x̂ = (x − μ_B)/√(σ²_B + ε), collapse to::
+
+    ∂ℓ/∂β = Σ g_i                       ∂ℓ/∂γ = Σ g_i x̂_i           (g = ∂ℓ/∂y)
+    ∂ℓ/∂x_i = γ/√(σ²_B + ε) · (g_i − (1/m)Σ g_j − x̂_i · (1/m)Σ g_j x̂_j)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bnlab import functional as F
+
+
+def batch_norm_backward(
+    grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    needs: tuple[bool, bool, bool], bias_dtype: torch.dtype | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(∂ℓ/∂x, ∂ℓ/∂γ, ∂ℓ/∂β) from the simplified equations; computed in the statistics' dtype."""
+    ct = F.compute_dtype(x.dtype)
+    dims = F.reduce_dims(x)
+    m = x.numel() // x.shape[1]
+    g = grad_y.to(ct)
+    x_hat = (x.to(ct) - F.channel_view(mean, x)) * F.channel_view(invstd, x)
+    sum_g = g.sum(dims)  # (N, C, *) -> (C,)
+    sum_g_xhat = (g * x_hat).sum(dims)
+    dx = None
+    if needs[0]:
+        scale = invstd if weight is None else invstd * weight.to(ct)
+        dx = (g - F.channel_view(sum_g / m, x) - x_hat * F.channel_view(sum_g_xhat / m, x))
+        dx = (dx * F.channel_view(scale, x)).to(x.dtype)
+    dw = sum_g_xhat.to(weight.dtype) if needs[1] and weight is not None else None
+    db = sum_g.to(bias_dtype or ct) if needs[2] else None
+    return dx, dw, db
+
+
+class BatchNormTrain(torch.autograd.Function):
+    """y, μ_B, σ²_B = BN_train(x, γ, β, ε); μ_B and σ²_B are non-differentiable outputs.
+
+    Saves x (not x̂) and recomputes x̂ in backward, as PyTorch does: one tensor of memory.
+    Under `create_graph=True` the backward recomputes μ_B and σ²_B from x with differentiable
+    ops, so double backward (gradient penalties, Hessian-vector products) is exact.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        mean, var = F.batch_stats(x)
+        y = F.normalize(x, mean, var, weight, bias, eps)
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: make μ_B and σ²_B functions of x again
+            mean, var = F.batch_stats(x)
+            invstd = torch.rsqrt(var + ctx.eps)
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        dx, dw, db = batch_norm_backward(grad_y, x, mean, invstd, weight,
+                                         tuple(ctx.needs_input_grad[:3]), ctx.bias_dtype)
+        return dx, dw, db, None

@@ -1,0 +1,74 @@
+"""Argument validation shared by the functional ops and the layers.
+
+Every error names the layer or function, the argument, the expected and the actual value:
+silent acceptance of a wrong shape is how BN bugs hide (peers.md, pain points 1 and 15).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+_RANK_NAMES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+
+
+def check_num_features(num_features: int, who: str) -> None:
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+        raise ValueError(f"{who}: num_features must be an integer >= 1, got {num_features!r}")
+
+
+def check_eps(eps: float, who: str) -> None:
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{who}: eps must be a finite number > 0, got {eps!r}")
+
+
+def check_momentum(momentum: float | None, who: str, *, allow_none: bool = True) -> None:
+    if momentum is None:
+        if allow_none:
+            return
+        raise ValueError(f"{who}: momentum must be a number in [0, 1], got None")
+    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{who}: momentum must be in [0, 1] (or None), got {momentum!r}")
+
+
+def check_input(x: Tensor, who: str, ranks: tuple[int, ...], num_features: int) -> None:
+    """Rank, dtype and channel count of a layer's input."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in ranks:
+        want = " or ".join(f"{r}D {_RANK_NAMES.get(r, '')}".strip() for r in ranks)
+        raise ValueError(f"{who}: expected {want} input, got {x.dim()}D input of shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who}: input must be floating point, got dtype {x.dtype}")
+    if x.shape[1] != num_features:
+        raise ValueError(f"{who}: expected {num_features} channels in dimension 1 of the input, "
+                         f"got {x.shape[1]} (input shape {tuple(x.shape)})")
+
+
+def check_training_size(x: Tensor, who: str) -> None:
+    """Training needs more than one value per channel: σ²_B of one value is 0 (Alg. 1)."""
+    per_channel = x.numel() // x.shape[1] if x.shape[1] else 0
+    if per_channel <= 1:
+        raise ValueError(
+            f"{who}: expected more than 1 value per channel when training, got input of shape "
+            f"{tuple(x.shape)} ({per_channel} value(s) per channel). Use a batch of at least 2, "
+            "eval mode, or a frozen/ghost BN for tiny batches."
+        )
+
+
+def check_per_channel(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                      weight: Tensor | None, bias: Tensor | None, who: str) -> None:
+    """Input rank/dtype and the (C,) shape of every per-channel tensor."""
+    if x.dim() < 2:
+        raise ValueError(f"{who}: expected input of rank >= 2 (N, C, *), got shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who}: input must be floating point, got dtype {x.dtype}")
+    c = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"{who}: {name} must have shape ({c},) to match the input's "
+                             f"{c} channels, got {tuple(t.shape)}")

@@ -1,0 +1,226 @@
+"""The math of batch normalization (Ioffe & Szegedy 2015, Alg. 1) and its running statistics.
+
+Holds pure functions only: statistics, normalization, the running-average update and the
+`batch_norm` entry point that picks an implementation (`bnlab.kernels` on CPU when built, the
+reference path otherwise). Modules that hold state live in `bnlab.layers`; the hand-written
+backward lives in `bnlab._autograd`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from bnlab import _autograd
+from bnlab._checks import check_eps, check_momentum, check_per_channel, check_training_size
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_with_flag",
+    "batch_stats",
+    "channel_view",
+    "compute_dtype",
+    "normalize",
+    "reduce_dims",
+    "update_running_stats",
+]
+
+_warned_nonfinite = False
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Dimensions a BN statistic reduces over: all but the channel dimension 1."""
+    return [0, *range(2, x.dim())]
+
+
+def channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """View a per-channel vector (C,) so that it broadcasts against x of shape (N, C, *)."""
+    return t.view(1, -1, *([1] * (x.dim() - 2)))  # (C,) -> (1, C, 1, ...)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are computed in float32 or wider: half and bfloat16 inputs are upcast."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mini-batch mean μ_B and biased variance σ²_B (Ioffe & Szegedy 2015, Alg. 1).
+
+    Computed in `compute_dtype(x.dtype)` by PyTorch's Welford reduction (never E[x²] − E[x]²,
+    which cancels catastrophically for large means).
+
+    Shape:
+        x: (N, C, *); returns two (C,) tensors.
+    """
+    xc = x.to(compute_dtype(x.dtype))
+    var, mean = torch.var_mean(xc, dim=reduce_dims(x), correction=0)
+    return mean, var
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """y = γ·(x − μ)/√(σ² + ε) + β, per channel, in the statistics' dtype, returned in x's dtype.
+
+    `(x − μ)·scale + β` rather than `x·scale + shift`: the latter cancels when |μ| ≫ σ.
+    """
+    ct = compute_dtype(x.dtype)
+    scale = torch.rsqrt(var.to(ct) + eps)
+    if weight is not None:
+        scale = scale * weight.to(ct)
+    y = (x.to(ct) - channel_view(mean.to(ct), x)) * channel_view(scale, x)
+    if bias is not None:
+        y = y + channel_view(bias.to(ct), x)
+    return y.to(x.dtype)
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | Tensor,
+) -> Tensor:
+    """r ← (1 − momentum)·r + momentum·s in place, storing the unbiased variance m/(m−1)·σ²_B.
+
+    A batch whose statistics are not all finite leaves both buffers untouched (AMP overflow
+    would otherwise poison them for good). No host synchronisation: the choice is a
+    `torch.where`, so the update stays traceable by `torch.compile`.
+
+    Returns:
+        A 0-d bool tensor, True when the batch's statistics were finite and were used.
+    """
+    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    unbiased = var * (count / (count - 1)) if count > 1 else var
+    for buf, stat in ((running_mean, mean), (running_var, unbiased)):
+        if buf is None:
+            continue
+        w = momentum.to(buf.dtype) if isinstance(momentum, Tensor) else momentum
+        # r + w·(s − r) = (1 − w)·r + w·s; torch.where keeps r when the batch was not finite.
+        buf.copy_(torch.where(finite, torch.lerp(buf, stat.to(buf.dtype), w), buf))
+    _warn_once_if_nonfinite(finite)
+    return finite
+
+
+def _warn_once_if_nonfinite(finite: Tensor) -> None:
+    # Checking needs the value on the host: only done on CPU and outside torch.compile, so GPU
+    # training never synchronises for it (the counter in the layers still counts there).
+    global _warned_nonfinite
+    if _warned_nonfinite or finite.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    if not bool(finite):
+        _warned_nonfinite = True
+        warnings.warn(
+            "bnlab: a training batch had non-finite batch statistics; the running statistics "
+            "were left unchanged (counted in each layer's `num_nonfinite_batches`). "
+            "This warning is shown once.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _use_kernels(x: Tensor) -> bool:
+    if os.environ.get("BNLAB_FORCE_REFERENCE", "0") not in ("", "0"):
+        return False
+    from bnlab import kernels  # local import: the kernels module builds lazily
+
+    return kernels.supports(x)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Batch-normalize ``input`` per channel (Ioffe & Szegedy 2015, Alg. 1 and 2).
+
+    Same signature and semantics as ``torch.nn.functional.batch_norm``. With m = N·(spatial
+    size) values per channel::
+
+        μ_B  = (1/m) Σ x_i
+        σ²_B = (1/m) Σ (x_i − μ_B)²          # biased: used to normalize
+        x̂_i = (x_i − μ_B) / √(σ²_B + ε)
+        y_i  = γ·x̂_i + β                     # γ = weight, β = bias
+
+    Conventions:
+        * Training normalizes with the biased σ²_B and, when buffers are given, stores the
+          unbiased m/(m−1)·σ²_B: ``r ← (1 − momentum)·r + momentum·s`` (PyTorch's momentum, which
+          is 1 − Keras/Flax "decay"; see ``bnlab.convert``).
+        * Evaluation (``training=False``) normalizes with the buffers: y = γ(x − E[x])/√(Var[x]+ε)+β,
+          the inference transform of Alg. 2; it then depends on the buffers only.
+        * Statistics are computed in float32 for float16/bfloat16 input; the output keeps the
+          input's dtype. A batch with non-finite statistics never updates the buffers.
+        * The backward is hand-written from the paper's chain rule (`bnlab._autograd`); double
+          backward works.
+
+    Shape:
+        input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), any memory format;
+        running_mean, running_var, weight, bias: (C,). Returns a tensor like ``input``.
+
+    Raises:
+        ValueError: a bad argument (the message names it, the expected and the actual value).
+    """
+    y, _ = batch_norm_with_flag(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, "batch_norm")
+    return y
+
+
+def batch_norm_with_flag(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | Tensor,
+    eps: float,
+    who: str,
+) -> tuple[Tensor, Tensor | None]:
+    """`batch_norm` that also returns the finite flag of the running-statistics update.
+
+    ``momentum`` may be a 0-d tensor (the layers' cumulative average 1/n uses one, which keeps
+    their forward free of host synchronisation). ``who`` names the caller in error messages.
+    """
+    check_eps(eps, who)
+    if not isinstance(momentum, Tensor):
+        check_momentum(momentum, who, allow_none=False)
+    check_per_channel(input, running_mean, running_var, weight, bias, who)
+    if training:
+        check_training_size(input, who)
+        if _use_kernels(input):
+            from bnlab import kernels
+
+            y, mean, var = kernels.batch_norm_train(input, weight, bias, eps)
+        else:
+            y, mean, var = _autograd.BatchNormTrain.apply(input, weight, bias, eps)
+        finite = None
+        if running_mean is not None or running_var is not None:
+            count = input.numel() // input.shape[1]
+            finite = update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        return y, finite
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{who}: running_mean and running_var are required when training=False, "
+            f"got running_mean={type(running_mean).__name__}, "
+            f"running_var={type(running_var).__name__}"
+        )
+    if _use_kernels(input):
+        from bnlab import kernels
+
+        return kernels.batch_norm_eval(input, running_mean, running_var, weight, bias, eps), None
+    return normalize(input, running_mean, running_var, weight, bias, eps), None

@@ -1,0 +1,163 @@
+"""Drop-in batch-normalization modules: `BatchNorm`, `BatchNorm1d`, `BatchNorm2d`, `BatchNorm3d`.
+
+They hold state (γ, β, running statistics) and validate input; the math is in
+`bnlab.functional.batch_norm`. Constructor arguments, defaults, buffers and state_dict keys are
+PyTorch's, so a `torch.nn.BatchNorm2d` state_dict loads unchanged and gives the same outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnlab import functional as F
+from bnlab._checks import check_eps, check_input, check_momentum, check_num_features
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization over dimension 1 of an (N, C, *) input (Ioffe & Szegedy 2015, Alg. 1).
+
+    See `bnlab.functional.batch_norm` for the math and the conventions: biased σ²_B to normalize,
+    unbiased m/(m−1)·σ²_B stored; PyTorch momentum ``r ← (1 − m)·r + m·s``; ``momentum=None``
+    keeps the cumulative average of all batches (closest to Alg. 2's average over batches);
+    statistics in float32 for half/bfloat16 input.
+
+    Args:
+        num_features: C, the number of channels (features) to normalize.
+        eps: ε > 0 added to the variance (the paper gives no value; PyTorch's 1e-5).
+        momentum: in [0, 1], or None for the cumulative average.
+        affine: learn γ (``weight``, init 1) and β (``bias``, init 0).
+        track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked``; if
+            False, batch statistics are used in eval mode too.
+
+    Extra (non-persistent) buffer ``num_nonfinite_batches``: training batches whose statistics
+    were not finite and so did not update the running statistics (not in the state_dict).
+    """
+
+    _version = 2
+    _ranks: tuple[int, ...] = (2, 3, 4, 5)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        who = type(self).__name__
+        check_num_features(num_features, who)
+        check_eps(eps, who)
+        check_momentum(momentum, who)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.register_buffer(
+            "num_nonfinite_batches", torch.tensor(0, dtype=torch.long, device=device),
+            persistent=False,
+        )
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+    def _who(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        check_input(x, self._who(), self._ranks, self.num_features)
+
+    def _momentum(self) -> float | Tensor:
+        """The averaging factor of this step: `momentum`, or 1/n for the cumulative average."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (self.num_batches_tracked + 1)  # 0-d tensor: no host sync
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        # PyTorch semantics: batch statistics in training, or whenever no running stats exist.
+        use_batch_stats = self.training or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        buffers = (self.running_mean, self.running_var) if (update or not use_batch_stats) \
+            else (None, None)
+        momentum = self._momentum() if update else 0.0
+        y, finite = F.batch_norm_with_flag(input, *buffers, self.weight, self.bias,
+                                           use_batch_stats, momentum, self.eps, self._who())
+        if finite is not None:
+            # A skipped batch does not count, so the cumulative average (momentum=None) stays
+            # the exact mean of the batches it used.
+            self.num_batches_tracked.add_(finite.to(torch.long))
+            self.num_nonfinite_batches.add_((~finite).to(torch.long))
+        return y
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
+                              missing_keys, unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        # Checkpoints older than PyTorch's version 2 have no num_batches_tracked: default it to 0.
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = (self.num_batches_tracked if self.num_batches_tracked is not None
+                               and self.num_batches_tracked.device != torch.device("meta")
+                               else torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+
+class BatchNorm1d(BatchNorm):
+    """Drop-in for `torch.nn.BatchNorm1d`: (N, C) or (N, C, L) input. See `BatchNorm`."""
+
+    _ranks = (2, 3)
+
+
+class BatchNorm2d(BatchNorm):
+    """Drop-in for `torch.nn.BatchNorm2d`: (N, C, H, W) input, one (γ, β) per feature map and
+    statistics over m' = N·H·W values (Sec. 3.2, convolutional BN). See `BatchNorm`."""
+
+    _ranks = (4,)
+
+
+class BatchNorm3d(BatchNorm):
+    """Drop-in for `torch.nn.BatchNorm3d`: (N, C, D, H, W) input. See `BatchNorm`."""
+
+    _ranks = (5,)

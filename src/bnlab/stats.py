@@ -1,0 +1,185 @@
+"""Population statistics for inference (Ioffe & Szegedy 2015, Alg. 2, steps 8–11) and recalibration.
+
+`population_statistics` runs training mini-batches through the frozen network, with every BN
+normalizing by its batch statistics as in training, and averages each layer's batch statistics:
+
+    E[x]   = E_B[μ_B]                       (weighted by batch size m_B)
+    Var[x] = Σ_B m_B σ²_B / Σ_B (m_B − 1)   (= m/(m−1) · E_B[σ²_B] when all batches have size m)
+
+with m_B = N·H·W for convolutional layers (Sec. 3.2). ``estimator="population"`` instead gives
+the exact unbiased variance of all values seen (a Chan merge of the batches, which also counts
+the spread of the batch means); it does not depend on how the data is split into batches.
+Holds no training code; works on torch's BN modules as well as bnlab's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.layers import BatchNorm
+
+__all__ = ["PopulationStats", "is_batchnorm", "population_statistics", "recalibrate"]
+
+Estimator = Literal["alg2", "population"]
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for bnlab's `BatchNorm*` and torch's `_BatchNorm` subclasses (incl. SyncBatchNorm)."""
+    return isinstance(module, (BatchNorm, nn.modules.batchnorm._BatchNorm))
+
+
+@dataclass
+class PopulationStats:
+    """Per-channel inference statistics of one BN layer, in float64."""
+
+    mean: Tensor  # (C,) E[x]
+    var: Tensor  # (C,) Var[x], unbiased
+    count: int  # values per channel seen (Σ m_B)
+    batches: int
+
+
+class _Accumulator:
+    """Merges per-batch (m_B, μ_B, σ²_B) in float64: sums for Alg. 2, Chan's merge for the exact
+    population variance (no E[x²] − E[x]²)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.batches = 0
+        self.sum_mean: Tensor | None = None  # Σ m_B μ_B
+        self.sum_m2_within: Tensor | None = None  # Σ m_B σ²_B
+        self.mean: Tensor | None = None  # running mean of all values (Chan)
+        self.m2: Tensor | None = None  # Σ (x − mean)² over all values (Chan)
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().to(torch.float64)
+        dims = [0, *range(2, x.dim())]
+        m = x.numel() // x.shape[1]  # m_B = N·H·W values per channel
+        if m == 0:
+            return
+        var, mu = torch.var_mean(x, dim=dims, correction=0)  # (N, C, *) -> (C,), (C,)
+        if self.mean is None:
+            self.sum_mean, self.sum_m2_within = m * mu, m * var
+            self.mean, self.m2, self.n = mu, m * var, m
+        else:
+            n = self.n + m
+            delta = mu - self.mean
+            self.m2 = self.m2 + m * var + delta**2 * (self.n * m / n)
+            self.mean = self.mean + delta * (m / n)
+            self.sum_mean = self.sum_mean + m * mu
+            self.sum_m2_within = self.sum_m2_within + m * var
+            self.n = n
+        self.batches += 1
+
+    def result(self, estimator: Estimator) -> PopulationStats:
+        assert self.mean is not None
+        if estimator == "alg2":
+            mean = self.sum_mean / self.n
+            var = self.sum_m2_within / (self.n - self.batches)
+        else:
+            mean, var = self.mean, self.m2 / (self.n - 1)
+        return PopulationStats(mean=mean, var=var, count=self.n, batches=self.batches)
+
+
+def _default_forward(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(batch[0])
+    else:
+        model(batch)
+
+
+@torch.no_grad()
+def population_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    estimator: Estimator = "alg2",
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> dict[str, PopulationStats]:
+    """Estimate every BN layer's inference statistics over training batches (Alg. 2).
+
+    The model runs in training mode (each BN normalizes with its batch statistics, as during
+    training) under ``torch.no_grad``; weights, running buffers and the train/eval mode of every
+    module are exactly as before when this returns.
+
+    Args:
+        model: any module containing bnlab or torch BN layers.
+        batches: an iterable of tensors, ``(x, y, ...)`` tuples (the first item is fed) or dicts
+            (fed as keyword arguments); or anything ``forward`` accepts.
+        num_batches: stop after this many batches (default: the whole iterable).
+        estimator: ``"alg2"`` (the paper's mean of batch variances times m/(m−1), pooled over
+            uneven batch sizes) or ``"population"`` (exact variance of all values seen).
+        forward: ``forward(model, batch)`` for models with unusual inputs.
+
+    Returns:
+        Layer name → `PopulationStats` (float64).
+
+    Raises:
+        ValueError: no BN layer, a bad argument, or a layer that saw fewer than 2 values.
+    """
+    if estimator not in ("alg2", "population"):
+        raise ValueError(f"estimator must be 'alg2' or 'population', got {estimator!r}")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1 or None, got {num_batches!r}")
+    layers = {name: m for name, m in model.named_modules() if is_batchnorm(m)}
+    if not layers:
+        raise ValueError(f"population_statistics: {type(model).__name__} has no BatchNorm layer")
+    acc = {name: _Accumulator() for name in layers}
+    modes = {m: m.training for m in model.modules()}
+    saved = [(b, b.clone()) for b in model.buffers()]
+    hooks = [m.register_forward_pre_hook(lambda _m, args, a=acc[n]: a.add(args[0]))
+             for n, m in layers.items()]
+    seen = 0
+    try:
+        model.train()
+        for batch in batches:
+            if num_batches is not None and seen >= num_batches:
+                break
+            (forward or _default_forward)(model, batch)
+            seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for b, copy in saved:  # the training-mode forwards moved the running buffers
+            b.copy_(copy)
+        for m, mode in modes.items():
+            m.train(mode)
+    out = {}
+    for name, a in acc.items():
+        if a.n - a.batches < 1 or a.n < 2:
+            raise ValueError(f"population_statistics: layer {name!r} saw {a.n} value(s) per "
+                             f"channel in {a.batches} batch(es); need batches of >= 2 values")
+        out[name] = a.result(estimator)
+    return out
+
+
+@torch.no_grad()
+def recalibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    estimator: Estimator = "alg2",
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> dict[str, PopulationStats]:
+    """Set every BN layer's ``running_mean``/``running_var`` to its population statistics.
+
+    Same arguments as `population_statistics`. Afterwards eval mode performs Alg. 2's inference
+    transform y = γ(x − E[x])/√(Var[x] + ε) + β. Layers without running statistics are skipped.
+    """
+    stats = population_statistics(model, batches, num_batches=num_batches,
+                                  estimator=estimator, forward=forward)
+    modules = dict(model.named_modules())
+    for name, s in stats.items():
+        bn = modules[name]
+        if bn.running_mean is not None:
+            bn.running_mean.copy_(s.mean.to(bn.running_mean.dtype))
+            bn.running_var.copy_(s.var.to(bn.running_var.dtype))
+    return stats
