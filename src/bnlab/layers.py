@@ -31,6 +31,7 @@ class BatchNorm(nn.Module):
         eps: ε > 0 added to the variance (the paper gives no value; PyTorch's 1e-5).
         momentum: in [0, 1], or None for the cumulative average.
         affine: learn γ (``weight``, init 1) and β (``bias``, init 0).
+        bias: keyword-only, as in torch 2.13: with ``affine``, False learns γ only.
         track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked``; if
             False, batch statistics are used in eval mode too.
 
@@ -50,6 +51,8 @@ class BatchNorm(nn.Module):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         who = type(self).__name__
@@ -64,7 +67,10 @@ class BatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -94,12 +100,14 @@ class BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
         )
 
     def _who(self) -> str:

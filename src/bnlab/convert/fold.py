@@ -1,4 +1,4 @@
-"""Fold BN into the preceding conv/linear layer for inference (Ioffe & Szegedy 2015, Alg. 2, step 11).
+"""Fold BN into the preceding conv/linear layer for inference (Ioffe & Szegedy 2015, Alg. 2, l. 11).
 
 In eval mode BN is the per-channel affine map
     y = γ/√(Var[x]+ε) · x + (β − γ·E[x]/√(Var[x]+ε)),
@@ -11,6 +11,7 @@ The result keeps the model's own classes: folded BNs become `nn.Identity`, the o
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import Tensor, fx, nn
@@ -87,7 +88,7 @@ def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(seq, nn.Sequential):
             continue
         names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
+        for a, b in itertools.pairwise(names):
             if isinstance(seq._modules[a], _FOLDABLE) and is_batchnorm(seq._modules[b]):
                 pairs.append((f"{prefix}.{a}" if prefix else a, f"{prefix}.{b}" if prefix else b))
     return pairs
