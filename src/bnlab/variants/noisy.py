@@ -27,6 +27,17 @@ def _check_noise_args(n_mu: float, n_sigma: float, r_mu: float, r_sigma: float,
             raise ValueError(f"{who}: {name} must be a finite number >= {low}, got {value!r}")
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Device equality where "cuda" means the current CUDA device ("cuda" vs "cuda:0")."""
+    if a.type != b.type:
+        return False
+    if a.index == b.index or a.type == "cpu":
+        return True
+    current = torch.get_device_module(a.type).current_device()
+    return (a.index if a.index is not None else current) == (
+        b.index if b.index is not None else current)
+
+
 def activation_noise(
     a: Tensor,
     *,
@@ -87,10 +98,11 @@ class ActivationNoise(nn.Module):
         seed: seeds this module's own ``torch.Generator``; None draws a seed from the global
             generator at construction (so ``torch.manual_seed`` makes it reproducible).
 
-    The generator is created on the input's device at the first training forward and re-created
-    from ``seed`` if the module moves to another device. Its state is not in the ``state_dict``
-    (so that a torch BN checkpoint loads into `NoisyBatchNorm` unchanged); save
-    ``module.generator.get_state()`` yourself to resume a run with the identical noise stream.
+    The generator lives on the module's device (created at construction on the CPU, re-created
+    from ``seed`` when the module moves to another device or sees input on another device). Its
+    state is not in the ``state_dict`` (so that a torch BN checkpoint loads into
+    `NoisyBatchNorm` unchanged); save ``module.generator.get_state()`` yourself to resume a run
+    with the identical noise stream.
     """
 
     def __init__(self, num_features: int, *, n_mu: float = 0.5, n_sigma: float = 1.25,
@@ -105,20 +117,34 @@ class ActivationNoise(nn.Module):
         self.num_features = num_features
         self.n_mu, self.n_sigma, self.r_mu, self.r_sigma = n_mu, n_sigma, r_mu, r_sigma
         self.seed = seed
-        self._generator: torch.Generator | None = None
+        self._generator = self._new_generator(torch.device("cpu"))
 
     @property
-    def generator(self) -> torch.Generator | None:
-        """The module's generator (None before the first training forward)."""
+    def generator(self) -> torch.Generator:
+        """The module's generator (on the device the module was last moved to)."""
         return self._generator
 
-    def _generator_for(self, device: torch.device) -> torch.Generator:
-        g = self._generator
-        if g is None or g.device != device:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            self._generator = g
+    def _new_generator(self, device: torch.device) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed)
         return g
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ActivationNoise:
+        # `.to(device)`/`.cuda()` pass through here: follow them, so that the generator exists
+        # before the first forward on the new device (probes snapshot and restore it).
+        super()._apply(fn, recurse)
+        try:
+            device = fn(torch.empty(0)).device
+        except Exception:  # a conversion that does not take a plain tensor: keep the generator
+            return self
+        if not _same_device(device, self._generator.device) and device.type != "meta":
+            self._generator = self._new_generator(device)
+        return self
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if not _same_device(device, self._generator.device):  # input elsewhere than the module
+            self._generator = self._new_generator(device)
+        return self._generator
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_features:
