@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from bnlab.layers import BatchNorm
@@ -207,3 +209,29 @@ def test_lp_norm_bad_input():
         LpNorm(3)(torch.randn(4, 2))
     with pytest.raises(ValueError, match="more than 1 value"):
         LpNorm(3)(torch.randn(1, 3))
+
+
+# ----------------------------------------------------------------------------- shapes, dtypes
+
+SHAPES = st.tuples(st.integers(2, 5), st.integers(1, 4)).flatmap(
+    lambda nc: st.lists(st.integers(1, 4), max_size=2).map(lambda sp: (*nc, *sp)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=SHAPES, p=st.sampled_from([1, 2, math.inf]))
+def test_lp_norm_any_rank_equals_flattened_2d(shape, p):
+    x = torch.randn(shape, dtype=torch.float64) + 0.5
+    c = shape[1]
+    flat2d = x.transpose(0, 1).reshape(c, -1).T  # (N, C, *) -> (N·positions, C)
+    want = lp_norm(flat2d, None, None, training=True, p=p)
+    got = lp_norm(x, None, None, training=True, p=p).transpose(0, 1).reshape(c, -1).T
+    torch.testing.assert_close(got, want)
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=SHAPES, dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_noisy_layers_keep_shape_and_dtype(shape, dtype):
+    x = torch.randn(shape).to(dtype)
+    for layer in (NoisyBatchNorm(shape[1], seed=0, dtype=dtype), LpNorm(shape[1], dtype=dtype)):
+        y = layer(x)
+        assert y.shape == x.shape and y.dtype == dtype and torch.isfinite(y.float()).all()

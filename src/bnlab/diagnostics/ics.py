@@ -130,7 +130,8 @@ def gradient_ics(
             e.g. to mimic SGD with momentum from the optimizer's buffers, without changing them.
         layers: W_1..W_k in forward order: modules, module names, or groups of them (a group's
             parameters form one W_i, e.g. ``[conv, bn]`` to count BN's γ, β with the conv).
-            Default: every Conv/Linear module in forward order (`default_layers`). Trainable
+            Default: every Conv/Linear module in forward order (`default_layers`, one extra
+            no-grad forward per call: pass ``layers`` when probing often). Trainable
             parameters outside the layers (e.g. BN's γ, β by default) are never moved.
         measure: 1-based layer numbers to report (default all). Every layer before a measured
             one is still moved, as the definition requires.
