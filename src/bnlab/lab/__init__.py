@@ -1,0 +1,1 @@
+"""The laboratory: data, models, training, runs, plots and reports (imports core, diagnostics)."""
