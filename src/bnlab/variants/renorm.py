@@ -37,6 +37,7 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "batch_renorm",
+    "renorm_affine",
     "renorm_factors",
     "renorm_limits",
 ]
@@ -84,6 +85,14 @@ def renorm_factors(mean: Tensor, var: Tensor, running_mean: Tensor, running_var:
     return r, d
 
 
+def renorm_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor,
+                  d: Tensor) -> tuple[Tensor, Tensor]:
+    """(γ·r, γ·d + β): γ·(x̂·r + d) + β is BN's affine step with these, differentiable in γ, β."""
+    w = r if weight is None else weight * r.to(weight.dtype)
+    b = d if weight is None else weight * d.to(weight.dtype)
+    return w, (b if bias is None else b + bias)
+
+
 def batch_renorm(
     input: Tensor,
     running_mean: Tensor,
@@ -117,12 +126,7 @@ def batch_renorm(
     check_per_channel(input, running_mean, running_var, weight, bias, who)
     mean, var = F.batch_stats(input.detach())
     r, d = renorm_factors(mean, var, running_mean, running_var, eps, r_max, d_max)
-    # γ·(x̂·r + d) + β = (γ·r)·x̂ + (γ·d + β): BN with a per-channel affine of constants times γ.
-    w = r if weight is None else weight * r.to(weight.dtype)
-    b = d if weight is None else weight * d.to(weight.dtype)
-    if bias is not None:
-        b = b + bias
-    y, mean, var = train_transform(input, w, b, eps)
+    y, mean, var = train_transform(input, *renorm_affine(weight, bias, r, d), eps)
     finite = None
     if update:
         finite = F.update_running_stats(running_mean, running_var, mean, var,
