@@ -9,9 +9,10 @@ activation checkpointing (pytorch#96136, fairscale#1035), which `torch.no_grad()
 Works on bnlab's layers and variants (flags checked in their forward) and on torch's BN layers:
 ``freeze`` registers a forward pre-hook that runs them in eval mode for that call (restored
 after it, so ``module.training`` keeps reporting the model's mode); ``no_stats_update`` sets
-their ``track_running_stats`` to False for the duration of the context, which in PyTorch means
-"batch statistics, no update" in train() and leaves eval() unchanged. `FrozenBatchNorm` modules
-are frozen by construction.
+their momentum to 0 for the duration of the context (r ← 1·r + 0·s leaves r bit for bit) and
+restores ``num_batches_tracked`` (and, after a non-finite batch, the statistics) on exit. The
+forward itself is unchanged, so activation checkpointing sees the same saved tensors.
+`FrozenBatchNorm` modules are frozen by construction.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from bnlab.layers import BatchNorm
@@ -119,16 +121,20 @@ def no_stats_update(model: nn.Module) -> Iterator[nn.Module]:
             loss.backward()      # activation checkpointing recomputes the forward here
     """
     ours = [m for _, m in _bn_modules(model) if isinstance(m, BatchNorm)]
-    theirs = [(m, m.track_running_stats) for _, m in _bn_modules(model)
+    theirs = [(m, m.momentum, [b.clone() for b in m.buffers()]) for _, m in _bn_modules(model)
               if not isinstance(m, BatchNorm)]
     for m in ours:
         m._stats_update_blocked = m._stats_update_blocked + 1
-    for m, _ in theirs:
-        m.track_running_stats = False
+    for m, _, _ in theirs:
+        m.momentum = 0.0  # torch's update (1 − 0)·r + 0·s is r exactly for finite s
     try:
         yield model
     finally:
         for m in ours:
             m._stats_update_blocked = m._stats_update_blocked - 1
-        for m, tracked in theirs:
-            m.track_running_stats = tracked
+        for m, momentum, saved in theirs:
+            m.momentum = momentum
+            with torch.no_grad():
+                for b, old in zip(m.buffers(), saved, strict=True):
+                    if not torch.equal(b, old):  # num_batches_tracked; statistics after a NaN
+                        b.copy_(old)
