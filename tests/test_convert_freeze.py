@@ -74,7 +74,7 @@ def test_freeze_affine_only_keeps_statistics_learning() -> None:
 
 def test_freeze_without_running_stats_raises_naming_the_layer() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False))
-    with pytest.raises(ValueError, match="'1'.*track_running_stats"):
+    with pytest.raises(ValueError, match=r"'1'.*track_running_stats"):
         bnlab.freeze(model)
 
 
