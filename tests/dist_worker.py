@@ -164,7 +164,7 @@ def ddp_smoke(rank: int, world: int) -> dict[str, float]:
         ref_opt.zero_grad()
         ref_loss.backward()
         ref_opt.step()
-        out["loss"] = max(out["loss"], abs(float(metric - ref_loss)))
+        out["loss"] = max(out["loss"], abs(float(metric - ref_loss.detach())))
     ours, theirs = par.module.state_dict(), ref.state_dict()
     assert ours.keys() == theirs.keys(), (ours.keys(), theirs.keys())
     params = dict(ref.named_parameters())
