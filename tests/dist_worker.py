@@ -165,6 +165,7 @@ def ddp_smoke(rank: int, world: int) -> dict[str, float]:
         ref_loss.backward()
         ref_opt.step()
         out["loss"] = max(out["loss"], abs(float(metric - ref_loss.detach())))
+    assert ddp.unwrap(par) is par.module and ddp.unwrap(ref) is ref
     ours, theirs = par.module.state_dict(), ref.state_dict()
     assert ours.keys() == theirs.keys(), (ours.keys(), theirs.keys())
     params = dict(ref.named_parameters())

@@ -26,6 +26,7 @@ __all__ = [
     "setup_from_env",
     "shard_batch",
     "teardown",
+    "unwrap",
     "world",
     "wrap_ddp",
 ]
@@ -115,6 +116,12 @@ def wrap_ddp(model: nn.Module, sync_bn: bool = False) -> nn.Module:
     # at construction, which is what we want: every rank starts from rank 0's state).
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                forward_sync_buffers=not sync_bn)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (for checkpoints without a ``module.`` prefix, and for
+    rank-0-only evaluation, which must not go through DDP's forward and its buffer sync)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def is_main() -> bool:
