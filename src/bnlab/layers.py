@@ -41,6 +41,12 @@ class BatchNorm(nn.Module):
 
     _version = 2
     _ranks: tuple[int, ...] = (2, 3, 4, 5)
+    # Plain attributes (not in the state_dict), set by `bnlab.freeze` / `bnlab.no_stats_update`:
+    # `frozen` normalizes with the running statistics even in train() mode and never updates
+    # them (it survives `model.train()`); `_stats_update_blocked` > 0 keeps training-mode
+    # forwards (batch statistics) from touching the running statistics.
+    frozen: bool = False
+    _stats_update_blocked: int = 0
 
     def __init__(
         self,
@@ -122,11 +128,17 @@ class BatchNorm(nn.Module):
             return self.momentum
         return 1.0 / (self.num_batches_tracked + 1)  # 0-d tensor: no host sync
 
+    def _mode(self) -> tuple[bool, bool]:
+        """(use batch statistics, update the running statistics) for this forward."""
+        training = self.training and not (self.frozen and self.track_running_stats)
+        # PyTorch semantics: batch statistics in training, or whenever no running stats exist.
+        use_batch_stats = training or not self.track_running_stats
+        update = training and self.track_running_stats and not self._stats_update_blocked
+        return use_batch_stats, update
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        # PyTorch semantics: batch statistics in training, or whenever no running stats exist.
-        use_batch_stats = self.training or not self.track_running_stats
-        update = self.training and self.track_running_stats
+        use_batch_stats, update = self._mode()
         buffers = (self.running_mean, self.running_var) if (update or not use_batch_stats) \
             else (None, None)
         momentum = self._momentum() if update else 0.0
