@@ -131,3 +131,12 @@ def test_fold_refuses_without_running_stats():
     model = nn.Sequential(nn.Linear(3, 3), bnlab.BatchNorm1d(3, track_running_stats=False))
     with pytest.raises(ValueError, match=r"layer '1' has no running statistics"):
         fold(model)
+
+
+def test_fold_frozen_batchnorm():
+    model = _train_a_little(SmallCNN(), (16, 3, 8, 8))
+    frozen = bnlab.replace_norm(model, bnlab.FrozenBatchNorm2d)
+    folded = fold(frozen)
+    assert not any(isinstance(m, bnlab.FrozenBatchNorm) for m in folded.modules())
+    x = torch.randn(3, 3, 8, 8)
+    assert _max_rel_err(folded(x), model(x)) <= 1e-5

@@ -90,3 +90,18 @@ def test_float32_gradients_close_to_torch():
     F.batch_norm(x, None, None, training=True).backward(g)
     torch.nn.functional.batch_norm(x2, None, None, training=True).backward(g)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_func_grad_in_training_mode_matches_torch():
+    """torch.func transforms need the forward/setup_context form of the autograd.Function.
+    (With running statistics, training mode mutates buffers, which torch.func forbids for
+    torch's own BN as well.)"""
+    from torch.func import functional_call, grad
+
+    x = torch.randn(8, 3, dtype=torch.float64)
+    grads = []
+    for cls in (bnlab.BatchNorm1d, torch.nn.BatchNorm1d):
+        bn = cls(3, track_running_stats=False).double()
+        params = dict(bn.named_parameters())
+        grads.append(grad(lambda p, bn=bn: (functional_call(bn, p, (x,)) ** 3).sum())(params))
+    torch.testing.assert_close(grads[0], grads[1])
