@@ -2,7 +2,7 @@
 
     bnlab list                                    experiments, claims, expected runtimes
     bnlab run NAME [--preset P] [--seeds N] [--set k=v ...] [--data-dir D] [--out D]
-                   [--resume] [--force]
+                   [--resume] [--force] [--threads N]
     bnlab report [--runs D] [--out D]             finished runs -> report/index.html + report.md
     bnlab bench ...                               kernel benchmarks (bnlab.kernels.bench)
 """
@@ -27,6 +27,10 @@ def _run(args: argparse.Namespace) -> int:
     from bnlab.lab.registry import get, run_experiment
 
     exp = get(args.name)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         run_experiment(exp, preset=args.preset, seeds=args.seeds, sets=args.set,
                        data_dir=args.data_dir, out=args.out, resume=args.resume,
@@ -85,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue unfinished runs")
     p.add_argument("--force", action="store_true", help="delete and redo existing runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
+                   "torch's; 1 is much faster on a machine shared with other jobs)")
     p.set_defaults(func=_run)
     p = sub.add_parser("report", help="write report/index.html and report/report.md")
     p.add_argument("--runs", default="runs", help="runs directory (default: runs)")

@@ -91,6 +91,8 @@ def all_experiments() -> dict[str, Experiment]:
             continue
         pkg = importlib.import_module(f"{root.__name__}.{paper.name}")
         for mod in pkgutil.iter_modules(pkg.__path__):
+            if mod.name.startswith("_"):
+                continue  # shared helpers of a paper's experiments, not experiments
             module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
             exp = getattr(module, "EXPERIMENT", None)
             if isinstance(exp, Experiment):

@@ -138,6 +138,9 @@ def fit(
         The summary: final/best accuracy, best step, steps done, diverged (and its step),
         wall time; ``run.finish`` is left to the caller, which may add to it.
     """
+    # Subnormal floats (e.g. gradients through saturated sigmoids) slow CPU math 10-100x;
+    # flushing them to zero changes nothing measurable and keeps steps at their normal speed.
+    torch.set_flush_denormal(True)
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
                           weight_decay=optim.weight_decay)
