@@ -73,8 +73,9 @@ class Experiment:
     def config(self, preset: str, sets: Sequence[str] = (), data_dir: str | None = None) -> Any:
         """The preset's config with ``--set`` overrides and ``--data-dir`` applied."""
         if preset not in self.presets:
+            valid = sorted(self.presets, key=lambda p: (*PRESETS, p).index(p))
             raise ValueError(f"{self.name}: unknown preset {preset!r}; valid presets: "
-                             f"{', '.join(self.presets)}")
+                             f"{', '.join(valid)}")
         cfg = apply_overrides(self.presets[preset], list(sets))
         if data_dir is not None:
             cfg = apply_overrides(cfg, [f"data.dir={str(Path(data_dir).resolve())!r}"])
