@@ -230,4 +230,5 @@ def summarize(metrics: list[dict[str, Any]], *, diverged_step: int | None, wall_
     return {"final_acc": last["acc"], "best_acc": best["acc"], "best_step": best["step"],
             "steps_done": diverged_step or steps, "steps": steps,
             "diverged": diverged_step is not None, "diverged_step": diverged_step,
-            "wall_s": round(wall_s, 2)}
+            "wall_s": round(wall_s, 2),
+            "ms_per_step": round(1e3 * wall_s / max(1, diverged_step or steps), 3)}

@@ -29,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from bnlab.lab import plots
@@ -105,18 +106,19 @@ def _steps_to(inp: Inputs, variant: str, level: float) -> list[float]:
 
 
 def _drift(inp: Inputs, variant: str) -> list[float]:
-    """Mean |change| of the 15/50/85th percentiles of every last-layer sigmoid input between
-    10% of training and the end (averaged over percentiles and units): lower is more stable."""
+    """Mean |change| of the 15/50/85th percentiles of every last-layer sigmoid input from early
+    (10–20% of training) to late (90–100%), each averaged over its window to damp eval noise,
+    then over percentiles and units: lower is more stable."""
     out = []
     for r in inp.runs.get(variant, []):
         recs = [m for m in r.metrics() if "pct" in m]
         if len(recs) < 2:
             continue
-        start = next(m for m in recs if m["step"] >= 0.1 * recs[-1]["step"])
-        a, b = start["pct"], recs[-1]["pct"]
-        diffs = [abs(x - y) for ra, rb in zip(a, b, strict=True)
-                 for x, y in zip(ra, rb, strict=True)]
-        out.append(sum(diffs) / len(diffs))
+        end = recs[-1]["step"]
+        early = [m["pct"] for m in recs if 0.1 * end <= m["step"] <= 0.2 * end] or [recs[0]["pct"]]
+        late = [m["pct"] for m in recs if m["step"] >= 0.9 * end]
+        a, b = torch.tensor(early).mean(0), torch.tensor(late).mean(0)  # (3, units)
+        out.append(float((a - b).abs().mean()))
     return out
 
 
@@ -132,7 +134,8 @@ def report(inp: Inputs) -> Section:
     for ax, v, name in zip(axes, ("nobn", "bn"), ("(b) without BN", "(c) with BN"), strict=True):
         recs = [m for m in inp.runs[v][0].metrics() if "pct" in m] if v in inp.runs else []
         bands = [[m["pct"][q][unit] for m in recs] for q in range(3)]
-        plots.plot_percentiles(ax, [m["step"] for m in recs], bands, title=f"Fig. 1{name}")
+        plots.plot_percentiles(ax, [m["step"] for m in recs], bands, title=f"Fig. 1{name}",
+                              ylim=None)
     figures.append((f"Figure 1(b, c): 15/50/85th percentiles of the input to sigmoid #{unit} of "
                     "the last hidden layer, fixed held-out batch, seed 0", plots.to_png(fig)))
     bn50, nb50 = inp.values("bn", "final_acc"), inp.values("nobn", "final_acc")
@@ -147,17 +150,18 @@ def report(inp: Inputs) -> Section:
              f"{mean_std(bn50)} / {mean_std(nb50)}"],
             ["steps to reach no-BN's final accuracy", "≈10K / 50K (read from plot)",
              f"{mean_std(bn_steps, '{:.0f}')} / {mean_std(nb_steps, '{:.0f}')}"],
-            ["percentile drift after 10% of training", "small / large (plot)",
+            ["percentile drift, 10–20% → 90–100% of training", "small / large (plot)",
              f"{mean_std(drift_bn, '{:.3f}')} / {mean_std(drift_nb, '{:.3f}')}"]]
     sweep = [[v, mean_std(inp.values(v, "final_acc")), mean_std(inp.values(v, "best_acc"))]
              for v in inp.runs if v.startswith("nobn")]
     faster = bool(bn_steps and nb_steps) and max(bn_steps) < 0.5 * min(nb_steps)
-    higher = bool(bn50 and nb50) and min(bn50) > max(nb50)
+    # "higher": by at least half a point and for every seed (eval noise is ~±0.3 points)
+    higher = bool(bn50 and nb50) and min(bn50) > max(nb50) + 0.005
     stabler = bool(drift_bn and drift_nb) and max(drift_bn) < min(drift_nb)
     held = sum((faster, higher, stabler))
     verdict = ["not reproduced", "partly", "partly", "reproduced"][held]
     why = (f"BN {'reaches' if faster else 'does not reach'} the no-BN final accuracy in under "
-           f"half the steps, ends {'higher' if higher else 'not clearly higher'} "
+           f"half the steps, ends {'higher' if higher else 'not higher by 0.5 points'} "
            f"({mean_std(bn50)} vs {mean_std(nb50)} after {steps} steps) and its sigmoid input "
            f"is {'more' if stabler else 'not more'} stable (drift {mean_std(drift_bn, '{:.3f}')}"
            f" vs {mean_std(drift_nb, '{:.3f}')}).")

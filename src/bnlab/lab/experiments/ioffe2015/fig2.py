@@ -112,12 +112,15 @@ def report(inp: Inputs) -> Section:
     ref = max(names, key=lambda v: _mean(inp.values(v, "best_acc")), default="inception")
     level = _mean(inp.values(ref, "best_acc"))
     fig, axes = plots.figure(2, width=6)
-    plots.plot_curves(axes[0], {v: curve(inp, v) for v in inp.runs if v in MAIN or v == ref},
+    sweep = [v for v in names if v != "inception"]
+    shown = [v for v in MAIN if v in inp.runs] + ([ref] if ref != "inception" else [])
+    plots.plot_curves(axes[0], {v: curve(inp, v) for v in shown},
                       title="Fig. 2: held-out accuracy", hline=level, ylim=(0.5, 1.0))
-    plots.plot_curves(axes[1], {v: curve(inp, v) for v in inp.runs if v not in MAIN},
+    plots.plot_curves(axes[1], {v: curve(inp, v) for v in ("inception", *sweep, *CONTROLS)
+                                if v in inp.runs},
                       title="controls and the Inception learning-rate sweep", ylim=(0.0, 1.0))
     rows, steps = [], {}
-    for v in (*MAIN, *names[1:], *CONTROLS):
+    for v in (*MAIN, *sweep, *CONTROLS):
         if v not in inp.runs:
             continue
         steps[v] = steps_to(inp, v, level)
