@@ -26,7 +26,10 @@ OPTIM = OptimConfig(lr=0.05, momentum=0.9, weight_decay=1e-4, decay_rate=0.5, de
 def data(tmp_path_factory):
     d = write_dataset(tmp_path_factory.mktemp("idx"), n_train=200, n_test=60)
     cfg = DataConfig(dir=str(d), eval_examples=60)
-    return cfg, load(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is faster, and robust on a shared machine
+    yield cfg, load(cfg)
+    torch.set_num_threads(threads)
 
 
 def model() -> nn.Module:

@@ -37,6 +37,7 @@ class ProbeContext:
     optimizer: torch.optim.Optimizer
     lr: float
     data: Dataset
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy  # the training loss
 
 
 class Probe(Protocol):
@@ -170,7 +171,7 @@ def fit(
         acc, loss = evaluate(model, ex, ey, batch_size=train.eval_batch_size)
         rec: dict[str, Any] = {"step": step, "acc": acc, "loss": loss, "lr": lr,
                                "train_loss": loss_sum / loss_n if loss_n else None}
-        ctx = ProbeContext(model, step, batch, opt, lr, data)
+        ctx = ProbeContext(model, step, batch, opt, lr, data, loss_fn)
         for p in probes:
             rec.update(p(ctx))
         return rec
