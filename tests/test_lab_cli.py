@@ -38,6 +38,14 @@ def test_cli_errors_name_the_valid_choices(capsys, tmp_path, argv, needle, valid
     assert not any(tmp_path.iterdir())  # nothing was started
 
 
+def test_missing_data_set_prints_the_install_command(capsys, tmp_path):
+    argv = ["run", "ioffe2015.fig1", "--preset", "smoke", "--data-dir", str(tmp_path / "none"),
+            "--out", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_overrides_are_dotted_typed_and_checked():
     cfg = apply_overrides(Fig1Config(), ["optim.lr=1", "sweep=(0.1, 0.2)", "train.steps=7",
                                          "data.binarize=False", "data.dir='/x'"])

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bnlab.lab.config import DataConfig
 
-__all__ = ["DEFAULT_DIR", "Batches", "Dataset", "load", "read_idx"]
+__all__ = ["DEFAULT_DIR", "Batches", "Dataset", "check", "load", "read_idx"]
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = ("install Fashion-MNIST with `apt-get install dataset-fashion-mnist` (as root), "
@@ -81,15 +81,24 @@ class Dataset:
         return int(self.train_y.max()) + 1
 
 
+def check(cfg: DataConfig) -> Path:
+    """The data directory of ``cfg`` if it holds the four IDX files, else `FileNotFoundError`
+    with the install command (checked before any run directory is created)."""
+    directory = Path(cfg.dir or DEFAULT_DIR)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"data directory {directory} does not exist; {INSTALL_HINT}")
+    for stem in _FILES.values():
+        _find(directory, stem)
+    return directory
+
+
 def load(cfg: DataConfig) -> Dataset:
     """Load the IDX directory ``cfg.dir`` (default Fashion-MNIST), binarized and/or normalized.
 
     Raises:
         FileNotFoundError: the directory or a file is missing (the message says how to install).
     """
-    directory = Path(cfg.dir or DEFAULT_DIR)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"data directory {directory} does not exist; {INSTALL_HINT}")
+    directory = check(cfg)
     arrays = {k: read_idx(_find(directory, stem)) for k, stem in _FILES.items()}
     xs = {}
     for split in ("train", "test"):

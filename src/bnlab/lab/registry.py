@@ -132,6 +132,8 @@ def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     cfg = exp.config(preset, sets, data_dir)
     tag = preset if cfg == exp.presets[preset] else f"{preset}-{config_hash(cfg)}"
+    if isinstance(getattr(cfg, "data", None), DataConfig):
+        data_mod.check(cfg.data)  # a missing data set fails before any run directory exists
     cache: dict[DataConfig, data_mod.Dataset] = {}
     done: list[runs.Run] = []
     t0 = time.perf_counter()
