@@ -16,10 +16,15 @@ Paper's numbers (Fig. 3; steps to 72.2% | max accuracy): Inception 31.0M | 72.2%
 Scaling here: a ~0.1M-parameter Inception for 28×28 Fashion-MNIST, batch 32 as in the paper,
 SGD momentum 0.9, exponential decay 0.96 per ``decay_steps`` (÷6 for BN-x5/x30). ``paper``
 preset: 6,000 steps per model (≈3.2 epochs) for 7 models + a 2-point learning-rate sweep of
-Inception, held-out accuracy on 2,000 test images every 250 steps. Base learning rate 0.01 (the
-best of the Inception sweep {0.005, 0.01, 0.02}); the paper's ×5 and ×30 are kept.
+Inception, held-out accuracy on 2,000 test images every 250 steps. Base learning rate 0.01. The
+quick preset's Inception sweep (1,500 steps; best held-out accuracy 0.005 → 0.797, 0.01 → 0.822,
+0.02 → 0.835) favours the top of its range, so the paper preset sweeps {0.01, 0.02, 0.04}. The
+report's reference "Inception" is the best run of the sweep; the BN models' ×1/×5/×30 stay
+relative to 0.01 (the paper's BN-Baseline shares Inception's rate).
 
-Runtime here (2 shared cores): paper ≈45–60 min, quick ≈8–12 min, smoke ≈10 s.
+Runtime here (2 cores, ``--threads 1``): on a quiet machine ≈33 ms per no-BN step and ≈60 ms
+per BN step, so paper ≈45 min and quick ≈12 min (estimates); measured with the machine shared
+by 3 other jobs, quick took ≈27 min. smoke ≈10 s.
 
 Command: ``bnlab run ioffe2015.fig2 --preset paper`` then ``bnlab report``.
 """
@@ -55,7 +60,7 @@ class Fig2Config:
                                      decay_rate=0.96, decay_steps=300)  # Inception's settings
     width: float = 1.0  # channel multiplier of the small Inception
     dropout: float = 0.4  # Inception's dropout (removed by the Sec. 4.2.1 changes)
-    sweep: tuple[float, ...] = (0.005, 0.02)  # extra Inception lrs, variants "inception_lr<x>"
+    sweep: tuple[float, ...] = (0.02, 0.04)  # extra Inception lrs, variants "inception_lr<x>"
     controls: bool = True  # also train inception_x5 and inception_sigmoid
 
 
@@ -65,7 +70,8 @@ PRESETS = {
                         train=TrainConfig(steps=1_500, batch_size=32, eval_every=100,
                                           checkpoint_every=500, eval_batch_size=500),
                         optim=OptimConfig(lr=0.01, momentum=0.9, weight_decay=4e-5,
-                                          decay_rate=0.96, decay_steps=75)),
+                                          decay_rate=0.96, decay_steps=75),
+                        sweep=(0.005, 0.02)),
     "smoke": Fig2Config(data=DataConfig(normalize=True, eval_examples=100),
                         train=TrainConfig(steps=8, batch_size=16, eval_every=4,
                                           checkpoint_every=4, eval_batch_size=100),
@@ -173,5 +179,6 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Figures 2 and 3: BN-Inception learning-rate study",
     claim="BN-x5 reaches Inception's accuracy in 14x fewer steps; BN-x30 ends higher",
-    presets=PRESETS, runtime={"smoke": "10 s", "quick": "8-12 min", "paper": "45-60 min"},
+    presets=PRESETS,
+    runtime={"smoke": "10 s", "quick": "12 min", "paper": "45 min (quiet machine)"},
     variants=variants, run=run, report=report)
