@@ -59,6 +59,14 @@ def test_smoke_run_finishes_every_variant(smoke_runs, name):
         assert (run.path / "env.json").exists() and run.metrics()[0]["step"] == 0
 
 
+def test_alg2_records_every_inference_estimator(smoke_runs):
+    _, done, _ = smoke_runs
+    for run in done["ioffe2015.alg2"]:
+        last = [m for m in run.metrics() if "acc_alg2" in m][-1]
+        for key in ("acc_ema", "acc_alg2", "acc_cumulative", "acc_train_mode"):
+            assert 0.0 <= last[key] <= 1.0, (run.path, key)
+
+
 def test_rerunning_a_finished_experiment_skips_it(smoke_runs, capsys):
     out, _, data = smoke_runs
     exp = EXPERIMENTS["ioffe2015.alg2"]

@@ -121,3 +121,23 @@ def test_unfinished_run_needs_resume(tmp_path):
     with pytest.raises(runs.RunExistsError, match="differs"):
         runs.prepare(run.path, {"config": {"a": 2}}, resume=True)
     assert runs.prepare(run.path, {"config": {"a": 1}}, resume=True)[1] == "resume"
+
+
+def test_cumulative_batch_stats_average_only_training_batches():
+    from bnlab.lab.probes import CumulativeBatchStats
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3, bias=False), BatchNorm1d(3))
+    cum = CumulativeBatchStats(net)
+    xs = [torch.randn(8, 4) * (i + 1) for i in range(3)]
+    for x in xs:
+        net(x)  # training forward with grad: counted
+    with torch.no_grad():
+        net(torch.randn(8, 4) * 100)  # no_grad (e.g. a probe): not counted
+    net.eval()
+    net(torch.randn(8, 4) * 100)  # eval: not counted
+    z = [net[0](x).detach() for x in xs]
+    twin = nn.Sequential(nn.Linear(4, 3, bias=False), BatchNorm1d(3))
+    cum.load_into(twin)
+    torch.testing.assert_close(twin[1].running_mean, torch.stack([a.mean(0) for a in z]).mean(0))
+    torch.testing.assert_close(twin[1].running_var, torch.stack([a.var(0) for a in z]).mean(0))

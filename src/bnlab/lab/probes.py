@@ -61,17 +61,17 @@ class CumulativeBatchStats:
         for name, m in self.layers.items():
             m.register_forward_pre_hook(lambda mod, args, n=name: self._add(n, mod, args[0]))
 
-    @torch.no_grad()
     def _add(self, name: str, mod: nn.Module, x: Tensor) -> None:
         if not (mod.training and torch.is_grad_enabled()):
-            return
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=1)  # unbiased
+            return  # checked before no_grad: inside it grad is always disabled
+        with torch.no_grad():
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=1)  # unbiased
         if name in self.sums:
             self.sums[name][0] += mean
             self.sums[name][1] += var
         else:
-            self.sums[name] = [mean.clone(), var.clone()]
+            self.sums[name] = [mean, var]
         self.count[name] += 1
 
     def load_into(self, model: nn.Module) -> None:
