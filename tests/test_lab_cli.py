@@ -74,3 +74,18 @@ def test_python_dash_m_bnlab_works():
     out = subprocess.run([sys.executable, "-m", "bnlab", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "report" in out.stdout and "run" in out.stdout
+
+
+def test_bench_hands_its_arguments_to_the_kernels_bench(monkeypatch):
+    import types
+
+    seen = {}
+    fake = types.ModuleType("bnlab.kernels.bench")
+    fake.add_arguments = lambda p: p.add_argument("--size", type=int, default=1)
+    fake.run = lambda args: seen.setdefault("size", args.size) and 0
+    import bnlab.kernels
+
+    monkeypatch.setitem(sys.modules, "bnlab.kernels.bench", fake)
+    monkeypatch.setattr(bnlab.kernels, "bench", fake, raising=False)
+    assert main(["bench", "--size", "7"]) == 0
+    assert seen == {"size": 7}

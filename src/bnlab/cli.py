@@ -50,26 +50,16 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    # Imported only here: the kernels may build on first import; other commands never pay.
     try:
         from bnlab.kernels import bench
     except ImportError as e:
         print(f"bnlab bench is not available in this build ({e}); it needs bnlab.kernels.bench",
               file=sys.stderr)
         return 2
-    return int(bench.run(args))
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark the batch-norm kernels", add_help=False)
-    try:
-        from bnlab.kernels import bench
-    except ImportError:
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.add_argument("-h", "--help", action="help")
-    else:
-        p.add_argument("-h", "--help", action="help")
-        bench.add_arguments(p)
-    p.set_defaults(func=_bench)
+    parser = argparse.ArgumentParser(prog="bnlab bench", description="Benchmark the kernels.")
+    bench.add_arguments(parser)
+    return int(bench.run(parser.parse_args(args.rest)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="runs directory (default: runs)")
     p.add_argument("--out", default="report", help="output directory (default: report)")
     p.set_defaults(func=_report)
-    _add_bench(sub)
+    p = sub.add_parser("bench", help="benchmark the batch-norm kernels (bnlab.kernels.bench)",
+                       add_help=False, prefix_chars="\0")  # every argument goes to the bench
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
     return parser
 
 
