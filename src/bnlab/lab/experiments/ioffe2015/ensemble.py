@@ -112,7 +112,8 @@ def report(inp: Inputs) -> Section:
                else "not reproduced")
     members = errs[0][3] if errs else 0
     why = (f"The {members}-member ensemble's top-1 error {mean_std(ens)} vs the best member's "
-           f"{mean_std(best)} (gain {mean_std(gain)} points of error, as a fraction)"
+           f"{mean_std(best)} (gain {mean_std([100 * g for g in gain], '{:.2f}')} "
+           "percentage points)"
            + (f"; {diverged} member run(s) diverged and were left out" if diverged else "") + ".")
     return Section(
         title="Section 4.2.3: ensemble of BN-x30 networks",
