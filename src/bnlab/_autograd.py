@@ -48,15 +48,20 @@ class BatchNormTrain(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
         mean, var = F.batch_stats(x)
-        y = F.normalize(x, mean, var, weight, bias, eps)
+        return F.normalize(x, mean, var, weight, bias, eps), mean, var
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        # forward/setup_context split (not forward(ctx, ...)) so torch.func transforms work
+        x, weight, bias, eps = inputs
+        _, mean, var = output
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]

@@ -159,10 +159,11 @@ def batch_norm(
 
     Conventions:
         * Training normalizes with the biased σ²_B and, when buffers are given, stores the
-          unbiased m/(m−1)·σ²_B: ``r ← (1 − momentum)·r + momentum·s`` (PyTorch's momentum, which
-          is 1 − Keras/Flax "decay"; see ``bnlab.convert``).
-        * Evaluation (``training=False``) normalizes with the buffers: y = γ(x − E[x])/√(Var[x]+ε)+β,
-          the inference transform of Alg. 2; it then depends on the buffers only.
+          unbiased m/(m−1)·σ²_B: ``r ← (1 − momentum)·r + momentum·s`` (PyTorch's momentum,
+          which is 1 − Keras/Flax "decay"; see ``bnlab.convert``).
+        * Evaluation (``training=False``) normalizes with the buffers,
+          y = γ(x − E[x])/√(Var[x] + ε) + β (Alg. 2's inference transform): it depends on the
+          buffers only.
         * Statistics are computed in float32 for float16/bfloat16 input; the output keeps the
           input's dtype. A batch with non-finite statistics never updates the buffers.
         * The backward is hand-written from the paper's chain rule (`bnlab._autograd`); double

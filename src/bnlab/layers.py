@@ -31,6 +31,7 @@ class BatchNorm(nn.Module):
         eps: ε > 0 added to the variance (the paper gives no value; PyTorch's 1e-5).
         momentum: in [0, 1], or None for the cumulative average.
         affine: learn γ (``weight``, init 1) and β (``bias``, init 0).
+        bias: keyword-only, as in torch 2.13: with ``affine``, False learns γ only.
         track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked``; if
             False, batch statistics are used in eval mode too.
 
@@ -40,6 +41,12 @@ class BatchNorm(nn.Module):
 
     _version = 2
     _ranks: tuple[int, ...] = (2, 3, 4, 5)
+    # Plain attributes (not in the state_dict), set by `bnlab.freeze` / `bnlab.no_stats_update`:
+    # `frozen` normalizes with the running statistics even in train() mode and never updates
+    # them (it survives `model.train()`); `_stats_update_blocked` > 0 keeps training-mode
+    # forwards (batch statistics) from touching the running statistics.
+    frozen: bool = False
+    _stats_update_blocked: int = 0
 
     def __init__(
         self,
@@ -50,6 +57,8 @@ class BatchNorm(nn.Module):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         who = type(self).__name__
@@ -64,7 +73,10 @@ class BatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -94,12 +106,14 @@ class BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
         )
 
     def _who(self) -> str:
@@ -114,11 +128,17 @@ class BatchNorm(nn.Module):
             return self.momentum
         return 1.0 / (self.num_batches_tracked + 1)  # 0-d tensor: no host sync
 
+    def _mode(self) -> tuple[bool, bool]:
+        """(use batch statistics, update the running statistics) for this forward."""
+        training = self.training and not (self.frozen and self.track_running_stats)
+        # PyTorch semantics: batch statistics in training, or whenever no running stats exist.
+        use_batch_stats = training or not self.track_running_stats
+        update = training and self.track_running_stats and not self._stats_update_blocked
+        return use_batch_stats, update
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        # PyTorch semantics: batch statistics in training, or whenever no running stats exist.
-        use_batch_stats = self.training or not self.track_running_stats
-        update = self.training and self.track_running_stats
+        use_batch_stats, update = self._mode()
         buffers = (self.running_mean, self.running_var) if (update or not use_batch_stats) \
             else (None, None)
         momentum = self._momentum() if update else 0.0

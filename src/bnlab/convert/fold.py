@@ -1,4 +1,4 @@
-"""Fold BN into the preceding conv/linear layer for inference (Ioffe & Szegedy 2015, Alg. 2, step 11).
+"""Fold BN into the preceding conv/linear layer for inference (Ioffe & Szegedy 2015, Alg. 2, l. 11).
 
 In eval mode BN is the per-channel affine map
     y = γ/√(Var[x]+ε) · x + (β − γ·E[x]/√(Var[x]+ε)),
@@ -11,16 +11,23 @@ The result keeps the model's own classes: folded BNs become `nn.Identity`, the o
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import Tensor, fx, nn
 
 from bnlab.stats import is_batchnorm
+from bnlab.variants.frozen import FrozenBatchNorm
 
 __all__ = ["ChannelAffine", "fold", "fold_pairs"]
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
              nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    """A module whose eval transform is BN's: bnlab/torch BN (and subclasses) or FrozenBatchNorm."""
+    return is_batchnorm(m) or isinstance(m, FrozenBatchNorm)
 
 
 class ChannelAffine(nn.Module):
@@ -59,7 +66,7 @@ class _LeafTracer(fx.Tracer):
     """Stops at BN modules (ours validate input with Python control flow) and torch.nn modules."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_batchnorm(m) or super().is_leaf_module(m, qualname)
+        return _is_norm(m) or super().is_leaf_module(m, qualname)
 
 
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
@@ -71,7 +78,7 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not is_batchnorm(modules[node.target]):
+        if node.op != "call_module" or not _is_norm(modules[node.target]):
             continue
         prev = node.args[0] if node.args else None
         if (isinstance(prev, fx.Node) and prev.op == "call_module"
@@ -87,8 +94,8 @@ def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(seq, nn.Sequential):
             continue
         names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            if isinstance(seq._modules[a], _FOLDABLE) and is_batchnorm(seq._modules[b]):
+        for a, b in itertools.pairwise(names):
+            if isinstance(seq._modules[a], _FOLDABLE) and _is_norm(seq._modules[b]):
                 pairs.append((f"{prefix}.{a}" if prefix else a, f"{prefix}.{b}" if prefix else b))
     return pairs
 
@@ -141,7 +148,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     model = model if inplace else copy.deepcopy(model)
     model.eval()
-    bns = {name: m for name, m in model.named_modules() if is_batchnorm(m)}
+    bns = {name: m for name, m in model.named_modules() if _is_norm(m)}
     affines = {name: _affine_of(bn, name) for name, bn in bns.items()}
     folded = set()
     for layer_name, bn_name in fold_pairs(model):

@@ -9,11 +9,22 @@ from collections.abc import Callable
 
 from torch import nn
 
+from bnlab.lab.models.dln import DeepLinearNetwork
 from bnlab.lab.models.inception import Inception
 from bnlab.lab.models.mlp import MLP
+from bnlab.lab.models.vgg import VGG
 from bnlab.layers import BatchNorm1d, BatchNorm2d
 
-__all__ = ["ACTIVATIONS", "MLP", "Inception", "NormFactory", "activation", "norm_factory"]
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "VGG",
+    "DeepLinearNetwork",
+    "Inception",
+    "NormFactory",
+    "activation",
+    "norm_factory",
+]
 
 NormFactory = Callable[[int], nn.Module]
 

@@ -1,0 +1,199 @@
+"""Convert BN weights and buffers between the Keras / Flax conventions and ours (PyTorch's).
+
+The three differences that keep breaking ports (peers.md, Sec. 3 and pain points 3–4):
+
+=================  ==========================  =====================  ======================
+                   ours (PyTorch)              Keras 3 / tf.keras     Flax linen / NNX
+=================  ==========================  =====================  ======================
+running average    r ← (1−m)·r + m·s, m=0.1    r ← d·r + (1−d)·s,     same as Keras, d=0.99
+                                               d=0.99 ("momentum")
+stored variance    unbiased m/(m−1)·σ²_B       biased σ²_B (fused     biased σ²_B
+                                               tf.keras: unbiased)
+ε default          1e-5                        1e-3                   1e-5
+names              weight, bias,               gamma, beta,           params: scale, bias;
+                   running_mean, running_var   moving_mean,           batch_stats: mean, var
+                                               moving_variance
+=================  ==========================  =====================  ======================
+
+Loading keeps the source's ε and converts momentum (m = 1 − d), so eval outputs are identical.
+The stored variance is copied as is by default, which is what makes eval outputs identical;
+pass ``batch_values`` (the m values per channel of the training batches: N·H·W) to convert the
+estimator as well (× m/(m−1) into ours, × (m−1)/m out), so that further training continues
+each framework's running average exactly (this changes eval outputs by that factor).
+Arrays may be numpy arrays, tensors or lists; results are CPU tensors (``.numpy()`` them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnlab._checks import check_eps
+
+__all__ = [
+    "FlaxBN",
+    "KerasBN",
+    "decay_to_momentum",
+    "flax_variables",
+    "keras_weights",
+    "load_flax_variables",
+    "load_keras_weights",
+    "momentum_to_decay",
+]
+
+
+def decay_to_momentum(decay: float) -> float:
+    """Keras/Flax ``momentum`` (decay d of the old value) → PyTorch momentum m = 1 − d."""
+    if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay_to_momentum: decay must be in [0, 1], got {decay!r}")
+    return 1.0 - decay
+
+
+def momentum_to_decay(momentum: float | None) -> float:
+    """PyTorch momentum m → Keras/Flax decay d = 1 − m (``None``, the cumulative average, has
+    no Keras/Flax equivalent)."""
+    if momentum is None or not 0.0 <= momentum <= 1.0:
+        raise ValueError("momentum_to_decay: momentum must be in [0, 1] (the cumulative "
+                         f"average momentum=None has no decay equivalent), got {momentum!r}")
+    return 1.0 - momentum
+
+
+def _bessel(batch_values: int | None, who: str) -> float:
+    if batch_values is None:
+        return 1.0
+    if not isinstance(batch_values, int) or batch_values < 2:
+        raise ValueError(f"{who}: batch_values must be an integer >= 2 (values per channel "
+                         f"of a training batch) or None, got {batch_values!r}")
+    return batch_values / (batch_values - 1)
+
+
+def _vector(value: Any, c: int, name: str, who: str, like: Tensor) -> Tensor:
+    t = torch.as_tensor(value).detach()
+    if tuple(t.shape) != (c,):
+        raise ValueError(f"{who}: {name} must have shape ({c},), got {tuple(t.shape)}")
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: float,
+          eps: float, factor: float, who: str) -> nn.Module:
+    check_eps(eps, who)
+    momentum = decay_to_momentum(decay)
+    if bn.running_mean is None:
+        raise ValueError(f"{who}: {type(bn).__name__} has no running statistics "
+                         "(track_running_stats=False) to load into")
+    c = bn.num_features
+    rm = bn.running_mean
+    bn.running_mean.copy_(_vector(mean, c, "mean", who, rm))
+    bn.running_var.copy_(_vector(var, c, "variance", who, rm) * factor)
+    for name, value, default in (("weight", gamma, 1.0), ("bias", beta, 0.0)):
+        param = getattr(bn, name, None)
+        if param is None:
+            if value is not None and not torch.all(torch.as_tensor(value) == default):
+                raise ValueError(f"{who}: {type(bn).__name__} has affine=False but the source "
+                                 f"has a non-trivial {'gamma' if name == 'weight' else 'beta'}")
+            continue
+        param.copy_(_vector(value, c, name, who, param) if value is not None
+                    else torch.full_like(param, default))
+    bn.eps, bn.momentum = float(eps), momentum
+    return bn
+
+
+def _export(bn: nn.Module, batch_values: int | None, who: str) -> tuple[Tensor, ...]:
+    if bn.running_mean is None:
+        raise ValueError(f"{who}: {type(bn).__name__} has no running statistics to export")
+    factor = _bessel(batch_values, who)
+    c, like = bn.num_features, bn.running_mean
+    w = bn.weight if bn.weight is not None else torch.ones(c, dtype=like.dtype)
+    b = bn.bias if bn.bias is not None else torch.zeros(c, dtype=like.dtype)
+    return tuple(t.detach().cpu().clone() for t in (w, b, bn.running_mean,
+                                                    bn.running_var / factor))
+
+
+@dataclass
+class KerasBN:
+    """``weights`` in ``layer.get_weights()`` order: [gamma, beta, moving_mean, moving_variance];
+    ``config`` the matching ``keras.layers.BatchNormalization`` arguments."""
+
+    weights: list[Tensor]
+    config: dict[str, Any]
+
+
+@dataclass
+class FlaxBN:
+    """``variables`` as ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}``;
+    ``config`` the matching ``flax.linen.BatchNorm`` arguments."""
+
+    variables: dict[str, dict[str, Tensor]]
+    config: dict[str, Any]
+
+
+def load_keras_weights(bn: nn.Module, weights: Sequence[Any] | Mapping[str, Any], *,
+                       momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
+                       scale: bool = True, batch_values: int | None = None) -> nn.Module:
+    """Load a Keras ``BatchNormalization`` layer into ``bn`` (bnlab or torch BN) in place.
+
+    Args:
+        bn: the destination; its ``eps`` and ``momentum`` are set to the converted values.
+        weights: ``layer.get_weights()`` (gamma if ``scale``, beta if ``center``, moving_mean,
+            moving_variance) or a mapping with those names.
+        momentum, epsilon, center, scale: the Keras layer's arguments (Keras defaults).
+        batch_values: see the module docstring (None: copy the variance, identical outputs).
+
+    Returns:
+        ``bn``, whose eval output equals the Keras layer's inference output.
+    """
+    who = "load_keras_weights"
+    if isinstance(weights, Mapping):
+        w = {k.split("/")[-1].split(":")[0]: v for k, v in weights.items()}
+        missing = [k for k in ("moving_mean", "moving_variance") if k not in w]
+        if missing:
+            raise ValueError(f"{who}: weights lack {missing}, got keys {sorted(weights)}")
+        gamma, beta = w.get("gamma"), w.get("beta")
+        mean, var = w["moving_mean"], w["moving_variance"]
+    else:
+        expected = int(scale) + int(center) + 2
+        if len(weights) != expected:
+            raise ValueError(f"{who}: expected {expected} arrays (scale={scale}, "
+                             f"center={center}), got {len(weights)}")
+        items = list(weights)
+        gamma = items.pop(0) if scale else None
+        beta = items.pop(0) if center else None
+        mean, var = items
+    return _load(bn, gamma, beta, mean, var, decay=momentum, eps=epsilon,
+                 factor=_bessel(batch_values, who), who=who)
+
+
+def keras_weights(bn: nn.Module, *, batch_values: int | None = None) -> KerasBN:
+    """``bn`` (bnlab or torch BN) as Keras ``BatchNormalization`` weights and arguments."""
+    gamma, beta, mean, var = _export(bn, batch_values, "keras_weights")
+    config = {"momentum": momentum_to_decay(bn.momentum), "epsilon": float(bn.eps),
+              "center": True, "scale": True}
+    return KerasBN(weights=[gamma, beta, mean, var], config=config)
+
+
+def load_flax_variables(bn: nn.Module, variables: Mapping[str, Mapping[str, Any]], *,
+                        momentum: float = 0.99, epsilon: float = 1e-5,
+                        batch_values: int | None = None) -> nn.Module:
+    """Load a Flax ``BatchNorm``'s variables (``{"params": ..., "batch_stats": ...}``) into
+    ``bn`` in place; ``momentum`` and ``epsilon`` are the Flax layer's (Flax defaults)."""
+    who = "load_flax_variables"
+    if "batch_stats" not in variables:
+        raise ValueError(f"{who}: variables need a 'batch_stats' collection, got "
+                         f"{sorted(variables)}")
+    params, stats = variables.get("params", {}), variables["batch_stats"]
+    return _load(bn, params.get("scale"), params.get("bias"), stats["mean"], stats["var"],
+                 decay=momentum, eps=epsilon, factor=_bessel(batch_values, who), who=who)
+
+
+def flax_variables(bn: nn.Module, *, batch_values: int | None = None) -> FlaxBN:
+    """``bn`` (bnlab or torch BN) as Flax ``BatchNorm`` variables and arguments."""
+    scale, bias, mean, var = _export(bn, batch_values, "flax_variables")
+    config = {"momentum": momentum_to_decay(bn.momentum), "epsilon": float(bn.eps),
+              "use_scale": True, "use_bias": True}
+    return FlaxBN(variables={"params": {"scale": scale, "bias": bias},
+                             "batch_stats": {"mean": mean, "var": var}}, config=config)

@@ -1,0 +1,140 @@
+"""Freeze BN layers for fine-tuning, and keep extra forwards from moving running statistics.
+
+`freeze(model, stats=True)` makes every BN normalize with its running statistics and never
+update them, and that survives `model.train()` (in PyTorch `eval()` does it and `train()`
+undoes it: pytorch#86590). `no_stats_update(model)` keeps batch-statistics normalization but
+leaves the running statistics alone: probes, a second forward for a loss, the recomputation of
+activation checkpointing (pytorch#96136, fairscale#1035), which `torch.no_grad()` does not stop.
+
+Works on bnlab's layers and variants (flags checked in their forward) and on torch's BN layers:
+``freeze`` registers a forward pre-hook that runs them in eval mode for that call (restored
+after it, so ``module.training`` keeps reporting the model's mode); ``no_stats_update`` sets
+their momentum to 0 for the duration of the context (r ← 1·r + 0·s leaves r bit for bit) and
+restores ``num_batches_tracked`` (and, after a non-finite batch, the statistics) on exit. The
+forward itself is unchanged, so activation checkpointing sees the same saved tensors.
+`FrozenBatchNorm` modules are frozen by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnlab.layers import BatchNorm
+from bnlab.variants.frozen import FrozenBatchNorm
+
+__all__ = ["freeze", "is_frozen", "no_stats_update", "unfreeze"]
+
+_TorchBN = nn.modules.batchnorm._BatchNorm
+_HANDLES = "_bnlab_freeze_handles"
+
+
+def _bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (BatchNorm, _TorchBN))]
+
+
+def _eval_pre_hook(module: nn.Module, args: Any) -> None:
+    module.__dict__["_bnlab_mode"] = module.training
+    module.training = False
+
+
+def _restore_hook(module: nn.Module, args: Any, output: Any) -> None:
+    module.training = module.__dict__.pop("_bnlab_mode", module.training)
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` normalizes with fixed running statistics whatever its mode."""
+    if isinstance(module, FrozenBatchNorm):
+        return True
+    if isinstance(module, BatchNorm):
+        return bool(module.frozen)
+    return _HANDLES in module.__dict__
+
+
+def freeze(model: nn.Module, *, stats: bool = True, affine: bool = True) -> nn.Module:
+    """Freeze every BN layer of ``model`` in place; the effect survives ``model.train()``.
+
+    Args:
+        model: any module (bnlab or torch BN layers anywhere inside, or a BN itself).
+        stats: normalize with the running statistics (Alg. 2's inference transform) in train()
+            too, and never update them.
+        affine: stop learning γ and β (``requires_grad=False``; optimizers skip them).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: ``stats=True`` on a layer without running statistics (it has nothing to
+            freeze to); the message names the layer.
+    """
+    for name, m in _bn_modules(model):
+        if stats:
+            if m.running_mean is None or m.running_var is None:
+                raise ValueError(f"freeze: layer {name or type(m).__name__!r} has no running "
+                                 "statistics (track_running_stats=False); pass stats=False or "
+                                 "recalibrate it with running statistics first")
+            if isinstance(m, BatchNorm):
+                m.frozen = True
+            elif _HANDLES not in m.__dict__:
+                m.__dict__[_HANDLES] = (m.register_forward_pre_hook(_eval_pre_hook),
+                                        m.register_forward_hook(_restore_hook))
+        if affine:
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.requires_grad_(False)
+    return model
+
+
+def unfreeze(model: nn.Module, *, stats: bool = True, affine: bool = True) -> nn.Module:
+    """Undo `freeze` in place (``FrozenBatchNorm`` modules stay as they are). Returns ``model``."""
+    for _, m in _bn_modules(model):
+        if stats:
+            if isinstance(m, BatchNorm):
+                m.frozen = False
+            for handle in m.__dict__.pop(_HANDLES, ()):
+                handle.remove()
+        if affine:
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.requires_grad_(True)
+    return model
+
+
+@contextmanager
+def no_stats_update(model: nn.Module) -> Iterator[nn.Module]:
+    """A context in which training-mode forwards leave every running statistic untouched.
+
+    Inside it BN layers still normalize with their batch statistics in train() mode (so the
+    forward is the training forward), but ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` do not change; eval() forwards are unchanged. Nests; restores the
+    previous state on exit, also after an exception.
+
+    Example::
+
+        with bnlab.no_stats_update(model):
+            probe_loss = loss_fn(model(x_probe), y_probe)   # no effect on the statistics
+        with bnlab.no_stats_update(model):
+            loss.backward()      # activation checkpointing recomputes the forward here
+    """
+    ours = [m for _, m in _bn_modules(model) if isinstance(m, BatchNorm)]
+    theirs = [(m, m.momentum, [b.clone() for b in m.buffers()]) for _, m in _bn_modules(model)
+              if not isinstance(m, BatchNorm)]
+    for m in ours:
+        m._stats_update_blocked = m._stats_update_blocked + 1
+    for m, _, _ in theirs:
+        m.momentum = 0.0  # torch's update (1 − 0)·r + 0·s is r exactly for finite s
+    try:
+        yield model
+    finally:
+        for m in ours:
+            m._stats_update_blocked = m._stats_update_blocked - 1
+        for m, momentum, saved in theirs:
+            m.momentum = momentum
+            with torch.no_grad():
+                for b, old in zip(m.buffers(), saved, strict=True):
+                    if not torch.equal(b, old):  # num_batches_tracked; statistics after a NaN
+                        b.copy_(old)

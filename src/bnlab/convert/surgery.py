@@ -1,0 +1,183 @@
+"""Model surgery: insert BN the paper's way (`batchnormify`) and swap norms (`replace_norm`).
+
+`batchnormify` applies Ioffe & Szegedy 2015, Sec. 3.2 to a model without BN: z = g(Wu + b)
+becomes z = g(BN(Wu)), BN immediately before the nonlinearity and the bias b dropped ("its
+effect will be canceled by the subsequent mean subtraction"). `replace_norm` turns every BN
+into any variant (renorm, ghost, frozen, sync, a user factory), copying what carries over.
+Both keep the model's own classes (no fx.GraphModule comes back); torch.fx only finds pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as TF
+
+from bnlab.convert.freeze import is_frozen
+from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.stats import is_batchnorm
+from bnlab.variants.frozen import FrozenBatchNorm
+
+__all__ = ["batchnormify", "nonlinearity_pairs", "replace_norm"]
+
+NormFactory = Callable[[int], nn.Module]
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+           nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU,
+                nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+                nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink)
+_ACT_FUNCTIONS = {torch.relu, torch.relu_, torch.sigmoid, torch.tanh, TF.relu, TF.relu_,
+                  TF.relu6, TF.leaky_relu, TF.elu, TF.selu, TF.celu, TF.gelu, TF.silu, TF.mish,
+                  TF.sigmoid, TF.tanh, TF.softplus, TF.softsign, TF.hardtanh, TF.hardswish,
+                  TF.hardsigmoid, TF.logsigmoid}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+
+
+def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _ACT_MODULES)
+    if node.op == "call_function":
+        return node.target in _ACT_FUNCTIONS
+    return node.op == "call_method" and node.target in _ACT_METHODS
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_batchnorm(m) or super().is_leaf_module(m, qualname)
+
+
+def _pairs_fx(model: nn.Module) -> list[str]:
+    graph = _Tracer().trace(model)
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return [node.target for node in graph.nodes
+            if node.op == "call_module" and isinstance(modules[node.target], _LAYERS)
+            and calls[node.target] == 1 and len(node.users) == 1
+            and _is_activation(next(iter(node.users)), modules)]
+
+
+def _pairs_sequential(model: nn.Module) -> list[str]:
+    found = []
+    for prefix, seq in model.named_modules():
+        if isinstance(seq, nn.Sequential):
+            kids = list(seq._modules.items())
+            for (a, ma), (_, mb) in itertools.pairwise(kids):
+                if isinstance(ma, _LAYERS) and isinstance(mb, _ACT_MODULES):
+                    found.append(f"{prefix}.{a}" if prefix else a)
+    return found
+
+
+def nonlinearity_pairs(model: nn.Module) -> list[str]:
+    """Names of the Linear/Conv layers whose only consumer is a nonlinearity (Sec. 3.2).
+
+    Found with torch.fx where the model traces (module, ``F.*`` and ``Tensor.*`` activations),
+    else as adjacent (layer, activation) modules inside ``nn.Sequential`` containers.
+    """
+    try:
+        return _pairs_fx(model)
+    except Exception:  # not traceable (data-dependent control flow, ...): Sequential only
+        return _pairs_sequential(model)
+
+
+def _default_norm(layer: nn.Module) -> NormFactory:
+    if isinstance(layer, (nn.Conv3d, nn.ConvTranspose3d)):
+        return BatchNorm3d
+    if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+        return BatchNorm2d
+    return BatchNorm1d  # Linear on (N, F), Conv1d on (N, C, L)
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _out_features(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def batchnormify(model: nn.Module, norm_layer: NormFactory | None = None, *,
+                 inplace: bool = False) -> nn.Module:
+    """Insert BN right before every nonlinearity that follows a Linear/Conv layer (Sec. 3.2).
+
+    Each such layer ``L`` becomes ``nn.Sequential(L, norm)`` with ``L``'s bias removed (β takes
+    its role), so its state_dict keys move from ``name.*`` to ``name.0.*``. Layers already
+    followed by a norm, used twice, or feeding anything else are left alone. Linear layers are
+    assumed to see (N, F) input: a Linear on (N, L, F) would need BN over the last dimension,
+    and the inserted BatchNorm1d says so with an error naming the shape.
+
+    Args:
+        model: a model without BN at those places.
+        norm_layer: ``(num_features) -> nn.Module``; default bnlab's ``BatchNorm1d`` for Linear
+            and 1-d convolutions, ``BatchNorm2d``/``BatchNorm3d`` for 2-d/3-d ones.
+        inplace: modify ``model`` instead of a deep copy.
+
+    Returns:
+        The model with BN inserted, in ``model``'s train/eval mode.
+    """
+    model = model if inplace else copy.deepcopy(model)
+    for name in nonlinearity_pairs(model):
+        layer = model.get_submodule(name)
+        norm = (norm_layer or _default_norm(layer))(_out_features(layer))
+        norm.to(device=layer.weight.device, dtype=layer.weight.dtype).train(layer.training)
+        layer.bias = None  # subsumed by the norm's β
+        _set(model, name, nn.Sequential(layer, norm))
+    return model
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return is_batchnorm(m) or isinstance(m, FrozenBatchNorm)
+
+
+@torch.no_grad()
+def replace_norm(model: nn.Module, factory: NormFactory, *,
+                 match: Callable[[str, nn.Module], bool] | None = None, copy_eps: bool = True,
+                 inplace: bool = False) -> nn.Module:
+    """Replace every BN (bnlab's, torch's, variants, frozen) by ``factory(num_features)``.
+
+    Copies what applies: each state_dict entry the new module has with the same shape
+    (γ, β, running statistics, ``num_batches_tracked``), the train/eval mode, the device and
+    dtype, the frozen state (onto bnlab layers) and, with ``copy_eps``, ε (part of the inference
+    transform, so eval outputs are preserved between layers that share the inference
+    transform). Momentum and the variant's own arguments come from ``factory``.
+
+    Args:
+        model: any module, or a BN itself.
+        factory: ``(num_features) -> nn.Module``, e.g. ``bnlab.variants.FrozenBatchNorm2d`` or
+            ``functools.partial(bnlab.variants.GhostBatchNorm, virtual_batch_size=32)``.
+        match: ``(name, module) -> bool`` to choose which norms to replace (default: all).
+        copy_eps: copy ε from the old layer.
+        inplace: modify ``model`` instead of a deep copy.
+
+    Returns:
+        The converted model (the new module if ``model`` itself was a BN).
+    """
+    model = model if inplace else copy.deepcopy(model)
+    targets = [(n, m) for n, m in model.named_modules()
+               if _is_norm(m) and (match is None or match(n, m))]
+    for name, old in targets:
+        new = factory(old.num_features)
+        ref = next(iter([*old.parameters(), *old.buffers()]), None)
+        if ref is not None:
+            new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        old_state, new_state = old.state_dict(), new.state_dict()
+        new.load_state_dict({k: (old_state[k] if k in old_state
+                                 and old_state[k].shape == v.shape else v)
+                             for k, v in new_state.items()})
+        if copy_eps and hasattr(new, "eps"):
+            new.eps = old.eps
+        if isinstance(new, BatchNorm) and is_frozen(old):
+            new.frozen = True
+        new.train(old.training)
+        if not name:
+            return new
+        _set(model, name, new)
+    return model

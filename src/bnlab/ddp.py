@@ -1,0 +1,135 @@
+"""Data-parallel plumbing for the lab: torchrun set-up, batch sharding, DDP wrapping.
+
+Every function is a no-op (or the identity) in a single process, so one training loop serves
+``python -m bnlab run ...`` and ``torchrun --nproc-per-node K -m bnlab run ... [--sync-bn]``.
+The loop draws the *global* batch on every rank (same seed), keeps its shard with
+`shard_batch`, and scales its summed loss with `global_mean`: then DDP's gradient average is
+the gradient of the mean loss over the global batch, even for uneven shards, and with
+``sync_bn`` the run matches one process on the same global batch. Imports torch only.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bnlab.distributed import convert_sync_batchnorm
+
+__all__ = [
+    "all_reduce_sum",
+    "global_mean",
+    "is_main",
+    "setup_from_env",
+    "shard_batch",
+    "teardown",
+    "unwrap",
+    "world",
+    "wrap_ddp",
+]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default group; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_from_env(device: str | None = None, *,
+                   timeout_s: float = 300.0) -> tuple[int, int, torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Reads ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``. With
+    ``WORLD_SIZE`` unset or 1 nothing is initialized. Backend: NCCL when the device is CUDA,
+    gloo otherwise. ``device`` (e.g. ``"cpu"``, ``"cuda"``) defaults to CUDA when available;
+    on CUDA each process takes ``cuda:LOCAL_RANK``.
+
+    Returns:
+        (rank, world_size, device).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(kind)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank if world_size > 1 else 0)
+    if world_size <= 1:
+        return 0, 1, dev
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def shard_batch(x: Tensor, y: Tensor | None, rank: int,
+                world_size: int) -> tuple[Tensor, Tensor | None]:
+    """Rank ``rank``'s contiguous shard of a global batch: near-equal sizes, the first
+    ``N % world_size`` ranks one sample more; a rank may get an empty shard when N < world."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard_batch: rank must be in [0, {world_size}), got {rank}")
+    n = x.shape[0]
+    start = rank * (n // world_size) + min(rank, n % world_size)
+    stop = start + n // world_size + (1 if rank < n % world_size else 0)
+    return x[start:stop], (None if y is None else y[start:stop])
+
+
+def global_mean(loss_sum: Tensor, global_batch_size: int) -> Tensor:
+    """The loss to backpropagate on this rank, from the sum of its per-sample losses.
+
+    DDP averages gradients over ranks, so each rank returns world·Σ_shard ℓ / N: the average
+    is then ∇ (1/N) Σ_all ℓ, the single-process mean loss, even when shards are uneven.
+    """
+    return loss_sum * (world()[1] / global_batch_size)
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Σ over ranks of ``t`` (a copy; ``t`` itself when not distributed). For metric sums."""
+    if world()[1] == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def wrap_ddp(model: nn.Module, sync_bn: bool = False) -> nn.Module:
+    """``model`` ready for data-parallel training (itself when single-process).
+
+    ``sync_bn`` first converts its BN layers with `bnlab.convert_sync_batchnorm` (variants
+    kept). With SyncBN the running buffers are identical on all ranks by construction, so
+    DDP's per-forward buffer broadcast is switched off (it also breaks two forwards before one
+    backward, pytorch#22095); without it rank 0's buffers are broadcast as in PyTorch.
+    """
+    if sync_bn:
+        model = convert_sync_batchnorm(model)
+    if world()[1] == 1:
+        return model
+    ref = next(iter(model.parameters()), None)
+    device_ids = [ref.device] if ref is not None and ref.device.type == "cuda" else None
+    # forward_sync_buffers is torch 2.13's name for broadcast_buffers (buffers still sync once
+    # at construction, which is what we want: every rank starts from rank 0's state).
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                               forward_sync_buffers=not sync_bn)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (for checkpoints without a ``module.`` prefix, and for
+    rank-0-only evaluation, which must not go through DDP's forward and its buffer sync)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_main() -> bool:
+    """True on rank 0, or when not distributed: the one process that writes the run directory."""
+    return world()[0] == 0
+
+
+def teardown() -> None:
+    """Leave the process group (no-op when none is initialized)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,103 @@
+"""Shared machinery of the probes: evaluating a model at other weights without side effects.
+
+`SideEffectGuard` snapshots what a forward pass may change besides the weights (every buffer,
+e.g. BN running statistics and counters; every `torch.Generator` held by a module, e.g.
+`ActivationNoise`; the global CPU/CUDA RNG, e.g. dropout and data shuffling) and puts it back.
+`loss_and_grad` evaluates the loss at a parameter dict with `torch.func.functional_call`, so
+the module's parameters and their ``.grad`` are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+def _module_generators(model: nn.Module) -> list[torch.Generator]:
+    gens: list[torch.Generator] = []
+    for m in model.modules():
+        gens.extend(v for v in vars(m).values() if isinstance(v, torch.Generator))
+    return gens
+
+
+class SideEffectGuard:
+    """Context manager: on `reset()` and on exit, buffers and RNG states are as on entry.
+
+    Calling `reset()` before every evaluation also makes stochastic layers (dropout, noisy BN)
+    draw the same randomness in every evaluation, so two evaluations differ only by weights.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> SideEffectGuard:
+        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self.generators = [(g, g.get_state()) for g in _module_generators(self.model)]
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        return self
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for b, saved in self.buffers:
+            b.copy_(saved)
+        for g, state in self.generators:
+            g.set_state(state)
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+    def __exit__(self, *exc: object) -> None:
+        self.reset()
+
+
+def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
+    """(inputs, target) of a batch: ``(x, y)`` -> ((x,), y); ``((x1, x2), y)`` -> ((x1, x2), y)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(f"batch must be a pair (inputs, target), got {type(batch).__name__}"
+                         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    x, y = batch
+    return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), y
+
+
+def current_params(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """Detached copies-by-reference of the named parameters (all that require grad by default)."""
+    params = dict(model.named_parameters())
+    if names is None:
+        return {n: p.detach() for n, p in params.items() if p.requires_grad}
+    return {n: params[n].detach() for n in names}
+
+
+def loss_at(model: nn.Module, params: Mapping[str, Tensor], loss_fn: LossFn,
+            batch: Any) -> Tensor:
+    """L(params; batch) = loss_fn(model(*inputs), target) with ``params`` swapped in."""
+    inputs, target = split_batch(batch)
+    return loss_fn(functional_call(model, dict(params), inputs), target)
+
+
+def loss_and_grad(model: nn.Module, params: Mapping[str, Tensor], loss_fn: LossFn, batch: Any,
+                  wrt: Iterable[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """(L, ∇_wrt L) at ``params``; the other parameters enter as constants."""
+    wrt = list(wrt)
+    leaves = {n: params[n].detach().requires_grad_(True) for n in wrt}
+    full = {**params, **leaves}
+    with torch.enable_grad():
+        loss = loss_at(model, full, loss_fn, batch)
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        grads = torch.autograd.grad(loss, [leaves[n] for n in wrt], allow_unused=True)
+    out = {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(wrt, grads,
+                                                                                   strict=True)}
+    return loss.detach(), out
+
+
+def flat(tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> Tensor:
+    """Concatenate tensors into one float64 vector (norms and dot products over many layers)."""
+    ts = tensors.values() if isinstance(tensors, Mapping) else tensors
+    return torch.cat([t.reshape(-1).to(torch.float64) for t in ts])

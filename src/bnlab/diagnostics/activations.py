@@ -1,0 +1,215 @@
+"""Activation distributions over training: the "ridge" plots of Santurkar et al. (2018, Fig. 1c,
+Fig. 2), the input-percentile curves of Ioffe & Szegedy (2015, Fig. 1b/c), the distribution
+stability of Santurkar et al. (Fig. 8), and the fraction of saturated units.
+
+`ActivationTracker` hooks chosen modules only while it records, so training forwards run at
+full speed between records. It stores plain tensors (easy to save as JSON); plotting lives in
+the lab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.diagnostics._common import SideEffectGuard
+
+__all__ = ["NONLINEARITIES", "ActivationTracker", "distribution_shift", "saturation_fraction"]
+
+NONLINEARITIES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
+)
+
+
+def _quantiles(v: Tensor, q: Tensor) -> Tensor:
+    """Quantiles of each row of v (U, n) by linear interpolation (torch.quantile's default),
+    via a sort: torch.quantile refuses more than 2**24 values."""
+    s = v.sort(dim=1).values
+    pos = q.to(s) * (s.shape[1] - 1)  # (Q,)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    frac = pos - lo.to(s)
+    return s[:, lo] + (s[:, hi] - s[:, lo]) * frac  # (U, Q)
+
+
+class ActivationTracker:
+    """Record per-layer activation statistics on demand, over the course of training.
+
+    Args:
+        model: any module.
+        modules: what to watch: a dict name -> module, a list of modules or names. Default: every
+            nonlinearity module (`NONLINEARITIES`), i.e. the pre-activations.
+        where: ``"input"`` (default; what enters the module, e.g. a sigmoid's input) or
+            ``"output"`` (e.g. every BN output: pass ``modules=[bn layers], where="output"``).
+        quantiles: levels recorded at each step (default 15/50/85 %, Ioffe Fig. 1b/c).
+        bins, hist_range: a fixed histogram grid, the same at every step (ridge plots); values
+            outside the range are not binned but counted in ``outside``.
+        units: channel indices (dimension 1) to describe one by one; None pools every value of
+            the layer (over batch, channels and positions) into one distribution.
+        saturation_threshold: if given, also record the fraction of values with |x| > threshold
+            (e.g. 4 for a sigmoid: σ′(4) < 0.018), over all units.
+
+    Use `record` on a fixed batch (no gradients, buffers and RNG untouched), or `capture` around
+    one of your own forward passes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: Mapping[str, nn.Module] | Sequence[nn.Module | str] | None = None,
+        *,
+        where: Literal["input", "output"] = "input",
+        quantiles: Sequence[float] = (0.15, 0.5, 0.85),
+        bins: int = 60,
+        hist_range: tuple[float, float] = (-6.0, 6.0),
+        units: Sequence[int] | None = None,
+        saturation_threshold: float | None = None,
+    ) -> None:
+        if where not in ("input", "output"):
+            raise ValueError(f"where must be 'input' or 'output', got {where!r}")
+        q = torch.as_tensor(quantiles, dtype=torch.float64)
+        if q.dim() != 1 or q.numel() == 0 or bool(((q < 0) | (q > 1)).any()):
+            raise ValueError(f"quantiles must be a non-empty list of levels in [0, 1], "
+                             f"got {quantiles!r}")
+        if not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"bins must be an int >= 1, got {bins!r}")
+        if not hist_range[0] < hist_range[1]:
+            raise ValueError(f"hist_range must be (low, high) with low < high, got {hist_range!r}")
+        self.model, self.where, self.q, self.bins = model, where, q, bins
+        self.hist_range = (float(hist_range[0]), float(hist_range[1]))
+        self.bin_edges = torch.linspace(*self.hist_range, bins + 1, dtype=torch.float64)
+        self.units = None if units is None else list(units)
+        self.saturation_threshold = saturation_threshold
+        self.modules = self._resolve(modules)
+        self._records: dict[str, list[dict[str, Tensor]]] = {n: [] for n in self.modules}
+        self.steps: list[int] = []
+
+    def _resolve(self, modules: Any) -> dict[str, nn.Module]:
+        names = {m: n for n, m in self.model.named_modules()}
+        if modules is None:
+            found = {n: m for n, m in self.model.named_modules() if isinstance(m, NONLINEARITIES)}
+            if not found:
+                raise ValueError(f"ActivationTracker: {type(self.model).__name__} has no "
+                                 "nonlinearity module; pass modules=... (e.g. its BN layers "
+                                 "with where='output')")
+            return found
+        if isinstance(modules, Mapping):
+            return dict(modules)
+        out = {}
+        for m in modules:
+            if isinstance(m, str):
+                out[m] = self.model.get_submodule(m)
+            elif m in names:
+                out[names[m]] = m
+            else:
+                raise ValueError(f"modules: {type(m).__name__} is not a submodule of the model")
+        return out
+
+    @contextmanager
+    def capture(self, step: int | None = None) -> Iterator[None]:
+        """Record the statistics of the forward pass(es) run inside the block as one step."""
+        seen: dict[str, list[Tensor]] = {n: [] for n in self.modules}
+
+        def hook(name: str):
+            def fn(_mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+                x = args[0] if self.where == "input" else out
+                # (N, C, *) -> (C, N·positions): a unit is a channel, as in conv BN.
+                seen[name].append(x.detach().transpose(0, 1).reshape(x.shape[1], -1).float())
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        self.steps.append(len(self.steps) if step is None else int(step))
+        for name, chunks in seen.items():
+            if not chunks:
+                raise RuntimeError(f"ActivationTracker: module {name!r} was not called")
+            self._records[name].append(self._describe(torch.cat(chunks, dim=1)))
+
+    @torch.no_grad()
+    def record(self, *inputs: Any, step: int | None = None) -> None:
+        """Run ``model(*inputs)`` without gradients and record one step; the model keeps its
+        mode, and its buffers and RNG states are restored (no running-statistics update)."""
+        with SideEffectGuard(self.model), self.capture(step):
+            self.model(*inputs)
+
+    def _describe(self, v: Tensor) -> dict[str, Tensor]:
+        """Statistics of one layer at one step from its values v (C, n)."""
+        var, mean = torch.var_mean(v.double(), dim=1, correction=0)
+        sel = v.reshape(1, -1) if self.units is None else v[self.units]  # (U, n)
+        edges = self.bin_edges.to(v.device)
+        hist = torch.stack([torch.histc(r, self.bins, *self.hist_range) for r in sel])
+        inside = (sel >= edges[0]) & (sel <= edges[-1])
+        out = {
+            "quantiles": _quantiles(sel, self.q.to(v.device)).cpu(),  # (U, Q)
+            "hist": (hist / sel.shape[1]).cpu(),  # (U, B): fraction of values per bin
+            "outside": (1 - inside.float().mean(1)).cpu(),  # (U,)
+            "channel_mean": mean.cpu(),  # (C,)
+            "channel_var": var.cpu(),  # (C,) biased
+        }
+        if self.saturation_threshold is not None:
+            out["saturated"] = (v.abs() > self.saturation_threshold).float().mean().cpu()
+        return out
+
+    def history(self) -> dict[str, dict[str, Tensor]]:
+        """Layer name -> {"steps": (T,), "quantiles": (T, U, Q), "hist": (T, U, B),
+        "outside": (T, U), "channel_mean"/"channel_var": (T, C)[, "saturated": (T,)]}."""
+        out = {}
+        for name, recs in self._records.items():
+            h = {k: torch.stack([r[k] for r in recs]) for k in (recs[0] if recs else {})}
+            h["steps"] = torch.tensor(self.steps, dtype=torch.long)
+            out[name] = h
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """`history` as nested lists, with the quantile levels and bin edges (JSON-ready)."""
+        return {
+            "quantile_levels": self.q.tolist(), "bin_edges": self.bin_edges.tolist(),
+            "units": self.units, "where": self.where,
+            "layers": {n: {k: t.tolist() for k, t in h.items()}
+                       for n, h in self.history().items()},
+        }
+
+
+def distribution_shift(layer_history: Mapping[str, Tensor], *,
+                       reduce: Literal["mean", "none"] = "mean") -> dict[str, Tensor]:
+    """Distribution stability of one layer over recorded steps (Santurkar et al. 2018, Fig. 8).
+
+    From the per-channel mean μ_t and (biased) variance σ²_t at the recorded steps::
+
+        mean_step = |μ_{t+1} − μ_t|     var_step = |σ²_{t+1} − σ²_t|      (T − 1 values)
+        mean_drift = μ_t − μ_0          var_drift = σ²_t − σ²_0            (T values)
+
+    Args:
+        layer_history: one entry of `ActivationTracker.history()`.
+        reduce: ``"mean"`` averages over channels (shape (T−1,) / (T,)); ``"none"`` keeps them
+            (shape (T−1, C) / (T, C)).
+    """
+    if reduce not in ("mean", "none"):
+        raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
+    mu, var = layer_history["channel_mean"], layer_history["channel_var"]  # (T, C)
+    out = {"mean_step": (mu[1:] - mu[:-1]).abs(), "var_step": (var[1:] - var[:-1]).abs(),
+           "mean_drift": mu - mu[:1], "var_drift": var - var[:1]}
+    return {k: v.mean(1) for k, v in out.items()} if reduce == "mean" else out
+
+
+def saturation_fraction(history: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Layer name -> (T,) fraction of saturated values (|x| > the tracker's threshold) per step.
+
+    For sigmoid inputs this is the share of units stuck where σ′ is tiny, the regime BN keeps
+    networks out of (Ioffe & Szegedy 2015, Sec. 3.3; the BN-x5-Sigmoid model, Sec. 4.2.1).
+    """
+    out = {}
+    for name, h in history.items():
+        if "saturated" not in h:
+            raise ValueError(f"saturation_fraction: layer {name!r} has no saturation record; "
+                             "create the ActivationTracker with saturation_threshold=...")
+        out[name] = h["saturated"]
+    return out

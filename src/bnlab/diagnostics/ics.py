@@ -1,0 +1,174 @@
+"""Gradient-based internal covariate shift (Santurkar et al. 2018, Definition 2.1, Fig. 3).
+
+For layers W_1..W_k and the batch (x, y) of step t::
+
+    G_i  = ∇_{W_i} L(W_1,    ..., W_{i−1},    W_i, ..., W_k; x, y)
+    G′_i = ∇_{W_i} L(W_1^+,  ..., W_{i−1}^+,  W_i, ..., W_k; x, y)     W^+ = updated weights
+
+    ICS_i = ‖G_i − G′_i‖₂  (ideally 0)      cos(G_i, G′_i)  (ideally 1)
+
+where the update W^+ is computed from the gradient of the whole loss at step t. Works on any
+module through `torch.func.functional_call`; no plotting, no training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.diagnostics._common import (
+    LossFn,
+    SideEffectGuard,
+    current_params,
+    flat,
+    loss_and_grad,
+    split_batch,
+)
+
+__all__ = ["ICSResult", "default_layers", "gradient_ics", "sgd_update"]
+
+UpdateFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Mapping[str, Tensor]]
+
+
+@dataclass
+class ICSResult:
+    """Per-layer ICS at one step; index k−1 is the paper's "layer #k"."""
+
+    names: list[str]  # module name of each layer, in forward order
+    layers: list[int]  # 1-based numbers of the measured layers
+    l2: Tensor  # (len(layers),) ‖G − G′‖₂
+    cosine: Tensor  # (len(layers),) cos(G, G′); nan where G or G′ is 0
+    grad_norm: Tensor  # (len(layers),) ‖G‖₂, to read l2 relative to the gradient's size
+    loss: float = field(default=float("nan"))  # L at the current weights
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values, keyed "layer_<k>"."""
+        out: dict[str, Any] = {"loss": self.loss}
+        for j, k in enumerate(self.layers):
+            out[f"layer_{k}"] = {"name": self.names[k - 1], "l2": float(self.l2[j]),
+                                 "cosine": float(self.cosine[j]),
+                                 "grad_norm": float(self.grad_norm[j])}
+        return out
+
+
+def sgd_update(lr: float) -> UpdateFn:
+    """The plain SGD step W^+ = W − lr·G (what Santurkar et al. train with)."""
+    return lambda params, grads: {n: p - lr * grads[n] for n, p in params.items()}
+
+
+def default_layers(model: nn.Module, example_inputs: Sequence[Any]) -> list[str]:
+    """Names of every Conv/Linear module in the order the forward pass calls them.
+
+    Forward order is recorded with hooks (registration order can differ from it).
+    """
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    order: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda mod, _a: order.append(names[mod]))
+             for m in model.modules() if isinstance(m, kinds)]
+    try:
+        with SideEffectGuard(model), torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))  # first call of each module
+
+
+def _layer_params(model: nn.Module, layers: Sequence[str | nn.Module | Sequence[Any]]
+                  ) -> tuple[list[str], list[list[str]]]:
+    """(display name, parameter names) of each layer; a layer may be a group of modules."""
+    mod_names = {m: n for n, m in model.named_modules()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    shown, groups = [], []
+    for i, layer in enumerate(layers):
+        parts = layer if isinstance(layer, (list, tuple)) else [layer]
+        names, pnames = [], []
+        for part in parts:
+            name = part if isinstance(part, str) else mod_names.get(part)
+            if name is None or name not in dict(model.named_modules()):
+                raise ValueError(f"layers[{i}]: expected a submodule of the model or its name, "
+                                 f"got {part!r}")
+            prefix = f"{name}." if name else ""
+            names.append(name)
+            pnames += [prefix + n for n, _ in model.get_submodule(name).named_parameters()
+                       if prefix + n in trainable]
+        if not pnames:
+            raise ValueError(f"layers[{i}] ({'+'.join(names)}) has no trainable parameters")
+        shown.append("+".join(names))
+        groups.append(pnames)
+    return shown, groups
+
+
+def gradient_ics(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    lr: float | None = None,
+    update: UpdateFn | None = None,
+    layers: Sequence[str | nn.Module | Sequence[Any]] | None = None,
+    measure: Sequence[int] | None = None,
+) -> ICSResult:
+    """Measure ICS (Def. 2.1) of each layer at the current weights, on one batch.
+
+    The model keeps its train/eval mode (Santurkar et al. measure in training mode, BN using
+    batch statistics). Weights, ``.grad``, buffers (BN running statistics), module generators and
+    the global RNG are exactly as before when this returns, and every evaluation sees the same
+    randomness (dropout masks, noisy-BN draws), so G and G′ differ only through W_1..W_{i−1}.
+
+    Args:
+        model: any module; ``model(*inputs)`` must work.
+        loss_fn: ``loss_fn(model(*inputs), target) -> scalar``.
+        batch: ``(inputs, target)``, inputs a tensor or a tuple of positional arguments.
+        lr: plain SGD learning rate (used when ``update`` is None).
+        update: ``update(params, grads) -> new params`` (a dict over all trainable parameters),
+            e.g. to mimic SGD with momentum from the optimizer's buffers, without changing them.
+        layers: W_1..W_k in forward order: modules, module names, or groups of them (a group's
+            parameters form one W_i, e.g. ``[conv, bn]`` to count BN's γ, β with the conv).
+            Default: every Conv/Linear module in forward order (`default_layers`, one extra
+            no-grad forward per call: pass ``layers`` when probing often). Trainable
+            parameters outside the layers (e.g. BN's γ, β by default) are never moved.
+        measure: 1-based layer numbers to report (default all). Every layer before a measured
+            one is still moved, as the definition requires.
+
+    Returns:
+        An `ICSResult`. Cost: one gradient plus one per measured layer.
+    """
+    if update is None:
+        if lr is None:
+            raise ValueError("gradient_ics: give lr (plain SGD) or update, got neither")
+        update = sgd_update(lr)
+    with SideEffectGuard(model) as guard:
+        names = (list(layers) if layers is not None
+                 else default_layers(model, split_batch(batch)[0]))
+        shown, groups = _layer_params(model, names)
+        k = len(groups)
+        measure = list(range(1, k + 1)) if measure is None else list(measure)
+        for i in measure:
+            if not isinstance(i, int) or not 1 <= i <= k:
+                raise ValueError(f"measure: layer numbers must be in 1..{k}, got {i!r}")
+        params = current_params(model)
+        guard.reset()
+        loss, grads = loss_and_grad(model, params, loss_fn, batch, params.keys())
+        new = update(params, grads)
+        l2, cos, gnorm = [], [], []
+        for i in measure:
+            moved = dict(params)
+            for group in groups[: i - 1]:
+                moved.update({n: new[n].detach() for n in group})
+            guard.reset()
+            _, g2 = loss_and_grad(model, moved, loss_fn, batch, groups[i - 1])
+            g, gp = flat({n: grads[n] for n in groups[i - 1]}), flat(g2)
+            l2.append(torch.linalg.vector_norm(g - gp))
+            denom = torch.linalg.vector_norm(g) * torch.linalg.vector_norm(gp)
+            cos.append(torch.dot(g, gp) / denom if denom > 0 else torch.tensor(float("nan")))
+            gnorm.append(torch.linalg.vector_norm(g))
+    return ICSResult(names=shown, layers=measure, l2=torch.stack(l2).cpu(),
+                     cosine=torch.stack([c.cpu() for c in cos]), grad_norm=torch.stack(gnorm).cpu(),
+                     loss=float(loss))
+

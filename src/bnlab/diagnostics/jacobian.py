@@ -1,0 +1,153 @@
+"""Singular values of the Jacobian between consecutive normalized layers (Ioffe & Szegedy 2015,
+Sec. 3.4): the paper conjectures that BN pushes them towards 1, which would preserve gradient
+magnitudes during back-propagation ("remains an area of further study").
+
+For watched modules M_1..M_K in forward order (default: the BN layers, or the Conv/Linear layers
+of a network without any), with outputs ẑ_k, this computes per example n the singular values of
+J_k[n] = ∂ẑ_{k+1}[n] / ∂ẑ_k[n]. No plotting; works on any module.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.diagnostics._common import SideEffectGuard
+from bnlab.stats import is_batchnorm
+from bnlab.variants import LpNorm
+
+__all__ = ["JacobianResult", "layer_jacobian_singular_values", "layer_jacobians"]
+
+
+@dataclass
+class JacobianResult:
+    """Per consecutive pair (M_k, M_{k+1}): names and the (N, min(D_k, D_{k+1})) singular values,
+    descending, where D is the number of values per example of a module's output."""
+
+    pairs: list[tuple[str, str]]
+    singular_values: list[Tensor]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: per pair, the singular values and their mean/min/max over all examples."""
+        return {f"{a}->{b}": {"singular_values": s.tolist(), "mean": float(s.mean()),
+                              "min": float(s.min()), "max": float(s.max())}
+                for (a, b), s in zip(self.pairs, self.singular_values, strict=True)}
+
+
+def _default_points(model: nn.Module) -> list[nn.Module]:
+    norms = [m for m in model.modules() if is_batchnorm(m) or isinstance(m, LpNorm)]
+    if norms:
+        return norms
+    return [m for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+
+
+def layer_jacobians(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Any],
+    modules: Sequence[nn.Module | str] | None = None,
+    *,
+    train: bool = False,
+    max_examples: int | None = None,
+) -> tuple[list[tuple[str, str]], list[Tensor]]:
+    """Per-example Jacobians J_k[n] = ∂ẑ_{k+1}[n]/∂ẑ_k[n] of consecutive watched modules.
+
+    Every watched output is cut from the graph (replaced by a leaf), so J_k is the derivative of
+    the stretch of network between M_k and M_{k+1} alone; this assumes they follow each other
+    along one path (a sequential network, as Ioffe's MLP).
+
+    Modes: ``train=False`` (default) runs the model in eval mode: BN uses its running statistics,
+    examples are independent and J_k[n] is exact at one backward pass per output value.
+    ``train=True`` uses batch statistics, which couple the examples; J_k[n] is then the exact
+    diagonal block ∂ẑ_{k+1}[n]/∂ẑ_k[n] of the batch Jacobian (including the 1/m terms through
+    μ_B and σ²_B), at one backward pass per output value *and* example (use ``max_examples``).
+    Modes, buffers and RNG states are restored afterwards.
+
+    Args:
+        model: any module; ``model(*inputs)`` must work.
+        inputs: a held-out batch (a tensor or a tuple of positional arguments).
+        modules: the watched modules (or names) in forward order; default: every BN/LpNorm
+            layer, or every Conv/Linear layer if there is none.
+        train: the mode to run in (see above).
+        max_examples: compute J for the first this-many examples only (all by default).
+
+    Returns:
+        (pairs of module names, list of (N′, D_{k+1}, D_k) Jacobians, float64).
+    """
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    names = {m: n for n, m in model.named_modules()}
+    points = [model.get_submodule(m) if isinstance(m, str) else m
+              for m in (modules if modules is not None else _default_points(model))]
+    if len(points) < 2:
+        raise ValueError(f"layer_jacobians: need at least 2 watched modules, got {len(points)}")
+    for p in points:
+        if p not in names:
+            raise ValueError(f"modules: {type(p).__name__} is not a submodule of the model")
+    outs: dict[nn.Module, Tensor] = {}
+    leaves: dict[nn.Module, Tensor] = {}
+
+    def cut(mod: nn.Module, _args: Any, out: Tensor) -> Tensor:
+        outs[mod] = out  # connected to the previous leaf
+        leaves[mod] = out.detach().requires_grad_(True)
+        return leaves[mod]  # the rest of the network sees a fresh leaf
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [p.register_forward_hook(cut) for p in points]
+    try:
+        with SideEffectGuard(model), torch.enable_grad():
+            model.train(train)
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    pairs, jacs = [], []
+    for a, b in itertools.pairwise(points):
+        pairs.append((names[a], names[b]))
+        jacs.append(_jacobian(outs[b], leaves[a], train, max_examples))
+    return pairs, jacs
+
+
+def _jacobian(z: Tensor, x: Tensor, coupled: bool, max_examples: int | None) -> Tensor:
+    """(N′, D_z, D_x) per-example blocks of ∂z/∂x, z: (N, *) and x: (N, *)."""
+    n = z.shape[0] if max_examples is None else min(max_examples, z.shape[0])
+    zf = z.reshape(z.shape[0], -1)  # (N, *) -> (N, D_z)
+    dz, dx = zf.shape[1], x[0].numel()
+    jac = torch.zeros(n, dz, dx, dtype=torch.float64, device=x.device)
+    for j in range(dz):
+        if not coupled:
+            # Examples are independent: Σ_n ∂z[n, j]/∂x[n] in one pass gives every row n.
+            (g,) = torch.autograd.grad(zf[:, j].sum(), x, retain_graph=True, allow_unused=True)
+            if g is not None:
+                jac[:, j] = g[:n].reshape(n, dx)
+            continue
+        for i in range(n):
+            (g,) = torch.autograd.grad(zf[i, j], x, retain_graph=True, allow_unused=True)
+            if g is not None:
+                jac[i, j] = g[i].reshape(dx)
+    return jac
+
+
+def layer_jacobian_singular_values(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Any],
+    modules: Sequence[nn.Module | str] | None = None,
+    *,
+    train: bool = False,
+    max_examples: int | None = None,
+) -> JacobianResult:
+    """Singular values of J_k[n] for each consecutive pair and example (Ioffe & Szegedy 2015,
+    Sec. 3.4: all equal to 1 if ẑ_k, ẑ_{k+1} were Gaussian, uncorrelated and F linear).
+
+    Same arguments as `layer_jacobians`. Compare a BN network with the same network without
+    BN (watching its Linear layers) on held-out batches.
+    """
+    pairs, jacs = layer_jacobians(model, inputs, modules, train=train, max_examples=max_examples)
+    return JacobianResult(pairs=pairs,
+                          singular_values=[torch.linalg.svdvals(j).cpu() for j in jacs])

@@ -1,0 +1,290 @@
+"""Synchronized BN over `torch.distributed`: statistics of the batch across all ranks.
+
+Forward: each rank computes (m_r, μ_r, M2_r = m_r·σ²_r) of its shard; one ``all_gather``
+brings all of them to every rank, where Chan's parallel merge gives the global statistics
+exactly (in float64, never E[x²] − E[x]²)::
+
+    m = Σ m_r,   μ = Σ m_r μ_r / m,   σ² = (Σ M2_r + Σ m_r (μ_r − μ)²) / m
+
+Backward: one ``all_reduce`` of the two per-channel reductions Σ g and Σ g·x̂ turns the local
+gradient into the gradient of BN over the concatenated batch (Ioffe & Szegedy 2015, Sec. 3).
+Uneven shards and empty shards (m_r = 0) are exact: an empty rank still joins both
+collectives, so no rank hangs. Works with gloo (CPU) and NCCL (GPU), and with process groups.
+
+Semantics, chosen and documented (peers.md 1.2, pain point 8):
+* eval mode never communicates (running statistics, or with ``track_running_stats=False`` the
+  local batch statistics, as PyTorch);
+* without an initialized process group, or in a group of one, the layers are plain BN;
+* `convert_sync_batchnorm` keeps each variant's behaviour: BN → `SyncBatchNorm`, Batch Renorm
+  → `SyncBatchRenorm`, Ghost and Frozen BN stay as they are (their statistics are local by
+  definition), frozen flags carry over, and an unknown BN subclass is left alone with a warning
+  instead of being downgraded to a bare SyncBN (timm#1254, pytorch#187298).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from bnlab import functional as F
+from bnlab.convert.freeze import is_frozen
+from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.variants import (
+    BatchRenorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm,
+    GhostBatchNorm,
+)
+from bnlab.variants._common import (
+    count_batch,
+    store_running_stats,
+    unbiased,
+    values_per_channel,
+)
+from bnlab.variants.renorm import renorm_affine, renorm_factors
+
+__all__ = [
+    "SyncBatchNorm",
+    "SyncBatchRenorm",
+    "convert_sync_batchnorm",
+    "register_sync_conversion",
+    "sync_batch_stats",
+]
+
+
+def _sync_active(group: Any) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+@torch.no_grad()
+def sync_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Global per-channel (μ, biased σ², m) of ``x`` over all ranks of ``group`` (a collective).
+
+    Shape:
+        x: (N_r, C, *) on each rank, N_r may differ and be 0; returns (C,), (C,) in the
+        statistics dtype of x and m as a 0-d float64 tensor (the values per channel, all ranks).
+    """
+    ct = F.compute_dtype(x.dtype)
+    m = values_per_channel(x)
+    c = x.shape[1]
+    if m > 0:
+        mean, var = F.batch_stats(x)
+    else:  # an empty shard contributes nothing but must still join the collective
+        mean = var = torch.zeros(c, dtype=ct, device=x.device)
+    f64 = torch.float64
+    local = torch.cat([torch.full((1,), float(m), dtype=f64, device=x.device),
+                       mean.to(f64), var.to(f64) * m])  # (1 + 2C,): m_r, μ_r, M2_r
+    world = dist.get_world_size(group)
+    gathered = torch.empty(world * local.numel(), dtype=f64, device=x.device)
+    dist.all_gather_into_tensor(gathered, local, group=group)  # flat: gloo wants (W·(1+2C),)
+    gathered = gathered.view(world, -1)  # (W, 1 + 2C)
+    counts, means, m2 = gathered[:, :1], gathered[:, 1:1 + c], gathered[:, 1 + c:]
+    total = counts.sum(0)  # (1,)
+    denom = total.clamp_min(1)
+    g_mean = (counts * means).sum(0) / denom
+    g_var = (m2.sum(0) + (counts * (means - g_mean) ** 2).sum(0)) / denom  # Chan's merge
+    return g_mean.to(ct), g_var.to(ct), total[0]
+
+
+def _check_global_size(count: Tensor, who: str) -> None:
+    # The global count lives on the device: checked where that costs no host sync (CPU, eager).
+    if count.device.type == "cpu" and not torch.compiler.is_compiling() and count.item() <= 1:
+        raise ValueError(f"{who}: expected more than 1 value per channel across all ranks when "
+                         f"training, got {int(count.item())}")
+
+
+class _SyncBatchNormFn(torch.autograd.Function):
+    """y = γ(x − μ)/√(σ² + ε) + β with global (μ, σ², m); backward all-reduces Σg and Σg·x̂."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                var: Tensor, count: Tensor, eps: float, group: Any) -> Tensor:
+        ctx.group = group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), count)
+        return F.normalize(x, mean, var, weight, bias, eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: Tensor):  # type: ignore[override]
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        ct = F.compute_dtype(x.dtype)
+        dims = F.reduce_dims(x)
+        g = grad_y.to(ct)
+        x_hat = (x.to(ct) - F.channel_view(mean, x)) * F.channel_view(invstd, x)
+        sum_g = g.sum(dims)  # (N_r, C, *) -> (C,), this rank's share
+        sum_g_xhat = (g * x_hat).sum(dims)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            both = torch.cat([sum_g, sum_g_xhat])  # (2C,): one collective for both sums
+            dist.all_reduce(both, group=ctx.group)
+            g_sum, g_xhat_sum = both.chunk(2)
+            m = count.to(ct).clamp_min(1)
+            scale = invstd if weight is None else invstd * weight.to(ct)
+            dx = g - F.channel_view(g_sum / m, x) - x_hat * F.channel_view(g_xhat_sum / m, x)
+            dx = (dx * F.channel_view(scale, x)).to(x.dtype)
+        # γ and β get this rank's share; DDP's gradient all-reduce sums the shares.
+        dw = sum_g_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] \
+            else None
+        db = sum_g.to(ctx.bias_dtype or ct) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None
+
+
+def sync_batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                          group: Any = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, μ, σ², m): the training transform of BN over the batch of all ranks of ``group``."""
+    mean, var, count = sync_batch_stats(x, group)
+    return _SyncBatchNormFn.apply(x, weight, bias, mean, var, count, eps, group), mean, var, count
+
+
+class SyncBatchNorm(BatchNorm):
+    """BN whose training statistics are those of the batch across all ranks (any (N, C, *)).
+
+    Same arguments, buffers and state_dict keys as `bnlab.BatchNorm`, plus ``process_group``
+    (default: the world). The running statistics get the global μ and the unbiased
+    m/(m−1)·σ² with m the global count, so they are identical on every rank. See the module
+    docstring for eval mode, the single-process fallback and empty shards.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device: Any = None,
+                 dtype: Any = None, *, process_group: Any = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        use_batch_stats, update = self._mode()
+        if not (use_batch_stats and self.training and _sync_active(self.process_group)):
+            return super().forward(input)  # eval, frozen, or nobody to sync with: plain BN
+        y, mean, var, count = sync_batch_norm_train(input, self.weight, self.bias, self.eps,
+                                                    self.process_group)
+        _check_global_size(count, self._who())
+        if update:
+            finite = store_running_stats(self.running_mean, self.running_var, mean,
+                                         unbiased(var, count), self._momentum())
+            count_batch(self, finite)
+        return y
+
+
+class SyncBatchRenorm(BatchRenorm):
+    """Batch Renormalization with statistics of the batch across all ranks (see `BatchRenorm`).
+
+    r and d come from the global μ_B, σ_B; everything else is as `SyncBatchNorm`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01,
+                 affine: bool = True, track_running_stats: bool = True, device: Any = None,
+                 dtype: Any = None, *, process_group: Any = None, **renorm: Any) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **renorm)
+        self.process_group = process_group
+
+    def _renorm_train(self, input: Tensor, r_max: Tensor, d_max: Tensor,
+                      update: bool) -> tuple[Tensor, Tensor | None]:
+        if not _sync_active(self.process_group):
+            return super()._renorm_train(input, r_max, d_max, update)
+        mean, var, count = sync_batch_stats(input, self.process_group)
+        _check_global_size(count, self._who())
+        r, d = renorm_factors(mean, var, self.running_mean, self.running_var, self.eps,
+                              r_max, d_max)
+        w, b = renorm_affine(self.weight, self.bias, r, d)
+        y = _SyncBatchNormFn.apply(input, w, b, mean, var, count, self.eps, self.process_group)
+        if not update:
+            return y, None
+        return y, store_running_stats(self.running_mean, self.running_var, mean,
+                                      unbiased(var, count), self._momentum())
+
+
+# Class → its synchronized class, or None: kept as is on purpose (statistics local by design).
+_SYNC: dict[type, type | None] = {
+    **{c: SyncBatchNorm for c in (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
+                                  nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                                  nn.SyncBatchNorm, SyncBatchNorm)},
+    **{c: SyncBatchRenorm for c in (BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
+                                    SyncBatchRenorm)},
+    GhostBatchNorm: None,
+    FrozenBatchNorm: None,
+}
+
+
+def register_sync_conversion(cls: type, sync_cls: type | None) -> None:
+    """Tell `convert_sync_batchnorm` what ``cls`` becomes: a class built like `SyncBatchNorm`
+    (``sync_cls(num_features, eps, momentum, affine, track_running_stats, process_group=...)``)
+    or None to keep it unchanged. Exact classes only: subclasses need their own entry."""
+    _SYNC[cls] = sync_cls
+
+
+def _target(m: nn.Module) -> tuple[bool, type | None]:
+    """(known, sync class or None to keep) for a module."""
+    for cls in type(m).__mro__:
+        if cls in _SYNC and (cls is type(m) or _SYNC[cls] is None):
+            return True, _SYNC[cls]  # exact match, or a subclass of a kept-as-is class
+    return False, None
+
+
+@torch.no_grad()
+def _to_sync(m: nn.Module, sync_cls: type, group: Any) -> nn.Module:
+    kwargs: dict[str, Any] = {}
+    if isinstance(m, BatchRenorm):
+        kwargs = {k: getattr(m, k) for k in ("r_max", "d_max", "warmup_steps", "r_max_steps",
+                                             "d_max_steps")}
+    ref = next(iter([*m.parameters(), *m.buffers()]), None)
+    new = sync_cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                   device=None if ref is None else ref.device, process_group=group, **kwargs)
+    # The same Parameter and buffer objects (as torch does): optimizers keep working.
+    for name in ("weight", "bias"):
+        if getattr(m, name, None) is not None:
+            setattr(new, name, getattr(m, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked", "num_nonfinite_batches"):
+        if getattr(m, name, None) is not None:
+            setattr(new, name, getattr(m, name))
+    new.train(m.training)
+    new.frozen = is_frozen(m)
+    new._stats_update_blocked = getattr(m, "_stats_update_blocked", 0)
+    if hasattr(m, "qconfig"):
+        new.qconfig = m.qconfig
+    return new
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Replace BN layers by their synchronized form, keeping each variant's behaviour.
+
+    bnlab and torch ``BatchNorm{,1d,2d,3d}``/``nn.SyncBatchNorm`` → `SyncBatchNorm`; Batch
+    Renorm → `SyncBatchRenorm`; Ghost and Frozen BN are kept (local by definition); classes
+    added with `register_sync_conversion` as registered. Parameters and buffers are shared
+    with the originals, the train/eval mode and frozen flags are kept. Any other BN subclass
+    (e.g. a BN fused with an activation) is left unchanged and named in a warning: converting
+    it to a bare SyncBN would silently drop its extra behaviour.
+
+    Returns:
+        ``module`` converted in place, or its replacement if ``module`` itself is a BN.
+    """
+    skipped: list[str] = []
+    out = _convert(module, process_group, "", skipped)
+    if skipped:
+        warnings.warn("convert_sync_batchnorm: left unsynchronized (unknown BN subclasses; "
+                      "register them with bnlab.distributed.register_sync_conversion): "
+                      + ", ".join(skipped), UserWarning, stacklevel=2)
+    return out
+
+
+def _convert(m: nn.Module, group: Any, name: str, skipped: list[str]) -> nn.Module:
+    if isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)):
+        known, sync_cls = _target(m)
+        if not known:
+            skipped.append(f"{name or '<root>'} ({type(m).__name__})")
+            return m
+        return m if sync_cls is None else _to_sync(m, sync_cls, group)
+    for child_name, child in m.named_children():
+        new = _convert(child, group, f"{name}.{child_name}" if name else child_name, skipped)
+        if new is not child:
+            setattr(m, child_name, new)
+    return m

@@ -1,0 +1,112 @@
+"""Frozen BN: the inference transform of Alg. 2 as a module with no trainable state.
+
+y = γ(x − E[x])/√(Var[x] + ε) + β with γ, β, E[x], Var[x] all buffers, in train() and eval()
+alike (torchvision/detectron2 ``FrozenBatchNorm2d``, for fine-tuning with small batches). For a
+BN that stays a BN but stops learning statistics, use `bnlab.freeze` instead.
+
+Better than the peers where they hurt (peers.md, torchvision): ε defaults to 1e-5 and must be
+> 0 (ε = 0 turned tiny fp16 variances into NaN, vision#2599); any rank >= 2; statistics math in
+float32 for half/bfloat16 input; state_dict keys are BN's (``num_batches_tracked`` included),
+so BN checkpoints load into it and its checkpoints load back into BN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnlab import functional as F
+from bnlab._checks import check_eps, check_input, check_num_features
+
+__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+
+
+class FrozenBatchNorm(nn.Module):
+    """BN's eval transform with γ, β and the statistics as buffers; (N, C, *) input.
+
+    Args:
+        num_features: C.
+        eps: ε > 0 added to ``running_var`` (default 1e-5, BN's).
+
+    Buffers (state_dict keys as `torch.nn.BatchNorm2d`): ``weight``, ``bias``,
+    ``running_mean``, ``running_var``, ``num_batches_tracked`` (kept for round trips; unused).
+    """
+
+    _ranks: tuple[int, ...] = (2, 3, 4, 5)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None,
+                 dtype: Any = None) -> None:
+        super().__init__()
+        who = type(self).__name__
+        check_num_features(num_features, who)
+        check_eps(eps, who)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked",
+                             torch.tensor(0, dtype=torch.long, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm:
+        """A frozen copy of any BN module (bnlab's or torch's) with its current statistics.
+
+        Raises:
+            ValueError: ``bn`` has no running statistics (``track_running_stats=False``).
+        """
+        if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+            raise ValueError(f"FrozenBatchNorm.from_batchnorm: {type(bn).__name__} has no "
+                             "running statistics (track_running_stats=False); recalibrate "
+                             "it with running statistics first")
+        rm = bn.running_mean
+        frozen = cls(bn.num_features, bn.eps, device=rm.device, dtype=rm.dtype)
+        frozen.running_mean.copy_(rm)
+        frozen.running_var.copy_(bn.running_var)
+        if getattr(bn, "weight", None) is not None:
+            frozen.weight.copy_(bn.weight)
+        if getattr(bn, "bias", None) is not None:
+            frozen.bias.copy_(bn.bias)
+        if getattr(bn, "num_batches_tracked", None) is not None:
+            frozen.num_batches_tracked.copy_(bn.num_batches_tracked)
+        frozen.train(bn.training)
+        return frozen
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        check_input(input, f"{type(self).__name__}({self.num_features})", self._ranks,
+                    self.num_features)
+        return F.normalize(input, self.running_mean, self.running_var, self.weight, self.bias,
+                           self.eps)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
+                              missing_keys, unexpected_keys, error_msgs):
+        # torchvision's FrozenBatchNorm2d checkpoints have no num_batches_tracked: default it.
+        state_dict.setdefault(prefix + "num_batches_tracked", self.num_batches_tracked)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+
+class FrozenBatchNorm1d(FrozenBatchNorm):
+    """`FrozenBatchNorm` for (N, C) or (N, C, L) input."""
+
+    _ranks = (2, 3)
+
+
+class FrozenBatchNorm2d(FrozenBatchNorm):
+    """`FrozenBatchNorm` for (N, C, H, W) input (torchvision's ``FrozenBatchNorm2d``)."""
+
+    _ranks = (4,)
+
+
+class FrozenBatchNorm3d(FrozenBatchNorm):
+    """`FrozenBatchNorm` for (N, C, D, H, W) input."""
+
+    _ranks = (5,)

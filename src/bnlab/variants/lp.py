@@ -1,0 +1,201 @@
+"""ℓp normalization (Santurkar et al. 2018, Sec. 3.3): centre by the batch mean, divide by the
+batch average of the ℓp norm of the uncentred values, for p = 1, 2, ∞.
+
+Holds the functional op `lp_norm` and the drop-in module `LpNorm` (BN's arguments and buffer
+layout, with ``running_scale`` in place of ``running_var``). No training code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnlab._checks import (
+    check_eps,
+    check_input,
+    check_momentum,
+    check_num_features,
+    check_per_channel,
+    check_training_size,
+)
+from bnlab.functional import channel_view, compute_dtype, reduce_dims
+
+__all__ = ["LpNorm", "lp_norm", "lp_stats"]
+
+
+def _check_p(p: Any, who: str) -> float:
+    if isinstance(p, str) and p.lower() in ("inf", "infinity"):
+        return math.inf
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or p not in (1, 2, math.inf):
+        raise ValueError(f"{who}: p must be 1, 2 or math.inf ('inf'), got {p!r}")
+    return float(p)
+
+
+def lp_stats(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean μ_B and ℓp scale s_p of the *uncentred* values.
+
+    s_p = ((1/m) Σ_i |x_i|^p)^(1/p) for p = 1, 2 (the power mean, i.e. ‖x‖_p / m^(1/p)) and
+    s_∞ = max_i |x_i|, over the m = N·(spatial size) values of each channel.
+
+    Shape:
+        x: (N, C, *); returns two (C,) tensors in `compute_dtype(x.dtype)`.
+    """
+    xc = x.to(compute_dtype(x.dtype))
+    dims = reduce_dims(x)
+    mean = xc.mean(dims)  # (N, C, *) -> (C,)
+    if p == 1:
+        scale = xc.abs().mean(dims)
+    elif p == 2:
+        scale = xc.square().mean(dims).sqrt()
+    else:
+        scale = xc.abs().amax(dims)
+    return mean, scale
+
+
+def lp_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_scale: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    p: float = 2,
+) -> Tensor:
+    r"""ℓp-normalize ``input`` per channel (Santurkar et al. 2018, Sec. 3.3).
+
+    The paper fixes "the first order moment of the activations, as BatchNorm does, and then
+    normalizes them by the average of their ℓp-norm (before shifting the mean)" without a
+    formula. bnlab's reading, per channel over the m = N·(spatial size) values::
+
+        μ_B = (1/m) Σ x_i
+        s_p = ((1/m) Σ |x_i|^p)^(1/p)   (p = 1, 2);   s_∞ = max_i |x_i|   # uncentred x
+        y_i = γ·(x_i − μ_B)/(s_p + ε) + β
+
+    ε is added to s_p (not under a root). For p = 2, s_2 = √(σ²_B + μ_B²) ≥ σ_B, so unlike BN
+    the output variance is below 1 when the mean is non-zero. In training, when buffers are given,
+    they follow PyTorch's momentum ``r ← (1 − momentum)·r + momentum·s`` with s = μ_B and s_p (no
+    m/(m−1) correction: s_p is not a variance); a batch with non-finite statistics leaves them
+    untouched. Evaluation uses the buffers: y = γ·(x − running_mean)/(running_scale + ε) + β,
+    deterministic and independent of the batch. Statistics in float32 for half/bfloat16 input;
+    the gradient is autograd's (for p = ∞ it flows to the arg-max element(s) only).
+
+    Shape:
+        input: (N, C, *); running_mean, running_scale, weight, bias: (C,). Returns like input.
+    """
+    who = "lp_norm"
+    p = _check_p(p, who)
+    check_eps(eps, who)
+    if not isinstance(momentum, Tensor):
+        check_momentum(momentum, who, allow_none=False)
+    check_per_channel(input, running_mean, running_scale, weight, bias, who)
+    if training:
+        check_training_size(input, who)
+        mean, scale = lp_stats(input, p)
+        if running_mean is not None or running_scale is not None:
+            _update(running_mean, running_scale, mean.detach(), scale.detach(), momentum)
+    else:
+        if running_mean is None or running_scale is None:
+            raise ValueError(f"{who}: running_mean and running_scale are required when "
+                             f"training=False, got running_mean={type(running_mean).__name__}, "
+                             f"running_scale={type(running_scale).__name__}")
+        mean, scale = running_mean, running_scale
+    ct = compute_dtype(input.dtype)
+    inv = 1.0 / (scale.to(ct) + eps)
+    if weight is not None:
+        inv = inv * weight.to(ct)
+    y = (input.to(ct) - channel_view(mean.to(ct), input)) * channel_view(inv, input)
+    if bias is not None:
+        y = y + channel_view(bias.to(ct), input)
+    return y.to(input.dtype)
+
+
+@torch.no_grad()
+def _update(running_mean: Tensor | None, running_scale: Tensor | None, mean: Tensor,
+            scale: Tensor, momentum: float | Tensor) -> None:
+    finite = torch.isfinite(mean).all() & torch.isfinite(scale).all()
+    for buf, stat in ((running_mean, mean), (running_scale, scale)):
+        if buf is not None:
+            w = momentum.to(buf.dtype) if isinstance(momentum, Tensor) else momentum
+            buf.copy_(torch.where(finite, torch.lerp(buf, stat.to(buf.dtype), w), buf))
+
+
+class LpNorm(nn.Module):
+    """Drop-in ℓp normalization layer (Santurkar et al. 2018, Sec. 3.3); math in `lp_norm`.
+
+    Any (N, C, *) input: for convolutions the statistics run over N·H·W values per channel, as
+    BN's. Buffers ``running_mean`` (init 0), ``running_scale`` (init 1) and
+    ``num_batches_tracked``; ``momentum=None`` keeps the cumulative average. Eval mode uses the
+    running statistics (or the batch's when ``track_running_stats=False``), as BN.
+
+    Args:
+        num_features: C.
+        p: 1, 2 or ``math.inf`` (also ``"inf"``).
+        eps: ε > 0 added to s_p.
+        momentum: in [0, 1], or None for the cumulative average.
+        affine: learn γ (``weight``, init 1) and β (``bias``, init 0).
+        track_running_stats: keep running statistics for eval mode.
+    """
+
+    def __init__(self, num_features: int, p: float = 2, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Any = None,
+                 dtype: Any = None) -> None:
+        super().__init__()
+        who = type(self).__name__
+        check_num_features(num_features, who)
+        check_eps(eps, who)
+        check_momentum(momentum, who)
+        self.p = _check_p(p, who)
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_scale", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            for name in ("running_mean", "running_scale", "num_batches_tracked"):
+                self.register_buffer(name, None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_scale.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+    def forward(self, input: Tensor) -> Tensor:
+        check_input(input, f"{type(self).__name__}({self.num_features})", (2, 3, 4, 5),
+                    self.num_features)
+        use_batch = self.training or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        momentum: float | Tensor = 0.0
+        if update:
+            self.num_batches_tracked.add_(1)
+            momentum = (self.momentum if self.momentum is not None
+                        else 1.0 / self.num_batches_tracked)  # 0-d tensor: no host sync
+        bufs = (self.running_mean, self.running_scale) if (update or not use_batch) \
+            else (None, None)
+        return lp_norm(input, *bufs, self.weight, self.bias, use_batch, momentum, self.eps,
+                       self.p)

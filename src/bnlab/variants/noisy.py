@@ -1,0 +1,188 @@
+"""Santurkar et al.'s "noisy" batch norm (2018, Sec. 2.1, App. A.2.1, their Algorithm 1).
+
+Holds the noise transform (`activation_noise`), the `ActivationNoise` module (the noise alone,
+for the paper's control "adding the same amount of noise to the activations of the standard
+network") and `NoisyBatchNorm` (bnlab's `BatchNorm` followed by the noise). No training code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.functional import channel_view, compute_dtype
+from bnlab.layers import BatchNorm
+
+__all__ = ["ActivationNoise", "NoisyBatchNorm", "activation_noise"]
+
+
+def _check_noise_args(n_mu: float, n_sigma: float, r_mu: float, r_sigma: float,
+                      who: str) -> None:
+    for name, value, low in (("n_mu", n_mu, 0.0), ("n_sigma", n_sigma, 1.0),
+                             ("r_mu", r_mu, 0.0), ("r_sigma", r_sigma, 0.0)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+            raise ValueError(f"{who}: {name} must be a finite number >= {low}, got {value!r}")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Device equality where "cuda" means the current CUDA device ("cuda" vs "cuda:0")."""
+    if a.type != b.type:
+        return False
+    if a.index == b.index or a.type == "cpu":
+        return True
+    current = torch.get_device_module(a.type).current_device()
+    return (a.index if a.index is not None else current) == (
+        b.index if b.index is not None else current)
+
+
+def activation_noise(
+    a: Tensor,
+    *,
+    n_mu: float = 0.5,
+    n_sigma: float = 1.25,
+    r_mu: float = 0.1,
+    r_sigma: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Apply one step of Santurkar et al. (2018), Algorithm 1, to activations ``a``.
+
+    Per channel j (one draw for the whole batch, fresh at every call = every time step t)::
+
+        μ_j ~ U(−n_μ, n_μ)          σ_j ~ U(1, n_σ)
+
+    and per element i of channel j (i runs over the batch and, for convolutional inputs, the
+    spatial positions: "treating the height and width dimensions as part of the batch")::
+
+        m_ij ~ U(μ_j − r_μ, μ_j + r_μ)      s_ij ~ N(σ_j, r_σ²)      a_ij ← s_ij·a_ij + m_ij
+
+    ``r_σ`` is a standard deviation (the paper writes N(σ, r_σ) without saying; a std is the
+    common reading). The noise is a constant for autograd: ∂a'/∂a = s.
+
+    Args:
+        a: activations of shape (N, C, *); channel = dimension 1.
+        n_mu, n_sigma, r_mu, r_sigma: the paper's constants (defaults 0.5, 1.25, 0.1, 0.1).
+        generator: the source of randomness; must live on ``a.device`` (None: the global one).
+
+    Returns:
+        A tensor like ``a``. Noise is drawn in float32 (or wider) for half/bfloat16 input.
+    """
+    _check_noise_args(n_mu, n_sigma, r_mu, r_sigma, "activation_noise")
+    if a.dim() < 2:
+        raise ValueError(f"activation_noise: expected input of rank >= 2 (N, C, *), got shape "
+                         f"{tuple(a.shape)}")
+    ct = compute_dtype(a.dtype)
+    opts: dict[str, Any] = {"device": a.device, "dtype": ct, "generator": generator}
+    c = a.shape[1]
+    # Per-channel distribution D_j^t: (C,) each.
+    mu = (torch.rand(c, **opts) * 2 - 1) * n_mu
+    sigma = 1 + torch.rand(c, **opts) * (n_sigma - 1)
+    # Per-element draws, broadcast from (1, C, 1, ...) to (N, C, *).
+    m = torch.rand(a.shape, **opts).mul_(2 * r_mu).add_(channel_view(mu - r_mu, a))
+    s = torch.randn(a.shape, **opts).mul_(r_sigma).add_(channel_view(sigma, a))
+    return torch.addcmul(m, s, a.to(ct)).to(a.dtype)  # s·a + m
+
+
+class ActivationNoise(nn.Module):
+    """Algorithm 1's noise alone, in training mode only (identity in eval mode).
+
+    Use it as ``norm_layer`` to add "the same amount of noise to the activations of the standard
+    network" (Santurkar et al. 2018, Sec. 2.1), the control under which that network does not
+    train. It has no parameters or buffers.
+
+    Args:
+        num_features: C, the number of channels (checked against the input).
+        n_mu, n_sigma, r_mu, r_sigma: see `activation_noise`; ``r_sigma`` is a standard deviation.
+        seed: seeds this module's own ``torch.Generator``; None draws a seed from the global
+            generator at construction (so ``torch.manual_seed`` makes it reproducible).
+
+    The generator lives on the module's device (created at construction on the CPU, re-created
+    from ``seed`` when the module moves to another device or sees input on another device). Its
+    state is not in the ``state_dict`` (so that a torch BN checkpoint loads into
+    `NoisyBatchNorm` unchanged); save ``module.generator.get_state()`` yourself to resume a run
+    with the identical noise stream.
+    """
+
+    def __init__(self, num_features: int, *, n_mu: float = 0.5, n_sigma: float = 1.25,
+                 r_mu: float = 0.1, r_sigma: float = 0.1, seed: int | None = None) -> None:
+        super().__init__()
+        who = type(self).__name__
+        _check_noise_args(n_mu, n_sigma, r_mu, r_sigma, who)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        elif not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"{who}: seed must be a non-negative int or None, got {seed!r}")
+        self.num_features = num_features
+        self.n_mu, self.n_sigma, self.r_mu, self.r_sigma = n_mu, n_sigma, r_mu, r_sigma
+        self.seed = seed
+        self._generator = self._new_generator(torch.device("cpu"))
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The module's generator (on the device the module was last moved to)."""
+        return self._generator
+
+    def _new_generator(self, device: torch.device) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed)
+        return g
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ActivationNoise:
+        # `.to(device)`/`.cuda()` pass through here: follow them, so that the generator exists
+        # before the first forward on the new device (probes snapshot and restore it).
+        super()._apply(fn, recurse)
+        try:
+            device = fn(torch.empty(0)).device
+        except Exception:  # a conversion that does not take a plain tensor: keep the generator
+            return self
+        if not _same_device(device, self._generator.device) and device.type != "meta":
+            self._generator = self._new_generator(device)
+        return self
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if not _same_device(device, self._generator.device):  # input elsewhere than the module
+            self._generator = self._new_generator(device)
+        return self._generator
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() < 2 or input.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}): expected input "
+                             f"(N, {self.num_features}, *), got shape {tuple(input.shape)}")
+        if not self.training:
+            return input
+        return activation_noise(input, n_mu=self.n_mu, n_sigma=self.n_sigma, r_mu=self.r_mu,
+                                r_sigma=self.r_sigma, generator=self._generator_for(input.device))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, n_mu={self.n_mu}, n_sigma={self.n_sigma}, "
+                f"r_mu={self.r_mu}, r_sigma={self.r_sigma}, seed={self.seed}")
+
+
+class NoisyBatchNorm(BatchNorm):
+    """Batch norm followed by Algorithm 1's noise (Santurkar et al. 2018, Sec. 2.1, App. A.2.1).
+
+    Training: y = noise(γ·x̂ + β), the noise applied after the BN affine (the paper injects it
+    into "every batch-normalized activation", whose mean and variance BN would otherwise fix).
+    Evaluation: plain BN with the running statistics, no noise (the paper does not discuss test
+    time; this is the natural reading). The running statistics are those of the clean input x,
+    exactly as in `BatchNorm`, whose arguments, buffers and state_dict keys it shares: a
+    ``torch.nn.BatchNorm2d`` state_dict loads unchanged.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as `BatchNorm`.
+        n_mu, n_sigma, r_mu, r_sigma, seed: as `ActivationNoise` (r_sigma is a std).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device: Any = None,
+                 dtype: Any = None, *, n_mu: float = 0.5, n_sigma: float = 1.25,
+                 r_mu: float = 0.1, r_sigma: float = 0.1, seed: int | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        # A child without parameters or buffers: adds no state_dict keys.
+        self.noise = ActivationNoise(num_features, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu,
+                                     r_sigma=r_sigma, seed=seed)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.noise(super().forward(input))

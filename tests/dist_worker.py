@@ -1,0 +1,190 @@
+"""One of the gloo processes started by tests/test_distributed.py (not collected by pytest).
+
+Environment as torchrun sets it (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+Every rank rebuilds the same global data from a seed, runs its shard through bnlab's
+SyncBatchNorm / DDP, compares with the single-process oracle on the concatenated batch and
+writes the largest absolute errors to OUT_DIR/rank{r}.json. Usage: dist_worker.py OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bnlab import BatchNorm2d, ddp
+from bnlab.distributed import SyncBatchNorm, SyncBatchRenorm
+from bnlab.variants import BatchRenorm2d
+
+F64 = torch.float64
+C = 3
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).detach().abs().max()) if a.numel() else 0.0
+
+
+def shard(t: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return t[start:start + sizes[rank]]
+
+
+def init_affine(*mods: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.rand(C, generator=g, dtype=F64) + 0.5, torch.randn(C, generator=g, dtype=F64)
+    for m in mods:
+        if m.weight is not None:
+            with torch.no_grad():
+                m.weight.copy_(w)
+                m.bias.copy_(b)
+
+
+def compare(sync: nn.Module, ref: nn.Module, sizes: tuple[int, ...], rank: int,
+            steps: int = 2, reduce: bool = True,
+            spatial: tuple[int, ...] = (4, 5)) -> dict[str, float]:
+    """`steps` training steps of `sync` on this rank's shard vs `ref` on the whole batch."""
+    out = {"y": 0.0, "dx": 0.0, "dw": 0.0, "db": 0.0, "running": 0.0}
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        x = torch.randn(sum(sizes), C, *spatial, generator=g, dtype=F64) * 3 + 7
+        gy = torch.randn(x.shape, generator=g, dtype=F64)
+        xr = x.clone().requires_grad_(True)
+        yr = ref(xr)
+        yr.backward(gy)
+        xs = shard(x, sizes, rank).clone().requires_grad_(True)
+        ys = sync(xs)
+        ys.backward(shard(gy, sizes, rank))
+        out["y"] = max(out["y"], err(ys, shard(yr, sizes, rank)))
+        out["dx"] = max(out["dx"], err(xs.grad, shard(xr.grad, sizes, rank)))
+        if sync.weight is not None:
+            dw, db = sync.weight.grad.clone(), sync.bias.grad.clone()
+            if reduce:  # each rank holds its share; DDP would sum them
+                dist.all_reduce(dw)
+                dist.all_reduce(db)
+            out["dw"] = max(out["dw"], err(dw, ref.weight.grad))
+            out["db"] = max(out["db"], err(db, ref.bias.grad))
+            for m in (sync, ref):
+                m.weight.grad = m.bias.grad = None
+    if ref.running_mean is not None:
+        out["running"] = max(err(sync.running_mean, ref.running_mean),
+                             err(sync.running_var, ref.running_var),
+                             float(sync.num_batches_tracked != ref.num_batches_tracked))
+    return out
+
+
+def sync_bn_cases(rank: int) -> dict[str, dict[str, float]]:
+    res = {}
+    for name, sizes, kw in [("even", (4, 4), {}), ("uneven", (5, 2), {}),
+                            ("one_empty", (6, 0), {}), ("empty_first", (0, 5), {}),
+                            ("single_sample_each", (1, 1), {}),
+                            ("no_running_stats", (5, 2), {"track_running_stats": False}),
+                            ("momentum_none", (3, 6), {"momentum": None}),
+                            ("no_affine", (2, 5), {"affine": False})]:
+        sync = SyncBatchNorm(C, dtype=F64, **kw)
+        ref = nn.BatchNorm2d(C, dtype=F64, **kw)
+        init_affine(sync, ref)
+        res[name] = compare(sync, ref, sizes, rank)
+    # One value per channel on each rank: local BN would refuse, the global batch has two.
+    sync, ref = SyncBatchNorm(C, dtype=F64), nn.BatchNorm1d(C, dtype=F64)
+    init_affine(sync, ref)
+    res["one_value_per_rank"] = compare(sync, ref, (1, 1), rank, spatial=())
+    # A process group that is not the default one (all ranks, created explicitly).
+    group = dist.new_group([0, 1])
+    sync, ref = SyncBatchNorm(C, dtype=F64, process_group=group), nn.BatchNorm2d(C, dtype=F64)
+    init_affine(sync, ref)
+    res["process_group"] = compare(sync, ref, (3, 4), rank)
+    # One group per rank: each rank is its own world, so SyncBN is BN on the local shard.
+    singles = [dist.new_group([r]) for r in range(2)]
+    sync, ref = SyncBatchNorm(C, dtype=F64, process_group=singles[rank]), BatchNorm2d(C, dtype=F64)
+    init_affine(sync, ref)
+    res["singleton_groups"] = compare(sync, ref, (4,), 0, reduce=False)
+    return res
+
+
+def renorm_case(rank: int) -> dict[str, float]:
+    kw = {"r_max": 1.5, "d_max": 0.5, "warmup_steps": 0, "r_max_steps": 0, "d_max_steps": 0}
+    sync, ref = SyncBatchRenorm(C, dtype=F64, **kw), BatchRenorm2d(C, dtype=F64, **kw)
+    init_affine(sync, ref)
+    for m in (sync, ref):  # moving statistics far enough from the batch's for r, d to clip
+        m.running_mean.fill_(6.0)
+        m.running_var.fill_(4.0)
+    return compare(sync, ref, (5, 2), rank, steps=3)
+
+
+def eval_has_no_collective(rank: int) -> dict[str, float]:
+    calls = {"n": 0}
+    real = (dist.all_gather_into_tensor, dist.all_reduce)
+
+    def counting(fn):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    dist.all_gather_into_tensor, dist.all_reduce = (counting(f) for f in real)
+    try:
+        bn = SyncBatchNorm(C, dtype=F64).eval()
+        if rank == 0:  # only one rank: a collective here would hang the test
+            bn(torch.randn(4, C, 2, 2, dtype=F64))
+        eval_calls = calls["n"]
+        bn.train()(torch.randn(4, C, 2, 2, dtype=F64))  # both ranks: must communicate
+        train_calls = calls["n"] - eval_calls
+    finally:
+        dist.all_gather_into_tensor, dist.all_reduce = real
+    return {"eval_calls": float(eval_calls), "train_calls": float(train_calls)}
+
+
+def ddp_smoke(rank: int, world: int) -> dict[str, float]:
+    """3 SGD steps: DDP + SyncBN on shards vs one process on the global batch of 7."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 6 * 6, 5, bias=False),
+                          nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    ref = copy.deepcopy(model)
+    par = ddp.wrap_ddp(copy.deepcopy(model), sync_bn=True)
+    opt = torch.optim.SGD(par.parameters(), lr=0.2, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+    out = {"loss": 0.0, "params": 0.0, "buffers": 0.0}
+    n = 7
+    for _ in range(3):
+        x, y = torch.randn(n, 1, 8, 8, generator=g, dtype=F64), torch.randint(3, (n,), generator=g)
+        xs, ys = ddp.shard_batch(x, y, rank, world)
+        loss_sum = nn.functional.cross_entropy(par(xs), ys, reduction="sum")
+        opt.zero_grad()
+        ddp.global_mean(loss_sum, n).backward()
+        opt.step()
+        metric = ddp.all_reduce_sum(loss_sum.detach()) / n
+        ref_loss = nn.functional.cross_entropy(ref(x), y)
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+        out["loss"] = max(out["loss"], abs(float(metric - ref_loss.detach())))
+    assert ddp.unwrap(par) is par.module and ddp.unwrap(ref) is ref
+    ours, theirs = par.module.state_dict(), ref.state_dict()
+    assert ours.keys() == theirs.keys(), (ours.keys(), theirs.keys())
+    params = dict(ref.named_parameters())
+    for k, v in ours.items():
+        kind = "params" if k in params else "buffers"
+        out[kind] = max(out[kind], err(v.double(), theirs[k].double()))
+    out["is_main"] = float(ddp.is_main() == (rank == 0))
+    return out
+
+
+def main(out_dir: str) -> None:
+    rank, world, _ = ddp.setup_from_env("cpu", timeout_s=60)
+    assert world == 2, world
+    res = {"sync_bn": sync_bn_cases(rank), "renorm": renorm_case(rank),
+           "eval": eval_has_no_collective(rank), "ddp": ddp_smoke(rank, world)}
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(res, f)
+    ddp.teardown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,119 @@
+"""Keras / Flax conventions ↔ ours: eval outputs, round trips, and the running average."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.convert import (
+    decay_to_momentum,
+    flax_variables,
+    keras_weights,
+    load_flax_variables,
+    load_keras_weights,
+    momentum_to_decay,
+)
+
+F64 = torch.float64
+C = 4
+
+
+def _keras_arrays(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(C, generator=g, dtype=F64) + 0.5, torch.randn(C, generator=g, dtype=F64),
+            torch.randn(C, generator=g, dtype=F64), torch.rand(C, generator=g, dtype=F64) + 0.1]
+
+
+def _keras_inference(x, gamma, beta, mean, var, epsilon):
+    """keras.layers.BatchNormalization(training=False), axis=-1 on (N, C) input."""
+    return gamma * (x - mean) / torch.sqrt(var + epsilon) + beta
+
+
+def _keras_train_step(moving, x, decay):
+    """One training step of Keras' moving statistics: decay form, biased variance."""
+    mean, var = moving
+    return (decay * mean + (1 - decay) * x.mean(0),
+            decay * var + (1 - decay) * x.var(0, unbiased=False))
+
+
+@pytest.mark.parametrize("make", [lambda: bnlab.BatchNorm1d(C, dtype=F64),
+                                  lambda: nn.BatchNorm1d(C, dtype=F64)])
+def test_keras_load_gives_the_keras_inference_output(make) -> None:
+    arrays = _keras_arrays()
+    bn = load_keras_weights(make(), [a.numpy() for a in arrays], momentum=0.9, epsilon=1e-3)
+    assert bn.eps == 1e-3 and bn.momentum == pytest.approx(0.1)
+    x = torch.randn(6, C, dtype=F64)
+    torch.testing.assert_close(bn.eval()(x), _keras_inference(x, *arrays, 1e-3))
+
+
+@pytest.mark.parametrize("batch_values", [None, 10])
+def test_keras_round_trip(batch_values: int | None) -> None:
+    arrays = _keras_arrays(1)
+    bn = load_keras_weights(bnlab.BatchNorm1d(C, dtype=F64), arrays, momentum=0.99,
+                            epsilon=1e-3, batch_values=batch_values)
+    out = keras_weights(bn, batch_values=batch_values)
+    for a, b in zip(out.weights, arrays, strict=True):
+        torch.testing.assert_close(a, b)
+    assert out.config == {"momentum": pytest.approx(0.99), "epsilon": 1e-3, "center": True,
+                          "scale": True}
+
+
+def test_keras_training_continues_the_same_moving_average() -> None:
+    """With batch_values = m, one step of ours after the conversion is one step of Keras."""
+    torch.manual_seed(0)
+    arrays, decay, n = _keras_arrays(2), 0.9, 10
+    bn = load_keras_weights(bnlab.BatchNorm1d(C, dtype=F64), arrays, momentum=decay,
+                            batch_values=n)
+    x = torch.randn(n, C, dtype=F64) * 2 + 1
+    bn.train()(x)
+    mean, var = _keras_train_step((arrays[2], arrays[3]), x, decay)
+    exported = keras_weights(bn, batch_values=n).weights
+    torch.testing.assert_close(exported[2], mean)
+    torch.testing.assert_close(exported[3], var)
+
+
+def test_keras_mapping_names_and_missing_affine() -> None:
+    gamma, beta, mean, var = _keras_arrays(3)
+    named = {"bn/gamma:0": gamma, "bn/beta:0": beta, "bn/moving_mean:0": mean,
+             "bn/moving_variance:0": var}
+    bn = load_keras_weights(bnlab.BatchNorm1d(C, dtype=F64), named)
+    torch.testing.assert_close(bn.weight.detach(), gamma)
+    no_scale = load_keras_weights(bnlab.BatchNorm1d(C, dtype=F64), [beta, mean, var],
+                                  scale=False)
+    torch.testing.assert_close(no_scale.weight.detach(), torch.ones(C, dtype=F64))
+    with pytest.raises(ValueError, match="expected 4 arrays"):
+        load_keras_weights(bnlab.BatchNorm1d(C), [mean, var])
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        load_keras_weights(bnlab.BatchNorm1d(C), [gamma, beta, mean, var[:2]])
+    with pytest.raises(ValueError, match="affine=False"):
+        load_keras_weights(bnlab.BatchNorm1d(C, affine=False), [gamma, beta, mean, var])
+
+
+def test_flax_round_trip_and_inference() -> None:
+    gamma, beta, mean, var = _keras_arrays(4)
+    variables = {"params": {"scale": gamma, "bias": beta},
+                 "batch_stats": {"mean": mean, "var": var}}
+    bn = load_flax_variables(nn.BatchNorm1d(C, dtype=F64), variables, momentum=0.95)
+    assert bn.eps == 1e-5 and bn.momentum == pytest.approx(0.05)
+    x = torch.randn(5, C, dtype=F64)
+    torch.testing.assert_close(bn.eval()(x), _keras_inference(x, gamma, beta, mean, var, 1e-5))
+    out = flax_variables(bn)
+    for key in ("scale", "bias"):
+        torch.testing.assert_close(out.variables["params"][key], variables["params"][key])
+    for key in ("mean", "var"):
+        torch.testing.assert_close(out.variables["batch_stats"][key],
+                                   variables["batch_stats"][key])
+    assert out.config["momentum"] == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="batch_stats"):
+        load_flax_variables(bn, {"params": variables["params"]})
+
+
+def test_momentum_decay_conversions() -> None:
+    assert decay_to_momentum(0.99) == pytest.approx(0.01)
+    assert momentum_to_decay(0.1) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="momentum=None"):
+        momentum_to_decay(None)
+    with pytest.raises(ValueError, match="decay"):
+        decay_to_momentum(1.5)

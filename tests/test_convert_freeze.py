@@ -1,0 +1,116 @@
+"""freeze / unfreeze / no_stats_update on bnlab's layers, its variants and torch's BN."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import bnlab
+from bnlab.convert import is_frozen
+from bnlab.variants import BatchRenorm2d, GhostBatchNorm
+
+NORMS = {
+    "bnlab": lambda c: bnlab.BatchNorm2d(c),
+    "torch": lambda c: nn.BatchNorm2d(c),
+    "renorm": lambda c: BatchRenorm2d(c),
+    "ghost": lambda c: GhostBatchNorm(c, virtual_batch_size=2),
+    "sync": lambda c: bnlab.SyncBatchNorm(c),
+}
+
+
+def _model(kind: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), NORMS[kind](3), nn.ReLU())
+    model.train()(torch.randn(8, 2, 5, 5) * 2 + 1)  # non-trivial running statistics
+    return model
+
+
+def _stats(model: nn.Module) -> list[torch.Tensor]:
+    return [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("kind", NORMS)
+def test_freeze_survives_train_and_matches_eval(kind: str) -> None:
+    model = _model(kind)
+    x = torch.randn(4, 2, 5, 5)
+    expected = model.eval()(x)
+    bnlab.freeze(model)
+    model.train()
+    assert model[1].training  # the mode flag still reports the model's mode
+    before = _stats(model)
+    torch.testing.assert_close(model(x), expected)
+    assert all(torch.equal(a, b) for a, b in zip(before, _stats(model), strict=True))
+    assert is_frozen(model[1]) and not model[1].weight.requires_grad
+    bnlab.unfreeze(model)
+    assert not is_frozen(model[1]) and model[1].weight.requires_grad
+    model.train()(x)
+    assert not torch.equal(model[1].running_mean, before[0])
+
+
+def test_freeze_stats_only_keeps_affine_trainable_and_pickles() -> None:
+    model = _model("torch")
+    bnlab.freeze(model, affine=False)
+    assert model[1].weight.requires_grad
+    model.train()
+    loss = model(torch.randn(2, 2, 5, 5)).square().sum()
+    loss.backward()
+    assert model[1].weight.grad is not None
+    clone = pickle.loads(pickle.dumps(model))  # hooks are module-level functions: picklable
+    assert is_frozen(clone[1])
+
+
+def test_freeze_affine_only_keeps_statistics_learning() -> None:
+    model = _model("bnlab")
+    bnlab.freeze(model, stats=False)
+    before = model[1].running_mean.clone()
+    model.train()(torch.randn(4, 2, 5, 5))
+    assert not torch.equal(model[1].running_mean, before)
+    assert not model[1].bias.requires_grad
+
+
+def test_freeze_without_running_stats_raises_naming_the_layer() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"'1'.*track_running_stats"):
+        bnlab.freeze(model)
+
+
+@pytest.mark.parametrize("kind", NORMS)
+def test_no_stats_update_keeps_statistics_and_batch_normalization(kind: str) -> None:
+    model = _model(kind)
+    x = torch.randn(4, 2, 5, 5)
+    before = _stats(model)
+    with bnlab.no_stats_update(model):
+        y = model(x)
+        with bnlab.no_stats_update(model):  # nests
+            model(x)
+        model(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, _stats(model), strict=True))
+    torch.testing.assert_close(y, model(x))  # a normal training forward gives the same output
+    assert not torch.equal(model[1].running_mean, before[0])  # and it does update again
+
+
+def test_no_stats_update_restores_after_exception_and_keeps_eval() -> None:
+    model = _model("torch")
+    x = torch.randn(2, 2, 5, 5)
+    expected = model.eval()(x)
+    with pytest.raises(RuntimeError, match="boom"), bnlab.no_stats_update(model):
+        torch.testing.assert_close(model(x), expected)
+        raise RuntimeError("boom")
+    assert model[1].track_running_stats
+
+
+@pytest.mark.parametrize("kind", ["bnlab", "torch"])
+def test_checkpoint_recomputation_updates_statistics_once(kind: str) -> None:
+    """pytorch#96136: activation checkpointing re-runs the forward in backward."""
+    plain, ckpt = _model(kind), _model(kind)
+    x = torch.randn(4, 2, 5, 5, requires_grad=True)
+    plain(x).sum().backward()
+    loss = checkpoint(ckpt, x, use_reentrant=False).sum()
+    with bnlab.no_stats_update(ckpt):
+        loss.backward()
+    for a, b in zip(_stats(plain), _stats(ckpt), strict=True):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,365 @@
+"""bnlab.diagnostics on closed forms: ICS (Santurkar Def. 2.1), landscape probes on a quadratic,
+activation statistics, layer Jacobians (Ioffe Sec. 3.4); and the promise of no side effects."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab.diagnostics import (
+    ActivationTracker,
+    default_layers,
+    distribution_shift,
+    gradient_ics,
+    landscape_probe,
+    layer_jacobian_singular_values,
+    layer_jacobians,
+    saturation_fraction,
+)
+from bnlab.layers import BatchNorm
+from bnlab.variants import NoisyBatchNorm
+
+D = torch.float64
+
+
+def mse_sum(out, y):
+    return 0.5 * (out - y).square().sum()
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, \
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def assert_untouched(model, before, rng_before):
+    state, grads = before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def mlp_bn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), NoisyBatchNorm(6, seed=1), nn.Tanh(), nn.Linear(6, 5),
+                         BatchNorm(5), nn.Dropout(0.3), nn.Tanh(), nn.Linear(5, 2)).to(D)
+
+
+def batch(n=16, d_in=4, d_out=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=D), torch.randn(n, d_out, generator=g, dtype=D)
+
+
+# ----------------------------------------------------------------------------- ICS
+
+
+def test_ics_single_layer_is_zero_even_with_noise():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), NoisyBatchNorm(3, seed=2)).to(D)
+    res = gradient_ics(model, mse_sum, batch(d_out=3), lr=0.5)
+    assert res.layers == [1] and res.names == ["0"]
+    assert res.l2.item() == 0.0
+    assert math.isclose(res.cosine.item(), 1.0, rel_tol=1e-12)
+    assert res.grad_norm.item() > 0
+
+
+def test_ics_first_layer_zero_later_layers_not():
+    model = mlp_bn()
+    res = gradient_ics(model, mse_sum, batch(), lr=0.1)
+    assert res.names == ["0", "3", "7"]
+    assert res.l2[0] == 0 and (res.l2[1:] > 0).all()
+    assert (res.cosine[1:] < 1).all() and (res.cosine[1:] > -1).all()
+
+
+def test_ics_closed_form_two_linear_layers():
+    # L = ½‖W2 W1 X − Y‖²: G1 = W2ᵀ R Xᵀ, G2 = R (W1 X)ᵀ; G′2 uses W1⁺ = W1 − lr·G1.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 2, bias=False)).to(D)
+    x, y = batch(n=7, d_in=3, d_out=2)
+    w1, w2 = model[0].weight.detach(), model[1].weight.detach()
+    X, Y = x.T, y.T  # (features, N)
+    R = w2 @ w1 @ X - Y
+    g1, g2 = w2.T @ R @ X.T, R @ (w1 @ X).T
+    lr = 0.05
+    w1p = w1 - lr * g1
+    g2p = (w2 @ w1p @ X - Y) @ (w1p @ X).T
+    res = gradient_ics(model, mse_sum, (x, y), lr=lr)
+    torch.testing.assert_close(res.l2[1], torch.linalg.norm(g2 - g2p))
+    cos = (g2 * g2p).sum() / (g2.norm() * g2p.norm())
+    torch.testing.assert_close(res.cosine[1], cos)
+    torch.testing.assert_close(res.grad_norm, torch.stack([g1.norm(), g2.norm()]))
+    # A custom update: moving nothing gives no shift anywhere.
+    still = gradient_ics(model, mse_sum, (x, y), update=lambda p, g: dict(p))
+    assert (still.l2 == 0).all()
+
+
+def test_ics_changes_nothing():
+    model = mlp_bn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = batch()
+    mse_sum(model(x), y).backward()
+    opt.step()
+    opt_state = {k: v["momentum_buffer"].clone() for k, v in opt.state.items()}
+    before, rng = snapshot(model), torch.get_rng_state()
+    gradient_ics(model, mse_sum, (x, y), lr=0.1)
+    assert_untouched(model, before, rng)
+    for k, v in opt.state.items():
+        assert torch.equal(v["momentum_buffer"], opt_state[k])
+    assert model.training
+
+
+def test_ics_measure_subset_and_groups():
+    model = mlp_bn()
+    full = gradient_ics(model, mse_sum, batch(), lr=0.1)
+    part = gradient_ics(model, mse_sum, batch(), lr=0.1, measure=[3])
+    torch.testing.assert_close(part.l2, full.l2[2:])
+    # Grouping BN's γ, β with the preceding linear layer moves them too: a different G′.
+    grouped = gradient_ics(model, mse_sum, batch(), lr=0.1,
+                           layers=[[model[0], model[1]], [model[3], model[4]], model[7]])
+    assert grouped.names[0] == "0+1" and not torch.allclose(grouped.l2[2], full.l2[2])
+
+
+def test_default_layers_follow_forward_order():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late = nn.Linear(3, 2)  # registered first, called last
+            self.early = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.late(torch.tanh(self.early(x)))
+
+    assert default_layers(Net(), (torch.randn(2, 4),)) == ["early", "late"]
+
+
+def test_ics_bad_arguments():
+    model = mlp_bn()
+    with pytest.raises(ValueError, match="lr"):
+        gradient_ics(model, mse_sum, batch())
+    with pytest.raises(ValueError, match="measure"):
+        gradient_ics(model, mse_sum, batch(), lr=0.1, measure=[4])
+    with pytest.raises(ValueError, match="pair"):
+        gradient_ics(model, mse_sum, batch()[0], lr=0.1)
+
+
+# ----------------------------------------------------------------------------- landscape
+
+
+class Quadratic(nn.Module):
+    """L(w) = ½ wᵀ A w with A passed as the "target"; the input is ignored."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, _x):
+        return self.w
+
+
+def quad_loss(w, a):
+    return 0.5 * w @ a @ w
+
+
+def spd(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))[0]
+    lam = torch.linspace(0.5, 4.0, n, dtype=D)
+    return q @ torch.diag(lam) @ q.T, lam, q
+
+
+def test_landscape_quadratic_closed_form():
+    a, lam, _ = spd(6)
+    w = torch.randn(6, dtype=D, generator=torch.Generator().manual_seed(3))
+    etas = torch.tensor([0.01, 0.05, 0.1, 0.4], dtype=D)
+    res = landscape_probe(Quadratic(w), quad_loss, (None, a), etas)
+    g = a @ w
+    torch.testing.assert_close(res.grad_change, etas * torch.linalg.norm(a @ g))
+    torch.testing.assert_close(res.beta, torch.full((4,), float(torch.linalg.norm(a @ g)
+                                                                 / torch.linalg.norm(g)), dtype=D))
+    assert res.beta_max <= lam.max() + 1e-12
+    want = torch.stack([quad_loss(w - e * g, a) for e in etas])
+    torch.testing.assert_close(res.loss, want)
+    assert res.loss_range == (float(want.min()), float(want.max()))
+    assert math.isclose(res.loss0, float(quad_loss(w, a)))
+    d = res.to_dict()
+    assert d["beta_max"] == res.beta_max and len(d["loss"]) == 4
+
+
+def test_landscape_beta_equals_top_eigenvalue_along_top_eigenvector():
+    a, lam, q = spd(5, seed=1)
+    res = landscape_probe(Quadratic(q[:, -1] * 2), quad_loss, (None, a), [0.1, 0.2])
+    torch.testing.assert_close(torch.tensor(res.beta_max, dtype=D), lam.max())
+    # Another direction d: the gradient changes by η‖A d‖.
+    rnd = torch.randn(5, dtype=D)
+    res = landscape_probe(Quadratic(q[:, 0]), quad_loss, (None, a), [0.3],
+                          direction={"w": rnd})
+    torch.testing.assert_close(res.grad_change[0], 0.3 * torch.linalg.norm(a @ rnd))
+
+
+def test_landscape_bn_uses_batch_stats_and_changes_nothing():
+    model = mlp_bn()
+    x, y = batch()
+    mse_sum(model(x), y).backward()  # existing .grad must survive
+    before, rng = snapshot(model), torch.get_rng_state()
+    res = landscape_probe(model, mse_sum, (x, y), [0.01, 0.1])
+    assert_untouched(model, before, rng)
+    # Brute force on a copy: move the weights, same batch, same randomness, train mode.
+    gen_state = model[1].noise.generator.get_state()
+    copy = mlp_bn()
+    copy.load_state_dict(model.state_dict())
+    gen = copy[1].noise._generator_for(x.device)
+
+    def loss_copy():
+        gen.set_state(gen_state)  # the noisy-BN draw at the probed step
+        torch.set_rng_state(rng)  # the dropout mask at the probed step
+        return mse_sum(copy(x), y)
+
+    g = torch.autograd.grad(loss_copy(), list(copy.parameters()))
+    with torch.no_grad():
+        for p, gi in zip(copy.parameters(), g, strict=True):
+            p -= 0.1 * gi
+    torch.testing.assert_close(res.loss[1], loss_copy().detach())
+
+
+def test_landscape_bad_step_sizes():
+    with pytest.raises(ValueError, match="step_sizes"):
+        landscape_probe(mlp_bn(), mse_sum, batch(), [0.1, -0.1])
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def test_tracker_quantiles_histograms_and_moments():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2), nn.ReLU())
+    x = torch.randn(50, 3)
+    tr = ActivationTracker(model, bins=8, hist_range=(-2.0, 2.0), saturation_threshold=0.5)
+    tr.record(x, step=10)
+    tr.record(x * 2, step=20)
+    h = tr.history()
+    assert list(h) == ["1", "3"]
+    z = model[0](x).detach()
+    hs = h["1"]
+    torch.testing.assert_close(hs["steps"], torch.tensor([10, 20]))
+    torch.testing.assert_close(hs["quantiles"][0, 0],
+                               torch.quantile(z.flatten(), torch.tensor([0.15, 0.5, 0.85])))
+    torch.testing.assert_close(hs["hist"][0, 0], torch.histc(z, 8, -2, 2) / z.numel())
+    torch.testing.assert_close(hs["outside"][0, 0], (z.abs() > 2).float().mean())
+    torch.testing.assert_close(hs["channel_mean"][0], z.mean(0).double())
+    torch.testing.assert_close(hs["channel_var"][0], z.var(0, correction=0).double())
+    torch.testing.assert_close(saturation_fraction(h)["1"][0], (z.abs() > 0.5).float().mean())
+    assert len(tr.to_dict()["layers"]["3"]["quantiles"]) == 2
+
+
+def test_tracker_units_conv_and_no_side_effects():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), BatchNorm(3), nn.ReLU())
+    x = torch.randn(4, 1, 6, 6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = ActivationTracker(model, [model[1]], where="output", units=[0, 2])
+    tr.record(x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])  # BN running statistics untouched
+    y = model(x).detach()  # ReLU output; take the BN output again for reference
+    bn_out = BatchNorm(3)(model[0](x)).detach()
+    unit2 = bn_out[:, 2].flatten()
+    q = tr.history()["1"]["quantiles"][0]  # (U=2, Q=3)
+    assert q.shape == (2, 3)
+    torch.testing.assert_close(q[1], torch.quantile(unit2, torch.tensor([0.15, 0.5, 0.85])))
+    assert y.shape == bn_out.shape
+
+
+def test_tracker_capture_own_forward_and_errors():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    tr = ActivationTracker(model)
+    with tr.capture(step=5):
+        model(torch.randn(8, 3)).sum().backward()  # a training forward
+    assert tr.history()["1"]["steps"].tolist() == [5]
+    with pytest.raises(ValueError, match="nonlinearity"):
+        ActivationTracker(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="quantiles"):
+        ActivationTracker(model, quantiles=(0.5, 1.5))
+    with pytest.raises(ValueError, match="saturation_threshold"):
+        saturation_fraction(tr.history())
+
+
+def test_distribution_shift_closed_form():
+    mu = torch.tensor([[0.0, 1.0], [1.0, 1.0], [3.0, 0.0]], dtype=D)  # (T=3, C=2)
+    var = torch.tensor([[1.0, 1.0], [2.0, 1.0], [2.0, 5.0]], dtype=D)
+    s = distribution_shift({"channel_mean": mu, "channel_var": var})
+    torch.testing.assert_close(s["mean_step"], torch.tensor([0.5, 1.5], dtype=D))
+    torch.testing.assert_close(s["var_step"], torch.tensor([0.5, 2.0], dtype=D))
+    torch.testing.assert_close(s["mean_drift"], torch.tensor([0.0, 0.5, 1.0], dtype=D))
+    torch.testing.assert_close(s["var_drift"], torch.tensor([0.0, 0.5, 2.5], dtype=D))
+    assert distribution_shift({"channel_mean": mu, "channel_var": var},
+                              reduce="none")["mean_step"].shape == (2, 2)
+
+
+# ----------------------------------------------------------------------------- Jacobians
+
+
+def test_jacobian_of_linear_layer_is_its_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(5, 4)).to(D)
+    x = torch.randn(3, 5, dtype=D)
+    pairs, jacs = layer_jacobians(model, x, [model[0], model[1]])
+    assert pairs == [("0", "1")]
+    torch.testing.assert_close(jacs[0], model[1].weight.detach().expand(3, 4, 5))
+    res = layer_jacobian_singular_values(model, x, ["0", "1"])
+    torch.testing.assert_close(res.singular_values[0][0], torch.linalg.svdvals(model[1].weight))
+
+
+def test_jacobian_of_bn_in_eval_mode_is_a_known_diagonal():
+    torch.manual_seed(0)
+    std = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=D)
+    bn = BatchNorm(4, momentum=None).to(D)
+    model = nn.Sequential(nn.Identity(), bn)
+    for _ in range(20):  # Gaussian input with per-channel std `std`
+        bn(torch.randn(256, 4, dtype=D) * std + 3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, -2.0, 1.0, 0.5], dtype=D))
+    model.train()  # the probe's eval mode must not depend on the model's mode
+    _, jacs = layer_jacobians(model, torch.randn(6, 4, dtype=D), [model[0], bn])
+    diag = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(jacs[0], torch.diag(diag).expand(6, 4, 4))
+    torch.testing.assert_close(diag.abs() * std / bn.weight.detach().abs(),
+                               torch.ones(4, dtype=D), rtol=0.05, atol=0)
+    assert model.training
+
+
+def test_jacobian_of_bn_in_train_mode_is_the_diagonal_block():
+    # ∂y_n/∂x_n = γ/√(σ²+ε)·(1 − 1/m − x̂_n²/m) per channel: the batch couples the examples.
+    torch.manual_seed(0)
+    bn = BatchNorm(3).to(D)
+    model = nn.Sequential(nn.Identity(), bn)
+    x = torch.randn(5, 3, dtype=D) * 2 + 1
+    _, jacs = layer_jacobians(model, x, [model[0], bn], train=True, max_examples=4)
+    var, mean = torch.var_mean(x, 0, correction=0)
+    xhat = (x - mean) / torch.sqrt(var + bn.eps)
+    d = (1 - 1 / 5 - xhat.square() / 5) / torch.sqrt(var + bn.eps)  # (N, C)
+    torch.testing.assert_close(jacs[0], torch.diag_embed(d[:4]))
+    assert torch.equal(bn.running_mean, torch.zeros(3, dtype=D))  # restored
+
+
+def test_jacobian_sigmoid_mlp_default_points():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), BatchNorm(5), nn.Sigmoid(), nn.Linear(5, 4),
+                          BatchNorm(4), nn.Sigmoid()).to(D)
+    x = torch.randn(7, 6, dtype=D)
+    res = layer_jacobian_singular_values(model, x)
+    assert [p for p in res.pairs] == [("1", "4")]
+    # Closed form in eval mode: J = diag(γ₄/√(v₄+ε)) · W₃ · diag(σ′(bn₁ output)).
+    with torch.no_grad():
+        model.eval()
+        s = torch.sigmoid(model[1](model[0](x)))
+        model.train()
+    scale = model[4].weight / torch.sqrt(model[4].running_var + 1e-5)
+    j = scale[:, None] * model[3].weight.detach() * (s * (1 - s))[:, None, :]
+    torch.testing.assert_close(res.singular_values[0], torch.linalg.svdvals(j).detach())
+    assert res.singular_values[0].shape == (7, 4)
+    plain = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4))
+    assert layer_jacobian_singular_values(plain, x.float()).pairs == [("0", "2")]

@@ -1,0 +1,192 @@
+"""SyncBatchNorm across 2 gloo processes equals BN on the concatenated batch; DDP smoke run.
+
+The 2-process part starts `tests/dist_worker.py` twice on 127.0.0.1 (a free port, the
+environment torchrun would set), with a hard 120 s deadline after which both are killed; the
+workers compare against the single-process oracle themselves and report max errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from bnlab import ddp
+from bnlab.distributed import (
+    SyncBatchNorm,
+    SyncBatchRenorm,
+    convert_sync_batchnorm,
+    register_sync_conversion,
+)
+from bnlab.variants import BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+TOL = 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    procs, logs = [], []
+    try:
+        for rank in range(2):
+            log = open(out / f"log{rank}.txt", "w")  # noqa: SIM115 (closed in finally)
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                [sys.executable, str(WORKER), str(out)], stdout=log, stderr=subprocess.STDOUT,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+        deadline = time.monotonic() + 120
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail("distributed workers did not finish within 120 s (killed)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    for rank, p in enumerate(procs):
+        assert p.returncode == 0, (out / f"log{rank}.txt").read_text()[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+CASES = ["even", "uneven", "one_empty", "empty_first", "single_sample_each",
+         "one_value_per_rank", "no_running_stats", "momentum_none", "no_affine",
+         "process_group", "singleton_groups"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sync_bn_equals_bn_on_concatenated_batch(results: list[dict], case: str) -> None:
+    for rank, res in enumerate(results):
+        errors = res["sync_bn"][case]
+        assert set(errors) == {"y", "dx", "dw", "db", "running"}
+        assert max(errors.values()) < TOL, (rank, errors)
+
+
+def test_sync_batch_renorm_equals_renorm_on_concatenated_batch(results: list[dict]) -> None:
+    for res in results:
+        assert max(res["renorm"].values()) < TOL, res["renorm"]
+
+
+def test_eval_mode_does_no_collective(results: list[dict]) -> None:
+    for res in results:
+        assert res["eval"] == {"eval_calls": 0.0, "train_calls": 1.0}
+
+
+def test_ddp_sync_bn_two_processes_match_one(results: list[dict]) -> None:
+    for rank, res in enumerate(results):
+        d = res["ddp"]
+        assert d["is_main"] == 1.0
+        assert max(d["loss"], d["params"], d["buffers"]) < TOL, (rank, d)
+
+
+# --- single process: fallback, conversion, helpers ------------------------------------------
+
+def test_sync_bn_without_process_group_is_bn() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    sync, ref = SyncBatchNorm(3, dtype=torch.float64), nn.BatchNorm2d(3, dtype=torch.float64)
+    torch.testing.assert_close(sync(x), ref(x))
+    torch.testing.assert_close(sync.running_var, ref.running_var)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        sync(torch.randn(1, 3, dtype=torch.float64))
+
+
+class _BNAct(nn.BatchNorm2d):
+    """A BN fused with an activation (as timm's BatchNormAct2d): must not be downgraded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def test_convert_sync_batchnorm_keeps_variants_and_state() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), bnlab.BatchNorm2d(3, momentum=None),
+                          BatchRenorm2d(3, r_max=2.0), GhostBatchNorm(3, virtual_batch_size=2),
+                          FrozenBatchNorm2d(3), _BNAct(3), nn.Conv2d(3, 3, 1))
+    for m in model[:3]:
+        m.running_mean.uniform_()
+    bnlab.freeze(model[1], affine=False)
+    weight = model[0].weight
+    with pytest.warns(UserWarning, match=r"5 \(_BNAct\)"):
+        out = convert_sync_batchnorm(model)
+    assert out is model
+    kinds = [type(m) for m in model]
+    assert kinds == [SyncBatchNorm, SyncBatchNorm, SyncBatchRenorm, GhostBatchNorm,
+                     FrozenBatchNorm2d, _BNAct, nn.Conv2d]
+    assert model[0].weight is weight  # the same Parameter: optimizers keep working
+    assert model[1].momentum is None and model[1].frozen
+    assert model[2].r_max == 2.0 and model[2].momentum == 0.01
+    assert model[2].running_mean.min() > 0
+
+
+def test_convert_sync_batchnorm_root_and_registry() -> None:
+    bn = nn.BatchNorm1d(4).eval()
+    sync = convert_sync_batchnorm(bn)
+    assert isinstance(sync, SyncBatchNorm) and not sync.training
+    register_sync_conversion(_BNAct, None)  # declared local: no warning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert isinstance(convert_sync_batchnorm(_BNAct(2)), _BNAct)
+    finally:
+        from bnlab import distributed
+
+        distributed._SYNC.pop(_BNAct)
+
+
+def test_converted_model_eval_outputs_unchanged() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU())
+    model.train()(torch.randn(8, 2, 6, 6))
+    model.eval()
+    x = torch.randn(4, 2, 6, 6)
+    ref = model(x)
+    torch.testing.assert_close(convert_sync_batchnorm(model)(x), ref)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 8])
+def test_shard_batch_partitions_in_order(n: int) -> None:
+    x, y = torch.arange(n * 2.0).view(n, 2), torch.arange(n)
+    parts = [ddp.shard_batch(x, y, r, 3) for r in range(3)]
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), x)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), y)
+    sizes = [p[0].shape[0] for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    with pytest.raises(ValueError, match="rank"):
+        ddp.shard_batch(x, y, 3, 3)
+
+
+def test_ddp_helpers_single_process() -> None:
+    assert ddp.world() == (0, 1) and ddp.is_main()
+    os.environ.pop("WORLD_SIZE", None)
+    assert ddp.setup_from_env("cpu")[:2] == (0, 1)
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    wrapped = ddp.wrap_ddp(model, sync_bn=True)
+    assert isinstance(wrapped[1], SyncBatchNorm)
+    loss = torch.tensor(6.0)
+    assert float(ddp.global_mean(loss, 3)) == 2.0
+    assert ddp.all_reduce_sum(loss) is loss
+    ddp.teardown()

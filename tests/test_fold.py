@@ -1,0 +1,142 @@
+"""Folding BN into conv/linear for inference (Alg. 2, step 11): equivalence, structure, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.convert import ChannelAffine, fold, fold_pairs
+from bnlab.stats import is_batchnorm
+
+
+def _train_a_little(model, shape, steps=5):
+    for _ in range(steps):
+        model(torch.randn(shape) * 2 + 0.5)
+    with torch.no_grad():
+        for m in model.modules():
+            if is_batchnorm(m) and m.affine:
+                m.weight.uniform_(0.3, 2.0)
+                m.bias.normal_()
+    return model.eval()
+
+
+class SmallCNN(nn.Module):
+    """A module graph (not a Sequential): fx finds conv→BN pairs; one BN has no conv before it."""
+
+    def __init__(self, norm2d=bnlab.BatchNorm2d, norm1d=bnlab.BatchNorm1d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = norm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.bn2 = norm2d(8)
+        self.bn_pool = norm2d(8)  # after pooling: nothing to fold into
+        self.deconv = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.bn3 = norm2d(6)
+        self.fc = nn.Linear(6, 10)
+        self.bn4 = norm1d(10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = self.bn_pool(nn.functional.max_pool2d(x, 2))
+        x = torch.relu(self.bn3(self.deconv(x)))
+        return self.bn4(self.fc(x.mean((2, 3))))
+
+
+def _max_rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("norms", [(bnlab.BatchNorm2d, bnlab.BatchNorm1d),
+                                   (nn.BatchNorm2d, nn.BatchNorm1d)])
+def test_fold_small_cnn_graph(norms):
+    model = _train_a_little(SmallCNN(*norms), (16, 3, 8, 8))
+    assert sorted(fold_pairs(model)) == [("conv1", "bn1"), ("conv2", "bn2"), ("deconv", "bn3"),
+                                         ("fc", "bn4")]
+    folded = fold(model)
+    assert not any(is_batchnorm(m) for m in folded.modules())
+    assert isinstance(folded.bn_pool, ChannelAffine) and isinstance(folded.bn1, nn.Identity)
+    assert type(folded) is SmallCNN and not folded.training
+    x = torch.randn(7, 3, 8, 8)
+    assert _max_rel_err(folded(x), model(x)) <= 1e-5
+    # the original is untouched
+    assert is_batchnorm(model.bn1)
+
+
+def test_fold_mlp_sequential_with_biasless_linears():
+    model = nn.Sequential(
+        nn.Linear(20, 30, bias=False), bnlab.BatchNorm1d(30), nn.Sigmoid(),
+        nn.Linear(30, 30, bias=False), bnlab.BatchNorm1d(30), nn.Sigmoid(),
+        nn.Linear(30, 10),
+    )
+    model = _train_a_little(model, (32, 20))
+    folded = fold(model)
+    assert folded[0].bias is not None  # a bias appears where BN's β and mean went
+    x = torch.randn(9, 20)
+    assert _max_rel_err(folded(x), model(x)) <= 1e-5
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(2, 4, 3), bnlab.BatchNorm1d(4), nn.ReLU())
+        self.bn = bnlab.BatchNorm1d(4)
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace this
+            return x
+        return self.bn(self.body(x))
+
+
+def test_fold_falls_back_to_sequential_when_fx_fails():
+    model = _train_a_little(Untraceable(), (8, 2, 9))
+    assert fold_pairs(model) == [("body.0", "body.1")]
+    folded = fold(model)
+    assert isinstance(folded.body[1], nn.Identity) and isinstance(folded.bn, ChannelAffine)
+    x = torch.randn(5, 2, 9)
+    assert _max_rel_err(folded(x), model(x)) <= 1e-5
+
+
+def test_conv_feeding_two_consumers_is_not_folded():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 1)
+            self.bn = bnlab.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = _train_a_little(Branch(), (4, 2, 3, 3))
+    assert fold_pairs(model) == []
+    folded = fold(model)
+    x = torch.randn(2, 2, 3, 3)
+    assert _max_rel_err(folded(x), model(x)) <= 1e-5
+
+
+def test_fold_precision_with_tiny_running_var():
+    """Folding happens in float64: a tiny running_var (huge scale) stays accurate."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNorm2d(4, eps=1e-8)).eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(1e-6)
+        model[1].running_mean.normal_()
+    x = torch.randn(2, 3, 6, 6)
+    assert _max_rel_err(fold(model)(x), model(x)) <= 1e-5
+
+
+def test_fold_refuses_without_running_stats():
+    model = nn.Sequential(nn.Linear(3, 3), bnlab.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"layer '1' has no running statistics"):
+        fold(model)
+
+
+def test_fold_frozen_batchnorm():
+    model = _train_a_little(SmallCNN(), (16, 3, 8, 8))
+    frozen = bnlab.replace_norm(model, bnlab.FrozenBatchNorm2d)
+    folded = fold(frozen)
+    assert not any(isinstance(m, bnlab.FrozenBatchNorm) for m in folded.modules())
+    x = torch.randn(3, 3, 8, 8)
+    assert _max_rel_err(folded(x), model(x)) <= 1e-5

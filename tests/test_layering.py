@@ -1,0 +1,46 @@
+"""The core imports torch only: never bnlab.lab, bnlab.diagnostics, bnlab.cli or matplotlib."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import bnlab
+
+SRC = pathlib.Path(bnlab.__file__).parent
+CORE_DIRS = ("", "convert", "variants", "kernels")  # '' = top-level modules of bnlab
+UPPER = ("bnlab.lab", "bnlab.diagnostics", "bnlab.cli", "matplotlib", "tqdm", "rich")
+
+
+def _core_files():
+    for d in CORE_DIRS:
+        folder = SRC / d
+        if folder.is_dir():
+            for f in sorted(folder.glob("*.py")):
+                if f.name not in ("cli.py", "__main__.py", "demo.py"):
+                    yield f
+
+
+def test_core_modules_import_nothing_from_upper_layers():
+    bad = []
+    for f in _core_files():
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            bad += [f"{f.relative_to(SRC)}: {n}" for n in names if n.startswith(UPPER)]
+    assert not bad, bad
+
+
+def test_importing_bnlab_loads_no_upper_layer():
+    # torch itself imports tqdm, so only bnlab's own upper layers and matplotlib are checked here
+    upper = tuple(u for u in UPPER if u not in ("tqdm", "rich"))
+    code = ("import sys, bnlab, bnlab.stats, bnlab.convert; "
+            f"print([m for m in sys.modules if m.startswith({upper!r})])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"

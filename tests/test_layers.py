@@ -1,0 +1,140 @@
+"""bnlab.BatchNorm{1,2,3}d against torch.nn.BatchNorm{1,2,3}d: outputs, buffers, state_dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnlab
+from conftest import SHAPES, layer_pair
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 1.0, None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+def test_layer_matches_torch(shape, momentum, affine, track):
+    ours, ref = layer_pair(len(shape), shape[1], momentum=momentum, affine=affine,
+                           track_running_stats=track)
+    ours, ref = ours.double(), ref.double()
+    for _ in range(4):  # buffers must agree after several steps
+        x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+        torch.testing.assert_close(ours(x), ref(x))
+    if track:
+        torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 4
+    ours.eval()
+    ref.eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_torch_state_dict_loads_and_matches_in_train_and_eval():
+    ref = torch.nn.BatchNorm2d(5)
+    x = torch.randn(8, 5, 6, 6) * 3 + 1
+    for _ in range(3):
+        ref(torch.randn(8, 5, 6, 6) * 2)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2)
+        ref.bias.normal_()
+    ours = bnlab.BatchNorm2d(5)
+    ours.load_state_dict(ref.state_dict())  # strict: same keys
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval()
+    ref.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+    # and back: ours into torch
+    ref2 = torch.nn.BatchNorm2d(5)
+    ref2.load_state_dict(ours.state_dict())
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads():
+    ours = bnlab.BatchNorm1d(3)
+    sd = {k: v for k, v in ours.state_dict().items() if k != "num_batches_tracked"}
+    ours.load_state_dict(sd, strict=False)
+    from collections import OrderedDict
+
+    sd = OrderedDict(sd)
+    sd._metadata = OrderedDict({"": {"version": 1}})  # type: ignore[attr-defined]
+    ours.load_state_dict(sd)  # strict, version 1: num_batches_tracked defaults to 0
+    assert ours.num_batches_tracked.item() == 0
+
+
+def test_repr_matches_torch():
+    assert repr(bnlab.BatchNorm2d(4, momentum=None)).split("(", 1)[1] == \
+        repr(torch.nn.BatchNorm2d(4, momentum=None)).split("(", 1)[1]
+
+
+def test_channels_last_module():
+    ours, ref = layer_pair(4, 3)
+    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_bfloat16_module_parameters():
+    ours, ref = layer_pair(4, 3)
+    ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.bfloat16)
+    torch.testing.assert_close(ours(x).float(), ref(x).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: bnlab.BatchNorm2d(0), "num_features must be an integer >= 1, got 0"),
+        (lambda: bnlab.BatchNorm2d(3, eps=0.0), "eps must be a finite number > 0, got 0.0"),
+        (lambda: bnlab.BatchNorm2d(3, eps=-1e-5), "eps must be"),
+        (lambda: bnlab.BatchNorm2d(3, momentum=1.5), r"momentum must be in \[0, 1\].*got 1.5"),
+        (lambda: bnlab.BatchNorm2d(3, momentum=-0.1), "momentum must be in"),
+    ],
+)
+def test_constructor_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("layer", "x", "exc", "match"),
+    [
+        (bnlab.BatchNorm2d(3), torch.randn(2, 3, 4), ValueError,
+         r"BatchNorm2d\(3\): expected 4D \(N, C, H, W\) input, got 3D"),
+        (bnlab.BatchNorm1d(3), torch.randn(2, 3, 4, 4), ValueError, "expected 2D .* or 3D"),
+        (bnlab.BatchNorm2d(3), torch.randn(2, 4, 5, 5), ValueError,
+         "expected 3 channels in dimension 1 of the input, got 4"),
+        (bnlab.BatchNorm2d(3), torch.ones(2, 3, 4, 4, dtype=torch.long), TypeError,
+         "must be floating point, got dtype torch.int64"),
+        (bnlab.BatchNorm1d(3), torch.randn(1, 3), ValueError,
+         r"expected more than 1 value per channel when training, got input of shape \(1, 3\)"),
+        (bnlab.BatchNorm2d(3), torch.randn(1, 3, 1, 1), ValueError, "more than 1 value"),
+        (bnlab.BatchNorm3d(2), torch.randn(2, 2, 3, 3), ValueError, "expected 5D"),
+    ],
+)
+def test_forward_errors(layer, x, exc, match):
+    with pytest.raises(exc, match=match):
+        layer(x)
+
+
+def test_single_value_per_channel_is_fine_in_eval():
+    bn = bnlab.BatchNorm2d(3).eval()
+    assert bn(torch.randn(1, 3, 1, 1)).shape == (1, 3, 1, 1)
+
+
+def test_functional_errors():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\).*got \(4,\)"):
+        bnlab.functional.batch_norm(x, None, None, torch.ones(4), training=True)
+    with pytest.raises(ValueError, match="running_mean and running_var are required"):
+        bnlab.functional.batch_norm(x, None, None, training=False)
+    with pytest.raises(ValueError, match="momentum must be"):
+        bnlab.functional.batch_norm(x, None, None, training=True, momentum=2.0)
+
+
+def test_affine_without_bias_matches_torch():
+    ours, ref = layer_pair(4, 3, bias=False)
+    assert ours.bias is None and list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(ours(x), ref(x))

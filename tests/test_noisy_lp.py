@@ -1,0 +1,237 @@
+"""NoisyBatchNorm / ActivationNoise (Santurkar et al. 2018, Alg. 1) and LpNorm (Sec. 3.3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bnlab.layers import BatchNorm
+from bnlab.variants import ActivationNoise, LpNorm, NoisyBatchNorm, activation_noise, lp_norm
+
+# ----------------------------------------------------------------------------- noisy BN
+
+
+def _draw_mu_sigma(steps: int, channels: int, n: int, **kw) -> tuple[torch.Tensor, ...]:
+    """Per step and channel, estimate (μ_j, σ_j) from inputs 0 (-> m) and 1 (-> s + m)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.cat([torch.zeros(n, channels), torch.ones(n, channels)]).double()
+    mus, sigmas, resid0, resid1 = [], [], [], []
+    for _ in range(steps):
+        out = activation_noise(a, generator=g, **kw)
+        m, sm = out[:n], out[n:]  # (n, C) each
+        mus.append(m.mean(0))
+        sigmas.append((sm - m).mean(0))
+        resid0.append(m - m.mean(0))
+        resid1.append(sm - sm.mean(0))
+    return torch.stack(mus), torch.stack(sigmas), torch.cat(resid0), torch.cat(resid1)
+
+
+def test_noise_moments_match_algorithm_1():
+    n_mu, n_sigma, r_mu, r_sigma = 0.5, 1.25, 0.1, 0.1
+    mu, sigma, res0, res1 = _draw_mu_sigma(200, 32, 200)
+    # Per-channel draws: μ ~ U(−n_μ, n_μ), σ ~ U(1, n_σ). 6400 draws -> ~1% relative error.
+    assert abs(mu.mean()) < 0.02
+    assert math.isclose(mu.var().item(), n_mu**2 / 3, rel_tol=0.06)
+    assert mu.abs().max() < n_mu + 0.03  # + the estimation error of each μ_j
+    assert math.isclose(sigma.mean().item(), (1 + n_sigma) / 2, rel_tol=0.01)
+    assert math.isclose(sigma.var().item(), (n_sigma - 1) ** 2 / 12, rel_tol=0.08)
+    assert sigma.min() > 1 - 0.05 and sigma.max() < n_sigma + 0.05
+    # Per-element draws: m ~ U(μ ± r_μ): var r_μ²/3 and support of width 2 r_μ;
+    # s·1 + m has var r_σ² + r_μ²/3 (r_σ is a std).
+    assert math.isclose(res0.var().item(), r_mu**2 / 3, rel_tol=0.01)
+    assert res0.abs().max() <= 2 * r_mu
+    assert math.isclose(res1.var().item(), r_sigma**2 + r_mu**2 / 3, rel_tol=0.01)
+
+
+def test_noise_shared_per_channel_over_batch_and_space():
+    # With r_μ = r_σ = 0 every element of a channel gets the same affine map σ_j·a + μ_j.
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 5, 6, 7, dtype=torch.float64)
+    out = activation_noise(a, r_mu=0.0, r_sigma=0.0, generator=g)
+    a2 = a.transpose(0, 1).reshape(5, -1)  # (N, C, H, W) -> (C, N·H·W)
+    o2 = out.transpose(0, 1).reshape(5, -1)
+    slope = (o2[:, 1:] - o2[:, :1]) / (a2[:, 1:] - a2[:, :1])
+    torch.testing.assert_close(slope, slope[:, :1].expand_as(slope))
+    assert slope[:, 0].unique().numel() == 5  # a different σ_j per channel
+    assert ((slope >= 1) & (slope <= 1.25)).all()
+    # With a = 0 each channel lies in one interval [μ_j − r_μ, μ_j + r_μ].
+    zero = activation_noise(torch.zeros(8, 5, 3, 3), generator=g).transpose(0, 1).reshape(5, -1)
+    assert (zero.amax(1) - zero.amin(1) <= 0.2 + 1e-6).all()
+
+
+def test_gradient_is_the_multiplicative_noise():
+    a = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    out = activation_noise(a, generator=torch.Generator().manual_seed(1))
+    out2 = activation_noise(2 * a.detach(), generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad(out.sum(), a)
+    torch.testing.assert_close(grad, (out2 - out.detach()) / a.detach())  # s = ∂a'/∂a
+
+
+def test_noisy_bn_is_bn_plus_noise_and_off_in_eval():
+    torch.manual_seed(0)
+    noisy, bn = NoisyBatchNorm(4, seed=7), BatchNorm(4)
+    x = torch.randn(16, 4, 5, 5) * 3 + 1
+    y = noisy(x)
+    ref = bn(x)
+    assert not torch.allclose(y, ref, atol=1e-2)
+    # Running statistics are those of the clean input.
+    torch.testing.assert_close(noisy.running_mean, bn.running_mean)
+    torch.testing.assert_close(noisy.running_var, bn.running_var)
+    noisy.eval()
+    bn.eval()
+    torch.testing.assert_close(noisy(x), bn(x))
+    torch.testing.assert_close(noisy(x), noisy(x))  # deterministic
+    # Degenerate noise (μ = 0, σ = 1, r = 0) is exactly BN.
+    ident = NoisyBatchNorm(4, n_mu=0.0, n_sigma=1.0, r_mu=0.0, r_sigma=0.0)
+    torch.testing.assert_close(ident.train()(x), BatchNorm(4)(x))
+
+
+def test_noise_seeded_and_fresh_each_step():
+    x = torch.randn(8, 3)
+    a, b, c = ActivationNoise(3, seed=5), ActivationNoise(3, seed=5), ActivationNoise(3, seed=6)
+    ya, yb, yc = a(x), b(x), c(x)
+    torch.testing.assert_close(ya, yb)
+    assert not torch.allclose(ya, yc)
+    assert not torch.allclose(a(x), ya)  # a new D_j^t at every step
+    torch.manual_seed(1)
+    d = ActivationNoise(3)
+    torch.manual_seed(1)
+    e = ActivationNoise(3)
+    assert d.seed == e.seed  # seed=None is reproducible under torch.manual_seed
+    assert torch.equal(ActivationNoise(3, seed=1).eval()(x), x)
+
+
+def test_torch_state_dict_loads_into_noisy_bn():
+    ref = nn.BatchNorm2d(3)
+    ref(torch.randn(4, 3, 2, 2))
+    noisy = NoisyBatchNorm(3, seed=0)
+    noisy.load_state_dict(ref.state_dict())  # strict: same keys
+    torch.testing.assert_close(noisy.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize(("arg", "value"), [("n_mu", -0.1), ("n_sigma", 0.5), ("r_mu", -1.0),
+                                            ("r_sigma", float("nan")), ("seed", -3)])
+def test_noise_bad_arguments(arg, value):
+    with pytest.raises(ValueError, match=arg):
+        NoisyBatchNorm(3, **{arg: value})
+
+
+def test_activation_noise_checks_channels():
+    with pytest.raises(ValueError, match=r"\(N, 3, \*\)"):
+        ActivationNoise(3)(torch.randn(2, 4))
+
+
+# ----------------------------------------------------------------------------- ℓp norms
+
+X = torch.tensor([[1.0], [-2.0], [3.0], [0.0]], dtype=torch.float64)  # (N=4, C=1)
+# μ = 0.5; s_1 = 6/4 = 1.5; s_2 = √(14/4) = √3.5; s_∞ = 3.
+CENTRED = torch.tensor([[0.5], [-2.5], [2.5], [-0.5]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("p", "scale"), [(1, 1.5), (2, math.sqrt(3.5)), (math.inf, 3.0)])
+def test_lp_norm_hand_computed(p, scale):
+    layer = LpNorm(1, p=p, eps=1e-12, momentum=0.1).double()
+    torch.testing.assert_close(layer(X), CENTRED / scale)
+    torch.testing.assert_close(layer.running_mean, torch.tensor([0.05], dtype=torch.float64))
+    torch.testing.assert_close(layer.running_scale,
+                               torch.tensor([0.9 + 0.1 * scale], dtype=torch.float64))
+    layer.eval()  # y = (x − running_mean)/(running_scale + ε)
+    torch.testing.assert_close(layer(X), (X - 0.05) / (0.9 + 0.1 * scale))
+
+
+def test_lp_norm_hand_computed_affine_and_conv_layout():
+    # Two channels, spatial 1x2: the statistics run over N·H·W = 4 values per channel.
+    x = torch.tensor([[[[1.0, -2.0]], [[2.0, 2.0]]], [[[3.0, 0.0]], [[-2.0, -2.0]]]])
+    w, b = torch.tensor([2.0, 1.0]), torch.tensor([0.0, 1.0])
+    y = lp_norm(x, None, None, w, b, training=True, eps=1e-12, p=1)
+    # Channel 0: values 1, −2, 3, 0 -> (x − 0.5)/1.5·2. Channel 1: ±2, mean 0, s_1 = 2 -> ±1 + 1.
+    want = torch.tensor([[[[1 / 1.5, -5 / 1.5]], [[2.0, 2.0]]],
+                         [[[5 / 1.5, -1 / 1.5]], [[0.0, 0.0]]]])
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_lp_norm_properties(p):
+    torch.manual_seed(0)
+    x = torch.randn(32, 5, 3, dtype=torch.float64) * 4 + 2
+    y = lp_norm(x, None, None, training=True, eps=1e-12, p=p)
+    torch.testing.assert_close(y.mean((0, 2)), torch.zeros(5, dtype=torch.float64))
+    torch.testing.assert_close(lp_norm(3 * x, None, None, training=True, eps=1e-12, p=p), y)
+    # Not shift-invariant (the scale is of the uncentred values), unlike BN.
+    assert not torch.allclose(lp_norm(x + 5, None, None, training=True, p=p), y, atol=1e-3)
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_lp_norm_gradcheck(p):
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: lp_norm(x, None, None, w, b, True, p=p),
+                                    (x, w, b))
+
+
+def test_lp_norm_cumulative_momentum_and_eval_batch_independence():
+    layer = LpNorm(3, p=2, momentum=None)
+    batches = [torch.randn(10, 3) + i for i in range(3)]
+    for xb in batches:
+        layer(xb)
+    scales = torch.stack([xb.square().mean(0).sqrt() for xb in batches])
+    torch.testing.assert_close(layer.running_scale, scales.mean(0))
+    torch.testing.assert_close(layer.running_mean, torch.stack(batches).mean((0, 1)))
+    layer.eval()
+    x = torch.randn(10, 3)
+    perm = torch.randperm(10)
+    torch.testing.assert_close(layer(x)[perm], layer(x[perm]))
+    torch.testing.assert_close(layer(x[:1]), layer(x)[:1])  # one example works in eval
+
+
+def test_lp_norm_without_running_stats_uses_batch_in_eval():
+    layer = LpNorm(2, p=1, track_running_stats=False).eval()
+    x = torch.randn(7, 2)
+    torch.testing.assert_close(layer(x), lp_norm(x, None, None, layer.weight, layer.bias, True,
+                                                  p=1))
+
+
+@pytest.mark.parametrize("p", [0, 3, "two", True])
+def test_lp_norm_bad_p(p):
+    with pytest.raises(ValueError, match="p must be"):
+        LpNorm(3, p=p)
+
+
+def test_lp_norm_bad_input():
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        LpNorm(3)(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        LpNorm(3)(torch.randn(1, 3))
+
+
+# ----------------------------------------------------------------------------- shapes, dtypes
+
+SHAPES = st.tuples(st.integers(2, 5), st.integers(1, 4)).flatmap(
+    lambda nc: st.lists(st.integers(1, 4), max_size=2).map(lambda sp: (*nc, *sp)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=SHAPES, p=st.sampled_from([1, 2, math.inf]))
+def test_lp_norm_any_rank_equals_flattened_2d(shape, p):
+    x = torch.randn(shape, dtype=torch.float64) + 0.5
+    c = shape[1]
+    flat2d = x.transpose(0, 1).reshape(c, -1).T  # (N, C, *) -> (N·positions, C)
+    want = lp_norm(flat2d, None, None, training=True, p=p)
+    got = lp_norm(x, None, None, training=True, p=p).transpose(0, 1).reshape(c, -1).T
+    torch.testing.assert_close(got, want)
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=SHAPES, dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_noisy_layers_keep_shape_and_dtype(shape, dtype):
+    x = torch.randn(shape).to(dtype)
+    for layer in (NoisyBatchNorm(shape[1], seed=0, dtype=dtype), LpNorm(shape[1], dtype=dtype)):
+        y = layer(x)
+        assert y.shape == x.shape and y.dtype == dtype and torch.isfinite(y.float()).all()

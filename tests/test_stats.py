@@ -1,0 +1,110 @@
+"""Algorithm 2 population statistics against closed forms; splits; weights and modes untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.stats import population_statistics, recalibrate
+
+
+def _net(norm=bnlab.BatchNorm2d):
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), norm(3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(3 * 5 * 5, 4, bias=False),
+                         bnlab.BatchNorm1d(4)).double()
+
+
+def _inputs_of_first_bn(net, batches):
+    with torch.no_grad():
+        return [net[0](b) for b in batches]
+
+
+@pytest.mark.parametrize("norm", [bnlab.BatchNorm2d, nn.BatchNorm2d])
+def test_alg2_equal_batches_closed_form(norm):
+    net = _net(norm)
+    batches = [torch.randn(6, 2, 5, 5, dtype=torch.float64) + i for i in range(4)]
+    stats = population_statistics(net, batches)
+    acts = _inputs_of_first_bn(net, batches)
+    mus = torch.stack([a.mean((0, 2, 3)) for a in acts])
+    vars_ = torch.stack([a.var((0, 2, 3), unbiased=False) for a in acts])
+    m = 6 * 5 * 5  # m' = N·H·W for a conv layer
+    torch.testing.assert_close(stats["1"].mean, mus.mean(0))
+    torch.testing.assert_close(stats["1"].var, m / (m - 1) * vars_.mean(0))
+    assert stats["1"].count == 4 * m and stats["1"].batches == 4
+    assert set(stats) == {"1", "5"}
+
+
+def test_population_estimator_equals_concatenated_data_and_is_split_invariant():
+    net = _net()
+    data = torch.randn(20, 2, 5, 5, dtype=torch.float64) * 2 + 1
+    full = torch.cat(_inputs_of_first_bn(net, [data]))
+    want_mean, want_var = full.mean((0, 2, 3)), full.var((0, 2, 3), unbiased=True)
+    for sizes in ([20], [10, 10], [3, 9, 8], [2, 2, 16]):
+        batches = list(data.split(sizes))
+        s = population_statistics(net, batches, estimator="population")["1"]
+        torch.testing.assert_close(s.mean, want_mean)
+        torch.testing.assert_close(s.var, want_var)
+
+
+def test_alg2_uneven_batches_weighted_by_size():
+    net = _net()
+    batches = [torch.randn(n, 2, 5, 5, dtype=torch.float64) * (1 + n) for n in (2, 7, 3)]
+    acts = _inputs_of_first_bn(net, batches)
+    s = population_statistics(net, batches)["1"]
+    ms = [a.shape[0] * 25 for a in acts]
+    mean = sum(m * a.mean((0, 2, 3)) for m, a in zip(ms, acts)) / sum(ms)
+    var = sum(m * a.var((0, 2, 3), unbiased=False) for m, a in zip(ms, acts)) / \
+        sum(m - 1 for m in ms)
+    torch.testing.assert_close(s.mean, mean)
+    torch.testing.assert_close(s.var, var)
+    # the batch means are identical however the same per-batch data is ordered
+    s2 = population_statistics(net, batches[::-1])["1"]
+    torch.testing.assert_close(s2.mean, s.mean)
+    torch.testing.assert_close(s2.var, s.var)
+
+
+def test_recalibrate_sets_buffers_restores_mode_and_never_changes_weights():
+    net = _net()
+    net.eval()
+    net[2].train()  # a mixed-mode model
+    params = {k: v.clone() for k, v in net.named_parameters()}
+    batches = [torch.randn(6, 2, 5, 5, dtype=torch.float64) for _ in range(3)]
+    stats = recalibrate(net, batches, num_batches=2)
+    for k, v in net.named_parameters():
+        assert torch.equal(v, params[k])
+    assert not net.training and not net[1].training and net[2].training
+    torch.testing.assert_close(net[1].running_mean, stats["1"].mean)
+    torch.testing.assert_close(net[5].running_var, stats["5"].var)
+    assert stats["1"].batches == 2
+    assert net[1].num_batches_tracked.item() == 0
+
+
+def test_population_statistics_leaves_buffers_alone():
+    net = _net()
+    before = [b.clone() for b in net.buffers()]
+    population_statistics(net, [torch.randn(4, 2, 5, 5, dtype=torch.float64)])
+    for a, b in zip(net.buffers(), before):
+        assert torch.equal(a, b)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="has no BatchNorm layer"):
+        population_statistics(nn.Linear(2, 2), [torch.randn(3, 2)])
+    with pytest.raises(ValueError, match="estimator must be"):
+        population_statistics(_net(), [], estimator="ema")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="saw 0 value"):
+        population_statistics(_net(), [])
+
+
+def test_alg2_inference_beats_short_moving_average_on_shifted_stream():
+    """Alg. 2 uses the whole training set; an EMA with momentum 0.5 remembers the last batches."""
+    bn = nn.Sequential(bnlab.BatchNorm1d(1, momentum=0.5)).double()
+    batches = [torch.randn(50, 1, dtype=torch.float64) + (5.0 if i == 9 else 0.0)
+               for i in range(10)]
+    for b in batches:
+        bn(b)
+    ema_mean = bn[0].running_mean.item()
+    recalibrate(bn, batches)
+    assert abs(bn[0].running_mean.item() - 0.5) < abs(ema_mean - 0.5)
