@@ -1,4 +1,3 @@
-<<<<<<< HEAD
 """bnlab.lab: reproduces Ioffe & Szegedy 2015 (and, later, Santurkar et al. 2018) from one
 command each.
 
@@ -7,6 +6,3 @@ command each.
 discovery and the runner), `plots` and `report` (read run directories only), and the
 experiments under `experiments/<paper>/`. Nothing heavy is imported here.
 """
-=======
-"""The laboratory: data, models, training, runs, plots and reports (imports core, diagnostics)."""
->>>>>>> main
