@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from _lab_idx import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
