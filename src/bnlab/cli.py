@@ -2,7 +2,8 @@
 
     bnlab list                                    experiments, claims, expected runtimes
     bnlab run NAME [--preset P] [--seeds N] [--set k=v ...] [--data-dir D] [--out D]
-                   [--resume] [--force] [--threads N]
+                   [--resume] [--force] [--threads N] [--sync-bn]
+    torchrun --nproc-per-node K -m bnlab run NAME ... [--sync-bn]   data-parallel (rank 0 writes)
     bnlab report [--runs D] [--out D]             finished runs -> report/index.html + report.md
     bnlab bench ...                               kernel benchmarks (bnlab.kernels.bench)
 """
@@ -31,13 +32,18 @@ def _run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from bnlab.lab import parallel
+
+    par = parallel.init(sync_bn=args.sync_bn)  # joins torchrun's group; no-op otherwise
     try:
         run_experiment(exp, preset=args.preset, seeds=args.seeds, sets=args.set,
                        data_dir=args.data_dir, out=args.out, resume=args.resume,
-                       force=args.force, progress=not args.quiet)
+                       force=args.force, progress=not args.quiet and par.main)
     except KeyboardInterrupt as e:
         print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        parallel.teardown()
     return 0
 
 
@@ -81,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
                    "torch's; 1 is much faster on a machine shared with other jobs)")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: synchronize BN "
+                   "statistics over the processes (bnlab.SyncBatchNorm)")
     p.set_defaults(func=_run)
     p = sub.add_parser("report", help="write report/index.html and report/report.md")
     p.add_argument("--runs", default="runs", help="runs directory (default: runs)")

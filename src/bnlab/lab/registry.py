@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.lab import data as data_mod
-from bnlab.lab import runs
+from bnlab.lab import parallel, runs
 from bnlab.lab.config import DataConfig, apply_overrides, config_hash, to_dict
 
 __all__ = ["PRESETS", "Experiment", "RunContext", "all_experiments", "get", "run_experiment"]
@@ -116,7 +116,30 @@ def get(name: str) -> Experiment:
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if parallel.current().main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _prepare(path: Path, meta: dict[str, Any], *, resume: bool,
+             force: bool) -> tuple[runs.Run, str]:
+    """`runs.prepare` on rank 0 alone; the other ranks get its decision (or its error) and a
+    `parallel.MemoryRun` that writes nothing."""
+    par = parallel.current()
+    if par.world == 1:
+        return runs.prepare(path, meta, resume=resume, force=force)
+    decision: tuple[str, str] = ("", "")
+    if par.main:
+        try:
+            run, action = runs.prepare(path, meta, resume=resume, force=force)
+            decision = ("ok", action)
+        except runs.RunExistsError as e:
+            decision = ("error", str(e))
+    decision = parallel.broadcast(decision)
+    if decision[0] == "error":
+        raise runs.RunExistsError(decision[1])
+    if par.main:
+        return run, decision[1]
+    return parallel.MemoryRun(path, resume=decision[1] == "resume"), decision[1]
 
 
 def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
@@ -142,7 +165,7 @@ def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
             meta = {"experiment": exp.name, "preset": preset, "tag": tag, "variant": variant,
                     "seed": seed, "overrides": list(sets), "config": to_dict(cfg)}
             path = runs.run_path(out, exp.name, tag, variant, seed)
-            run, action = runs.prepare(path, meta, resume=resume, force=force)
+            run, action = _prepare(path, meta, resume=resume, force=force)
             if action == "skip":
                 _say(f"skip {path}: finished with the same config (--force reruns it)")
                 done.append(run)

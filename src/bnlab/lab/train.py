@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from bnlab import ddp
+from bnlab.lab import parallel
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
 from bnlab.lab.data import Batches, Dataset
 from bnlab.lab.runs import Run
@@ -142,6 +144,9 @@ def fit(
     # Subnormal floats (e.g. gradients through saturated sigmoids) slow CPU math 10-100x;
     # flushing them to zero changes nothing measurable and keeps steps at their normal speed.
     torch.set_flush_denormal(True)
+    # Under torchrun: SyncBN if asked (in place, parameters shared) and a DDP wrapper; `model`
+    # stays the plain module for evaluation, probes and checkpoints. Identity otherwise.
+    net, par = parallel.prepare_model(model), parallel.current()
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
                           weight_decay=optim.weight_decay)
@@ -190,11 +195,18 @@ def fit(
                 g["lr"] = lr
             idx = batches.indices(step)
             x, y = data.train_x[idx], data.train_y[idx]
-            loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if par.world == 1:
+                loss = loss_fn(net(x), y)
+                loss.backward()
+                value = loss.item()
+            else:  # this rank's shard; the mean loss over the global batch (per-sample mean)
+                xs, ys = parallel.shard(x, y)
+                out = net(xs)
+                local = loss_fn(out, ys) * len(ys) if len(ys) else out.sum() * 0.0
+                ddp.global_mean(local, len(y)).backward()
+                value = float(ddp.all_reduce_sum(local.detach())) / len(y)
             opt.step()
-            value = loss.item()
             done = step + 1
             bar.update(1)
             if not math.isfinite(value):

@@ -1,0 +1,109 @@
+"""Data-parallel runs of the lab: ``torchrun --nproc-per-node K -m bnlab run NAME [--sync-bn]``.
+
+Every rank draws the same *global* batch (same seed and batch order), keeps its shard
+(`bnlab.ddp.shard_batch`) and scales its summed loss so that DDP's gradient average is the
+gradient of the global mean loss (`bnlab.ddp.global_mean`). With ``--sync-bn`` every BN becomes
+a `bnlab.SyncBatchNorm`, so the run equals one process on the same global batch. Evaluation
+and probes run on every rank on identical parameters (no communication in eval mode); only
+rank 0 writes the run directory, the other ranks keep their run in memory (`MemoryRun`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bnlab import ddp
+from bnlab.lab.runs import Run
+
+__all__ = ["MemoryRun", "Parallel", "broadcast", "current", "init", "prepare_model", "shard"]
+
+
+@dataclass(frozen=True)
+class Parallel:
+    rank: int = 0
+    world: int = 1
+    sync_bn: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+_STATE = Parallel()
+
+
+def init(*, sync_bn: bool = False) -> Parallel:
+    """Join the torchrun process group if there is one (a no-op in a single process)."""
+    global _STATE
+    rank, world, _ = ddp.setup_from_env("cpu" if os.environ.get("BNLAB_DEVICE") is None
+                                        else os.environ["BNLAB_DEVICE"])
+    _STATE = Parallel(rank, world, sync_bn)
+    return _STATE
+
+
+def current() -> Parallel:
+    return _STATE
+
+
+def teardown() -> None:
+    global _STATE
+    ddp.teardown()
+    _STATE = Parallel()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (itself in a single process)."""
+    if _STATE.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """The module to train: ``model`` with SyncBN when asked (converted in place, parameters
+    shared), wrapped in DDP when there is more than one process. ``model`` itself stays the
+    unwrapped module used for evaluation, probes and checkpoints."""
+    return ddp.wrap_ddp(model, sync_bn=_STATE.sync_bn)
+
+
+def shard(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    xs, ys = ddp.shard_batch(x, y, _STATE.rank, _STATE.world)
+    return xs, ys  # type: ignore[return-value]
+
+
+class MemoryRun(Run):
+    """A non-zero rank's view of a run: reads what rank 0 wrote before this process started
+    (checkpoints to resume from), keeps everything it would write in memory."""
+
+    def __init__(self, path: Path, *, resume: bool) -> None:
+        super().__init__(Path(path))
+        self._metrics = Run(self.path).metrics() if resume else []
+        self._artifacts: dict[str, Any] = {}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return list(self._metrics)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._metrics.append(record)
+
+    def truncate_metrics(self, step: int) -> None:
+        self._metrics = [r for r in self._metrics if r.get("step", 0) <= step]
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save_artifact(self, name: str, obj: Any) -> None:
+        self._artifacts[name] = obj
+
+    def load_artifact(self, name: str) -> Any:
+        return self._artifacts[name] if name in self._artifacts else super().load_artifact(name)
+
+    def finish(self, summary: dict[str, Any], *, keep_checkpoint: bool = False) -> None:
+        pass

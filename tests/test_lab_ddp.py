@@ -1,0 +1,85 @@
+"""Data-parallel lab runs: `bnlab run ... --sync-bn` under 2 gloo processes equals 1 process.
+
+Two processes on 127.0.0.1 (free port, hard deadline, always killed) train the smoke preset of
+ioffe2015.fig1 on the same global batches as a single process; with SyncBN the logged held-out
+metrics must agree to float32 reduction-order tolerance, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _lab_idx import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], env: dict[str, str], logs: list[Path], timeout: float = 180) -> None:
+    procs = []
+    try:
+        for rank, log in enumerate(logs):
+            e = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)} if len(logs) > 1 else env
+            with open(log, "w") as f:
+                procs.append(subprocess.Popen([sys.executable, "-m", "bnlab", *args], env=e,
+                                              stdout=f, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"bnlab run did not finish within {timeout} s (killed)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log.read_text()[-3000:]
+
+
+def _metrics(out: Path) -> dict[str, list[dict]]:
+    found = {}
+    for m in sorted(out.glob("**/metrics.jsonl")):
+        found[str(m.relative_to(out).parent)] = [json.loads(line)
+                                                 for line in m.read_text().splitlines()]
+    return found
+
+
+def test_two_process_sync_bn_run_equals_one_process(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "data")
+    common = ["run", "ioffe2015.fig1", "--preset", "smoke", "--data-dir", str(data),
+              "--quiet", "--threads", "1", "--sync-bn"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    _run([*common, "--out", str(tmp_path / "one")], env, [tmp_path / "one.log"])
+    env2 = {**env, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port())}
+    _run([*common, "--out", str(tmp_path / "two")], env2,
+         [tmp_path / "two0.log", tmp_path / "two1.log"])
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 3
+    for run in one:
+        a, b = one[run], two[run]
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        for ra, rb in zip(a, b):
+            for key in ("acc", "loss", "train_loss"):
+                if ra.get(key) is not None:
+                    assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-4), (run, key)
+        assert (tmp_path / "two" / run / "summary.json").exists()
+    # rank 1 wrote nothing: the only files are rank 0's run directories
+    files = {p.name for p in (tmp_path / "two").glob("**/*") if p.is_file()}
+    assert files <= {"config.json", "env.json", "metrics.jsonl", "summary.json"} | {
+        p.name for p in (tmp_path / "one").glob("**/*") if p.is_file()}
