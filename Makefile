@@ -31,6 +31,7 @@ data:
 # The main job: Figure 1 of Ioffe & Szegedy 2015 at the paper's settings, then the report.
 # THREADS=1 is much faster on a machine shared with other jobs.
 demo: setup data
+	$(BIN)/python -m bnlab.demo
 	$(BIN)/bnlab run ioffe2015.fig1 --preset paper $(if $(THREADS),--threads $(THREADS))
 	$(BIN)/bnlab report
 
