@@ -49,6 +49,12 @@ def available() -> bool:
     return bool(ok)
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"bnlab: the CPU kernels are not available ({_build.build_error()}); "
+                           "check bnlab.kernels.supports(x) first")
+
+
 def supports(x: Tensor) -> bool:
     """Whether the fast kernels handle this input: a dense CPU float32/bfloat16 tensor of rank
     >= 2, the kernels built, and ``BNLAB_FORCE_REFERENCE`` unset (or "0")."""
@@ -71,6 +77,7 @@ def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     Shape:
         x: (N, C, *); weight, bias: (C,) or None. Returns y like x and two (C,) tensors.
     """
+    _require()
     y, mean, var, _ = torch.ops.bnlab.bn_train_fwd(x, weight, bias, eps, None, False, False)
     return y, mean, var
 
@@ -78,6 +85,7 @@ def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
                     bias: Tensor | None, eps: float) -> Tensor:
     """Inference-mode BN (Alg. 2, step 11): y = γ(x − E[x])/√(Var[x] + ε) + β, per channel."""
+    _require()
     y, _ = torch.ops.bnlab.bn_eval_fwd(x, running_mean, running_var, weight, bias, eps, None,
                                        False, False)
     return y

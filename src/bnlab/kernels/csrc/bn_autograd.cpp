@@ -92,12 +92,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reference_backward(
     invstd = at::rsqrt(rv.to(ct) + eps);
   }
   Tensor x_hat = (xc - cview(mean, x)) * cview(invstd, x);
-  Tensor sum_g = gc.sum(dims), sum_gx = (gc * x_hat).sum(dims);
+  Tensor gx = gc * x_hat;
+  Tensor sum_g = gc.sum(dims), sum_gx = gx.sum(dims);
   Tensor scale = weight.defined() ? invstd * weight.to(ct) : invstd;
   Tensor dx;
-  if (training) {
-    const double m = static_cast<double>(x.numel() / x.size(1));
-    dx = (gc - cview(sum_g / m, x) - x_hat * cview(sum_gx / m, x)) * cview(scale, x);
+  if (training) {  // means, not sums / m: no numel() (symbolic under torch.compile)
+    dx = (gc - cview(gc.mean(dims), x) - x_hat * cview(gx.mean(dims), x)) * cview(scale, x);
   } else {
     dx = gc * cview(scale, x);
   }
@@ -112,13 +112,18 @@ variable_list finish(AutogradContext* ctx, const Tensor& grad_y, bool training) 
   const bool has_z = ctx->saved_data["has_z"].toBool();
   const double eps = ctx->saved_data["eps"].toDouble();
   Tensor mask = relu ? saved[4] : Tensor();
-  TORCH_CHECK(!relu || mask.numel() > 0,
+  TORCH_CHECK(!relu || mask.dim() == x.dim(),
               "bnlab: the fused BN+ReLU ran without saving its ReLU mask (save_mask=False), so "
               "it cannot be differentiated");
-  // Input positions: train (x, w, b, eps, z, ...), eval (x, rm, rv, w, b, eps, z, ...).
+  // Argument positions: train (x, w, b, eps, z, ...), eval (x, rm, rv, w, b, eps, z, ...).
+  // needs_input_grad counts only the tensors that were given (absent optionals are skipped).
   const int iw = training ? 1 : 3, ib = iw + 1, iz = training ? 4 : 6;
-  const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(iw);
-  const bool need_b = ctx->needs_input_grad(ib), need_z = has_z && ctx->needs_input_grad(iz);
+  const bool has_w = ctx->saved_data["has_w"].toBool(), has_b = ctx->saved_data["has_b"].toBool();
+  const int vw = training ? 1 : 3, vb = vw + has_w, vz = vb + has_b;
+  const bool need_x = ctx->needs_input_grad(0);
+  const bool need_w = has_w && ctx->needs_input_grad(vw);
+  const bool need_b = has_b && ctx->needs_input_grad(vb);
+  const bool need_z = has_z && ctx->needs_input_grad(vz);
   Tensor dx, dw, db, dz;
   Tensor g = grad_y.defined() ? grad_y : at::zeros_like(x);
   if (at::GradMode::is_enabled()) {
@@ -131,7 +136,7 @@ variable_list finish(AutogradContext* ctx, const Tensor& grad_y, bool training) 
       static_cast<at::ScalarType>(ctx->saved_data["bias_type"].toInt());
   variable_list out(training ? 7 : 9);
   if (need_x) out[0] = dx;
-  if (need_w && weight.defined()) out[iw] = dw.to(weight.scalar_type());
+  if (need_w) out[iw] = dw.to(weight.scalar_type());
   if (need_b) out[ib] = db.to(bias_type);
   if (need_z) out[iz] = dz;
   return out;
@@ -146,6 +151,8 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_z"] = z.has_value() && z->defined();
+    ctx->saved_data["has_w"] = w.has_value() && w->defined();
+    ctx->saved_data["has_b"] = b.has_value() && b->defined();
     ctx->saved_data["bias_type"] = static_cast<int64_t>(
         (b.has_value() && b->defined()) ? b->scalar_type() : at::kFloat);
     ctx->save_for_backward({x, w.has_value() ? *w : Tensor(), mean, var, mask});
@@ -167,6 +174,8 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_z"] = z.has_value() && z->defined();
+    ctx->saved_data["has_w"] = w.has_value() && w->defined();
+    ctx->saved_data["has_b"] = b.has_value() && b->defined();
     ctx->saved_data["bias_type"] = static_cast<int64_t>(
         (b.has_value() && b->defined()) ? b->scalar_type() : at::kFloat);
     ctx->save_for_backward({x, w.has_value() ? *w : Tensor(), rm, rv, mask});
