@@ -39,12 +39,26 @@ struct Shape {
   int64_t m() const { return N * S; }  // values per channel
 };
 
-// What the fused variants add after normalizing: +z (residual), ReLU, and the saved mask.
-template <typename T>
+// What the fused variants add after normalizing: +z (residual), ReLU, and the saved mask. The
+// choices are template parameters, so each combination compiles to its own branch-free loop.
+template <typename T, bool Z, bool R, bool M>
 struct Epilogue {
-  const T* z = nullptr;       // residual, same layout as x (BN+add+ReLU), or null
-  bool relu = false;
-  uint8_t* mask = nullptr;    // 1 where the output is > 0 (saved for backward), or null
+  static_assert(!M || R, "a mask is only saved for ReLU");
+  const T* z = nullptr;     // residual, same layout as x (BN+add+ReLU)
+  uint8_t* mask = nullptr;  // 1 where the output is > 0 (saved for backward)
+  template <int N = W>
+  inline vf apply(vf y, int64_t i, int n = W) const {
+    if constexpr (Z) y += (N == W) ? load(z + i) : load_n(z + i, n);
+    if constexpr (R) {
+      const vi pos = ~(y <= 0.0f);  // NaN stays NaN (and passes its gradient), as torch.relu
+      y = keep(y, pos);
+      if constexpr (M) {
+        if constexpr (N == W) store_mask(mask + i, pos);
+        else store_mask_n(mask + i, pos, n);
+      }
+    }
+    return y;
+  }
 };
 
 // ---- accumulators ------------------------------------------------------------------------
@@ -101,7 +115,7 @@ struct SumsOp {
 };
 
 // Backward sums: a += g', b += g'·(x − μ), g' = g masked by the ReLU mask.
-template <typename T>
+template <typename T, bool MASK>
 struct BwdSumsOp {
   const T* x;
   const T* g;
@@ -109,37 +123,23 @@ struct BwdSumsOp {
   vf mu;
   void full(int64_t i, vf& a, vf& b) const {
     vf gg = load(g + i);
-    if (mask) gg = keep(gg, load_mask(mask + i));
+    if constexpr (MASK) gg = keep(gg, load_mask(mask + i));
     a += gg;
     b += gg * (load(x + i) - mu);
   }
   void part(int64_t i, int n, vf& a, vf& b) const {
     vf gg = keep(load_n(g + i, n), lanes_lt(n));
-    if (mask) gg = keep(gg, load_mask_n(mask + i, n));
+    if constexpr (MASK) gg = keep(gg, load_mask_n(mask + i, n));
     a += gg;
     b += gg * keep(load_n(x + i, n) - mu, lanes_lt(n));
   }
 };
 
-// y = (x − μ)·scale + shift [+ z] [ReLU, mask]; the same form as the reference path, which
-// keeps large-mean inputs exact (x·a + b would cancel when |μ| ≫ σ).
-template <typename T>
-inline vf epilogue(vf y, int64_t i, const Epilogue<T>& e, int n) {
-  if (e.z) y += (n == W) ? load(e.z + i) : load_n(e.z + i, n);
-  if (e.relu) {
-    vi pos = ~(y <= 0.0f);  // NaN stays NaN (and passes its gradient), as torch.relu
-    y = keep(y, pos);
-    if (e.mask) {
-      if (n == W) store_mask(e.mask + i, pos);
-      else store_mask_n(e.mask + i, pos, n);
-    }
-  }
-  return y;
-}
-
 // dx = g'·A + (x − μ)·B + Cc, and dz = g' when asked (BN+add+ReLU).
-template <typename T>
+template <typename T, bool MASK, bool DZ, bool DX>
 struct DxOp {
+  using scalar = T;
+  static constexpr bool kMask = MASK;
   const T* x;
   const T* g;
   const uint8_t* mask;
@@ -147,15 +147,15 @@ struct DxOp {
   T* dz;
   void at(int64_t i, vf mu, vf A, vf B, vf Cc) const {
     vf gg = load(g + i);
-    if (mask) gg = keep(gg, load_mask(mask + i));
-    if (dz) store(dz + i, gg);
-    if (dx) store(dx + i, gg * A + (load(x + i) - mu) * B + Cc);
+    if constexpr (MASK) gg = keep(gg, load_mask(mask + i));
+    if constexpr (DZ) store(dz + i, gg);
+    if constexpr (DX) store(dx + i, gg * A + (load(x + i) - mu) * B + Cc);
   }
   void at_n(int64_t i, int n, vf mu, vf A, vf B, vf Cc) const {
     vf gg = load_n(g + i, n);
-    if (mask) gg = keep(gg, load_mask_n(mask + i, n));
-    if (dz) store_n(dz + i, gg, n);
-    if (dx) store_n(dx + i, gg * A + (load_n(x + i, n) - mu) * B + Cc, n);
+    if constexpr (MASK) gg = keep(gg, load_mask_n(mask + i, n));
+    if constexpr (DZ) store_n(dz + i, gg, n);
+    if constexpr (DX) store_n(dx + i, gg * A + (load_n(x + i, n) - mu) * B + Cc, n);
   }
 };
 

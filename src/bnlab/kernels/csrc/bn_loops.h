@@ -54,23 +54,24 @@ inline void planar_reduce(const Shape& s, int64_t c, int64_t n0, int64_t n1, con
   A.flush(s1, s2);
 }
 
-template <typename T>
+template <typename T, class E>
 inline void planar_normalize(const T* x, T* y, const Shape& s, int64_t c, int64_t n0, int64_t n1,
-                             float mean, float scale, float shift, const Epilogue<T>& e) {
+                             float mean, float scale, float shift, const E& e) {
   const vf mu = splat(mean), sc = splat(scale), sh = splat(shift);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t p = (n * s.C + c) * s.S;
     map_seg(
         s.S,
-        [&](int64_t i) { store(y + p + i, epilogue((load(x + p + i) - mu) * sc + sh, p + i, e, W)); },
+        [&](int64_t i) { store(y + p + i, e.apply((load(x + p + i) - mu) * sc + sh, p + i)); },
         [&](int64_t i, int n_) {
-          store_n(y + p + i, epilogue((load_n(x + p + i, n_) - mu) * sc + sh, p + i, e, n_), n_);
+          store_n(y + p + i, e.template apply<0>((load_n(x + p + i, n_) - mu) * sc + sh, p + i, n_),
+                  n_);
         });
   }
 }
 
-template <typename T>
-inline void planar_dx(const DxOp<T>& op, const Shape& s, int64_t c, int64_t n0, int64_t n1,
+template <class Op>
+inline void planar_dx(const Op& op, const Shape& s, int64_t c, int64_t n0, int64_t n1,
                       float mean, float A, float B, float Cc) {
   const vf mu = splat(mean), va = splat(A), vb_ = splat(B), vc = splat(Cc);
   for (int64_t n = n0; n < n1; ++n) {
@@ -87,13 +88,17 @@ inline bool channel_parallel(const Shape& s) {
   return nt == 1 || s.C >= 4 * nt || s.C % nt == 0 || s.N * s.S * s.C <= GRAIN;
 }
 
-// Channels per block so that a block's slab (N·S values of each of `per_elem` bytes, per
-// channel) stays in L2 between the reduction and the elementwise sweep. Small planes (7×7)
-// need many channels per block: the block is then read n-major, as long contiguous runs,
-// instead of one 196-byte plane every C·S·4 bytes (a TLB miss and no prefetch per plane).
-inline int64_t channel_block(const Shape& s, int64_t per_elem) {
-  constexpr int64_t SLAB = 384 * 1024;
-  return std::max<int64_t>(1, SLAB / std::max<int64_t>(1, s.N * s.S * per_elem));
+// Channels per block. A block is read n-major: for each n its planes are one contiguous run of
+// cb·S values, long enough (≥ RUN bytes) for the hardware prefetchers — reading one channel's
+// planes alone jumps C·S·4 bytes after every S values, which costs 1.5-2x in time on its own.
+// The block's slab (N·cb·S values of `per_elem` bytes) is bounded by SLAB so it is still in
+// L2/L3 when the elementwise sweep reads it again.
+inline int64_t channel_block(const Shape& s, int64_t per_elem, int64_t c_per_thread) {
+  constexpr int64_t RUN = 64 * 1024, SLAB = 4 * 1024 * 1024;
+  const int64_t plane = std::max<int64_t>(1, s.S * per_elem);
+  const int64_t want = (RUN + plane - 1) / plane;
+  const int64_t fit = std::max<int64_t>(1, SLAB / std::max<int64_t>(1, s.N * plane));
+  return std::max<int64_t>(1, std::min({want, fit, c_per_thread}));
 }
 
 // Σ over all planes of the channels [c0, c0 + nb), n-major; make(j, p) gives the reduction
@@ -102,8 +107,37 @@ inline int64_t channel_block(const Shape& s, int64_t per_elem) {
 template <class MakeOp>
 inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& make,
                          double* s1, double* s2, const char* use = nullptr) {
-  std::vector<Acc> acc(nb);
   std::vector<int64_t> cnt(nb, 0);
+  if (s.S < 4 * W) {
+    // Small planes (7x7, 14x14): one accumulator pair per channel is enough — consecutive
+    // planes belong to different channels, so there is no dependency chain to hide — and
+    // moving 2 instead of 8 vectors in and out per plane halves the work.
+    std::vector<vf> va(nb), vb_(nb);
+    for (int64_t n = 0; n < s.N; ++n) {
+      for (int64_t j = 0; j < nb; ++j) {
+        if (use && !use[j]) continue;
+        const auto op = make(j, (n * s.C + c0 + j) * s.S);
+        vf a = va[j], b = vb_[j];
+        int64_t i = 0;
+        for (; i + W <= s.S; i += W) op.full(i, a, b);
+        if (i < s.S) op.part(i, static_cast<int>(s.S - i), a, b);
+        if ((cnt[j] += s.S) >= BLOCK) {
+          s1[j] += hsum(a);
+          s2[j] += hsum(b);
+          a = b = vf{};
+          cnt[j] = 0;
+        }
+        va[j] = a;
+        vb_[j] = b;
+      }
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      s1[j] += hsum(va[j]);
+      s2[j] += hsum(vb_[j]);
+    }
+    return;
+  }
+  std::vector<Acc> acc(nb);
   for (int64_t n = 0; n < s.N; ++n) {
     for (int64_t j = 0; j < nb; ++j) {
       if (use && !use[j]) continue;
@@ -177,9 +211,9 @@ inline void rows_reduce(int64_t M, int64_t C, const Full& full, const Part& part
 inline std::vector<float> padded(int64_t C) { return std::vector<float>((C + W - 1) / W * W, 0.f); }
 
 // ---- the shared normalize / dx sweeps (any layout, per-channel parameters) ----------------
-template <typename T>
+template <typename T, class E>
 void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const float* scale,
-                   const float* shift, const Epilogue<T>& e) {
+                   const float* shift, const E& e) {
   if (!s.rows) {
     at::parallel_for(0, s.N * s.C, grain_for(s.S), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -196,20 +230,20 @@ void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const fl
       for (int64_t v = 0; v < nfull; ++v) {
         const int64_t o = base + v * W, cv = v * W;
         vf yv = (load(x + o) - load(mean + cv)) * load(scale + cv) + load(shift + cv);
-        store(y + o, epilogue(yv, o, e, W));
+        store(y + o, e.apply(yv, o));
       }
       if (rem) {
         const int64_t o = base + nfull * W, cv = nfull * W;
         const int n = static_cast<int>(rem);
         vf yv = (load_n(x + o, n) - load(mean + cv)) * load(scale + cv) + load(shift + cv);
-        store_n(y + o, epilogue(yv, o, e, n), n);
+        store_n(y + o, e.template apply<0>(yv, o, n), n);
       }
     }
   });
 }
 
-template <typename T>
-void dx_all(const DxOp<T>& op, const Shape& s, const float* mean, const float* A, const float* B,
+template <class Op>
+void dx_all(const Op& op, const Shape& s, const float* mean, const float* A, const float* B,
             const float* Cc) {
   if (!s.rows) {
     at::parallel_for(0, s.N * s.C, grain_for(s.S), [&](int64_t i0, int64_t i1) {

@@ -6,17 +6,20 @@
 
 #include "bn_loops.h"
 
+#include <type_traits>
+
 namespace bnk {
 
 // ---- training forward: μ_B, σ²_B (biased), y = γ(x − μ_B)/√(σ²_B + ε) + β ----------------
-template <typename T>
+template <typename T, class E>
 void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b, float eps,
-               const Epilogue<T>& e, float* mean_out, float* var_out) {
+               const E& e, float* mean_out, float* var_out) {
   const double m = static_cast<double>(s.m());
   const int64_t C = s.C;
   if (!s.rows && channel_parallel(s)) {
     // Fused: per block of channels, statistics (one DRAM read) then normalize from cache.
-    const int64_t cb = channel_block(s, sizeof(T));
+    const int nt = at::get_num_threads();
+    const int64_t cb = channel_block(s, sizeof(T), (C + nt - 1) / nt);
     at::parallel_for(0, C, grain_for(s.m()), [&](int64_t c0, int64_t c1) {
       std::vector<double> s1(cb), s2(cb), var(cb);
       std::vector<float> K(cb), mean(cb), scale(cb);
@@ -134,9 +137,11 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
 //   A = γ·invstd, B = −A·invstd²·Σg'(x−μ)/m, Cc = −A·Σg'/m, i.e. the paper's
 //   ∂ℓ/∂x̂ = γ·g',  ∂ℓ/∂x = invstd·(∂ℓ/∂x̂ − mean(∂ℓ/∂x̂) − x̂·mean(∂ℓ/∂x̂·x̂));
 // in evaluation mode (fixed μ, σ²) B = Cc = 0. Also ∂ℓ/∂γ = invstd·Σg'(x−μ), ∂ℓ/∂β = Σg'.
-template <typename T>
-void backward(const DxOp<T>& op, const Shape& s, const float* mean, const float* var,
+template <class Op>
+void backward(const Op& op, const Shape& s, const float* mean, const float* var,
               const float* w, float eps, bool training, float* dw, float* db) {
+  using T = typename Op::scalar;
+  using Sums = BwdSumsOp<T, Op::kMask>;
   const double m = static_cast<double>(s.m());
   const int64_t C = s.C;
   auto coeffs = [&](int64_t c, double sg, double sgd, float& A, float& B, float& Cc) {
@@ -149,7 +154,8 @@ void backward(const DxOp<T>& op, const Shape& s, const float* mean, const float*
   };
   const bool sweep = op.dx || op.dz;
   if (!s.rows && channel_parallel(s)) {
-    const int64_t cb = channel_block(s, 2 * sizeof(T));
+    const int nt = at::get_num_threads();
+    const int64_t cb = channel_block(s, 2 * sizeof(T), (C + nt - 1) / nt);
     at::parallel_for(0, C, grain_for(2 * s.m()), [&](int64_t c0, int64_t c1) {
       std::vector<double> sg(cb), sgd(cb);
       std::vector<float> A(cb), B(cb), Cc(cb);
@@ -160,7 +166,7 @@ void backward(const DxOp<T>& op, const Shape& s, const float* mean, const float*
         block_reduce(
             s, b0, nb,
             [&](int64_t j, int64_t p) {
-              return BwdSumsOp<T>{op.x + p, op.g + p, op.mask ? op.mask + p : nullptr,
+              return Sums{op.x + p, op.g + p, op.mask ? op.mask + p : nullptr,
                                   splat(mean[b0 + j])};
             },
             sg.data(), sgd.data());
@@ -185,7 +191,7 @@ void backward(const DxOp<T>& op, const Shape& s, const float* mean, const float*
             planar_reduce(
                 s, c, n0, n1,
                 [&](int64_t p) {
-                  return BwdSumsOp<T>{op.x + p, op.g + p, op.mask ? op.mask + p : nullptr, muv};
+                  return Sums{op.x + p, op.g + p, op.mask ? op.mask + p : nullptr, muv};
                 },
                 a, b_);
           },
@@ -198,10 +204,10 @@ void backward(const DxOp<T>& op, const Shape& s, const float* mean, const float*
     rows_reduce(
         s.m(), C,
         [&](int64_t o, int64_t cv, vf& a, vf& b_) {
-          BwdSumsOp<T>{op.x, op.g, op.mask, load(mp + cv)}.full(o, a, b_);
+          Sums{op.x, op.g, op.mask, load(mp + cv)}.full(o, a, b_);
         },
         [&](int64_t o, int64_t cv, int n, vf& a, vf& b_) {
-          BwdSumsOp<T>{op.x, op.g, op.mask, load(mp + cv)}.part(o, n, a, b_);
+          Sums{op.x, op.g, op.mask, load(mp + cv)}.part(o, n, a, b_);
         },
         sg, sgd);
     for (int64_t c = 0; c < C; ++c) coeffs(c, sg[c], sgd[c], A[c], B[c], Cc[c]);
@@ -264,13 +270,37 @@ void dispatch(const at::Tensor& x, const F& f) {
 
 at::Tensor empty_bytes(const at::Tensor& x) { return at::empty({0}, x.options().dtype(at::kByte)); }
 
-template <typename T>
-Epilogue<T> make_epilogue(const at::Tensor& z, bool relu, const at::Tensor& mask) {
-  Epilogue<T> e;
-  e.z = z.defined() ? z.data_ptr<T>() : nullptr;
-  e.relu = relu;
-  e.mask = mask.numel() > 0 ? mask.data_ptr<uint8_t>() : nullptr;
-  return e;
+// Calls f(epilogue) with the Epilogue type of this (residual, relu, mask) combination.
+template <typename T, class F>
+void with_epilogue(const at::Tensor& z, bool relu, const at::Tensor& mask, const F& f) {
+  const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
+  uint8_t* mp = mask.numel() > 0 ? mask.data_ptr<uint8_t>() : nullptr;
+  if (!relu) {
+    if (zp) f(Epilogue<T, true, false, false>{zp, nullptr});
+    else f(Epilogue<T, false, false, false>{nullptr, nullptr});
+  } else if (zp) {
+    if (mp) f(Epilogue<T, true, true, true>{zp, mp});
+    else f(Epilogue<T, true, true, false>{zp, nullptr});
+  } else {
+    if (mp) f(Epilogue<T, false, true, true>{nullptr, mp});
+    else f(Epilogue<T, false, true, false>{nullptr, nullptr});
+  }
+}
+
+// Calls f(op) with the DxOp type of this (mask, dz, dx) combination.
+template <typename T, class F>
+void with_dx_op(const T* x, const T* g, const uint8_t* mask, T* dx, T* dz, const F& f) {
+  auto pick_dx = [&](auto m, auto z) {
+    constexpr bool M = decltype(m)::value, Z = decltype(z)::value;
+    if (dx) f(DxOp<T, M, Z, true>{x, g, mask, dx, dz});
+    else f(DxOp<T, M, Z, false>{x, g, mask, dx, dz});
+  };
+  auto pick_dz = [&](auto m) {
+    if (dz) pick_dx(m, std::true_type{});
+    else pick_dx(m, std::false_type{});
+  };
+  if (mask) pick_dz(std::true_type{});
+  else pick_dz(std::false_type{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
@@ -291,10 +321,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
   at::Tensor w = per_channel(weight, C, 1.f, "weight"), b = per_channel(bias, C, 0.f, "bias");
   dispatch(x, [&](auto tag) {
     using scalar_t = decltype(tag);
-    train_fwd<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p.s, w.data_ptr<float>(),
-                        b.data_ptr<float>(), static_cast<float>(eps),
-                        make_epilogue<scalar_t>(z, relu, mask), mean.data_ptr<float>(),
-                        var.data_ptr<float>());
+    with_epilogue<scalar_t>(z, relu, mask, [&](const auto& e) {
+      train_fwd<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p.s,
+                          w.data_ptr<float>(), b.data_ptr<float>(), static_cast<float>(eps), e,
+                          mean.data_ptr<float>(), var.data_ptr<float>());
+    });
   });
   return {y, mean, var, mask};
 }
@@ -319,13 +350,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
   at::Tensor db = at::empty({C}, x.options().dtype(at::kFloat));
   dispatch(x, [&](auto tag) {
     using scalar_t = decltype(tag);
-    DxOp<scalar_t> op{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                      mask.defined() ? mask.data_ptr<uint8_t>() : nullptr,
-                      need_dx ? dx.data_ptr<scalar_t>() : nullptr,
-                      need_dz ? dz.data_ptr<scalar_t>() : nullptr};
-    backward<scalar_t>(op, p.s, mean.data_ptr<float>(), var.data_ptr<float>(),
-                       w.data_ptr<float>(), static_cast<float>(eps), training,
-                       dw.data_ptr<float>(), db.data_ptr<float>());
+    with_dx_op<scalar_t>(
+        x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+        mask.defined() ? mask.data_ptr<uint8_t>() : nullptr,
+        need_dx ? dx.data_ptr<scalar_t>() : nullptr, need_dz ? dz.data_ptr<scalar_t>() : nullptr,
+        [&](const auto& op) {
+          backward(op, p.s, mean.data_ptr<float>(), var.data_ptr<float>(), w.data_ptr<float>(),
+                   static_cast<float>(eps), training, dw.data_ptr<float>(), db.data_ptr<float>());
+        });
   });
   return {dx, dw, db, dz};
 }
@@ -356,8 +388,10 @@ std::tuple<at::Tensor, at::Tensor> bn_eval_fwd(
   }
   dispatch(x, [&](auto tag) {
     using scalar_t = decltype(tag);
-    normalize_all<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p.s, mu.data(),
-                            scale.data(), shift.data(), make_epilogue<scalar_t>(z, relu, mask));
+    with_epilogue<scalar_t>(z, relu, mask, [&](const auto& e) {
+      normalize_all<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p.s, mu.data(),
+                              scale.data(), shift.data(), e);
+    });
   });
   return {y, mask};
 }
