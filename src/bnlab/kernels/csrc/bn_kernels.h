@@ -112,6 +112,13 @@ struct SumsOp {
     a += d;
     b += d * d;
   }
+  // Four rows at i, i + st, i + 2st, i + 3st, summed in registers before touching a, b.
+  void full4(int64_t i, int64_t st, vf& a, vf& b) const {
+    vf d0 = load(x + i) - k, d1 = load(x + i + st) - k;
+    vf d2 = load(x + i + 2 * st) - k, d3 = load(x + i + 3 * st) - k;
+    a += (d0 + d1) + (d2 + d3);
+    b += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+  }
 };
 
 // Backward sums: a += g', b += g'·(x − μ), g' = g masked by the ReLU mask.
@@ -132,6 +139,15 @@ struct BwdSumsOp {
     if constexpr (MASK) gg = keep(gg, load_mask_n(mask + i, n));
     a += gg;
     b += gg * keep(load_n(x + i, n) - mu, lanes_lt(n));
+  }
+  void full4(int64_t i, int64_t st, vf& a, vf& b) const {
+    vf a2{}, b2{};
+    full(i, a, b);
+    full(i + st, a2, b2);
+    full(i + 2 * st, a, b);
+    full(i + 3 * st, a2, b2);
+    a += a2;
+    b += b2;
   }
 };
 

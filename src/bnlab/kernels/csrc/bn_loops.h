@@ -162,47 +162,53 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
 }
 
 // ---- rows (M, C) ---------------------------------------------------------------------------
-// Per-channel sums over all rows: full(off, cv, a, b) / part(off, cv, n, a, b) per vector.
-template <class Full, class Part>
-inline void rows_reduce(int64_t M, int64_t C, const Full& full, const Part& part,
-                        std::vector<double>& s1, std::vector<double>& s2) {
+// Per-channel sums over all rows; make(cv) gives the reduction functor for the channel vector
+// starting at channel cv (with its per-channel parameters loaded). Rows go four at a time,
+// summed in registers, so the per-channel accumulators in memory are touched once per 4 rows.
+template <class MakeOp>
+inline void rows_reduce(int64_t M, int64_t C, const MakeOp& make, std::vector<double>& s1,
+                        std::vector<double>& s2) {
   const int nt = at::get_num_threads();
   const int64_t nfull = C / W, rem = C % W, nv = nfull + (rem > 0);
-  std::vector<double> buf(static_cast<size_t>(nt) * 2 * C, 0.0);
+  std::vector<double> buf(static_cast<size_t>(nt) * 2 * (nv * W), 0.0);
   at::parallel_for(0, M, grain_for(C), [&](int64_t r0, int64_t r1) {
-    double* d1 = buf.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C;
-    double* d2 = d1 + C;
+    double* d1 = buf.data() + static_cast<size_t>(at::get_thread_num()) * 2 * (nv * W);
+    double* d2 = d1 + nv * W;
     std::vector<vf> a(nv), b(nv);
     int64_t cnt = 0;
     auto flush = [&]() {
-      for (int64_t v = 0; v < nfull; ++v) {
+      for (int64_t v = 0; v < nv; ++v) {
         add_to_double(d1 + v * W, a[v]);
         add_to_double(d2 + v * W, b[v]);
         a[v] = b[v] = vf{};
       }
-      if (rem) {
-        for (int j = 0; j < rem; ++j) {
-          d1[nfull * W + j] += a[nfull][j];
-          d2[nfull * W + j] += b[nfull][j];
-        }
-        a[nfull] = b[nfull] = vf{};
-      }
       cnt = 0;
     };
-    for (int64_t r = r0; r < r1; ++r) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
       const int64_t base = r * C;
-      for (int64_t v = 0; v < nfull; ++v) full(base + v * W, v * W, a[v], b[v]);
-      if (rem) part(base + nfull * W, nfull * W, static_cast<int>(rem), a[nfull], b[nfull]);
-      if (++cnt == ROWS_BLOCK) flush();
+      for (int64_t v = 0; v < nfull; ++v) make(v * W).full4(base + v * W, C, a[v], b[v]);
+      if (rem) {
+        const auto op = make(nfull * W);
+        for (int q = 0; q < 4; ++q)
+          op.part(base + q * C + nfull * W, static_cast<int>(rem), a[nfull], b[nfull]);
+      }
+      if ((cnt += 4) >= ROWS_BLOCK) flush();
+    }
+    for (; r < r1; ++r) {
+      const int64_t base = r * C;
+      for (int64_t v = 0; v < nfull; ++v) make(v * W).full(base + v * W, a[v], b[v]);
+      if (rem) make(nfull * W).part(base + nfull * W, static_cast<int>(rem), a[nfull], b[nfull]);
     }
     flush();
   });
   s1.assign(C, 0.0);
   s2.assign(C, 0.0);
   for (int t = 0; t < nt; ++t) {
+    const double* d1 = buf.data() + static_cast<size_t>(t) * 2 * (nv * W);
     for (int64_t c = 0; c < C; ++c) {
-      s1[c] += buf[static_cast<size_t>(t) * 2 * C + c];
-      s2[c] += buf[static_cast<size_t>(t) * 2 * C + C + c];
+      s1[c] += d1[c];
+      s2[c] += d1[nv * W + c];
     }
   }
 }
@@ -225,7 +231,26 @@ void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const fl
   }
   const int64_t C = s.C, nfull = C / W, rem = C % W;
   at::parallel_for(0, s.m(), grain_for(C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) {  // two rows per parameter load
+      const int64_t base = r * C;
+      for (int64_t v = 0; v < nfull; ++v) {
+        const int64_t o = base + v * W, cv = v * W;
+        const vf mu = load(mean + cv), sc = load(scale + cv), sh = load(shift + cv);
+        const vf y0 = (load(x + o) - mu) * sc + sh, y1 = (load(x + o + C) - mu) * sc + sh;
+        store(y + o, e.apply(y0, o));
+        store(y + o + C, e.apply(y1, o + C));
+      }
+      if (rem) {
+        const int64_t cv = nfull * W;
+        const int n = static_cast<int>(rem);
+        for (int64_t o = base + cv; o < base + 2 * C; o += C) {
+          vf yv = (load_n(x + o, n) - load(mean + cv)) * load(scale + cv) + load(shift + cv);
+          store_n(y + o, e.template apply<0>(yv, o, n), n);
+        }
+      }
+    }
+    for (; r < r1; ++r) {
       const int64_t base = r * C;
       for (int64_t v = 0; v < nfull; ++v) {
         const int64_t o = base + v * W, cv = v * W;
@@ -256,7 +281,23 @@ void dx_all(const Op& op, const Shape& s, const float* mean, const float* A, con
   }
   const int64_t C = s.C, nfull = C / W, rem = C % W;
   at::parallel_for(0, s.m(), grain_for(C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) {  // two rows per parameter load
+      const int64_t base = r * C;
+      for (int64_t v = 0; v < nfull; ++v) {
+        const int64_t cv = v * W;
+        const vf mu = load(mean + cv), a = load(A + cv), b = load(B + cv), cc = load(Cc + cv);
+        op.at(base + cv, mu, a, b, cc);
+        op.at(base + C + cv, mu, a, b, cc);
+      }
+      if (rem) {
+        const int64_t cv = nfull * W;
+        for (int64_t o = base + cv; o < base + 2 * C; o += C)
+          op.at_n(o, static_cast<int>(rem), load(mean + cv), load(A + cv), load(B + cv),
+                  load(Cc + cv));
+      }
+    }
+    for (; r < r1; ++r) {
       const int64_t base = r * C;
       for (int64_t v = 0; v < nfull; ++v) {
         const int64_t cv = v * W;

@@ -97,15 +97,7 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
     std::vector<double> s1, s2;
     auto reduce_about = [&](const std::vector<float>& kk) {
       const float* kp = kk.data();
-      rows_reduce(
-          M, C,
-          [&](int64_t o, int64_t cv, vf& a, vf& b_) {
-            SumsOp<T>{x, load(kp + cv)}.full(o, a, b_);
-          },
-          [&](int64_t o, int64_t cv, int n, vf& a, vf& b_) {
-            SumsOp<T>{x, load(kp + cv)}.part(o, n, a, b_);
-          },
-          s1, s2);
+      rows_reduce(M, C, [&](int64_t cv) { return SumsOp<T>{x, load(kp + cv)}; }, s1, s2);
     };
     reduce_about(k);
     std::vector<char> exact(C, 0);
@@ -202,14 +194,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
     std::vector<double> sg, sgd;
     const float* mp = mu.data();
     rows_reduce(
-        s.m(), C,
-        [&](int64_t o, int64_t cv, vf& a, vf& b_) {
-          Sums{op.x, op.g, op.mask, load(mp + cv)}.full(o, a, b_);
-        },
-        [&](int64_t o, int64_t cv, int n, vf& a, vf& b_) {
-          Sums{op.x, op.g, op.mask, load(mp + cv)}.part(o, n, a, b_);
-        },
-        sg, sgd);
+        s.m(), C, [&](int64_t cv) { return Sums{op.x, op.g, op.mask, load(mp + cv)}; }, sg, sgd);
     for (int64_t c = 0; c < C; ++c) coeffs(c, sg[c], sgd[c], A[c], B[c], Cc[c]);
   }
   if (sweep) dx_all(op, s, mu.data(), A.data(), B.data(), Cc.data());
