@@ -245,6 +245,10 @@ def test_opcheck_schemas_fake_kernels_and_autograd() -> None:
     _y, mean, var, mask = ops.bn_train_fwd(x, w, b, 1e-5, None, True, True)
     torch.library.opcheck(ops.bn_bwd, (torch.randn_like(x), x.detach(), mean, var, w.detach(),
                                        1e-5, mask, True, True, True))
+    torch.library.opcheck(ops.bn_train_fwd_update,
+                          (x, w, b, 1e-5, rm.clone(), rv.clone(), 36, 0.1, None))
+    torch.library.opcheck(ops.bn_update_running,
+                          (rm.clone(), rv.clone(), mean, var, 36, 0.0, torch.tensor(0.5)))
 
 
 def test_torch_compile_traces_the_ops() -> None:

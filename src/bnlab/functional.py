@@ -202,18 +202,17 @@ def batch_norm_with_flag(
     check_per_channel(input, running_mean, running_var, weight, bias, who)
     if training:
         check_training_size(input, who)
-        update = update_running_stats
         if _use_kernels(input):
             from bnlab import kernels
 
-            y, mean, var = kernels.batch_norm_train(input, weight, bias, eps)
-            update = kernels.update_running_stats  # same semantics, one C++ call
-        else:
-            y, mean, var = _autograd.BatchNormTrain.apply(input, weight, bias, eps)
+            # normalize + the same running update as below, in one C++ call where it can
+            return kernels.batch_norm_train_update(input, weight, bias, eps, running_mean,
+                                                   running_var, momentum)
+        y, mean, var = _autograd.BatchNormTrain.apply(input, weight, bias, eps)
         finite = None
         if running_mean is not None or running_var is not None:
             count = input.numel() // input.shape[1]
-            finite = update(running_mean, running_var, mean, var, count, momentum)
+            finite = update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return y, finite
     if running_mean is None or running_var is None:
         raise ValueError(

@@ -27,6 +27,7 @@ __all__ = [
     "available",
     "batch_norm_eval",
     "batch_norm_train",
+    "batch_norm_train_update",
     "bn_add_relu",
     "bn_relu",
     "supports",
@@ -91,6 +92,34 @@ def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
     return y
 
 
+def _fast_buffers(*bufs: Tensor | None) -> bool:
+    return all(b is None or (b.dtype == torch.float32 and b.device.type == "cpu"
+                             and b.is_contiguous()) for b in bufs)
+
+
+def batch_norm_train_update(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                            running_mean: Tensor | None, running_var: Tensor | None,
+                            momentum: float | Tensor) -> tuple[Tensor, Tensor | None]:
+    """`batch_norm_train` plus the running-statistics update of
+    `bnlab.functional.update_running_stats` (same semantics); returns (y, finite flag or None
+    without buffers). In eager mode with float32 buffers this is one C++ call."""
+    if running_mean is None and running_var is None:
+        return batch_norm_train(x, weight, bias, eps)[0], None
+    count = x.numel() // x.shape[1]
+    if _fast_buffers(running_mean, running_var) and not torch.compiler.is_compiling():
+        _require()
+        mom_t = momentum if isinstance(momentum, Tensor) else None
+        mom_f = 0.0 if mom_t is not None else float(momentum)
+        y, _, _, finite = torch.ops.bnlab.bn_train_fwd_update(
+            x, weight, bias, eps, running_mean, running_var, count, mom_f, mom_t)
+        from bnlab import functional as F
+
+        F._warn_once_if_nonfinite(finite)
+        return y, finite
+    y, mean, var = batch_norm_train(x, weight, bias, eps)
+    return y, update_running_stats(running_mean, running_var, mean, var, count, momentum)
+
+
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor,
                          var: Tensor, count: int, momentum: float | Tensor) -> Tensor:
     """`bnlab.functional.update_running_stats` (same semantics: unbiased σ², non-finite batches
@@ -98,10 +127,7 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
     buffers go to the reference function."""
     from bnlab import functional as F
 
-    bufs = [b for b in (running_mean, running_var) if b is not None]
-    fast = all(b.dtype == torch.float32 and b.device.type == "cpu" and b.is_contiguous()
-               for b in bufs)
-    if not fast:
+    if not _fast_buffers(running_mean, running_var):
         return F.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     if isinstance(momentum, Tensor):
         finite = torch.ops.bnlab.bn_update_running(running_mean, running_var, mean, var, count,

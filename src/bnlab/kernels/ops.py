@@ -10,7 +10,9 @@ The C++ library defines four operators (schemas in `csrc/bn_ops.cpp`, `csrc/bn_a
 * ``bnlab::bn_eval_fwd(input, running_mean, running_var, weight?, bias?, eps, residual?, relu,
   save_mask) -> (y, mask)`` — the inference transform of Alg. 2;
 * ``bnlab::bn_update_running(running_mean!, running_var!, mean, var, count, momentum,
-  momentum_tensor?) -> finite`` — `bnlab.functional.update_running_stats` in one call.
+  momentum_tensor?) -> finite`` — `bnlab.functional.update_running_stats` in one call;
+* ``bnlab::bn_train_fwd_update(input, weight?, bias?, eps, running_mean!, running_var!, count,
+  momentum, momentum_tensor?) -> (y, mean, var, finite)`` — both, for the eager layers.
 
 Autograd of ``bn_train_fwd`` and ``bn_eval_fwd`` is registered in C++ (``Autograd`` key, in
 `csrc/bn_autograd.cpp`; its backward is ``bn_bwd``, or differentiable ATen ops recomputing μ_B
@@ -59,6 +61,12 @@ def _fake_update_running(running_mean, running_var, mean, var, count, momentum, 
     return mean.new_empty((), dtype=torch.bool)
 
 
+def _fake_train_fwd_update(input, weight, bias, eps, running_mean, running_var, count,  # type: ignore[no-untyped-def]
+                           momentum, momentum_tensor):
+    y, mean, var, _ = _fake_train_fwd(input, weight, bias, eps, None, False, False)
+    return y, mean, var, mean.new_empty((), dtype=torch.bool)
+
+
 def register() -> None:
     """Attach fake kernels and autograd to the loaded `bnlab::*` ops (idempotent)."""
     global _registered
@@ -69,4 +77,5 @@ def register() -> None:
     torch.library.register_fake(lib + "bn_bwd")(_fake_bwd)
     torch.library.register_fake(lib + "bn_eval_fwd")(_fake_eval_fwd)
     torch.library.register_fake(lib + "bn_update_running")(_fake_update_running)
+    torch.library.register_fake(lib + "bn_train_fwd_update")(_fake_train_fwd_update)
     _registered = True

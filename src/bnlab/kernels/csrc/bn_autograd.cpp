@@ -236,18 +236,54 @@ Tensor update_running(const OptT& rm, const OptT& rv, const Tensor& mean_in, con
   return at::scalar_tensor(finite, mean.options().dtype(at::kBool));
 }
 
+Tensor call_update(const OptT& rm, const OptT& rv, const Tensor& mean, const Tensor& var,
+                   int64_t count, double momentum, const OptT& momentum_t) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnlab::bn_update_running", "")
+                       .typed<Tensor(const OptT&, const OptT&, const Tensor&, const Tensor&,
+                                     int64_t, double, const OptT&)>();
+  return op.call(rm, rv, mean, var, count, momentum, momentum_t);
+}
+
+// Training forward and running-statistics update in one call from Python (the layers' eager
+// path; ~10 µs less per BN layer than two calls, which matters for (N, C) = (60, 100)).
+std::tuple<Tensor, Tensor, Tensor, Tensor> train_fwd_update(
+    const Tensor& x, const OptT& w, const OptT& b, double eps, const OptT& rm, const OptT& rv,
+    int64_t count, double momentum, const OptT& momentum_t) {
+  auto [y, mean, var, mask] = call_train_fwd(x, w, b, eps, OptT(), false, false);
+  Tensor finite = update_running(rm, rv, mean, var, count, momentum, momentum_t);
+  return {y, mean, var, finite};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> train_fwd_update_autograd(
+    const Tensor& x, const OptT& w, const OptT& b, double eps, const OptT& rm, const OptT& rv,
+    int64_t count, double momentum, const OptT& momentum_t) {
+  auto r = TrainFn::apply(x, w, b, eps, OptT(), false, false);
+  // Through the dispatcher, so the in-place update bumps the buffers' version counters.
+  Tensor finite = call_update(rm, rv, r[1], r[2], count, momentum, momentum_t);
+  return {r[0], r[1], r[2], finite};
+}
+
 }  // namespace
 }  // namespace bnk
 
 TORCH_LIBRARY_FRAGMENT(bnlab, m) {
   m.def(
+      "bn_train_fwd_update(Tensor input, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, int count, float momentum, "
+      "Tensor? momentum_tensor) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "bn_update_running(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, "
       "Tensor var, int count, float momentum, Tensor? momentum_tensor) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(bnlab, CPU, m) { m.impl("bn_update_running", &bnk::update_running); }
+TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
+  m.impl("bn_update_running", &bnk::update_running);
+  m.impl("bn_train_fwd_update", &bnk::train_fwd_update);
+}
 
 TORCH_LIBRARY_IMPL(bnlab, Autograd, m) {
   m.impl("bn_train_fwd", &bnk::train_fwd_autograd);
+  m.impl("bn_train_fwd_update", &bnk::train_fwd_update_autograd);
   m.impl("bn_eval_fwd", &bnk::eval_fwd_autograd);
 }

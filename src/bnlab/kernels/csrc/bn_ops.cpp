@@ -237,6 +237,7 @@ at::Tensor per_channel(const c10::optional<at::Tensor>& t, int64_t C, float fill
   if (!t.has_value() || !t->defined()) return at::full({C}, fill, at::dtype(at::kFloat));
   TORCH_CHECK(t->numel() == C, "bnlab kernels: ", name, " must have ", C, " elements, got ",
               t->numel());
+  if (t->scalar_type() == at::kFloat && t->is_contiguous()) return *t;
   return t->to(at::kFloat).contiguous();
 }
 
