@@ -83,18 +83,31 @@ def test_train_forward_backward_match_reference(data, affine) -> None:  # type: 
     g = torch.randn(x.shape, generator=gen)
     eps = 1e-5
     xs = [x.detach().clone().requires_grad_(True) for _ in range(2)]
+    x64 = x.double().requires_grad_(True)  # ground truth for the tie case below
     y, mean, var = kernels.batch_norm_train(xs[0], w, b, eps)
     y_ref, mean_ref, var_ref = reference_train(xs[1], w, b, eps)
-    assert rel_err(mean, mean_ref) <= RTOL
+    w64, b64 = (None if t is None else t.detach().double() for t in (w, b))
+    y64, _, _ = reference_train(x64, w64, b64, eps)
+    assert rel_err(mean, mean_ref, float(x.abs().max()) * 1e-2) <= RTOL
     assert rel_err(var, var_ref) <= RTOL
-    assert rel_err(y, y_ref) <= RTOL
     params = [t for t in (w, b) if t is not None]
     grads = torch.autograd.grad(y, [xs[0], *params], g)
     grads_ref = torch.autograd.grad(y_ref, [xs[1], *params], g)
-    assert rel_err(grads[0], grads_ref[0], dx_scale(g, w, var_ref, eps)) <= RTOL
-    for got, want in zip(grads[1:], grads_ref[1:], strict=True):
-        # ∂ℓ/∂γ = Σ g·x̂ cancels too: compare against the size of its terms
-        assert rel_err(got, want, float(g.abs().sum(F.reduce_dims(x)).max())) <= RTOL
+    (dx64,) = torch.autograd.grad(y64, x64, g.double())
+    scales = [dx_scale(g, w, var_ref, eps)] + [float(g.abs().sum(F.reduce_dims(x)).max())] * 2
+    for got, want, truth, scale in zip((y, *grads), (y_ref, *grads_ref), (y64, dx64, None, None),
+                                       [0.0, *scales], strict=False):
+        # (∂ℓ/∂x and ∂ℓ/∂γ are differences of terms of size `scale`: compared against it.)
+        err = rel_err(got, want, scale)
+        if err > RTOL and truth is not None and not torch.equal(mean, mean_ref):
+            # With a 1e4 offset the float32 spacing of μ is 1e-3·σ, so one ulp of μ_B moves
+            # y by 1e-3 relative; and with few values per channel the exact mean is often a
+            # rounding tie. The kernels round μ_B correctly (double sums); torch.var_mean's
+            # Welford is off by one ulp in ~1% of such channels. Then we must be at least as
+            # close to the float64 result as the reference is.
+            assert rel_err(got, truth, scale) <= rel_err(want, truth, scale) + RTOL
+        else:
+            assert err <= RTOL
 
 
 @SETTINGS
@@ -128,11 +141,15 @@ def test_running_statistics_match_reference(data, momentum, tensor_momentum) -> 
         F.batch_norm_with_flag(x, *bufs[0], None, None, True, mom, 1e-5, "test")
         _y_ref, mean_ref, var_ref = reference_train(x, None, None, 1e-5)
         F.update_running_stats(*bufs[1], mean_ref, var_ref, x.numel() // c, mom)
-    torch.testing.assert_close(bufs[0][0], bufs[1][0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(bufs[0][1], bufs[1][1], rtol=1e-6, atol=1e-7)
+    # The statistics agree to their last bits; a mean that nearly cancels (|μ| ≪ |x|) differs
+    # by an ulp of the data, hence the absolute part of the tolerance.
+    ulp_x = float(x.abs().max()) * 2e-7
+    torch.testing.assert_close(bufs[0][0], bufs[1][0], rtol=1e-6, atol=ulp_x)
+    torch.testing.assert_close(bufs[0][1], bufs[1][1], rtol=1e-6, atol=ulp_x**2)
 
 
-def test_nonfinite_batch_leaves_running_statistics() -> None:
+def test_nonfinite_batch_leaves_running_statistics(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(F, "_warned_nonfinite", False)  # the warning is once per process
     layer = bnlab.BatchNorm2d(3)
     x = torch.randn(4, 3, 5, 5)
     x[0, 1, 0, 0] = float("nan")

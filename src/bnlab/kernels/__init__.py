@@ -58,13 +58,20 @@ def _require() -> None:
 
 def supports(x: Tensor) -> bool:
     """Whether the fast kernels handle this input: a dense CPU float32/bfloat16 tensor of rank
-    >= 2, the kernels built, and ``BNLAB_FORCE_REFERENCE`` unset (or "0")."""
+    >= 2, the kernels built, and ``BNLAB_FORCE_REFERENCE`` unset (or "0"). Inside torch.func
+    transforms and torch.export the reference path is used (standard ops only)."""
     if os.environ.get("BNLAB_FORCE_REFERENCE", "0") not in ("", "0"):
         return False
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.layout != torch.strided:
         return False
     if x.dim() < 2 or x.is_quantized:
         return False
+    if torch._C._are_functorch_transforms_active():  # C++ autograd.Functions cannot be vmapped
+        return False
+    if torch.compiler.is_compiling():
+        # Export (torch.export, ONNX) keeps standard ops so the program runs without this
+        # extension; torch.compile uses the kernels if already loaded (building is not traced).
+        return _build._state.get("ok") is True and not torch.compiler.is_exporting()
     return available()
 
 
