@@ -201,8 +201,9 @@ def test_outlier_first_value_takes_exact_pass() -> None:
     assert rel_err(var, var_ref) <= RTOL and rel_err(y, y_ref) <= RTOL
 
 
-def test_bfloat16_matches_reference() -> None:
-    x = (torch.randn(8, 20, 6, 7) * 2 + 3).bfloat16()
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_bfloat16_matches_reference(fmt) -> None:  # type: ignore[no-untyped-def]
+    x = (torch.randn(8, 20, 6, 7) * 2 + 3).bfloat16().contiguous(memory_format=fmt)
     w, b = torch.rand(20) + 0.5, torch.randn(20)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     y, mean, var = kernels.batch_norm_train(xs[0], w, b, 1e-5)
