@@ -232,21 +232,24 @@ void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const fl
   const int64_t C = s.C, nfull = C / W, rem = C % W;
   at::parallel_for(0, s.m(), grain_for(C), [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) {  // two rows per parameter load
+    constexpr int64_t R = 8;  // rows per parameter load (and fewer false 4K-alias stalls)
+    for (; r + R <= r1; r += R) {
       const int64_t base = r * C;
       for (int64_t v = 0; v < nfull; ++v) {
-        const int64_t o = base + v * W, cv = v * W;
+        const int64_t cv = v * W;
         const vf mu = load(mean + cv), sc = load(scale + cv), sh = load(shift + cv);
-        const vf y0 = (load(x + o) - mu) * sc + sh, y1 = (load(x + o + C) - mu) * sc + sh;
-        store(y + o, e.apply(y0, o));
-        store(y + o + C, e.apply(y1, o + C));
+        for (int64_t q = 0; q < R; ++q) {
+          const int64_t o = base + q * C + cv;
+          store(y + o, e.apply((load(x + o) - mu) * sc + sh, o));
+        }
       }
       if (rem) {
         const int64_t cv = nfull * W;
         const int n = static_cast<int>(rem);
-        for (int64_t o = base + cv; o < base + 2 * C; o += C) {
-          vf yv = (load_n(x + o, n) - load(mean + cv)) * load(scale + cv) + load(shift + cv);
-          store_n(y + o, e.template apply<0>(yv, o, n), n);
+        const vf mu = load(mean + cv), sc = load(scale + cv), sh = load(shift + cv);
+        for (int64_t q = 0; q < R; ++q) {
+          const int64_t o = base + q * C + cv;
+          store_n(y + o, e.template apply<0>((load_n(x + o, n) - mu) * sc + sh, o, n), n);
         }
       }
     }
@@ -282,19 +285,18 @@ void dx_all(const Op& op, const Shape& s, const float* mean, const float* A, con
   const int64_t C = s.C, nfull = C / W, rem = C % W;
   at::parallel_for(0, s.m(), grain_for(C), [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) {  // two rows per parameter load
+    constexpr int64_t R = 8;  // rows per parameter load
+    for (; r + R <= r1; r += R) {
       const int64_t base = r * C;
       for (int64_t v = 0; v < nfull; ++v) {
         const int64_t cv = v * W;
         const vf mu = load(mean + cv), a = load(A + cv), b = load(B + cv), cc = load(Cc + cv);
-        op.at(base + cv, mu, a, b, cc);
-        op.at(base + C + cv, mu, a, b, cc);
+        for (int64_t q = 0; q < R; ++q) op.at(base + q * C + cv, mu, a, b, cc);
       }
       if (rem) {
         const int64_t cv = nfull * W;
-        for (int64_t o = base + cv; o < base + 2 * C; o += C)
-          op.at_n(o, static_cast<int>(rem), load(mean + cv), load(A + cv), load(B + cv),
-                  load(Cc + cv));
+        const vf mu = load(mean + cv), a = load(A + cv), b = load(B + cv), cc = load(Cc + cv);
+        for (int64_t q = 0; q < R; ++q) op.at_n(base + q * C + cv, static_cast<int>(rem), mu, a, b, cc);
       }
     }
     for (; r < r1; ++r) {
