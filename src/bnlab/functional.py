@@ -206,9 +206,10 @@ def batch_norm_with_flag(
         if _use_kernels(input):
             from bnlab import kernels
 
-            y, mean, var = kernels.batch_norm_train(input, weight, bias, eps)
-        else:
-            y, mean, var = _autograd.BatchNormTrain.apply(input, weight, bias, eps)
+            # normalize + the same running update as below, in one C++ call where it can
+            return kernels.batch_norm_train_update(input, weight, bias, eps, running_mean,
+                                                   running_var, momentum)
+        y, mean, var = _autograd.BatchNormTrain.apply(input, weight, bias, eps)
         finite = None
         if running_mean is not None or running_var is not None:
             count = input.numel() // input.shape[1]

@@ -1,11 +1,149 @@
-"""Fast CPU kernels for batch norm (issue 6). Until they are built, nothing is supported and
-`bnlab.functional` takes the reference path."""
+"""Fast CPU batch-norm kernels (float32 and bfloat16, NCHW and channels_last).
+
+The math is Ioffe & Szegedy (2015), Alg. 1 (training: batch statistics, normalize, scale and
+shift), its backward (Sec. 3) and the inference transform of Alg. 2, computed at close to the
+memory-bandwidth limit (see `docs/design.md`, "Performance model"): one read of x for the
+statistics and a normalize sweep that hits cache, fused per block of channels. The C++ loops live
+in `csrc/`, are built just in time on first use (`_build.py`, cached) and are registered as
+`torch.library` ops with fake kernels and autograd (`ops.py`), so autograd and `torch.compile`
+work through them.
+
+`bnlab.functional` calls `supports(x)` and then `batch_norm_train` / `batch_norm_eval`; when
+`supports` says no (another device, another dtype, the build failed, or
+``BNLAB_FORCE_REFERENCE=1``) the reference path runs. `bn_relu` and `bn_add_relu` are the fused
+variants with PyTorch-style signatures.
+"""
 
 from __future__ import annotations
 
+import os
+
+import torch
 from torch import Tensor
+
+from bnlab.kernels import _build
+
+__all__ = [
+    "available",
+    "batch_norm_eval",
+    "batch_norm_train",
+    "batch_norm_train_update",
+    "bn_add_relu",
+    "bn_relu",
+    "supports",
+    "update_running_stats",
+]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (builds them on the first call; warns once if
+    the build fails). Ignores ``BNLAB_FORCE_REFERENCE``."""
+    ok = _build._state.get("ok")
+    if ok is None:
+        ok = _build.load()
+        if ok:
+            from bnlab.kernels import ops
+
+            ops.register()
+    return bool(ok)
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"bnlab: the CPU kernels are not available ({_build.build_error()}); "
+                           "check bnlab.kernels.supports(x) first")
 
 
 def supports(x: Tensor) -> bool:
-    """Whether a fast kernel handles this input (none yet: the reference path is used)."""
-    return False
+    """Whether the fast kernels handle this input: a dense CPU float32/bfloat16 tensor of rank
+    >= 2, the kernels built, and ``BNLAB_FORCE_REFERENCE`` unset (or "0"). Inside torch.func
+    transforms and torch.export the reference path is used (standard ops only)."""
+    if os.environ.get("BNLAB_FORCE_REFERENCE", "0") not in ("", "0"):
+        return False
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.layout != torch.strided:
+        return False
+    if x.dim() < 2 or x.is_quantized:
+        return False
+    if torch._C._are_functorch_transforms_active():  # C++ autograd.Functions cannot be vmapped
+        return False
+    if torch.compiler.is_compiling():
+        # Export (torch.export, ONNX) keeps standard ops so the program runs without this
+        # extension; torch.compile uses the kernels if already loaded (building is not traced).
+        return _build._state.get("ok") is True and not torch.compiler.is_exporting()
+    return available()
+
+
+def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BN (Alg. 1): returns (y, μ_B, σ²_B) with the biased σ²_B in float32.
+
+    Differentiable in x, weight and bias; the backward is the fused C++ kernel (the reference
+    formula under ``create_graph=True``).
+
+    Shape:
+        x: (N, C, *); weight, bias: (C,) or None. Returns y like x and two (C,) tensors.
+    """
+    _require()
+    y, mean, var, _ = torch.ops.bnlab.bn_train_fwd(x, weight, bias, eps, None, False, False)
+    return y, mean, var
+
+
+def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                    bias: Tensor | None, eps: float) -> Tensor:
+    """Inference-mode BN (Alg. 2, step 11): y = γ(x − E[x])/√(Var[x] + ε) + β, per channel."""
+    _require()
+    y, _ = torch.ops.bnlab.bn_eval_fwd(x, running_mean, running_var, weight, bias, eps, None,
+                                       False, False)
+    return y
+
+
+def _fast_buffers(*bufs: Tensor | None) -> bool:
+    return all(b is None or (b.dtype == torch.float32 and b.device.type == "cpu"
+                             and b.is_contiguous()) for b in bufs)
+
+
+def batch_norm_train_update(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                            running_mean: Tensor | None, running_var: Tensor | None,
+                            momentum: float | Tensor) -> tuple[Tensor, Tensor | None]:
+    """`batch_norm_train` plus the running-statistics update of
+    `bnlab.functional.update_running_stats` (same semantics); returns (y, finite flag or None
+    without buffers). In eager mode with float32 buffers this is one C++ call."""
+    if running_mean is None and running_var is None:
+        return batch_norm_train(x, weight, bias, eps)[0], None
+    count = x.numel() // x.shape[1]
+    if _fast_buffers(running_mean, running_var) and not torch.compiler.is_compiling():
+        _require()
+        mom_t = momentum if isinstance(momentum, Tensor) else None
+        mom_f = 0.0 if mom_t is not None else float(momentum)
+        y, _, _, finite = torch.ops.bnlab.bn_train_fwd_update(
+            x, weight, bias, eps, running_mean, running_var, count, mom_f, mom_t)
+        from bnlab import functional as F
+
+        F._warn_once_if_nonfinite(finite)
+        return y, finite
+    y, mean, var = batch_norm_train(x, weight, bias, eps)
+    return y, update_running_stats(running_mean, running_var, mean, var, count, momentum)
+
+
+def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor,
+                         var: Tensor, count: int, momentum: float | Tensor) -> Tensor:
+    """`bnlab.functional.update_running_stats` (same semantics: unbiased σ², non-finite batches
+    skipped, returns the finite flag) in one C++ call for contiguous float32 CPU buffers; other
+    buffers go to the reference function."""
+    from bnlab import functional as F
+
+    if not _fast_buffers(running_mean, running_var):
+        return F.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    if isinstance(momentum, Tensor):
+        finite = torch.ops.bnlab.bn_update_running(running_mean, running_var, mean, var, count,
+                                                   0.0, momentum)
+    else:
+        finite = torch.ops.bnlab.bn_update_running(running_mean, running_var, mean, var, count,
+                                                   float(momentum), None)
+    F._warn_once_if_nonfinite(finite)
+    return finite
+
+
+from bnlab.kernels.fused import bn_add_relu, bn_relu  # noqa: E402  (uses the names above)

@@ -1,0 +1,259 @@
+"""`bnlab bench`: batch-norm time as a multiple of `x.clone()`, torch eager versus bnlab.
+
+Every figure is a ratio to a copy of the same tensor timed in the same process, interleaved
+(round after round: clone, torch, bnlab), because this machine's memory bandwidth drifts up to
+2x between runs (`docs/design.md`, "Performance model"). The physical limit is ~1x copy for
+inference, 1–1.5x for the training forward, 1.5–2.5x for the backward.
+
+Allocator: glibc serves allocations above 32 MiB with fresh `mmap`s, so every large output
+page-faults on each call (`research/perf.md` §5.1: a 51 MB clone at 4 GB/s). Unless
+``--no-malloc-tune`` is given, the benchmark calls ``mallopt(M_MMAP_MAX=0)`` and raises the trim
+threshold (the same as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``) so freed memory is
+reused, for torch, bnlab and the clone alike; no other allocator is needed.
+
+``--e2e`` times a training step of small VGG-style and Inception-style nets with no
+normalization, torch's BatchNorm2d and bnlab's BatchNorm2d (see `e2e.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["SHAPES", "add_arguments", "main", "run"]
+
+# N = 32 ResNet-50 stage shapes, a wider batch, the paper's MLP layer and a wide 2-D layer.
+SHAPES: dict[str, tuple[int, ...]] = {
+    "r50-64x56": (32, 64, 56, 56),
+    "r50-256x56": (32, 256, 56, 56),
+    "r50-128x28": (32, 128, 28, 28),
+    "r50-256x14": (32, 256, 14, 14),
+    "r50-512x7": (32, 512, 7, 7),
+    "r50-2048x7": (32, 2048, 7, 7),
+    "b128-64x28": (128, 64, 28, 28),
+    "mlp-60x100": (60, 100),
+    "fc-256x1024": (256, 1024),
+}
+MODES = ("train_fwd", "bwd", "fwd_bwd", "eval")
+FORMATS = ("nchw", "channels_last")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `bnlab bench` (also `python -m bnlab.kernels.bench`)."""
+    parser.add_argument("--shapes", default="all",
+                        help="comma-separated subset of: " + ", ".join(SHAPES) + " (or 'all')")
+    parser.add_argument("--modes", default=",".join(MODES), help="subset of " + ",".join(MODES))
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="subset of " + ",".join(FORMATS))
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per round")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds (clone, torch, bnlab); the median is reported")
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="per-round statistic of the repeats (min resists a busy machine)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
+    parser.add_argument("--no-malloc-tune", action="store_true",
+                        help="keep glibc's default mmap threshold (large outputs page-fault)")
+    parser.add_argument("--e2e", action="store_true",
+                        help="time training steps of small VGG/Inception-style nets instead")
+    parser.add_argument("--e2e-steps", type=int, default=8, help="timed steps per round (e2e)")
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory for reuse (glibc only): M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GiB."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
+def machine_info(threads: int, malloc_tuned: bool) -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "threads": threads,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "malloc_tuned": malloc_tuned,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _case(shape: tuple[int, ...], fmt: str, mode: str, impl: str) -> Callable[[], Any]:
+    """A zero-argument callable running one BN mode with torch's or bnlab's functional."""
+    import bnlab.functional as bF
+
+    gen = torch.Generator().manual_seed(0)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    g = torch.randn(x.shape, generator=gen).contiguous(memory_format=_fmt(x))
+    bn = torch.nn.functional.batch_norm if impl == "torch" else bF.batch_norm
+    if mode in ("train_fwd", "eval"):
+        training = mode == "train_fwd"
+
+        def fwd() -> Any:
+            with torch.no_grad():
+                return bn(x, rm, rv, w, b, training, 0.1, 1e-5)
+        return fwd
+    xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+    if mode == "bwd":
+        y = bn(xs, rm, rv, ws, bs, True, 0.1, 1e-5)
+        return lambda: torch.autograd.grad(y, (xs, ws, bs), g, retain_graph=True)
+
+    def fwd_bwd() -> Any:
+        y = bn(xs, rm, rv, ws, bs, True, 0.1, 1e-5)
+        return torch.autograd.grad(y, (xs, ws, bs), g)
+    return fwd_bwd
+
+
+def _fmt(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def bench_case(shape: tuple[int, ...], fmt: str, mode: str, repeats: int, rounds: int,
+               stat: str = "median") -> dict[str, float]:
+    """Ratios (time / clone time) for torch and bnlab, and the clone time in ms.
+
+    Calls are interleaved one by one (clone, torch, bnlab, clone, ...) so that a slow phase
+    of the machine hits all three; per round the ``stat`` (median or min) of ``repeats`` calls
+    is taken, and the median over rounds is reported.
+    """
+    x = torch.randn(shape)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    fns = {"clone": x.clone, "torch": _case(shape, fmt, mode, "torch"),
+           "bnlab": _case(shape, fmt, mode, "bnlab")}
+    for fn in fns.values():  # warm-up (and the first JIT load)
+        fn()
+        fn()
+    pick = statistics.median if stat == "median" else min
+    ratios: dict[str, list[float]] = {"torch": [], "bnlab": []}
+    clones = []
+    for _ in range(rounds):
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[k].append(time.perf_counter() - t0)
+        t = {k: pick(v) for k, v in samples.items()}
+        clones.append(t["clone"])
+        for k in ratios:
+            ratios[k].append(t[k] / t["clone"])
+    r_t, r_b = statistics.median(ratios["torch"]), statistics.median(ratios["bnlab"])
+    return {"clone_ms": statistics.median(clones) * 1e3, "torch": r_t, "bnlab": r_b,
+            "speedup": r_t / r_b}
+
+
+def _geomean(v: list[float]) -> float:
+    return math.exp(sum(math.log(a) for a in v) / len(v)) if v else float("nan")
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in MODES:
+        sel = [r for r in rows if r["mode"] == mode]
+        if not sel:
+            continue
+        out[mode] = {
+            "median_torch": statistics.median(r["torch"] for r in sel),
+            "median_bnlab": statistics.median(r["bnlab"] for r in sel),
+            "geomean_speedup": _geomean([r["speedup"] for r in sel]),
+            "min_speedup": min(r["speedup"] for r in sel),
+            "n": len(sel),
+        }
+    return out
+
+
+def print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    print(f"{'shape':<13}{'format':<14}{'mode':<10}{'clone ms':>9}{'torch':>8}{'bnlab':>8}"
+          f"{'speedup':>9}")
+    for r in rows:
+        print(f"{r['shape']:<13}{r['format']:<14}{r['mode']:<10}{r['clone_ms']:>9.3f}"
+              f"{r['torch']:>7.2f}x{r['bnlab']:>7.2f}x{r['speedup']:>8.2f}x")
+    print("\nmedian ratio to clone over the shape set (lower is better), speedup = torch/bnlab")
+    for mode, s in summary.items():
+        print(f"  {mode:<10} torch {s['median_torch']:.2f}x  bnlab {s['median_bnlab']:.2f}x  "
+              f"geomean speedup {s['geomean_speedup']:.2f}x  min {s['min_speedup']:.2f}x  "
+              f"({s['n']} cases)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed `add_arguments` options; returns an exit code."""
+    torch.set_num_threads(args.threads)
+    tuned = False if args.no_malloc_tune else tune_malloc()
+    info = machine_info(args.threads, tuned)
+    from bnlab import kernels
+
+    if not kernels.available():
+        print("bnlab bench: the CPU kernels are not available; bnlab runs the reference path",
+              file=sys.stderr)
+    info["kernels"] = kernels.available()
+    info["stat"] = args.stat
+    if args.e2e:
+        from bnlab.kernels import e2e
+
+        result = e2e.run_e2e(args.e2e_steps, args.rounds)
+        e2e.print_e2e(result)
+        payload: dict[str, Any] = {"machine": info, "e2e": result}
+    else:
+        names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+        unknown = [n for n in names if n not in SHAPES]
+        if unknown:
+            print(f"bnlab bench: unknown shape(s) {unknown}; choose from {list(SHAPES)}",
+                  file=sys.stderr)
+            return 2
+        rows = []
+        for name in names:
+            shape = SHAPES[name]
+            for fmt in args.formats.split(","):
+                if fmt == "channels_last" and len(shape) != 4:
+                    continue  # (N, C) has one layout
+                for mode in args.modes.split(","):
+                    r = bench_case(shape, fmt, mode, args.repeats, args.rounds, args.stat)
+                    rows.append({"shape": name, "dims": list(shape), "format": fmt,
+                                 "mode": mode, **r})
+                    print(f"  {name} {fmt} {mode}: torch {r['torch']:.2f}x "
+                          f"bnlab {r['bnlab']:.2f}x", file=sys.stderr, flush=True)
+        summary = summarize(rows)
+        print_table(rows, summary)
+        payload = {"machine": info, "rows": rows, "summary": summary}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bnlab.kernels.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

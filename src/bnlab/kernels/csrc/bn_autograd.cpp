@@ -1,0 +1,289 @@
+// Autograd for the bnlab ops, in C++ so that a training step pays one dispatcher call per BN
+// forward and one per backward (a Python autograd.Function costs ~20 µs per call, more than the
+// whole kernel on small activations). Also the running-statistics update as one small op.
+//
+// Backward (Ioffe & Szegedy 2015, Sec. 3) runs the fused `bnlab::bn_bwd` kernel. When the graph
+// of the backward itself is wanted (create_graph=True: double backward, gradient penalties),
+// the backward is instead written with differentiable ATen ops that recompute μ_B and σ²_B from
+// x — the reference path's formula — so second derivatives are exact.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace bnk {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using at::Tensor;
+using OptT = c10::optional<Tensor>;
+
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> call_train_fwd(const Tensor& x, const OptT& w,
+                                                          const OptT& b, double eps,
+                                                          const OptT& z, bool relu, bool save) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnlab::bn_train_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                           const Tensor&, const OptT&, const OptT&, double, const OptT&, bool,
+                           bool)>();
+  return op.call(x, w, b, eps, z, relu, save);
+}
+
+std::tuple<Tensor, Tensor> call_eval_fwd(const Tensor& x, const Tensor& rm, const Tensor& rv,
+                                         const OptT& w, const OptT& b, double eps,
+                                         const OptT& z, bool relu, bool save) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnlab::bn_eval_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                         const Tensor&, const OptT&, const OptT&,
+                                                         double, const OptT&, bool, bool)>();
+  return op.call(x, rm, rv, w, b, eps, z, relu, save);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> call_bwd(const Tensor& g, const Tensor& x,
+                                                    const Tensor& mean, const Tensor& var,
+                                                    const OptT& w, double eps, const OptT& mask,
+                                                    bool training, bool need_dx, bool need_dz) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnlab::bn_bwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           const OptT&, double, const OptT&, bool, bool, bool)>();
+  return op.call(g, x, mean, var, w, eps, mask, training, need_dx, need_dz);
+}
+
+at::ScalarType compute_type(at::ScalarType t) {
+  return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
+}
+
+std::vector<int64_t> reduce_dims(const Tensor& x) {
+  std::vector<int64_t> d{0};
+  for (int64_t i = 2; i < x.dim(); ++i) d.push_back(i);
+  return d;
+}
+
+Tensor cview(const Tensor& t, const Tensor& x) {  // (C,) -> (1, C, 1, ...)
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = -1;
+  return t.view(shape);
+}
+
+OptT opt(const Tensor& t) { return t.defined() ? OptT(t) : OptT(); }
+
+// The backward with differentiable ops (create_graph=True). Returns dx, dw, db, g' (= dz).
+std::tuple<Tensor, Tensor, Tensor, Tensor> reference_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& mask,
+    const Tensor& rm, const Tensor& rv, double eps, bool training) {
+  const auto ct = compute_type(x.scalar_type());
+  Tensor g = mask.defined() ? grad_y * mask.to(grad_y.scalar_type()) : grad_y;
+  Tensor gc = g.to(ct), xc = x.to(ct);
+  const auto dims = reduce_dims(x);
+  Tensor mean, invstd;
+  if (training) {
+    auto vm = at::var_mean(xc, dims, /*correction=*/0, /*keepdim=*/false);
+    mean = std::get<1>(vm);
+    invstd = at::rsqrt(std::get<0>(vm) + eps);
+  } else {
+    mean = rm.to(ct);
+    invstd = at::rsqrt(rv.to(ct) + eps);
+  }
+  Tensor x_hat = (xc - cview(mean, x)) * cview(invstd, x);
+  Tensor gx = gc * x_hat;
+  Tensor sum_g = gc.sum(dims), sum_gx = gx.sum(dims);
+  Tensor scale = weight.defined() ? invstd * weight.to(ct) : invstd;
+  Tensor dx;
+  if (training) {  // means, not sums / m: no numel() (symbolic under torch.compile)
+    dx = (gc - cview(gc.mean(dims), x) - x_hat * cview(gx.mean(dims), x)) * cview(scale, x);
+  } else {
+    dx = gc * cview(scale, x);
+  }
+  return {dx.to(x.scalar_type()), sum_gx, sum_g, g};
+}
+
+// Gradients for the op inputs; flags say which are wanted.
+variable_list finish(AutogradContext* ctx, const Tensor& grad_y, bool training) {
+  auto saved = ctx->get_saved_variables();
+  const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
+  const bool relu = ctx->saved_data["relu"].toBool();
+  const bool has_z = ctx->saved_data["has_z"].toBool();
+  const double eps = ctx->saved_data["eps"].toDouble();
+  Tensor mask = relu ? saved[4] : Tensor();
+  TORCH_CHECK(!relu || mask.dim() == x.dim(),
+              "bnlab: the fused BN+ReLU ran without saving its ReLU mask (save_mask=False), so "
+              "it cannot be differentiated");
+  // Argument positions: train (x, w, b, eps, z, ...), eval (x, rm, rv, w, b, eps, z, ...).
+  // needs_input_grad counts only the tensors that were given (absent optionals are skipped).
+  const int iw = training ? 1 : 3, ib = iw + 1, iz = training ? 4 : 6;
+  const bool has_w = ctx->saved_data["has_w"].toBool(), has_b = ctx->saved_data["has_b"].toBool();
+  const int vw = training ? 1 : 3, vb = vw + has_w, vz = vb + has_b;
+  const bool need_x = ctx->needs_input_grad(0);
+  const bool need_w = has_w && ctx->needs_input_grad(vw);
+  const bool need_b = has_b && ctx->needs_input_grad(vb);
+  const bool need_z = has_z && ctx->needs_input_grad(vz);
+  Tensor dx, dw, db, dz;
+  Tensor g = grad_y.defined() ? grad_y : at::zeros_like(x);
+  if (at::GradMode::is_enabled()) {
+    std::tie(dx, dw, db, dz) = reference_backward(g, x, weight, mask, mean, var, eps, training);
+  } else {
+    std::tie(dx, dw, db, dz) =
+        call_bwd(g, x, mean, var, opt(weight), eps, opt(mask), training, need_x, need_z);
+  }
+  const auto bias_type =
+      static_cast<at::ScalarType>(ctx->saved_data["bias_type"].toInt());
+  variable_list out(training ? 7 : 9);
+  if (need_x) out[0] = dx;
+  if (need_w) out[iw] = dw.to(weight.scalar_type());
+  if (need_b) out[ib] = db.to(bias_type);
+  if (need_z) out[iz] = dz;
+  return out;
+}
+
+class TrainFn : public torch::autograd::Function<TrainFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptT& w,
+                               const OptT& b, double eps, const OptT& z, bool relu, bool save) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, var, mask] = call_train_fwd(x, w, b, eps, z, relu, save);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["has_z"] = z.has_value() && z->defined();
+    ctx->saved_data["has_w"] = w.has_value() && w->defined();
+    ctx->saved_data["has_b"] = b.has_value() && b->defined();
+    ctx->saved_data["bias_type"] = static_cast<int64_t>(
+        (b.has_value() && b->defined()) ? b->scalar_type() : at::kFloat);
+    ctx->save_for_backward({x, w.has_value() ? *w : Tensor(), mean, var, mask});
+    ctx->mark_non_differentiable({mean, var, mask});
+    return {y, mean, var, mask};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return finish(ctx, grads[0], /*training=*/true);
+  }
+};
+
+class EvalFn : public torch::autograd::Function<EvalFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& rm,
+                               const Tensor& rv, const OptT& w, const OptT& b, double eps,
+                               const OptT& z, bool relu, bool save) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mask] = call_eval_fwd(x, rm, rv, w, b, eps, z, relu, save);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["has_z"] = z.has_value() && z->defined();
+    ctx->saved_data["has_w"] = w.has_value() && w->defined();
+    ctx->saved_data["has_b"] = b.has_value() && b->defined();
+    ctx->saved_data["bias_type"] = static_cast<int64_t>(
+        (b.has_value() && b->defined()) ? b->scalar_type() : at::kFloat);
+    ctx->save_for_backward({x, w.has_value() ? *w : Tensor(), rm, rv, mask});
+    ctx->mark_non_differentiable({mask});
+    return {y, mask};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return finish(ctx, grads[0], /*training=*/false);
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> train_fwd_autograd(const Tensor& x, const OptT& w,
+                                                              const OptT& b, double eps,
+                                                              const OptT& z, bool relu,
+                                                              bool save) {
+  auto r = TrainFn::apply(x, w, b, eps, z, relu, save);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+std::tuple<Tensor, Tensor> eval_fwd_autograd(const Tensor& x, const Tensor& rm, const Tensor& rv,
+                                             const OptT& w, const OptT& b, double eps,
+                                             const OptT& z, bool relu, bool save) {
+  auto r = EvalFn::apply(x, rm, rv, w, b, eps, z, relu, save);
+  return {r[0], r[1]};
+}
+
+// torch.lerp's formula (ATen's vectorized lerp: two FMAs chosen by |w| < 0.5).
+inline float lerp(float a, float b, float w) {
+  const float d = b - a;
+  return std::abs(w) < 0.5f ? std::fma(w, d, a) : std::fma(w - 1.0f, d, b);
+}
+
+// r ← lerp(r, s, momentum) for μ_B and the unbiased m/(m−1)·σ²_B, skipped (both) when a
+// statistic is not finite — `bnlab.functional.update_running_stats` as one op, float32 buffers.
+Tensor update_running(const OptT& rm, const OptT& rv, const Tensor& mean_in, const Tensor& var_in,
+                      int64_t count, double momentum, const OptT& momentum_t) {
+  Tensor mean = mean_in.to(at::kFloat).contiguous(), var = var_in.to(at::kFloat).contiguous();
+  const int64_t C = mean.numel();
+  const float* mp = mean.data_ptr<float>();
+  const float* vp = var.data_ptr<float>();
+  bool finite = true;
+  for (int64_t c = 0; c < C; ++c) finite = finite && std::isfinite(mp[c]) && std::isfinite(vp[c]);
+  const float w = (momentum_t.has_value() && momentum_t->defined())
+                      ? momentum_t->to(at::kFloat).item<float>()
+                      : static_cast<float>(momentum);
+  const float ratio = count > 1 ? static_cast<float>(static_cast<double>(count) / (count - 1))
+                                : 1.0f;
+  auto upd = [&](const OptT& buf, bool unbiased) {
+    if (!finite || !buf.has_value() || !buf->defined()) return;
+    TORCH_CHECK(buf->scalar_type() == at::kFloat && buf->is_contiguous() && buf->numel() == C,
+                "bnlab: bn_update_running needs contiguous float32 buffers of ", C,
+                " elements");
+    float* r = buf->data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) r[c] = lerp(r[c], unbiased ? vp[c] * ratio : mp[c], w);
+  };
+  upd(rm, false);
+  upd(rv, true);
+  return at::scalar_tensor(finite, mean.options().dtype(at::kBool));
+}
+
+Tensor call_update(const OptT& rm, const OptT& rv, const Tensor& mean, const Tensor& var,
+                   int64_t count, double momentum, const OptT& momentum_t) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnlab::bn_update_running", "")
+                       .typed<Tensor(const OptT&, const OptT&, const Tensor&, const Tensor&,
+                                     int64_t, double, const OptT&)>();
+  return op.call(rm, rv, mean, var, count, momentum, momentum_t);
+}
+
+// Training forward and running-statistics update in one call from Python (the layers' eager
+// path; ~10 µs less per BN layer than two calls, which matters for (N, C) = (60, 100)).
+std::tuple<Tensor, Tensor, Tensor, Tensor> train_fwd_update(
+    const Tensor& x, const OptT& w, const OptT& b, double eps, const OptT& rm, const OptT& rv,
+    int64_t count, double momentum, const OptT& momentum_t) {
+  auto [y, mean, var, mask] = call_train_fwd(x, w, b, eps, OptT(), false, false);
+  Tensor finite = update_running(rm, rv, mean, var, count, momentum, momentum_t);
+  return {y, mean, var, finite};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> train_fwd_update_autograd(
+    const Tensor& x, const OptT& w, const OptT& b, double eps, const OptT& rm, const OptT& rv,
+    int64_t count, double momentum, const OptT& momentum_t) {
+  auto r = TrainFn::apply(x, w, b, eps, OptT(), false, false);
+  // Through the dispatcher, so the in-place update bumps the buffers' version counters.
+  Tensor finite = call_update(rm, rv, r[1], r[2], count, momentum, momentum_t);
+  return {r[0], r[1], r[2], finite};
+}
+
+}  // namespace
+}  // namespace bnk
+
+TORCH_LIBRARY_FRAGMENT(bnlab, m) {
+  m.def(
+      "bn_train_fwd_update(Tensor input, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, int count, float momentum, "
+      "Tensor? momentum_tensor) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_update_running(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, "
+      "Tensor var, int count, float momentum, Tensor? momentum_tensor) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
+  m.impl("bn_update_running", &bnk::update_running);
+  m.impl("bn_train_fwd_update", &bnk::train_fwd_update);
+}
+
+TORCH_LIBRARY_IMPL(bnlab, Autograd, m) {
+  m.impl("bn_train_fwd", &bnk::train_fwd_autograd);
+  m.impl("bn_train_fwd_update", &bnk::train_fwd_update_autograd);
+  m.impl("bn_eval_fwd", &bnk::eval_fwd_autograd);
+}

@@ -1,0 +1,206 @@
+// bnlab CPU batch-norm kernels: the loops (Ioffe & Szegedy 2015, Alg. 1 and its backward).
+//
+// Two layouts cover every dense input:
+//   * planar  (N, C, S) with S > 1: element (n, c, s) at (n*C + c)*S + s  (contiguous NCHW);
+//   * rows    (M, C) with M = N*S:   element (r, c) at r*C + c            (channels_last, (N, C)).
+//
+// Statistics. One read gives shifted sums Σ(x−K), Σ(x−K)² with K a sample mean of the channel,
+// accumulated in 4 independent 16-lane float accumulators (latency hiding) and flushed to double
+// every BLOCK elements, so the float part never sums more than a few hundred values per lane.
+// With K close to μ the shifted formula σ² = Σ(x−K)²/m − (Σ(x−K)/m)² does not cancel; when it
+// would (more than 2 bits lost, e.g. an outlier as K) a second, exact pass Σ(x−μ)² runs. This is
+// the "shifted data" algorithm, never E[x²] − E[x]².
+//
+// Fusion. Planar inputs with enough channels run one channel at a time per thread: statistics,
+// then normalize (or, backward, the two reductions, then dx) on the channel's N·S slab while it
+// is still in L2/L3 — 2T of DRAM traffic forward, 3T backward. Inputs with few channels split
+// each channel over threads (two-level reduction); rows inputs reduce over rows with per-thread
+// per-channel accumulators, then normalize in a second sweep. All reductions combine in a fixed
+// order, so results are deterministic for a fixed thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "simd.h"
+
+namespace bnk {
+
+constexpr int64_t BLOCK = 4096;      // elements per float block before flushing into double
+constexpr int64_t ROWS_BLOCK = 64;   // rows per float block in the rows layout
+constexpr int64_t GRAIN = 1 << 15;   // elements per task below which a loop stays serial
+
+struct Shape {
+  int64_t N, C, S;
+  bool rows;
+  int64_t m() const { return N * S; }  // values per channel
+};
+
+// What the fused variants add after normalizing: +z (residual), ReLU, and the saved mask. The
+// choices are template parameters, so each combination compiles to its own branch-free loop.
+template <typename T, bool Z, bool R, bool M>
+struct Epilogue {
+  static_assert(!M || R, "a mask is only saved for ReLU");
+  const T* z = nullptr;     // residual, same layout as x (BN+add+ReLU)
+  uint8_t* mask = nullptr;  // 1 where the output is > 0 (saved for backward)
+  template <int N = W>
+  inline vf apply(vf y, int64_t i, int n = W) const {
+    if constexpr (Z) y += (N == W) ? load(z + i) : load_n(z + i, n);
+    if constexpr (R) {
+      const vi pos = ~(y <= 0.0f);  // NaN stays NaN (and passes its gradient), as torch.relu
+      y = keep(y, pos);
+      if constexpr (M) {
+        if constexpr (N == W) store_mask(mask + i, pos);
+        else store_mask_n(mask + i, pos, n);
+      }
+    }
+    return y;
+  }
+};
+
+// ---- accumulators ------------------------------------------------------------------------
+struct Acc {
+  vf a[4], b[4];
+  Acc() { clear(); }
+  void clear() {
+    for (int i = 0; i < 4; ++i) a[i] = b[i] = vf{};
+  }
+  void flush(double& s1, double& s2) {
+    s1 += hsum((a[0] + a[1]) + (a[2] + a[3]));
+    s2 += hsum((b[0] + b[1]) + (b[2] + b[3]));
+    clear();
+  }
+};
+
+// Σ over one contiguous segment [0, L): full(i, a, b) per full vector, part(i, n, a, b) tail.
+template <class Full, class Part>
+inline void reduce_seg(int64_t L, Acc& A, Full&& full, Part&& part) {
+  int64_t i = 0;
+  for (; i + 4 * W <= L; i += 4 * W) {
+    full(i, A.a[0], A.b[0]);
+    full(i + W, A.a[1], A.b[1]);
+    full(i + 2 * W, A.a[2], A.b[2]);
+    full(i + 3 * W, A.a[3], A.b[3]);
+  }
+  for (; i + W <= L; i += W) full(i, A.a[0], A.b[0]);
+  if (i < L) part(i, static_cast<int>(L - i), A.a[1], A.b[1]);
+}
+
+template <class Full, class Part>
+inline void map_seg(int64_t L, Full&& full, Part&& part) {
+  int64_t i = 0;
+  for (; i + W <= L; i += W) full(i);
+  if (i < L) part(i, static_cast<int>(L - i));
+}
+
+// ---- per-element pieces shared by the layouts ---------------------------------------------
+// Shifted sums: a += (x − k), b += (x − k)².
+template <typename T>
+struct SumsOp {
+  const T* x;
+  vf k;
+  void full(int64_t i, vf& a, vf& b) const {
+    vf d = load(x + i) - k;
+    a += d;
+    b += d * d;
+  }
+  void part(int64_t i, int n, vf& a, vf& b) const {
+    vf d = keep(load_n(x + i, n) - k, lanes_lt(n));
+    a += d;
+    b += d * d;
+  }
+  // Four rows at i, i + st, i + 2st, i + 3st, summed in registers before touching a, b.
+  void full4(int64_t i, int64_t st, vf& a, vf& b) const {
+    vf d0 = load(x + i) - k, d1 = load(x + i + st) - k;
+    vf d2 = load(x + i + 2 * st) - k, d3 = load(x + i + 3 * st) - k;
+    a += (d0 + d1) + (d2 + d3);
+    b += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+  }
+};
+
+// Backward sums: a += g', b += g'·(x − μ), g' = g masked by the ReLU mask.
+template <typename T, bool MASK>
+struct BwdSumsOp {
+  const T* x;
+  const T* g;
+  const uint8_t* mask;
+  vf mu;
+  void full(int64_t i, vf& a, vf& b) const {
+    vf gg = load(g + i);
+    if constexpr (MASK) gg = keep(gg, load_mask(mask + i));
+    a += gg;
+    b += gg * (load(x + i) - mu);
+  }
+  void part(int64_t i, int n, vf& a, vf& b) const {
+    vf gg = keep(load_n(g + i, n), lanes_lt(n));
+    if constexpr (MASK) gg = keep(gg, load_mask_n(mask + i, n));
+    a += gg;
+    b += gg * keep(load_n(x + i, n) - mu, lanes_lt(n));
+  }
+  void full4(int64_t i, int64_t st, vf& a, vf& b) const {
+    vf a2{}, b2{};
+    full(i, a, b);
+    full(i + st, a2, b2);
+    full(i + 2 * st, a, b);
+    full(i + 3 * st, a2, b2);
+    a += a2;
+    b += b2;
+  }
+};
+
+// dx = g'·A + (x − μ)·B + Cc, and dz = g' when asked (BN+add+ReLU).
+template <typename T, bool MASK, bool DZ, bool DX>
+struct DxOp {
+  using scalar = T;
+  static constexpr bool kMask = MASK;
+  const T* x;
+  const T* g;
+  const uint8_t* mask;
+  T* dx;
+  T* dz;
+  void at(int64_t i, vf mu, vf A, vf B, vf Cc) const {
+    vf gg = load(g + i);
+    if constexpr (MASK) gg = keep(gg, load_mask(mask + i));
+    if constexpr (DZ) store(dz + i, gg);
+    if constexpr (DX) store(dx + i, gg * A + (load(x + i) - mu) * B + Cc);
+  }
+  void at_n(int64_t i, int n, vf mu, vf A, vf B, vf Cc) const {
+    vf gg = load_n(g + i, n);
+    if constexpr (MASK) gg = keep(gg, load_mask_n(mask + i, n));
+    if constexpr (DZ) store_n(dz + i, gg, n);
+    if constexpr (DX) store_n(dx + i, gg * A + (load_n(x + i, n) - mu) * B + Cc, n);
+  }
+};
+
+// ---- statistics from double sums -------------------------------------------------------
+// From shifted sums about K: μ and σ²; `exact` says whether a second pass about μ is needed.
+inline void from_shifted(double K, double s1, double s2, double m, float& mean, double& var,
+                         bool& exact) {
+  const double d = s1 / m;
+  const double v = s2 / m - d * d;
+  mean = static_cast<float>(K + d);
+  // More than 2 bits lost to cancellation (or a negative/NaN v) -> exact pass about μ.
+  exact = (s2 > 0.0) && !(v > 0.25 * (s2 / m));
+  var = v > 0.0 ? v : 0.0;
+}
+// From exact sums about the float mean μ_f: refine μ, σ² = Σ(x−μ_f)²/m − (Σ(x−μ_f)/m)².
+inline void from_centered(double s1, double s2, double m, float& mean, double& var) {
+  const double d = s1 / m;
+  const double v = s2 / m - d * d;
+  mean = static_cast<float>(static_cast<double>(mean) + d);
+  var = v > 0.0 ? v : 0.0;
+}
+
+inline float inv_std(float var, float eps) { return 1.0f / std::sqrt(var + eps); }
+
+template <typename T>
+inline float sample_mean(const T* p, int64_t n, int64_t stride) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<float>(p[i * stride]);
+  return n > 0 ? s / static_cast<float>(n) : 0.0f;
+}
+
+}  // namespace bnk

@@ -1,0 +1,317 @@
+// The three BN passes over the two layouts: forward statistics + normalize, backward
+// reductions + dx, and the normalize-only sweep that inference and the split paths share.
+#pragma once
+
+#include "bn_kernels.h"
+
+namespace bnk {
+
+inline int64_t grain_for(int64_t per_item) {
+  return std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, per_item));
+}
+
+// Sums over items [i0, i1) in parallel with per-thread partials combined in thread order.
+template <class F>
+inline void par_sums(int64_t n_items, int64_t grain, const F& f, double& s1, double& s2) {
+  const int nt = at::get_num_threads();
+  std::vector<double> part(2 * static_cast<size_t>(nt), 0.0);
+  at::parallel_for(0, n_items, grain, [&](int64_t i0, int64_t i1) {
+    const int t = at::get_thread_num();
+    double a = 0.0, b = 0.0;
+    f(i0, i1, a, b);
+    part[2 * t] += a;
+    part[2 * t + 1] += b;
+  });
+  s1 = s2 = 0.0;
+  for (int t = 0; t < nt; ++t) {
+    s1 += part[2 * t];
+    s2 += part[2 * t + 1];
+  }
+}
+
+// ---- planar (N, C, S) ----------------------------------------------------------------------
+// Σ over the planes n in [n0, n1) of channel c; op(base) gives the per-plane reduction functor.
+template <class MakeOp>
+inline void planar_reduce(const Shape& s, int64_t c, int64_t n0, int64_t n1, const MakeOp& make,
+                          double& s1, double& s2) {
+  Acc A;
+  int64_t cnt = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t plane = (n * s.C + c) * s.S;
+    for (int64_t off = 0; off < s.S; off += BLOCK) {
+      const int64_t len = std::min(BLOCK, s.S - off);
+      const auto op = make(plane + off);
+      reduce_seg(
+          len, A, [&](int64_t i, vf& a, vf& b) { op.full(i, a, b); },
+          [&](int64_t i, int n_, vf& a, vf& b) { op.part(i, n_, a, b); });
+      cnt += len;
+      if (cnt >= BLOCK) {
+        A.flush(s1, s2);
+        cnt = 0;
+      }
+    }
+  }
+  A.flush(s1, s2);
+}
+
+template <typename T, class E>
+inline void planar_normalize(const T* x, T* y, const Shape& s, int64_t c, int64_t n0, int64_t n1,
+                             float mean, float scale, float shift, const E& e) {
+  const vf mu = splat(mean), sc = splat(scale), sh = splat(shift);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t p = (n * s.C + c) * s.S;
+    map_seg(
+        s.S,
+        [&](int64_t i) { store(y + p + i, e.apply((load(x + p + i) - mu) * sc + sh, p + i)); },
+        [&](int64_t i, int n_) {
+          store_n(y + p + i, e.template apply<0>((load_n(x + p + i, n_) - mu) * sc + sh, p + i, n_),
+                  n_);
+        });
+  }
+}
+
+template <class Op>
+inline void planar_dx(const Op& op, const Shape& s, int64_t c, int64_t n0, int64_t n1,
+                      float mean, float A, float B, float Cc) {
+  const vf mu = splat(mean), va = splat(A), vb_ = splat(B), vc = splat(Cc);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t p = (n * s.C + c) * s.S;
+    map_seg(
+        s.S, [&](int64_t i) { op.at(p + i, mu, va, vb_, vc); },
+        [&](int64_t i, int n_) { op.at_n(p + i, n_, mu, va, vb_, vc); });
+  }
+}
+
+// Whether to run whole channels per thread (fused) or split each channel over threads.
+inline bool channel_parallel(const Shape& s) {
+  const int nt = at::get_num_threads();
+  return nt == 1 || s.C >= 4 * nt || s.C % nt == 0 || s.N * s.S * s.C <= GRAIN;
+}
+
+// Channels per block. A block is read n-major: for each n its planes are one contiguous run of
+// cb·S values, long enough (≥ RUN bytes) for the hardware prefetchers — reading one channel's
+// planes alone jumps C·S·4 bytes after every S values, which costs 1.5-2x in time on its own.
+// The block's slab (N·cb·S values of `per_elem` bytes) is bounded by SLAB so it is still in
+// L2/L3 when the elementwise sweep reads it again.
+inline int64_t channel_block(const Shape& s, int64_t per_elem, int64_t c_per_thread) {
+  constexpr int64_t RUN = 64 * 1024, SLAB = 4 * 1024 * 1024;
+  const int64_t plane = std::max<int64_t>(1, s.S * per_elem);
+  const int64_t want = (RUN + plane - 1) / plane;
+  const int64_t fit = std::max<int64_t>(1, SLAB / std::max<int64_t>(1, s.N * plane));
+  return std::max<int64_t>(1, std::min({want, fit, c_per_thread}));
+}
+
+// Σ over all planes of the channels [c0, c0 + nb), n-major; make(j, p) gives the reduction
+// functor of channel c0 + j at offset p; sums land in s1[j], s2[j]; only channels with
+// use[j] (or all if use is null) are read.
+template <class MakeOp>
+inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& make,
+                         double* s1, double* s2, const char* use = nullptr) {
+  std::vector<int64_t> cnt(nb, 0);
+  if (s.S < 4 * W) {
+    // Small planes (7x7, 14x14): one accumulator pair per channel is enough — consecutive
+    // planes belong to different channels, so there is no dependency chain to hide — and
+    // moving 2 instead of 8 vectors in and out per plane halves the work.
+    std::vector<vf> va(nb), vb_(nb);
+    for (int64_t n = 0; n < s.N; ++n) {
+      for (int64_t j = 0; j < nb; ++j) {
+        if (use && !use[j]) continue;
+        const auto op = make(j, (n * s.C + c0 + j) * s.S);
+        vf a = va[j], b = vb_[j];
+        int64_t i = 0;
+        for (; i + W <= s.S; i += W) op.full(i, a, b);
+        if (i < s.S) op.part(i, static_cast<int>(s.S - i), a, b);
+        if ((cnt[j] += s.S) >= BLOCK) {
+          s1[j] += hsum(a);
+          s2[j] += hsum(b);
+          a = b = vf{};
+          cnt[j] = 0;
+        }
+        va[j] = a;
+        vb_[j] = b;
+      }
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      s1[j] += hsum(va[j]);
+      s2[j] += hsum(vb_[j]);
+    }
+    return;
+  }
+  std::vector<Acc> acc(nb);
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t j = 0; j < nb; ++j) {
+      if (use && !use[j]) continue;
+      const int64_t plane = (n * s.C + c0 + j) * s.S;
+      Acc A = acc[j];
+      for (int64_t off = 0; off < s.S; off += BLOCK) {
+        const int64_t len = std::min(BLOCK, s.S - off);
+        const auto op = make(j, plane + off);
+        reduce_seg(
+            len, A, [&](int64_t i, vf& a, vf& b) { op.full(i, a, b); },
+            [&](int64_t i, int n_, vf& a, vf& b) { op.part(i, n_, a, b); });
+        cnt[j] += len;
+        if (cnt[j] >= BLOCK) {
+          A.flush(s1[j], s2[j]);
+          cnt[j] = 0;
+        }
+      }
+      acc[j] = A;
+    }
+  }
+  for (int64_t j = 0; j < nb; ++j) acc[j].flush(s1[j], s2[j]);
+}
+
+// ---- rows (M, C) ---------------------------------------------------------------------------
+// Per-channel sums over all rows; make(cv) gives the reduction functor for the channel vector
+// starting at channel cv (with its per-channel parameters loaded). Rows go four at a time,
+// summed in registers, so the per-channel accumulators in memory are touched once per 4 rows.
+template <class MakeOp>
+inline void rows_reduce(int64_t M, int64_t C, const MakeOp& make, std::vector<double>& s1,
+                        std::vector<double>& s2) {
+  const int nt = at::get_num_threads();
+  const int64_t nfull = C / W, rem = C % W, nv = nfull + (rem > 0);
+  std::vector<double> buf(static_cast<size_t>(nt) * 2 * (nv * W), 0.0);
+  at::parallel_for(0, M, grain_for(C), [&](int64_t r0, int64_t r1) {
+    double* d1 = buf.data() + static_cast<size_t>(at::get_thread_num()) * 2 * (nv * W);
+    double* d2 = d1 + nv * W;
+    std::vector<vf> a(nv), b(nv);
+    int64_t cnt = 0;
+    auto flush = [&]() {
+      for (int64_t v = 0; v < nv; ++v) {
+        add_to_double(d1 + v * W, a[v]);
+        add_to_double(d2 + v * W, b[v]);
+        a[v] = b[v] = vf{};
+      }
+      cnt = 0;
+    };
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      const int64_t base = r * C;
+      for (int64_t v = 0; v < nfull; ++v) make(v * W).full4(base + v * W, C, a[v], b[v]);
+      if (rem) {
+        const auto op = make(nfull * W);
+        for (int q = 0; q < 4; ++q)
+          op.part(base + q * C + nfull * W, static_cast<int>(rem), a[nfull], b[nfull]);
+      }
+      if ((cnt += 4) >= ROWS_BLOCK) flush();
+    }
+    for (; r < r1; ++r) {
+      const int64_t base = r * C;
+      for (int64_t v = 0; v < nfull; ++v) make(v * W).full(base + v * W, a[v], b[v]);
+      if (rem) make(nfull * W).part(base + nfull * W, static_cast<int>(rem), a[nfull], b[nfull]);
+    }
+    flush();
+  });
+  s1.assign(C, 0.0);
+  s2.assign(C, 0.0);
+  for (int t = 0; t < nt; ++t) {
+    const double* d1 = buf.data() + static_cast<size_t>(t) * 2 * (nv * W);
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] += d1[c];
+      s2[c] += d1[nv * W + c];
+    }
+  }
+}
+
+// Per-channel parameters padded to whole vectors, so tails load full vectors.
+inline std::vector<float> padded(int64_t C) { return std::vector<float>((C + W - 1) / W * W, 0.f); }
+
+// ---- the shared normalize / dx sweeps (any layout, per-channel parameters) ----------------
+template <typename T, class E>
+void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const float* scale,
+                   const float* shift, const E& e) {
+  if (!s.rows) {
+    at::parallel_for(0, s.N * s.C, grain_for(s.S), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i / s.C, c = i % s.C;
+        planar_normalize(x, y, s, c, n, n + 1, mean[c], scale[c], shift[c], e);
+      }
+    });
+    return;
+  }
+  const int64_t C = s.C, nfull = C / W, rem = C % W;
+  at::parallel_for(0, s.m(), grain_for(C), [&](int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    constexpr int64_t R = 8;  // rows per parameter load (and fewer false 4K-alias stalls)
+    for (; r + R <= r1; r += R) {
+      const int64_t base = r * C;
+      for (int64_t v = 0; v < nfull; ++v) {
+        const int64_t cv = v * W;
+        const vf mu = load(mean + cv), sc = load(scale + cv), sh = load(shift + cv);
+        for (int64_t q = 0; q < R; ++q) {
+          const int64_t o = base + q * C + cv;
+          store(y + o, e.apply((load(x + o) - mu) * sc + sh, o));
+        }
+      }
+      if (rem) {
+        const int64_t cv = nfull * W;
+        const int n = static_cast<int>(rem);
+        const vf mu = load(mean + cv), sc = load(scale + cv), sh = load(shift + cv);
+        for (int64_t q = 0; q < R; ++q) {
+          const int64_t o = base + q * C + cv;
+          store_n(y + o, e.template apply<0>((load_n(x + o, n) - mu) * sc + sh, o, n), n);
+        }
+      }
+    }
+    for (; r < r1; ++r) {
+      const int64_t base = r * C;
+      for (int64_t v = 0; v < nfull; ++v) {
+        const int64_t o = base + v * W, cv = v * W;
+        vf yv = (load(x + o) - load(mean + cv)) * load(scale + cv) + load(shift + cv);
+        store(y + o, e.apply(yv, o));
+      }
+      if (rem) {
+        const int64_t o = base + nfull * W, cv = nfull * W;
+        const int n = static_cast<int>(rem);
+        vf yv = (load_n(x + o, n) - load(mean + cv)) * load(scale + cv) + load(shift + cv);
+        store_n(y + o, e.template apply<0>(yv, o, n), n);
+      }
+    }
+  });
+}
+
+template <class Op>
+void dx_all(const Op& op, const Shape& s, const float* mean, const float* A, const float* B,
+            const float* Cc) {
+  if (!s.rows) {
+    at::parallel_for(0, s.N * s.C, grain_for(s.S), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i / s.C, c = i % s.C;
+        planar_dx(op, s, c, n, n + 1, mean[c], A[c], B[c], Cc[c]);
+      }
+    });
+    return;
+  }
+  const int64_t C = s.C, nfull = C / W, rem = C % W;
+  at::parallel_for(0, s.m(), grain_for(C), [&](int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    constexpr int64_t R = 8;  // rows per parameter load
+    for (; r + R <= r1; r += R) {
+      const int64_t base = r * C;
+      for (int64_t v = 0; v < nfull; ++v) {
+        const int64_t cv = v * W;
+        const vf mu = load(mean + cv), a = load(A + cv), b = load(B + cv), cc = load(Cc + cv);
+        for (int64_t q = 0; q < R; ++q) op.at(base + q * C + cv, mu, a, b, cc);
+      }
+      if (rem) {
+        const int64_t cv = nfull * W;
+        const vf mu = load(mean + cv), a = load(A + cv), b = load(B + cv), cc = load(Cc + cv);
+        for (int64_t q = 0; q < R; ++q) op.at_n(base + q * C + cv, static_cast<int>(rem), mu, a, b, cc);
+      }
+    }
+    for (; r < r1; ++r) {
+      const int64_t base = r * C;
+      for (int64_t v = 0; v < nfull; ++v) {
+        const int64_t cv = v * W;
+        op.at(base + cv, load(mean + cv), load(A + cv), load(B + cv), load(Cc + cv));
+      }
+      if (rem) {
+        const int64_t cv = nfull * W;
+        op.at_n(base + cv, static_cast<int>(rem), load(mean + cv), load(A + cv), load(B + cv),
+                load(Cc + cv));
+      }
+    }
+  });
+}
+
+}  // namespace bnk

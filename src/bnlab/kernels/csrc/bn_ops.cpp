@@ -1,0 +1,404 @@
+// bnlab CPU batch-norm operators: the drivers (which pass runs where) and their registration as
+// torch.library ops `bnlab::bn_train_fwd`, `bnlab::bn_bwd`, `bnlab::bn_eval_fwd` (CPU kernels;
+// fake kernels and autograd are registered from Python in bnlab/kernels/ops.py).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "bn_loops.h"
+
+#include <type_traits>
+
+namespace bnk {
+
+// ---- training forward: μ_B, σ²_B (biased), y = γ(x − μ_B)/√(σ²_B + ε) + β ----------------
+template <typename T, class E>
+void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b, float eps,
+               const E& e, float* mean_out, float* var_out) {
+  const double m = static_cast<double>(s.m());
+  const int64_t C = s.C;
+  if (!s.rows && channel_parallel(s)) {
+    // Fused: per block of channels, statistics (one DRAM read) then normalize from cache.
+    const int nt = at::get_num_threads();
+    const int64_t cb = channel_block(s, sizeof(T), (C + nt - 1) / nt);
+    at::parallel_for(0, C, grain_for(s.m()), [&](int64_t c0, int64_t c1) {
+      std::vector<double> s1(cb), s2(cb), var(cb);
+      std::vector<float> K(cb), mean(cb), scale(cb);
+      std::vector<char> exact(cb);
+      for (int64_t b0 = c0; b0 < c1; b0 += cb) {
+        const int64_t nb = std::min(cb, c1 - b0);
+        bool any = false;
+        for (int64_t j = 0; j < nb; ++j) {
+          K[j] = sample_mean(x + (b0 + j) * s.S, std::min<int64_t>(s.S, 16), 1);
+          s1[j] = s2[j] = 0.0;
+        }
+        block_reduce(
+            s, b0, nb, [&](int64_t j, int64_t p) { return SumsOp<T>{x + p, splat(K[j])}; },
+            s1.data(), s2.data());
+        for (int64_t j = 0; j < nb; ++j) {
+          bool ex = false;
+          from_shifted(K[j], s1[j], s2[j], m, mean[j], var[j], ex);
+          exact[j] = ex;
+          any = any || ex;
+          if (ex) s1[j] = s2[j] = 0.0;
+        }
+        if (any) {  // rare: the sample shift was poor for some channel
+          block_reduce(
+              s, b0, nb, [&](int64_t j, int64_t p) { return SumsOp<T>{x + p, splat(mean[j])}; },
+              s1.data(), s2.data(), exact.data());
+          for (int64_t j = 0; j < nb; ++j)
+            if (exact[j]) from_centered(s1[j], s2[j], m, mean[j], var[j]);
+        }
+        for (int64_t j = 0; j < nb; ++j) {
+          const float v = static_cast<float>(var[j]);
+          scale[j] = inv_std(v, eps) * w[b0 + j];
+          mean_out[b0 + j] = mean[j];
+          var_out[b0 + j] = v;
+        }
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t j = 0; j < nb; ++j)
+            planar_normalize(x, y, s, b0 + j, n, n + 1, mean[j], scale[j], b[b0 + j], e);
+      }
+    });
+    return;
+  }
+  // Few channels (planar, each channel split over threads) or rows: statistics, then one
+  // normalize sweep.
+  std::vector<float> mean = padded(C), scale = padded(C), shift = padded(C);
+  std::vector<double> var(C, 0.0);
+  if (!s.rows) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float K = sample_mean(x + c * s.S, std::min<int64_t>(s.S, 16), 1);
+      double s1 = 0.0, s2 = 0.0;
+      bool exact = false;
+      par_sums(
+          s.N, grain_for(s.S),
+          [&](int64_t n0, int64_t n1, double& a, double& b_) {
+            planar_reduce(s, c, n0, n1, [&](int64_t p) { return SumsOp<T>{x + p, splat(K)}; }, a,
+                          b_);
+          },
+          s1, s2);
+      from_shifted(K, s1, s2, m, mean[c], var[c], exact);
+      if (exact) {
+        const float mu = mean[c];
+        par_sums(
+            s.N, grain_for(s.S),
+            [&](int64_t n0, int64_t n1, double& a, double& b_) {
+              planar_reduce(s, c, n0, n1, [&](int64_t p) { return SumsOp<T>{x + p, splat(mu)}; },
+                            a, b_);
+            },
+            s1, s2);
+        from_centered(s1, s2, m, mean[c], var[c]);
+      }
+    }
+  } else {
+    const int64_t M = s.m();
+    std::vector<float> k = padded(C);
+    for (int64_t c = 0; c < C; ++c) k[c] = sample_mean(x + c, std::min<int64_t>(M, 16), C);
+    std::vector<double> s1, s2;
+    auto reduce_about = [&](const std::vector<float>& kk) {
+      const float* kp = kk.data();
+      rows_reduce(M, C, [&](int64_t cv) { return SumsOp<T>{x, load(kp + cv)}; }, s1, s2);
+    };
+    reduce_about(k);
+    std::vector<char> exact(C, 0);
+    bool any = false;
+    for (int64_t c = 0; c < C; ++c) {
+      bool ex = false;
+      from_shifted(k[c], s1[c], s2[c], m, mean[c], var[c], ex);
+      exact[c] = ex;
+      any = any || ex;
+    }
+    if (any) {
+      reduce_about(mean);
+      for (int64_t c = 0; c < C; ++c)
+        if (exact[c]) from_centered(s1[c], s2[c], m, mean[c], var[c]);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = static_cast<float>(var[c]);
+    scale[c] = inv_std(v, eps) * w[c];
+    shift[c] = b[c];
+    mean_out[c] = mean[c];
+    var_out[c] = v;
+  }
+  normalize_all(x, y, s, mean.data(), scale.data(), shift.data(), e);
+}
+
+// ---- backward -------------------------------------------------------------------------------
+// Σg', Σg'(x−μ) per channel, then dx = g'·A + (x − μ)·B + Cc with (training)
+//   A = γ·invstd, B = −A·invstd²·Σg'(x−μ)/m, Cc = −A·Σg'/m, i.e. the paper's
+//   ∂ℓ/∂x̂ = γ·g',  ∂ℓ/∂x = invstd·(∂ℓ/∂x̂ − mean(∂ℓ/∂x̂) − x̂·mean(∂ℓ/∂x̂·x̂));
+// in evaluation mode (fixed μ, σ²) B = Cc = 0. Also ∂ℓ/∂γ = invstd·Σg'(x−μ), ∂ℓ/∂β = Σg'.
+template <class Op>
+void backward(const Op& op, const Shape& s, const float* mean, const float* var,
+              const float* w, float eps, bool training, float* dw, float* db) {
+  using T = typename Op::scalar;
+  using Sums = BwdSumsOp<T, Op::kMask>;
+  const double m = static_cast<double>(s.m());
+  const int64_t C = s.C;
+  auto coeffs = [&](int64_t c, double sg, double sgd, float& A, float& B, float& Cc) {
+    const float inv = inv_std(var[c], eps);
+    A = inv * w[c];
+    dw[c] = static_cast<float>(sgd * inv);
+    db[c] = static_cast<float>(sg);
+    B = training ? static_cast<float>(-static_cast<double>(A) * inv * inv * sgd / m) : 0.f;
+    Cc = training ? static_cast<float>(-static_cast<double>(A) * sg / m) : 0.f;
+  };
+  const bool sweep = op.dx || op.dz;
+  if (!s.rows && channel_parallel(s)) {
+    const int nt = at::get_num_threads();
+    const int64_t cb = channel_block(s, 2 * sizeof(T), (C + nt - 1) / nt);
+    at::parallel_for(0, C, grain_for(2 * s.m()), [&](int64_t c0, int64_t c1) {
+      std::vector<double> sg(cb), sgd(cb);
+      std::vector<float> A(cb), B(cb), Cc(cb);
+      for (int64_t b0 = c0; b0 < c1; b0 += cb) {
+        const int64_t nb = std::min(cb, c1 - b0);
+        std::fill(sg.begin(), sg.end(), 0.0);
+        std::fill(sgd.begin(), sgd.end(), 0.0);
+        block_reduce(
+            s, b0, nb,
+            [&](int64_t j, int64_t p) {
+              return Sums{op.x + p, op.g + p, op.mask ? op.mask + p : nullptr,
+                                  splat(mean[b0 + j])};
+            },
+            sg.data(), sgd.data());
+        for (int64_t j = 0; j < nb; ++j) coeffs(b0 + j, sg[j], sgd[j], A[j], B[j], Cc[j]);
+        if (!sweep) continue;
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t j = 0; j < nb; ++j)
+            planar_dx(op, s, b0 + j, n, n + 1, mean[b0 + j], A[j], B[j], Cc[j]);
+      }
+    });
+    return;
+  }
+  std::vector<float> mu = padded(C), A = padded(C), B = padded(C), Cc = padded(C);
+  for (int64_t c = 0; c < C; ++c) mu[c] = mean[c];
+  if (!s.rows) {
+    for (int64_t c = 0; c < C; ++c) {
+      double sg = 0.0, sgd = 0.0;
+      const vf muv = splat(mean[c]);
+      par_sums(
+          s.N, grain_for(2 * s.S),
+          [&](int64_t n0, int64_t n1, double& a, double& b_) {
+            planar_reduce(
+                s, c, n0, n1,
+                [&](int64_t p) {
+                  return Sums{op.x + p, op.g + p, op.mask ? op.mask + p : nullptr, muv};
+                },
+                a, b_);
+          },
+          sg, sgd);
+      coeffs(c, sg, sgd, A[c], B[c], Cc[c]);
+    }
+  } else {
+    std::vector<double> sg, sgd;
+    const float* mp = mu.data();
+    rows_reduce(
+        s.m(), C, [&](int64_t cv) { return Sums{op.x, op.g, op.mask, load(mp + cv)}; }, sg, sgd);
+    for (int64_t c = 0; c < C; ++c) coeffs(c, sg[c], sgd[c], A[c], B[c], Cc[c]);
+  }
+  if (sweep) dx_all(op, s, mu.data(), A.data(), B.data(), Cc.data());
+}
+
+// ---- tensors ---------------------------------------------------------------------------------
+struct Prepared {
+  at::Tensor x;
+  Shape s;
+};
+
+// The layout the loops read: contiguous NCHW (planar), channels-last-like (rows), or a
+// contiguous copy for anything else.
+Prepared prepare(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "bnlab kernels: input must have at least 2 dimensions, got ",
+              x.dim());
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = (N * C) > 0 ? x.numel() / (N * C) : 1;
+  if (S == 1) return {x.contiguous(), {N, C, 1, true}};
+  if (x.is_contiguous()) return {x, {N, C, S, false}};
+  std::vector<int64_t> perm{0};
+  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
+  perm.push_back(1);
+  if (x.permute(perm).is_contiguous()) return {x, {N, C, S, true}};
+  return {x.contiguous(), {N, C, S, false}};
+}
+
+// t with ref's sizes, strides and dtype (a copy only when they differ).
+at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "bnlab kernels: expected a tensor of shape ",
+              ref.sizes(), ", got ", t.sizes());
+  if (t.strides() == ref.strides() && t.scalar_type() == ref.scalar_type()) return t;
+  at::Tensor out = at::empty_like(ref, ref.options().dtype(ref.scalar_type()));
+  out.copy_(t);
+  return out;
+}
+
+at::Tensor per_channel(const c10::optional<at::Tensor>& t, int64_t C, float fill,
+                       const char* name) {
+  if (!t.has_value() || !t->defined()) return at::full({C}, fill, at::dtype(at::kFloat));
+  TORCH_CHECK(t->numel() == C, "bnlab kernels: ", name, " must have ", C, " elements, got ",
+              t->numel());
+  if (t->scalar_type() == at::kFloat && t->is_contiguous()) return *t;
+  return t->to(at::kFloat).contiguous();
+}
+
+void check_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "bnlab kernels: dtype must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), "bnlab kernels: CPU tensors only, got ", x.device());
+}
+
+// float32 -> float, bfloat16 -> c10::BFloat16 (the only two dtypes the loops implement).
+template <class F>
+void dispatch(const at::Tensor& x, const F& f) {
+  if (x.scalar_type() == at::kFloat) f(float{});
+  else f(bf16{});
+}
+
+at::Tensor empty_bytes(const at::Tensor& x) { return at::empty({0}, x.options().dtype(at::kByte)); }
+
+// Calls f(epilogue) with the Epilogue type of this (residual, relu, mask) combination.
+template <typename T, class F>
+void with_epilogue(const at::Tensor& z, bool relu, const at::Tensor& mask, const F& f) {
+  const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
+  uint8_t* mp = mask.numel() > 0 ? mask.data_ptr<uint8_t>() : nullptr;
+  if (!relu) {
+    if (zp) f(Epilogue<T, true, false, false>{zp, nullptr});
+    else f(Epilogue<T, false, false, false>{nullptr, nullptr});
+  } else if (zp) {
+    if (mp) f(Epilogue<T, true, true, true>{zp, mp});
+    else f(Epilogue<T, true, true, false>{zp, nullptr});
+  } else {
+    if (mp) f(Epilogue<T, false, true, true>{nullptr, mp});
+    else f(Epilogue<T, false, true, false>{nullptr, nullptr});
+  }
+}
+
+// Calls f(op) with the DxOp type of this (mask, dz, dx) combination.
+template <typename T, class F>
+void with_dx_op(const T* x, const T* g, const uint8_t* mask, T* dx, T* dz, const F& f) {
+  auto pick_dx = [&](auto m, auto z) {
+    constexpr bool M = decltype(m)::value, Z = decltype(z)::value;
+    if (dx) f(DxOp<T, M, Z, true>{x, g, mask, dx, dz});
+    else f(DxOp<T, M, Z, false>{x, g, mask, dx, dz});
+  };
+  auto pick_dz = [&](auto m) {
+    if (dz) pick_dx(m, std::true_type{});
+    else pick_dx(m, std::false_type{});
+  };
+  if (mask) pick_dz(std::true_type{});
+  else pick_dz(std::false_type{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps, const c10::optional<at::Tensor>& residual,
+    bool relu, bool save_mask) {
+  check_dtype(input);
+  Prepared p = prepare(input);
+  const at::Tensor& x = p.x;
+  TORCH_CHECK(p.s.m() > 0, "bnlab kernels: training needs at least one value per channel");
+  const int64_t C = p.s.C;
+  at::Tensor y = at::empty_like(x);
+  at::Tensor z = (residual.has_value() && residual->defined()) ? like(*residual, x) : at::Tensor();
+  at::Tensor mask = (relu && save_mask) ? at::empty_like(x, x.options().dtype(at::kByte))
+                                        : empty_bytes(x);
+  at::Tensor mean = at::empty({C}, x.options().dtype(at::kFloat));
+  at::Tensor var = at::empty({C}, x.options().dtype(at::kFloat));
+  at::Tensor w = per_channel(weight, C, 1.f, "weight"), b = per_channel(bias, C, 0.f, "bias");
+  dispatch(x, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    with_epilogue<scalar_t>(z, relu, mask, [&](const auto& e) {
+      train_fwd<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p.s,
+                          w.data_ptr<float>(), b.data_ptr<float>(), static_cast<float>(eps), e,
+                          mean.data_ptr<float>(), var.data_ptr<float>());
+    });
+  });
+  return {y, mean, var, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
+    const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& mean_in,
+    const at::Tensor& var_in, const c10::optional<at::Tensor>& weight, double eps,
+    const c10::optional<at::Tensor>& mask_in, bool training, bool need_dx, bool need_dz) {
+  check_dtype(input);
+  Prepared p = prepare(input);
+  const at::Tensor& x = p.x;
+  const int64_t C = p.s.C;
+  at::Tensor g = like(grad_y, x);
+  at::Tensor mask = (mask_in.has_value() && mask_in->defined() && mask_in->numel() > 0)
+                        ? like(*mask_in, at::empty_like(x, x.options().dtype(at::kByte)))
+                        : at::Tensor();
+  at::Tensor mean = mean_in.to(at::kFloat).contiguous(), var = var_in.to(at::kFloat).contiguous();
+  at::Tensor w = per_channel(weight, C, 1.f, "weight");
+  at::Tensor dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dz = need_dz ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dw = at::empty({C}, x.options().dtype(at::kFloat));
+  at::Tensor db = at::empty({C}, x.options().dtype(at::kFloat));
+  dispatch(x, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    with_dx_op<scalar_t>(
+        x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+        mask.defined() ? mask.data_ptr<uint8_t>() : nullptr,
+        need_dx ? dx.data_ptr<scalar_t>() : nullptr, need_dz ? dz.data_ptr<scalar_t>() : nullptr,
+        [&](const auto& op) {
+          backward(op, p.s, mean.data_ptr<float>(), var.data_ptr<float>(), w.data_ptr<float>(),
+                   static_cast<float>(eps), training, dw.data_ptr<float>(), db.data_ptr<float>());
+        });
+  });
+  return {dx, dw, db, dz};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_eval_fwd(
+    const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+    const c10::optional<at::Tensor>& residual, bool relu, bool save_mask) {
+  check_dtype(input);
+  Prepared p = prepare(input);
+  const at::Tensor& x = p.x;
+  const int64_t C = p.s.C;
+  at::Tensor y = at::empty_like(x);
+  at::Tensor z = (residual.has_value() && residual->defined()) ? like(*residual, x) : at::Tensor();
+  at::Tensor mask = (relu && save_mask) ? at::empty_like(x, x.options().dtype(at::kByte))
+                                        : empty_bytes(x);
+  if (x.numel() == 0) return {y, mask};
+  at::Tensor rm = per_channel(running_mean, C, 0.f, "running_mean");
+  at::Tensor rv = per_channel(running_var, C, 1.f, "running_var");
+  at::Tensor w = per_channel(weight, C, 1.f, "weight"), b = per_channel(bias, C, 0.f, "bias");
+  std::vector<float> mu = padded(C), scale = padded(C), shift = padded(C);
+  const float* rmp = rm.data_ptr<float>();
+  const float* rvp = rv.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    mu[c] = rmp[c];
+    scale[c] = inv_std(rvp[c], static_cast<float>(eps)) * w.data_ptr<float>()[c];
+    shift[c] = b.data_ptr<float>()[c];
+  }
+  dispatch(x, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    with_epilogue<scalar_t>(z, relu, mask, [&](const auto& e) {
+      normalize_all<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p.s, mu.data(),
+                              scale.data(), shift.data(), e);
+    });
+  });
+  return {y, mask};
+}
+
+}  // namespace bnk
+
+TORCH_LIBRARY(bnlab, m) {
+  m.def(
+      "bn_train_fwd(Tensor input, Tensor? weight, Tensor? bias, float eps, Tensor? residual, "
+      "bool relu, bool save_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_bwd(Tensor grad_y, Tensor input, Tensor mean, Tensor var, Tensor? weight, float eps, "
+      "Tensor? mask, bool training, bool need_dx, bool need_dz) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_eval_fwd(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
+      "Tensor? bias, float eps, Tensor? residual, bool relu, bool save_mask) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
+  m.impl("bn_train_fwd", &bnk::bn_train_fwd);
+  m.impl("bn_bwd", &bnk::bn_bwd);
+  m.impl("bn_eval_fwd", &bnk::bn_eval_fwd);
+}

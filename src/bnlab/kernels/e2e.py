@@ -1,0 +1,155 @@
+"""End-to-end cost of BN in a training step (`bnlab bench --e2e`).
+
+Small stand-ins for the lab's nets, each taking ``norm_layer`` (a factory ``C -> nn.Module``):
+a VGG-style conv-BN-ReLU stack on 32x32 inputs (batch 128) and an Inception-style block net on
+28x28 inputs (batch 32). A step (forward, cross-entropy, backward, SGD update) is timed with no
+normalization (``nn.Identity``), ``torch.nn.BatchNorm2d`` and ``bnlab.BatchNorm2d``, interleaved
+round by round; the figure of merit is the step time relative to the net without BN.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["InceptionNet", "VGGNet", "print_e2e", "run_e2e"]
+
+NormLayer = Callable[[int], nn.Module]
+
+
+def _conv_bn_relu(cin: int, cout: int, k: int, norm_layer: NormLayer) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), norm_layer(cout),
+                         nn.ReLU(inplace=True))
+
+
+class VGGNet(nn.Module):
+    """VGG-style: [64, 64, M, 128, 128, M, 256, 256, M] conv3x3-norm-ReLU, then a linear head.
+
+    Shape: (N, 3, 32, 32) -> (N, num_classes).
+    """
+
+    def __init__(self, norm_layer: NormLayer, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in (64, 64, "M", 128, 128, "M", 256, 256, "M"):
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers.append(_conv_bn_relu(cin, int(v), 3, norm_layer))
+                cin = int(v)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(256 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))  # (N, 256, 4, 4) -> (N, 4096)
+
+
+class Inception(nn.Module):
+    """Four branches (1x1; 1x1-3x3; 1x1-3x3-3x3; pool-1x1), each conv followed by norm+ReLU,
+    concatenated on channels (Szegedy et al. 2015's block, the BN-Inception variant)."""
+
+    def __init__(self, cin: int, c1: int, c3: int, c5: int, cp: int,
+                 norm_layer: NormLayer) -> None:
+        super().__init__()
+        self.b1 = _conv_bn_relu(cin, c1, 1, norm_layer)
+        self.b3 = nn.Sequential(_conv_bn_relu(cin, c3 // 2, 1, norm_layer),
+                                _conv_bn_relu(c3 // 2, c3, 3, norm_layer))
+        self.b5 = nn.Sequential(_conv_bn_relu(cin, c5 // 2, 1, norm_layer),
+                                _conv_bn_relu(c5 // 2, c5, 3, norm_layer),
+                                _conv_bn_relu(c5, c5, 3, norm_layer))
+        self.bp = nn.Sequential(nn.MaxPool2d(3, 1, 1), _conv_bn_relu(cin, cp, 1, norm_layer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.bp(x)], 1)
+
+
+class InceptionNet(nn.Module):
+    """Stem conv, two Inception blocks at 28x28, a pool, two more at 14x14, a linear head.
+
+    Shape: (N, 1, 28, 28) -> (N, num_classes).
+    """
+
+    def __init__(self, norm_layer: NormLayer, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(1, 32, 3, norm_layer)
+        self.blocks = nn.Sequential(
+            Inception(32, 32, 48, 16, 16, norm_layer),    # -> 112 channels
+            Inception(112, 48, 64, 32, 32, norm_layer),   # -> 176
+            nn.MaxPool2d(2),
+            Inception(176, 64, 96, 32, 32, norm_layer),   # -> 224
+            Inception(224, 64, 96, 48, 48, norm_layer),   # -> 256
+        )
+        self.head = nn.Linear(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(x.mean((2, 3)))  # global average pool: (N, 256, 14, 14) -> (N, 256)
+
+
+def _norms() -> dict[str, NormLayer]:
+    import bnlab
+
+    return {"none": lambda c: nn.Identity(), "torch_bn": nn.BatchNorm2d,
+            "bnlab_bn": bnlab.BatchNorm2d}
+
+
+def _stepper(net_cls: type[nn.Module], norm: NormLayer, batch: int,
+             image: tuple[int, int, int]) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = net_cls(norm)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, *image)
+    y = torch.randint(0, 10, (batch,))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def run_e2e(steps: int = 8, rounds: int = 3) -> dict[str, Any]:
+    """Median step time (ms) per net and norm, and the overhead of BN over no normalization."""
+    nets = {"vgg_b128_32x32": (VGGNet, 128, (3, 32, 32)),
+            "inception_b32_28x28": (InceptionNet, 32, (1, 28, 28))}
+    out: dict[str, Any] = {}
+    for net_name, (cls, batch, image) in nets.items():
+        steppers = {k: _stepper(cls, norm, batch, image) for k, norm in _norms().items()}
+        for s in steppers.values():  # warm-up
+            s()
+            s()
+        times: dict[str, list[float]] = {k: [] for k in steppers}
+        for _ in range(rounds * steps):  # step by step, so a busy spell hits all three
+            for k, s in steppers.items():
+                t0 = time.perf_counter()
+                s()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        low = {k: min(v) * 1e3 for k, v in times.items()}
+        out[net_name] = {
+            "step_ms": med,
+            "step_ms_min": low,
+            "overhead_torch_bn": med["torch_bn"] / med["none"] - 1.0,
+            "overhead_bnlab_bn": med["bnlab_bn"] / med["none"] - 1.0,
+            "overhead_torch_bn_min": low["torch_bn"] / low["none"] - 1.0,
+            "overhead_bnlab_bn_min": low["bnlab_bn"] / low["none"] - 1.0,
+        }
+    return out
+
+
+def print_e2e(result: dict[str, Any]) -> None:
+    print(f"{'net (statistic)':<22}{'no BN ms':>10}{'torch BN ms':>13}{'bnlab BN ms':>13}"
+          f"{'torch +%':>10}{'bnlab +%':>10}")
+    for name, r in result.items():
+        for tag, key in (("median", ""), ("min", "_min")):
+            s = r["step_ms" + key]
+            print(f"{name + ' ' + tag:<22}{s['none']:>10.1f}{s['torch_bn']:>13.1f}"
+                  f"{s['bnlab_bn']:>13.1f}{100 * r['overhead_torch_bn' + key]:>9.1f}%"
+                  f"{100 * r['overhead_bnlab_bn' + key]:>9.1f}%")

@@ -1,0 +1,78 @@
+"""Fused BN+ReLU and BN+add+ReLU (the ResNet block tail), with PyTorch-style signatures.
+
+``relu(BN(x))`` and ``relu(BN(x) + residual)`` in one sweep: the add and the ReLU ride on the
+normalize pass, and the backward reads a 1-byte ReLU mask saved by the forward (instead of the
+output) and folds the ReLU gradient into the BN reductions and the dx sweep. On inputs the
+kernels do not support, the same functions compose the reference ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnlab import functional as F
+from bnlab._checks import check_eps, check_momentum, check_per_channel, check_training_size
+
+__all__ = ["bn_add_relu", "bn_relu"]
+
+
+def _needs_grad(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
+           running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+           training: bool, momentum: float, eps: float, who: str) -> Tensor:
+    from bnlab import kernels
+
+    check_eps(eps, who)
+    check_momentum(momentum, who, allow_none=False)
+    check_per_channel(input, running_mean, running_var, weight, bias, who)
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(f"{who}: residual must have the input's shape {tuple(input.shape)}, "
+                         f"got {tuple(residual.shape)}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError(f"{who}: running_mean and running_var are required when "
+                         "training=False")
+    if training:
+        check_training_size(input, who)
+    if not kernels.supports(input) or (residual is not None and residual.dtype != input.dtype):
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return torch.relu(y if residual is None else y + residual)
+    save = _needs_grad(input, residual, weight, bias)
+    if not training:
+        y, _ = torch.ops.bnlab.bn_eval_fwd(input, running_mean, running_var, weight, bias, eps,
+                                           residual, True, save)
+        return y
+    y, mean, var, _ = torch.ops.bnlab.bn_train_fwd(input, weight, bias, eps, residual, True,
+                                                   save)
+    if running_mean is not None or running_var is not None:
+        kernels.update_running_stats(running_mean, running_var, mean, var,
+                                     input.numel() // input.shape[1], momentum)
+    return y
+
+
+def bn_relu(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+            weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+            momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """``relu(batch_norm(input, ...))`` fused; arguments as `bnlab.functional.batch_norm`.
+
+    Shape:
+        input: (N, C, *); per-channel tensors (C,). Returns a tensor like ``input``.
+    """
+    return _fused(input, None, running_mean, running_var, weight, bias, training, momentum, eps,
+                  "bn_relu")
+
+
+def bn_add_relu(input: Tensor, residual: Tensor, running_mean: Tensor | None,
+                running_var: Tensor | None, weight: Tensor | None = None,
+                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
+                eps: float = 1e-5) -> Tensor:
+    """``relu(batch_norm(input, ...) + residual)`` fused (a ResNet block's tail).
+
+    Shape:
+        input, residual: (N, C, *) of the same shape; per-channel tensors (C,).
+    """
+    return _fused(input, residual, running_mean, running_var, weight, bias, training, momentum,
+                  eps, "bn_add_relu")

@@ -1,0 +1,81 @@
+"""torch.library registration of the C++ kernels: fake (meta) kernels.
+
+The C++ library defines four operators (schemas in `csrc/bn_ops.cpp`, `csrc/bn_autograd.cpp`):
+
+* ``bnlab::bn_train_fwd(input, weight?, bias?, eps, residual?, relu, save_mask)
+  -> (y, mean, var, mask)`` — Alg. 1 of Ioffe & Szegedy (2015) with the biased σ²_B, optionally
+  fused with ``+ residual`` and ReLU (``mask`` is the saved ReLU mask, empty when not asked);
+* ``bnlab::bn_bwd(grad_y, input, mean, var, weight?, eps, mask?, training, need_dx, need_dz)
+  -> (dx, dweight, dbias, dresidual)`` — the paper's backward (Sec. 3), float32 dweight/dbias;
+* ``bnlab::bn_eval_fwd(input, running_mean, running_var, weight?, bias?, eps, residual?, relu,
+  save_mask) -> (y, mask)`` — the inference transform of Alg. 2;
+* ``bnlab::bn_update_running(running_mean!, running_var!, mean, var, count, momentum,
+  momentum_tensor?) -> finite`` — `bnlab.functional.update_running_stats` in one call;
+* ``bnlab::bn_train_fwd_update(input, weight?, bias?, eps, running_mean!, running_var!, count,
+  momentum, momentum_tensor?) -> (y, mean, var, finite)`` — both, for the eager layers.
+
+Autograd of ``bn_train_fwd`` and ``bn_eval_fwd`` is registered in C++ (``Autograd`` key, in
+`csrc/bn_autograd.cpp`; its backward is ``bn_bwd``, or differentiable ATen ops recomputing μ_B
+and σ²_B under ``create_graph=True``). Here they get fake kernels (shapes only), so
+`torch.compile` and AOTAutograd can trace them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["register"]
+
+_registered = False
+
+
+def _empty_mask(x: Tensor, wanted: bool) -> Tensor:
+    if wanted:
+        return torch.empty_like(x, dtype=torch.uint8)
+    return x.new_empty((0,), dtype=torch.uint8)
+
+
+def _fake_train_fwd(input, weight, bias, eps, residual, relu, save_mask):  # type: ignore[no-untyped-def]
+    c = input.shape[1]
+    stat = input.new_empty((c,), dtype=torch.float32)
+    return (torch.empty_like(input), stat, torch.empty_like(stat),
+            _empty_mask(input, relu and save_mask))
+
+
+def _fake_bwd(grad_y, input, mean, var, weight, eps, mask, training, need_dx, need_dz):  # type: ignore[no-untyped-def]
+    c = input.shape[1]
+    stat = input.new_empty((c,), dtype=torch.float32)
+    empty = input.new_empty((0,))
+    return (torch.empty_like(input) if need_dx else empty, stat, torch.empty_like(stat),
+            torch.empty_like(input) if need_dz else empty.clone())
+
+
+def _fake_eval_fwd(input, running_mean, running_var, weight, bias, eps, residual, relu,  # type: ignore[no-untyped-def]
+                   save_mask):
+    return torch.empty_like(input), _empty_mask(input, relu and save_mask)
+
+
+def _fake_update_running(running_mean, running_var, mean, var, count, momentum,  # type: ignore[no-untyped-def]
+                         momentum_tensor):
+    return mean.new_empty((), dtype=torch.bool)
+
+
+def _fake_train_fwd_update(input, weight, bias, eps, running_mean, running_var, count,  # type: ignore[no-untyped-def]
+                           momentum, momentum_tensor):
+    y, mean, var, _ = _fake_train_fwd(input, weight, bias, eps, None, False, False)
+    return y, mean, var, mean.new_empty((), dtype=torch.bool)
+
+
+def register() -> None:
+    """Attach fake kernels and autograd to the loaded `bnlab::*` ops (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    lib = "bnlab::"
+    torch.library.register_fake(lib + "bn_train_fwd")(_fake_train_fwd)
+    torch.library.register_fake(lib + "bn_bwd")(_fake_bwd)
+    torch.library.register_fake(lib + "bn_eval_fwd")(_fake_eval_fwd)
+    torch.library.register_fake(lib + "bn_update_running")(_fake_update_running)
+    torch.library.register_fake(lib + "bn_train_fwd_update")(_fake_train_fwd_update)
+    _registered = True

@@ -1,0 +1,283 @@
+"""The CPU kernels (`bnlab.kernels`) against the reference path (`bnlab._autograd`, the paper's
+equations in PyTorch ops): outputs, gradients and running statistics agree to 1e-5 relative in
+float32 over hypothesis-generated shapes and layouts; results are deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bnlab
+from bnlab import _autograd, kernels
+from bnlab import functional as F
+
+pytestmark = pytest.mark.skipif(not kernels.available(),
+                                reason="bnlab CPU kernels could not be built here")
+
+RTOL = 1e-5
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
+    """max |a − ref| / max |ref| (the max-norm relative error), in float64. ``scale`` is a floor
+    for the denominator: the size of the terms that cancel into ref (dx of BN is a difference
+    of O(γ·invstd·|g|) terms that is ~0 when N·H·W = 2)."""
+    a, ref = a.double(), ref.double()
+    return (a - ref).abs().max().item() / max(ref.abs().max().item(), scale, 1e-30)
+
+
+def dx_scale(g: torch.Tensor, w: torch.Tensor | None, var: torch.Tensor, eps: float) -> float:
+    """max |γ·invstd·g|: the size of the terms of ∂ℓ/∂x before they cancel."""
+    a = torch.rsqrt(var.double() + eps) * (1.0 if w is None else w.detach().double().abs())
+    return float(a.max() * g.abs().max())
+
+
+@st.composite
+def inputs(draw: st.DrawFn) -> tuple[torch.Tensor, str]:
+    """(x, layout): ranks 2–5, odd sizes, C = 1, N·spatial = 2, 1e4 offsets, and contiguous,
+    channels_last or non-contiguous memory."""
+    rank = draw(st.integers(2, 5))
+    n = draw(st.integers(1, 6))
+    c = draw(st.sampled_from([1, 2, 3, 5, 16, 17, 33]))
+    spatial = [draw(st.integers(1, 9)) for _ in range(rank - 2)]
+    if n * int(torch.tensor(spatial).prod().item() if spatial else 1) < 2:
+        n = 2
+    # (offset, scale): 1e4 offsets at unit scale. (1e4 with σ = 1e-3 is ill-posed: σ is below
+    # the float32 spacing at 1e4, so the mean's last bit decides y and ties are common.)
+    offset, scale = draw(st.sampled_from([(0.0, 1.0), (0.0, 1e-3), (0.0, 50.0), (1e4, 1.0),
+                                          (-1e4, 3.0), (-3.0, 1.0)]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "strided"]))
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, c, *spatial)
+    if layout == "strided":  # a slice of a bigger tensor, transposed back: no dense layout
+        big = torch.randn((n, c, *[s * 2 for s in spatial]), generator=gen)
+        x = big[(slice(None), slice(None), *[slice(None, None, 2)] * len(spatial))]
+        if rank == 2:
+            x = torch.randn((c, n), generator=gen).t()
+    else:
+        x = torch.randn(shape, generator=gen)
+        if layout == "channels_last" and rank in (4, 5):
+            fmt = torch.channels_last if rank == 4 else torch.channels_last_3d
+            x = x.contiguous(memory_format=fmt)
+        elif layout == "channels_last" and rank == 3:  # (N, C, L) stored as (N, L, C)
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x * scale + offset, layout
+
+
+def reference_train(x, w, b, eps):  # type: ignore[no-untyped-def]
+    return _autograd.BatchNormTrain.apply(x, w, b, eps)
+
+
+@SETTINGS
+@given(inputs(), st.booleans())
+def test_train_forward_backward_match_reference(data, affine) -> None:  # type: ignore[no-untyped-def]
+    x, _ = data
+    c = x.shape[1]
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.rand(c, generator=gen) + 0.5).requires_grad_(affine) if affine else None
+    b = torch.randn(c, generator=gen).requires_grad_(affine) if affine else None
+    g = torch.randn(x.shape, generator=gen)
+    eps = 1e-5
+    xs = [x.detach().clone().requires_grad_(True) for _ in range(2)]
+    x64 = x.double().requires_grad_(True)  # ground truth for the tie case below
+    y, mean, var = kernels.batch_norm_train(xs[0], w, b, eps)
+    y_ref, mean_ref, var_ref = reference_train(xs[1], w, b, eps)
+    w64, b64 = (None if t is None else t.detach().double() for t in (w, b))
+    y64, _, _ = reference_train(x64, w64, b64, eps)
+    assert rel_err(mean, mean_ref, float(x.abs().max()) * 1e-2) <= RTOL
+    assert rel_err(var, var_ref) <= RTOL
+    params = [t for t in (w, b) if t is not None]
+    grads = torch.autograd.grad(y, [xs[0], *params], g)
+    grads_ref = torch.autograd.grad(y_ref, [xs[1], *params], g)
+    (dx64,) = torch.autograd.grad(y64, x64, g.double())
+    scales = [dx_scale(g, w, var_ref, eps)] + [float(g.abs().sum(F.reduce_dims(x)).max())] * 2
+    for got, want, truth, scale in zip((y, *grads), (y_ref, *grads_ref), (y64, dx64, None, None),
+                                       [0.0, *scales], strict=False):
+        # (∂ℓ/∂x and ∂ℓ/∂γ are differences of terms of size `scale`: compared against it.)
+        err = rel_err(got, want, scale)
+        if err > RTOL and truth is not None and not torch.equal(mean, mean_ref):
+            # With a 1e4 offset the float32 spacing of μ is 1e-3·σ, so one ulp of μ_B moves
+            # y by 1e-3 relative; and with few values per channel the exact mean is often a
+            # rounding tie. The kernels round μ_B correctly (double sums); torch.var_mean's
+            # Welford is off by one ulp in ~1% of such channels. Then we must be at least as
+            # close to the float64 result as the reference is.
+            assert rel_err(got, truth, scale) <= rel_err(want, truth, scale) + RTOL
+        else:
+            assert err <= RTOL
+
+
+@SETTINGS
+@given(inputs())
+def test_eval_matches_reference(data) -> None:  # type: ignore[no-untyped-def]
+    x, _ = data
+    c = x.shape[1]
+    gen = torch.Generator().manual_seed(2)
+    rm = x.mean().expand(c).clone() + torch.randn(c, generator=gen)
+    rv = torch.rand(c, generator=gen) * x.var() + 0.1
+    w = (torch.rand(c, generator=gen) + 0.5).requires_grad_(True)
+    b = torch.randn(c, generator=gen).requires_grad_(True)
+    xs = [x.detach().clone().requires_grad_(True) for _ in range(2)]
+    y = kernels.batch_norm_eval(xs[0], rm, rv, w, b, 1e-3)
+    y_ref = F.normalize(xs[1], rm, rv, w, b, 1e-3)
+    assert rel_err(y, y_ref) <= RTOL
+    g = torch.randn(x.shape, generator=gen)
+    for got, want in zip(torch.autograd.grad(y, (xs[0], w, b), g),
+                         torch.autograd.grad(y_ref, (xs[1], w, b), g), strict=True):
+        assert rel_err(got, want) <= RTOL
+
+
+@SETTINGS
+@given(inputs(), st.sampled_from([0.1, 0.5, 1.0]), st.booleans())
+def test_running_statistics_match_reference(data, momentum, tensor_momentum) -> None:  # type: ignore[no-untyped-def]
+    x, _ = data
+    c = x.shape[1]
+    mom = torch.tensor(momentum) if tensor_momentum else momentum
+    bufs = [(torch.full((c,), 0.3), torch.full((c,), 2.0)) for _ in range(2)]
+    for _ in range(2):  # two updates, so the second mixes old and new values
+        F.batch_norm_with_flag(x, *bufs[0], None, None, True, mom, 1e-5, "test")
+        _y_ref, mean_ref, var_ref = reference_train(x, None, None, 1e-5)
+        F.update_running_stats(*bufs[1], mean_ref, var_ref, x.numel() // c, mom)
+    # The statistics agree to their last bits; a mean that nearly cancels (|μ| ≪ |x|) differs
+    # by an ulp of the data, hence the absolute part of the tolerance.
+    ulp_x = float(x.abs().max()) * 2e-7
+    torch.testing.assert_close(bufs[0][0], bufs[1][0], rtol=1e-6, atol=ulp_x)
+    torch.testing.assert_close(bufs[0][1], bufs[1][1], rtol=1e-6, atol=ulp_x**2)
+
+
+def test_nonfinite_batch_leaves_running_statistics(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(F, "_warned_nonfinite", False)  # the warning is once per process
+    layer = bnlab.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    x[0, 1, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        layer(x)
+    assert torch.equal(layer.running_mean, torch.zeros(3))
+    assert torch.equal(layer.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("shape", [(32, 64, 9, 9), (3, 5, 7, 7), (64, 17), (2, 3, 1, 2)])
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_deterministic_for_fixed_threads(shape, fmt) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(shape) * 3 + 1
+    if fmt == "nhwc" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    g = torch.randn(shape)
+    outs = []
+    for _ in range(3):
+        xr = x.clone().requires_grad_(True)
+        y, mean, var = kernels.batch_norm_train(xr, w, b, 1e-5)
+        (dx,) = torch.autograd.grad(y, xr, g)
+        outs.append((y, mean, var, dx))
+    for other in outs[1:]:
+        for a, c in zip(outs[0], other, strict=True):
+            assert torch.equal(a, c)
+
+
+def test_threads_split_and_fused_paths_agree() -> None:
+    """C = 3 with 2 threads splits each channel over threads; with 1 thread it does not."""
+    x = torch.randn(64, 3, 30, 30) * 2 + 7
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, m1, v1 = kernels.batch_norm_train(x, None, None, 1e-5)
+        torch.set_num_threads(2)
+        y2, m2, v2 = kernels.batch_norm_train(x, None, None, 1e-5)
+    finally:
+        torch.set_num_threads(before)
+    assert rel_err(m1, m2) <= 1e-6 and rel_err(v1, v2) <= 1e-6 and rel_err(y1, y2) <= 1e-6
+
+
+def test_outlier_first_value_takes_exact_pass() -> None:
+    """The shift K is a sample of the first values; an outlier there must not cost accuracy."""
+    x = torch.randn(8, 2, 40, 40)
+    x[0, :, 0, :16] = 1e6
+    y, _mean, var = kernels.batch_norm_train(x, None, None, 1e-5)
+    y_ref, _mean_ref, var_ref = reference_train(x, None, None, 1e-5)
+    assert rel_err(var, var_ref) <= RTOL and rel_err(y, y_ref) <= RTOL
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_bfloat16_matches_reference(fmt) -> None:  # type: ignore[no-untyped-def]
+    x = (torch.randn(8, 20, 6, 7) * 2 + 3).bfloat16().contiguous(memory_format=fmt)
+    w, b = torch.rand(20) + 0.5, torch.randn(20)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    y, mean, var = kernels.batch_norm_train(xs[0], w, b, 1e-5)
+    y_ref, mean_ref, var_ref = reference_train(xs[1], w, b, 1e-5)
+    assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32
+    assert rel_err(mean, mean_ref) <= RTOL and rel_err(var, var_ref) <= RTOL
+    assert rel_err(y, y_ref) <= 8e-3  # one bfloat16 rounding
+    g = torch.randn(x.shape).bfloat16()
+    (dx,) = torch.autograd.grad(y, xs[0], g)
+    (dx_ref,) = torch.autograd.grad(y_ref, xs[1], g)
+    assert dx.dtype == torch.bfloat16 and rel_err(dx, dx_ref) <= 1.6e-2
+
+
+def test_double_backward_falls_back_to_reference_formula() -> None:
+    x = torch.randn(6, 4, 3, 3, requires_grad=True)
+    w = (torch.rand(4) + 0.5).requires_grad_(True)
+    v, u = torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3)
+
+    def hvp(fn):  # type: ignore[no-untyped-def]
+        y = fn(x, w, None, 1e-5)[0]
+        (gx,) = torch.autograd.grad((y * v).pow(2).sum(), x, create_graph=True)
+        # (gx · u), not gx.sum(): Σ_i ∂ℓ/∂x_i ≡ 0 for BN (shift invariance), a vacuous check
+        return torch.autograd.grad((gx * u).sum(), (x, w))
+
+    for got, want in zip(hvp(kernels.batch_norm_train), hvp(reference_train), strict=True):
+        assert rel_err(got, want) <= 1e-4
+
+
+def test_layers_use_kernels_on_cpu_and_env_forces_reference(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    layer = bnlab.BatchNorm2d(4)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    assert kernels.supports(x)
+    assert "BatchNormTrain" not in type(layer(x).grad_fn).__name__
+    monkeypatch.setenv("BNLAB_FORCE_REFERENCE", "1")
+    assert not kernels.supports(x)
+    assert "BatchNormTrain" in type(layer(x).grad_fn).__name__
+
+
+def test_supports_only_cpu_float32_bfloat16() -> None:
+    assert not kernels.supports(torch.randn(4, 3, dtype=torch.float64))
+    assert not kernels.supports(torch.randn(4, 3).half())
+    assert not kernels.supports(torch.empty(4, 3, device="meta"))
+    assert not kernels.supports(torch.randn(4))
+    assert kernels.supports(torch.randn(4, 3).bfloat16())
+
+
+def test_opcheck_schemas_fake_kernels_and_autograd() -> None:
+    x = torch.randn(4, 6, 3, 3, requires_grad=True)
+    w = torch.rand(6, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    z = torch.randn(4, 6, 3, 3, requires_grad=True)
+    rm, rv = torch.randn(6), torch.rand(6) + 0.5
+    ops = torch.ops.bnlab
+    torch.library.opcheck(ops.bn_train_fwd, (x, w, b, 1e-5, None, False, False))
+    torch.library.opcheck(ops.bn_train_fwd, (x, w, b, 1e-5, z, True, True))
+    torch.library.opcheck(ops.bn_eval_fwd, (x, rm, rv, w, b, 1e-5, None, True, True))
+    _y, mean, var, mask = ops.bn_train_fwd(x, w, b, 1e-5, None, True, True)
+    torch.library.opcheck(ops.bn_bwd, (torch.randn_like(x), x.detach(), mean, var, w.detach(),
+                                       1e-5, mask, True, True, True))
+    torch.library.opcheck(ops.bn_train_fwd_update,
+                          (x, w, b, 1e-5, rm.clone(), rv.clone(), 36, 0.1, None))
+    torch.library.opcheck(ops.bn_update_running,
+                          (rm.clone(), rv.clone(), mean, var, 36, 0.0, torch.tensor(0.5)))
+
+
+def test_torch_compile_traces_the_ops() -> None:
+    layer = bnlab.BatchNorm2d(5)
+    x = torch.randn(4, 5, 6, 6, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    v = torch.randn(4, 5, 6, 6)
+    y = compiled(x)
+    (dx,) = torch.autograd.grad((y * v).sum(), x)
+    x2 = x.detach().clone().requires_grad_(True)
+    y2, _, _ = reference_train(x2, layer.weight, layer.bias, layer.eps)
+    (dx2,) = torch.autograd.grad((y2 * v).sum(), x2)
+    assert rel_err(y, y2) <= RTOL and rel_err(dx, dx2) <= RTOL
+    assert layer.num_batches_tracked.item() == 1
