@@ -28,8 +28,11 @@ data:
 	  echo "or pass any MNIST-format directory with --data-dir."; exit 1; \
 	fi
 
+# The main job: Figure 1 of Ioffe & Szegedy 2015 at the paper's settings, then the report.
+# THREADS=1 is much faster on a machine shared with other jobs.
 demo: setup data
-	$(BIN)/python -m bnlab.demo
+	$(BIN)/bnlab run ioffe2015.fig1 --preset paper $(if $(THREADS),--threads $(THREADS))
+	$(BIN)/bnlab report
 
 lint: setup
 	$(BIN)/ruff check src tests

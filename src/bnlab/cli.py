@@ -1,0 +1,113 @@
+"""The ``bnlab`` command: parses arguments and dispatches, nothing else.
+
+    bnlab list                                    experiments, claims, expected runtimes
+    bnlab run NAME [--preset P] [--seeds N] [--set k=v ...] [--data-dir D] [--out D]
+                   [--resume] [--force] [--threads N]
+    bnlab report [--runs D] [--out D]             finished runs -> report/index.html + report.md
+    bnlab bench ...                               kernel benchmarks (bnlab.kernels.bench)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _list(args: argparse.Namespace) -> int:
+    from bnlab.lab.registry import all_experiments
+
+    for name, exp in all_experiments().items():
+        times = ", ".join(f"{p} {t}" for p, t in exp.runtime.items())
+        print(f"{name:<24} {exp.title}\n{'':<24} claim: {exp.claim}\n{'':<24} runtime: {times}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bnlab.lab.registry import get, run_experiment
+
+    exp = get(args.name)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        run_experiment(exp, preset=args.preset, seeds=args.seeds, sets=args.set,
+                       data_dir=args.data_dir, out=args.out, resume=args.resume,
+                       force=args.force, progress=not args.quiet)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bnlab.lab.report import write_report
+
+    path = write_report(args.runs, args.out)
+    print(f"report written: {path.resolve()} (and {path.with_name('report.md').resolve()})")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from bnlab.kernels import bench
+    except ImportError as e:
+        print(f"bnlab bench is not available in this build ({e}); it needs bnlab.kernels.bench",
+              file=sys.stderr)
+        return 2
+    return int(bench.run(args))
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark the batch-norm kernels", add_help=False)
+    try:
+        from bnlab.kernels import bench
+    except ImportError:
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.add_argument("-h", "--help", action="help")
+    else:
+        p.add_argument("-h", "--help", action="help")
+        bench.add_arguments(p)
+    p.set_defaults(func=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bnlab", description="Batch normalization lab: "
+                                     "reproduce Ioffe & Szegedy 2015 and Santurkar et al. 2018.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the experiments").set_defaults(func=_list)
+    p = sub.add_parser("run", help="run an experiment (all variants, seeds 0..N-1)")
+    p.add_argument("name", help="experiment, e.g. ioffe2015.fig1 (see `bnlab list`)")
+    p.add_argument("--preset", default="quick", help="smoke | quick | paper (default: quick)")
+    p.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1 (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=0.1 (repeatable)")
+    p.add_argument("--data-dir", default=None, help="MNIST-format IDX directory "
+                   "(default: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", default="runs", help="runs directory (default: runs)")
+    p.add_argument("--resume", action="store_true", help="continue unfinished runs")
+    p.add_argument("--force", action="store_true", help="delete and redo existing runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
+                   "torch's; 1 is much faster on a machine shared with other jobs)")
+    p.set_defaults(func=_run)
+    p = sub.add_parser("report", help="write report/index.html and report/report.md")
+    p.add_argument("--runs", default="runs", help="runs directory (default: runs)")
+    p.add_argument("--out", default="report", help="output directory (default: report)")
+    p.set_defaults(func=_report)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"bnlab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

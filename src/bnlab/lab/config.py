@@ -1,0 +1,142 @@
+"""Configuration: frozen dataclasses shared by the experiments and ``--set key=value`` overrides.
+
+An experiment's config is a frozen dataclass (usually holding `DataConfig`, `OptimConfig` and
+`TrainConfig` fields plus its own); presets are instances, variants are built with
+`dataclasses.replace`. Holds no training code.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_hash",
+    "flat_keys",
+    "to_dict",
+]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which IDX data set and how its pixels are turned into inputs."""
+
+    dir: str | None = None  # MNIST-format IDX directory; None: Fashion-MNIST (`data.DEFAULT_DIR`)
+    binarize: bool = False  # pixels > 0.5 -> 1, else 0 (Ioffe Sec. 4.1: "28x28 binary image")
+    normalize: bool = True  # subtract the training-set pixel mean, divide by its std
+    shuffle: str = "thorough"  # "thorough": a fresh global permutation every epoch; "shards"
+    shards: int = 10  # contiguous shards for shuffle="shards" (within-shard shuffling)
+    eval_examples: int = 10_000  # held-out examples used by the periodic evaluation
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with momentum, L2 weight decay and exponential learning-rate decay."""
+
+    lr: float = 0.1  # initial learning rate
+    momentum: float = 0.9  # heavy-ball momentum
+    weight_decay: float = 0.0  # L2 coefficient (added to the gradient, as torch SGD does)
+    decay_rate: float = 1.0  # lr(t) = lr · decay_rate ** (t / decay_steps); 1.0: constant
+    decay_steps: int = 1_000  # steps per factor of decay_rate (continuous, not staircase)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Length of training and how often it is measured and checkpointed."""
+
+    steps: int = 1_000  # optimizer steps
+    batch_size: int = 60  # examples per mini-batch
+    eval_every: int = 100  # held-out evaluation (and probes) every this many steps
+    checkpoint_every: int = 1_000  # also checkpoint at every eval step that is a multiple
+    eval_batch_size: int = 1_000  # examples per forward during evaluation
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready nested dict of a (nested) dataclass config; tuples become lists."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(cfg: Any) -> str:
+    """A short stable hash of a config (names the run directory of non-preset configs)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:8]
+
+
+def flat_keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Every settable dotted key of a nested dataclass config, with its current value."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out.update(flat_keys(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def _parse(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word is a string: --set model.norm=bn
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of the default; ints widen to floats, lists to tuples."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (tuple, list))
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"--set {key}: expected {type(default).__name__} like {default!r}, "
+                         f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _replace(cfg: Any, path: list[str], value: Any) -> Any:
+    if len(path) == 1:
+        return dataclasses.replace(cfg, **{path[0]: value})
+    inner = _replace(getattr(cfg, path[0]), path[1:], value)
+    return dataclasses.replace(cfg, **{path[0]: inner})
+
+
+def apply_overrides(cfg: Any, sets: list[str]) -> Any:
+    """Apply ``["optim.lr=0.1", "model.norm=none", ...]`` to a frozen dataclass config.
+
+    Values are parsed with `ast.literal_eval` (bare words are strings) and must match the type
+    of the value they replace.
+
+    Raises:
+        ValueError: a malformed item, an unknown key (the message lists the valid keys) or a
+            value of the wrong type.
+    """
+    valid = flat_keys(cfg)
+    for item in sets:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        if key not in valid:
+            raise ValueError(f"--set: unknown key {key!r}; valid keys: {', '.join(sorted(valid))}")
+        value = _coerce(key, _parse(text.strip()), valid[key])
+        cfg = _replace(cfg, key.split("."), value)
+        valid[key] = value
+    return cfg

@@ -1,0 +1,165 @@
+"""Experiments: the `Experiment` record, discovery of ``lab/experiments/<paper>/<name>.py``
+modules (each exposes ``EXPERIMENT``), and the runner that expands seeds × variants into run
+directories. Adding an experiment = adding a module; nothing here changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnlab.lab import data as data_mod
+from bnlab.lab import runs
+from bnlab.lab.config import DataConfig, apply_overrides, config_hash, to_dict
+
+__all__ = ["PRESETS", "Experiment", "RunContext", "all_experiments", "get", "run_experiment"]
+
+PRESETS = ("smoke", "quick", "paper")
+
+
+@dataclass
+class RunContext:
+    """What an experiment's ``run`` gets for one (variant, seed)."""
+
+    run: runs.Run
+    variant: str
+    seed: int
+    progress: bool
+    resume: bool  # True: continue from the run's checkpoint
+    _cache: dict[DataConfig, data_mod.Dataset] = field(default_factory=dict)
+
+    def data(self, cfg: DataConfig) -> data_mod.Dataset:
+        """The data set of ``cfg``, loaded once per ``bnlab run`` invocation."""
+        if cfg not in self._cache:
+            self._cache[cfg] = data_mod.load(cfg)
+        return self._cache[cfg]
+
+    @property
+    def desc(self) -> str:
+        return f"{self.variant} s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One paper figure or table.
+
+    Attributes:
+        name: "<paper>.<module>", e.g. "ioffe2015.fig1" (set by discovery when left empty).
+        title: the figure or table reproduced.
+        claim: the paper's claim in one line.
+        presets: "smoke" (seconds; tests), "quick" (minutes), "paper" → a frozen dataclass config
+            whose ``data`` field is a `DataConfig`.
+        runtime: preset → expected wall time here (2 shared CPU cores), for ``bnlab list``.
+        variants: config → the variant names to train (each gets a run directory per seed).
+        run: (config, variant, ctx) → summary dict; trains through `bnlab.lab.train.fit`.
+        report: `bnlab.lab.report.Inputs` → `bnlab.lab.report.Section`; reads run dirs only.
+    """
+
+    title: str
+    claim: str
+    presets: Mapping[str, Any]
+    runtime: Mapping[str, str]
+    variants: Callable[[Any], Sequence[str]]
+    run: Callable[[Any, str, RunContext], dict[str, Any]]
+    report: Callable[[Any], Any]
+    name: str = ""
+
+    def config(self, preset: str, sets: Sequence[str] = (), data_dir: str | None = None) -> Any:
+        """The preset's config with ``--set`` overrides and ``--data-dir`` applied."""
+        if preset not in self.presets:
+            valid = sorted(self.presets, key=lambda p: (*PRESETS, p).index(p))
+            raise ValueError(f"{self.name}: unknown preset {preset!r}; valid presets: "
+                             f"{', '.join(valid)}")
+        cfg = apply_overrides(self.presets[preset], list(sets))
+        if data_dir is not None:
+            cfg = apply_overrides(cfg, [f"data.dir={str(Path(data_dir).resolve())!r}"])
+        return cfg
+
+
+def all_experiments() -> dict[str, Experiment]:
+    """Discover every ``bnlab.lab.experiments.<paper>.<module>`` that defines ``EXPERIMENT``."""
+    import bnlab.lab.experiments as root
+
+    found: dict[str, Experiment] = {}
+    for paper in pkgutil.iter_modules(root.__path__):
+        if not paper.ispkg:
+            continue
+        pkg = importlib.import_module(f"{root.__name__}.{paper.name}")
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if mod.name.startswith("_"):
+                continue  # shared helpers of a paper's experiments, not experiments
+            module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
+            exp = getattr(module, "EXPERIMENT", None)
+            if isinstance(exp, Experiment):
+                name = f"{paper.name}.{mod.name}"
+                found[name] = exp if exp.name == name else _named(exp, name)
+    return dict(sorted(found.items()))
+
+
+def _named(exp: Experiment, name: str) -> Experiment:
+    object.__setattr__(exp, "name", name)  # discovery names the experiment after its module
+    return exp
+
+
+def get(name: str) -> Experiment:
+    """The experiment called ``name``; unknown names list the valid ones."""
+    exps = all_experiments()
+    if name not in exps:
+        raise ValueError(f"unknown experiment {name!r}; valid experiments: {', '.join(exps)}")
+    return exps[name]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
+                   sets: Sequence[str] = (), data_dir: str | None = None,
+                   out: str | Path = "runs", resume: bool = False, force: bool = False,
+                   progress: bool = True) -> list[runs.Run]:
+    """Train every variant of ``exp`` at seeds 0..seeds-1 into ``out``; return the runs.
+
+    The run directory's preset part is the preset name, or ``<preset>-<hash>`` when ``--set``
+    or ``--data-dir`` changed the config, so overrides never collide with the preset's runs.
+    """
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    cfg = exp.config(preset, sets, data_dir)
+    tag = preset if cfg == exp.presets[preset] else f"{preset}-{config_hash(cfg)}"
+    cache: dict[DataConfig, data_mod.Dataset] = {}
+    done: list[runs.Run] = []
+    t0 = time.perf_counter()
+    for seed in range(seeds):
+        for variant in exp.variants(cfg):
+            meta = {"experiment": exp.name, "preset": preset, "tag": tag, "variant": variant,
+                    "seed": seed, "overrides": list(sets), "config": to_dict(cfg)}
+            path = runs.run_path(out, exp.name, tag, variant, seed)
+            run, action = runs.prepare(path, meta, resume=resume, force=force)
+            if action == "skip":
+                _say(f"skip {path}: finished with the same config (--force reruns it)")
+                done.append(run)
+                continue
+            ctx = RunContext(run, variant, seed, progress, action == "resume", cache)
+            summary = exp.run(cfg, variant, ctx)
+            run.finish(summary)
+            done.append(run)
+            _say(f"{exp.name} {variant} seed{seed}: " + _brief(summary))
+    _say(f"{exp.name} --preset {preset}: {len(done)} run(s) in {time.perf_counter() - t0:.0f} s "
+         f"under {Path(out) / exp.name / tag}")
+    return done
+
+
+def _brief(summary: dict[str, Any]) -> str:
+    parts = []
+    for key in ("final_acc", "best_acc", "diverged_step", "wall_s"):
+        v = summary.get(key)
+        if v is not None:
+            parts.append(f"{key}={v:.4f}" if isinstance(v, float) and key != "wall_s"
+                         else f"{key}={v}")
+    return " ".join(parts)

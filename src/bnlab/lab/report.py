@@ -1,0 +1,190 @@
+"""The report: every finished run under ``runs/`` → ``report/report.md`` (PNG figures beside it)
+and a self-contained ``report/index.html`` (figures embedded). Reads run directories only.
+
+Each experiment's ``report`` turns an `Inputs` (its finished runs of one preset) into a
+`Section`: the paper's claim and numbers, ours (mean ± std over seeds), the data substitution
+and a plain verdict.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnlab.lab import runs as runs_mod
+from bnlab.lab.plots import Curve
+
+__all__ = ["Inputs", "Section", "Table", "curve", "mean_std", "write_report"]
+
+VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive")
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    """What an experiment reports for one preset."""
+
+    title: str
+    claim: str
+    paper: str  # the paper's numbers, in words (markdown)
+    substitution: str  # which data replaces the paper's and what else is scaled
+    verdict: str  # one of VERDICTS
+    why: str  # the verdict's reason, with our numbers
+    tables: list[Table] = field(default_factory=list)
+    figures: list[tuple[str, bytes]] = field(default_factory=list)  # (caption, PNG)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Inputs:
+    """An experiment's finished runs of one preset tag: variant → runs sorted by seed."""
+
+    experiment: str
+    tag: str
+    config: dict[str, Any]
+    runs: dict[str, list[runs_mod.Run]]
+
+    @property
+    def seeds(self) -> int:
+        return max((len(v) for v in self.runs.values()), default=0)
+
+    def summaries(self, variant: str) -> list[dict[str, Any]]:
+        return [r.summary or {} for r in self.runs.get(variant, [])]
+
+    def values(self, variant: str, key: str) -> list[float]:
+        """``key`` of every seed's summary (None values dropped)."""
+        return [s[key] for s in self.summaries(variant) if s.get(key) is not None]
+
+
+def mean_std(values: Sequence[float], fmt: str = "{:.4f}", *, n: bool = False) -> str:
+    """"m ± s" over seeds (just "m" for one seed; "–" for none)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return "–"
+    text = fmt.format(statistics.fmean(vals))
+    if len(vals) > 1:
+        text += " ± " + fmt.format(statistics.stdev(vals))
+    return text + (f" (n={len(vals)})" if n else "")
+
+
+def curve(inputs: Inputs, variant: str, key: str = "acc") -> Curve:
+    """Mean and std over seeds of metric ``key`` at every logged step (seeds that stopped early,
+    e.g. diverged, drop out of later steps)."""
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for run in inputs.runs.get(variant, []):
+        for rec in run.metrics():
+            if isinstance(rec.get(key), (int, float)):
+                by_step[rec["step"]].append(float(rec[key]))
+    steps = sorted(by_step)
+    means = [statistics.fmean(by_step[s]) for s in steps]
+    stds = [statistics.pstdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]
+    return steps, means, stds
+
+
+def collect(root: str | Path) -> list[Inputs]:
+    """Group the finished runs under ``root`` by (experiment, preset tag)."""
+    groups: dict[tuple[str, str], dict[str, list[runs_mod.Run]]] = defaultdict(
+        lambda: defaultdict(list))
+    configs: dict[tuple[str, str], dict[str, Any]] = {}
+    for run in runs_mod.find_runs(root):
+        if not run.finished:
+            continue
+        meta = run.meta
+        key = (meta["experiment"], meta.get("tag", meta["preset"]))
+        groups[key][meta["variant"]].append(run)
+        configs[key] = meta["config"]
+    order = {"paper": 0, "quick": 1, "smoke": 2}
+    out = []
+    for (exp, tag), by_variant in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1].split("-")[0], 3),
+                                            kv[0][1])):
+        variants = {v: sorted(rs, key=lambda r: r.meta["seed"]) for v, rs in by_variant.items()}
+        out.append(Inputs(exp, tag, configs[(exp, tag)], variants))
+    return out
+
+
+def _md_table(t: Table) -> str:
+    lines = ["| " + " | ".join(t.headers) + " |", "|" + "---|" * len(t.headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+    return (f"*{t.caption}*\n\n" if t.caption else "") + "\n".join(lines)
+
+
+def _html_table(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                   for r in t.rows)
+    cap = f"<caption>{html.escape(t.caption)}</caption>" if t.caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+        "line-height:1.45}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+        "padding:3px 8px;text-align:left}caption{font-style:italic;text-align:left}"
+        "img{max-width:100%}.v{font-weight:bold}.reproduced{color:#186a18}.partly{color:#9a6a00}"
+        ".not{color:#a01818}h2{border-top:1px solid #ccc;padding-top:1em}")
+
+
+def write_report(root: str | Path = "runs", out: str | Path = "report") -> Path:
+    """Write ``out/report.md`` (+ ``out/figures/*.png``) and ``out/index.html``; return the
+    HTML path. Experiments with no finished run are listed as not run."""
+    from bnlab.lab.registry import all_experiments
+
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    exps = all_experiments()
+    inputs = collect(root)
+    md = ["# bnlab report", "", f"Finished runs read from `{root}`."]
+    hb = ["<!doctype html><meta charset='utf-8'><title>bnlab report</title>",
+          f"<style>{_CSS}</style><h1>bnlab report</h1>",
+          f"<p>Finished runs read from <code>{html.escape(str(root))}</code>.</p>"]
+    for inp in inputs:
+        if inp.experiment not in exps:
+            continue
+        sec: Section = exps[inp.experiment].report(inp)
+        head = f"{inp.experiment} — {sec.title} (preset `{inp.tag}`, {inp.seeds} seed(s))"
+        md += ["", f"## {head}", "", f"**Claim (paper).** {sec.claim}", "",
+               f"**Paper's numbers.** {sec.paper}", "", f"**Data substitution.** "
+               f"{sec.substitution}", "", f"**Verdict: {sec.verdict}.** {sec.why}"]
+        vclass = sec.verdict.split()[0]
+        hb += [f"<h2>{html.escape(head)}</h2>",
+               f"<p><b>Claim (paper).</b> {html.escape(sec.claim)}</p>",
+               f"<p><b>Paper's numbers.</b> {html.escape(sec.paper)}</p>",
+               f"<p><b>Data substitution.</b> {html.escape(sec.substitution)}</p>",
+               f"<p class='v {vclass}'>Verdict: {html.escape(sec.verdict)}. "
+               f"<span style='font-weight:normal;color:black'>{html.escape(sec.why)}</span></p>"]
+        for t in sec.tables:
+            md += ["", _md_table(t)]
+            hb.append(_html_table(t))
+        for i, (caption, png) in enumerate(sec.figures):
+            name = f"{inp.experiment}-{inp.tag}-{i}.png"
+            (out / "figures" / name).write_bytes(png)
+            md += ["", f"![{caption}](figures/{name})", "", f"*{caption}*"]
+            b64 = base64.b64encode(png).decode()
+            hb.append(f"<figure><img src='data:image/png;base64,{b64}' "
+                      f"alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+        for note in sec.notes:
+            md += ["", note]
+            hb.append(f"<p>{html.escape(note)}</p>")
+    missing = [n for n in exps if n not in {i.experiment for i in inputs}]
+    if missing:
+        md += ["", "## Not run yet", ""] + [f"- `{n}`: `bnlab run {n} --preset paper`"
+                                             for n in missing]
+        hb.append("<h2>Not run yet</h2><ul>" + "".join(
+            f"<li><code>bnlab run {html.escape(n)} --preset paper</code></li>" for n in missing)
+            + "</ul>")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "index.html").write_text("\n".join(hb) + "\n")
+    return out / "index.html"

@@ -1,0 +1,182 @@
+"""Run directories: ``<out>/<experiment>/<preset>/<variant>/seed<k>/`` holding
+
+    config.json    the fully resolved config plus experiment, preset, variant, seed, overrides
+    env.json       python/torch/numpy versions, threads, git commit, host, start time
+    metrics.jsonl  one JSON object per evaluation step
+    checkpoint.pt  model, optimizer, RNG and loop state (written atomically: tmp + os.replace)
+    summary.json   written last; its presence marks the run finished
+    *.pt           optional artefacts (e.g. held-out class probabilities)
+
+A finished run is never silently overwritten. Holds no training or plotting code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Run", "RunExistsError", "env_info", "find_runs", "prepare", "run_path"]
+
+
+class RunExistsError(RuntimeError):
+    """A run directory exists and the requested action would overwrite it."""
+
+
+def run_path(out: str | os.PathLike, experiment: str, preset: str, variant: str,
+             seed: int) -> Path:
+    return Path(out) / experiment / preset / variant / f"seed{seed}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def env_info() -> dict[str, Any]:
+    import numpy
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "host": platform.node(), "git": _git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+@dataclass
+class Run:
+    """One run directory (see the module docstring)."""
+
+    path: Path
+
+    def _json(self, name: str) -> Any:
+        p = self.path / name
+        return json.loads(p.read_text()) if p.exists() else None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """config.json: {"experiment", "preset", "variant", "seed", "overrides", "config"}."""
+        return self._json("config.json") or {}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.meta.get("config", {})
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        return self._json("summary.json")
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / "summary.json").exists()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    def metrics(self) -> list[dict[str, Any]]:
+        p = self.path / "metrics.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records after ``step`` (a resumed run rewrites them exactly)."""
+        kept = [r for r in self.metrics() if r.get("step", 0) <= step]
+        _atomic_write(self.path / "metrics.jsonl",
+                      "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        tmp = self.checkpoint_path.with_name("checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.checkpoint_path.exists():
+            return None
+        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+
+    def save_artifact(self, name: str, obj: Any) -> None:
+        tmp = self.path / f"{name}.pt.tmp"
+        torch.save(obj, tmp)
+        os.replace(tmp, self.path / f"{name}.pt")
+
+    def load_artifact(self, name: str) -> Any:
+        return torch.load(self.path / f"{name}.pt", map_location="cpu", weights_only=False)
+
+    def finish(self, summary: dict[str, Any], *, keep_checkpoint: bool = False) -> None:
+        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=1).encode())
+        if not keep_checkpoint and self.checkpoint_path.exists():
+            self.checkpoint_path.unlink()  # the final state is in the summary and artefacts
+
+
+def prepare(path: Path, meta: dict[str, Any], *, resume: bool = False,
+            force: bool = False) -> tuple[Run, str]:
+    """Create or reopen a run directory and say what to do: "new", "resume" or "skip".
+
+    * no directory (or ``force``): a fresh run;
+    * finished with the same config: "skip"; with another config: `RunExistsError`;
+    * unfinished: "resume" when ``resume`` and the config matches, else `RunExistsError`;
+      one that stopped before its first checkpoint simply starts again.
+    """
+    run = Run(Path(path))
+    if force and run.path.exists():
+        shutil.rmtree(run.path)
+    if run.path.exists() and (run.path / "config.json").exists():
+        same = run.meta.get("config") == meta.get("config")
+        if run.finished:
+            if same:
+                return run, "skip"
+            raise RunExistsError(f"{run.path} holds a finished run with a different config; "
+                                 "pass --force to overwrite it or --out for another directory")
+        if not run.checkpoint_path.exists():
+            pass  # it stopped before its first checkpoint: nothing to keep, start it again
+        elif not resume:
+            raise RunExistsError(f"{run.path} holds an unfinished run; pass --resume to continue "
+                                 "it or --force to start over")
+        elif not same:
+            raise RunExistsError(f"{run.path}: cannot resume, the config differs from the saved "
+                                 "one; pass --force to start over")
+        else:
+            return run, "resume"
+    run.path.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "checkpoint.pt"):
+        (run.path / stale).unlink(missing_ok=True)
+    _atomic_write(run.path / "config.json", json.dumps(meta, indent=1).encode())
+    _atomic_write(run.path / "env.json", json.dumps(env_info(), indent=1).encode())
+    return run, "new"
+
+
+def find_runs(root: str | os.PathLike, experiment: str | None = None) -> Iterator[Run]:
+    """Every run directory (finished or not) under ``root``, optionally of one experiment."""
+    base = Path(root) / experiment if experiment else Path(root)
+    for cfg in sorted(base.glob("**/config.json")):
+        yield Run(cfg.parent)

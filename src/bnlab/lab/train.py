@@ -1,0 +1,234 @@
+"""The training loop shared by every experiment: SGD with momentum, exponential learning-rate
+decay, L2 weight decay; periodic held-out evaluation with probes; divergence detection (the
+paper's "machine infinity", Ioffe & Szegedy 2015 Sec. 4.2.2); atomic checkpoints, Ctrl-C and
+exact resume. Holds no plotting and no file layout (that is `runs`).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.data import Batches, Dataset
+from bnlab.lab.runs import Run
+
+__all__ = ["Probe", "ProbeContext", "evaluate", "fit", "lr_at", "params_finite", "seed_all"]
+
+
+@dataclass
+class ProbeContext:
+    """What a probe sees at an evaluation step (after the optimizer step ``step``)."""
+
+    model: nn.Module
+    step: int  # optimizer steps done so far
+    batch: tuple[Tensor, Tensor] | None  # the last training batch (None at step 0)
+    optimizer: torch.optim.Optimizer
+    lr: float
+    data: Dataset
+
+
+class Probe(Protocol):
+    """A measurement taken at every evaluation step; its dict is merged into the metrics record.
+
+    Probes that keep state across steps also define ``state_dict()`` and ``load_state_dict()``
+    so that it survives a checkpoint. Probes must leave the model as they found it.
+    """
+
+    def __call__(self, ctx: ProbeContext) -> dict[str, Any]: ...
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch's global generator (init, dropout); batch order has its own (`Batches`)."""
+    torch.manual_seed(seed)
+
+
+def lr_at(optim: OptimConfig, step: int) -> float:
+    """Exponential decay lr · rate^(step / decay_steps) (Inception's schedule, Sec. 4.2.1)."""
+    return optim.lr * optim.decay_rate ** (step / optim.decay_steps)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
+             train_mode: bool = False) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on (x, y), in eval mode unless ``train_mode``.
+
+    ``train_mode=True`` normalizes every BN layer by the statistics of each evaluation batch
+    (its running buffers are saved and restored), for the train-versus-eval gap of Alg. 2.
+    """
+    was = model.training
+    saved = [b.clone() for b in model.buffers()] if train_mode else []
+    model.train(train_mode)
+    correct, loss = 0, 0.0
+    try:
+        for i in range(0, len(x), batch_size):
+            out = model(x[i:i + batch_size])
+            yb = y[i:i + batch_size]
+            loss += float(F.cross_entropy(out.float(), yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+    finally:
+        if train_mode:
+            for b, s in zip(model.buffers(), saved, strict=True):
+                b.copy_(s)
+        model.train(was)
+    return correct / len(x), loss / len(x)
+
+
+def params_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class _Interrupt:
+    """First Ctrl-C: finish the current step, checkpoint and stop; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    run: Run,
+    *,
+    train: TrainConfig,
+    optim: OptimConfig,
+    data_cfg: DataConfig,
+    seed: int,
+    probes: Sequence[Probe] = (),
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    progress: bool = True,
+    desc: str = "",
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train ``model`` for ``train.steps`` SGD steps, logging to ``run``; return the summary.
+
+    Every ``train.eval_every`` steps (and at steps 0 and the last) the held-out accuracy and
+    loss, the mean training loss since the last record, the learning rate and every probe's
+    output go to ``metrics.jsonl``. A non-finite loss or parameter marks the run diverged at
+    that step and ends it cleanly. ``resume`` continues from ``run``'s checkpoint; batch order
+    and RNG states are restored, so the result equals an uninterrupted run's.
+
+    Returns:
+        The summary: final/best accuracy, best step, steps done, diverged (and its step),
+        wall time; ``run.finish`` is left to the caller, which may add to it.
+    """
+    # Subnormal floats (e.g. gradients through saturated sigmoids) slow CPU math 10-100x;
+    # flushing them to zero changes nothing measurable and keeps steps at their normal speed.
+    torch.set_flush_denormal(True)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
+                          weight_decay=optim.weight_decay)
+    batches = Batches(len(data.train_x), train.batch_size, seed, shuffle=data_cfg.shuffle,
+                      shards=data_cfg.shards)
+    ex, ey = data.test_x[:data_cfg.eval_examples], data.test_y[:data_cfg.eval_examples]
+    start, loss_sum, loss_n, elapsed = 0, 0.0, 0, 0.0
+    state = run.load_checkpoint() if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, (loss_sum, loss_n), elapsed = state["step"], state["loss"], state["elapsed"]
+        for p, s in zip(probes, state["probes"], strict=True):
+            if s is not None:
+                p.load_state_dict(s)  # type: ignore[attr-defined]
+        run.truncate_metrics(start)
+
+    def checkpoint(step: int) -> None:
+        run.save_checkpoint({
+            "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "rng": torch.get_rng_state(), "loss": (loss_sum, loss_n),
+            "elapsed": elapsed + time.perf_counter() - t0,
+            "probes": [p.state_dict() if hasattr(p, "state_dict") else None for p in probes]})
+
+    def record(step: int, batch: tuple[Tensor, Tensor] | None, lr: float) -> dict[str, Any]:
+        acc, loss = evaluate(model, ex, ey, batch_size=train.eval_batch_size)
+        rec: dict[str, Any] = {"step": step, "acc": acc, "loss": loss, "lr": lr,
+                               "train_loss": loss_sum / loss_n if loss_n else None}
+        ctx = ProbeContext(model, step, batch, opt, lr, data)
+        for p in probes:
+            rec.update(p(ctx))
+        return rec
+
+    t0 = time.perf_counter()
+    diverged_step: int | None = None
+    bar = tqdm(total=train.steps, initial=start, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (progress and sys.stderr.isatty()), mininterval=0.5)
+    model.train()
+    with _Interrupt() as interrupt, bar:
+        if start == 0:
+            run.log(record(0, None, lr_at(optim, 0)))
+        for step in range(start, train.steps):
+            lr = lr_at(optim, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = batches.indices(step)
+            x, y = data.train_x[idx], data.train_y[idx]
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = loss.item()
+            done = step + 1
+            bar.update(1)
+            if not math.isfinite(value):
+                diverged_step = done
+            else:
+                loss_sum, loss_n = loss_sum + value, loss_n + 1
+            if diverged_step is None and (done % train.eval_every == 0 or done == train.steps):
+                if not params_finite(model):
+                    diverged_step = done
+                else:
+                    rec = record(done, (x, y), lr)
+                    loss_sum, loss_n = 0.0, 0
+                    run.log(rec)
+                    bar.set_postfix(loss=f"{value:.3f}", acc=f"{rec['acc']:.4f}", refresh=False)
+                    if done % train.checkpoint_every == 0 and done < train.steps:
+                        checkpoint(done)
+            if diverged_step is not None:
+                run.log({"step": diverged_step, "diverged": True, "lr": lr})
+                break
+            if interrupt.requested:
+                checkpoint(done)
+                raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved in "
+                                        f"{run.path} (continue with --resume)")
+    return summarize(run.metrics(), diverged_step=diverged_step,
+                     wall_s=elapsed + time.perf_counter() - t0, steps=train.steps)
+
+
+def summarize(metrics: list[dict[str, Any]], *, diverged_step: int | None, wall_s: float,
+              steps: int) -> dict[str, Any]:
+    """Final and best held-out accuracy of a metrics log, and how the run ended."""
+    evals = [m for m in metrics if "acc" in m]
+    best = max(evals, key=lambda m: m["acc"]) if evals else {"acc": None, "step": None}
+    last = evals[-1] if evals else {"acc": None, "step": 0}
+    return {"final_acc": last["acc"], "best_acc": best["acc"], "best_step": best["step"],
+            "steps_done": diverged_step or steps, "steps": steps,
+            "diverged": diverged_step is not None, "diverged_step": diverged_step,
+            "wall_s": round(wall_s, 2),
+            "ms_per_step": round(1e3 * wall_s / max(1, diverged_step or steps), 3)}

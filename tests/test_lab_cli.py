@@ -1,0 +1,68 @@
+"""The `bnlab` command: list, errors that list the valid names/presets/keys, overrides, bench."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from bnlab.cli import main
+from bnlab.lab.config import OptimConfig, TrainConfig, apply_overrides, flat_keys
+from bnlab.lab.experiments.ioffe2015.fig1 import Fig1Config
+
+NAMES = ("ioffe2015.fig1", "ioffe2015.fig2", "ioffe2015.alg2", "ioffe2015.ensemble")
+
+
+def test_list_shows_every_experiment_with_claim_and_runtime(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in NAMES:
+        assert name in out
+    assert "claim:" in out and "runtime:" in out and "paper" in out
+
+
+@pytest.mark.parametrize(("argv", "needle", "valid"), [
+    (["run", "ioffe2015.nope"], "unknown experiment", "ioffe2015.fig1"),
+    (["run", "ioffe2015.fig1", "--preset", "huge"], "unknown preset", "smoke, quick, paper"),
+    (["run", "ioffe2015.fig1", "--set", "optim.learning_rate=1"], "unknown key", "optim.lr"),
+    (["run", "ioffe2015.fig1", "--set", "optim.lr=fast"], "expected float", "optim.lr"),
+    (["run", "ioffe2015.fig1", "--set", "optim.lr"], "key=value", ""),
+    (["run", "ioffe2015.fig1", "--seeds", "0"], "--seeds", ""),
+])
+def test_cli_errors_name_the_valid_choices(capsys, tmp_path, argv, needle, valid):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and valid in err
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_overrides_are_dotted_typed_and_checked():
+    cfg = apply_overrides(Fig1Config(), ["optim.lr=1", "sweep=(0.1, 0.2)", "train.steps=7",
+                                         "data.binarize=False", "data.dir='/x'"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int widens to float
+    assert cfg.sweep == (0.1, 0.2) and cfg.train.steps == 7 and cfg.data.dir == "/x"
+    assert Fig1Config().optim.lr == 0.1  # the preset is untouched (frozen)
+    with pytest.raises(ValueError, match="expected int"):
+        apply_overrides(Fig1Config(), ["train.steps=2.5"])
+    with pytest.raises(ValueError, match="expected bool"):
+        apply_overrides(Fig1Config(), ["data.binarize=1"])
+    keys = flat_keys(Fig1Config())
+    assert {"optim.lr", "train.steps", "data.dir", "init_std"} <= set(keys)
+    assert set(flat_keys(TrainConfig())) == {f.name for f in TrainConfig.__dataclass_fields__
+                                              .values()}
+    assert flat_keys(OptimConfig())["lr"] == 0.1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bnlab.kernels.bench") is not None,
+                    reason="bnlab.kernels.bench exists; its own tests cover it")
+def test_bench_without_the_kernels_module_says_so(capsys):
+    assert main(["bench"]) == 2
+    assert "bnlab.kernels.bench" in capsys.readouterr().err
+
+
+def test_python_dash_m_bnlab_works():
+    out = subprocess.run([sys.executable, "-m", "bnlab", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "report" in out.stdout and "run" in out.stdout

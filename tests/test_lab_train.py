@@ -1,0 +1,120 @@
+"""The shared training loop: resume equals uninterrupted, divergence detection, run dirs that are
+never silently overwritten, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from _lab_idx import write_dataset
+from bnlab import BatchNorm1d
+from bnlab.lab import runs
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.data import load
+from bnlab.lab.train import fit, lr_at, seed_all
+
+TRAIN = TrainConfig(steps=24, batch_size=20, eval_every=4, checkpoint_every=8)
+OPTIM = OptimConfig(lr=0.05, momentum=0.9, weight_decay=1e-4, decay_rate=0.5, decay_steps=10)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = write_dataset(tmp_path_factory.mktemp("idx"), n_train=200, n_test=60)
+    cfg = DataConfig(dir=str(d), eval_examples=60)
+    return cfg, load(cfg)
+
+
+def model() -> nn.Module:
+    # BN (running buffers) and dropout (RNG) both have to survive a checkpoint.
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32, bias=False), BatchNorm1d(32),
+                         nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
+
+
+def new_run(path, cfg=None):
+    run, action = runs.prepare(path, {"config": cfg or {"a": 1}})
+    assert action == "new"
+    return run
+
+
+def train(run, data, *, probes=(), resume=False, optim=OPTIM):
+    cfg, ds = data
+    seed_all(0)
+    m = model()
+    s = fit(m, ds, run, train=TRAIN, optim=optim, data_cfg=cfg, seed=0, probes=probes,
+            progress=False, resume=resume)
+    return m, s
+
+
+class SigintAt:
+    """A probe that presses Ctrl-C at one evaluation step (the loop must checkpoint and stop)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, ctx):
+        if ctx.step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {}
+
+
+def test_resume_equals_uninterrupted(tmp_path, data):
+    ref_model, ref = train(new_run(tmp_path / "a"), data)
+    run = new_run(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
+        train(run, data, probes=[SigintAt(12)])
+    assert run.checkpoint_path.exists() and not run.finished
+    assert torch.load(run.checkpoint_path, weights_only=False)["step"] == 12
+    assert not list(run.path.glob("*.tmp"))  # written atomically
+    again, action = runs.prepare(run.path, {"config": {"a": 1}}, resume=True)
+    assert action == "resume"
+    m, s = train(again, data, probes=[SigintAt(-1)], resume=True)
+    for (k, a), b in zip(ref_model.state_dict().items(), m.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert runs.Run(tmp_path / "a").metrics() == again.metrics()  # same records, no duplicates
+    assert s["final_acc"] == ref["final_acc"] and not s["diverged"]
+
+
+@pytest.mark.filterwarnings("ignore:bnlab. a training batch had non-finite")
+def test_divergence_is_detected_and_stops_cleanly(tmp_path, data):
+    run = new_run(tmp_path / "d")
+    _, s = train(run, data, optim=OptimConfig(lr=1e30, momentum=0.9))
+    assert s["diverged"] and 1 <= s["diverged_step"] < TRAIN.steps
+    last = run.metrics()[-1]
+    assert last["diverged"] is True and last["step"] == s["diverged_step"]
+    _, ok = train(new_run(tmp_path / "ok"), data)
+    assert not ok["diverged"] and ok["diverged_step"] is None and ok["steps_done"] == 24
+
+
+def test_lr_decays_exponentially():
+    assert lr_at(OPTIM, 0) == 0.05
+    assert lr_at(OPTIM, 10) == pytest.approx(0.025)
+    assert lr_at(OPTIM, 25) == pytest.approx(0.05 * 0.5 ** 2.5)
+
+
+def test_finished_run_is_never_silently_overwritten(tmp_path):
+    run = new_run(tmp_path / "r", {"lr": 1})
+    run.finish({"final_acc": 0.5})
+    assert runs.prepare(run.path, {"config": {"lr": 1}})[1] == "skip"
+    with pytest.raises(runs.RunExistsError, match="--force"):
+        runs.prepare(run.path, {"config": {"lr": 2}})
+    with pytest.raises(runs.RunExistsError):
+        runs.prepare(run.path, {"config": {"lr": 2}}, resume=True)
+    again, action = runs.prepare(run.path, {"config": {"lr": 2}}, force=True)
+    assert action == "new" and not again.finished
+    assert json.loads((again.path / "config.json").read_text())["config"] == {"lr": 2}
+    assert {"torch", "git", "python"} <= set(json.loads((again.path / "env.json").read_text()))
+
+
+def test_unfinished_run_needs_resume(tmp_path):
+    run = new_run(tmp_path / "u")
+    run.save_checkpoint({"step": 3})
+    with pytest.raises(runs.RunExistsError, match="--resume"):
+        runs.prepare(run.path, {"config": {"a": 1}})
+    with pytest.raises(runs.RunExistsError, match="differs"):
+        runs.prepare(run.path, {"config": {"a": 2}}, resume=True)
+    assert runs.prepare(run.path, {"config": {"a": 1}}, resume=True)[1] == "resume"
