@@ -15,7 +15,16 @@ from bnlab.lab.models.mlp import MLP
 from bnlab.lab.models.vgg import VGG
 from bnlab.layers import BatchNorm1d, BatchNorm2d
 
-__all__ = ["ACTIVATIONS", "MLP", "VGG", "DeepLinearNetwork", "Inception", "NormFactory", "activation", "norm_factory"]
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "VGG",
+    "DeepLinearNetwork",
+    "Inception",
+    "NormFactory",
+    "activation",
+    "norm_factory",
+]
 
 NormFactory = Callable[[int], nn.Module]
 
