@@ -24,6 +24,7 @@ from bnlab.diagnostics.jacobian import (
     JacobianResult,
     layer_jacobian_singular_values,
     layer_jacobians,
+    spectrum_summary,
 )
 from bnlab.diagnostics.landscape import LandscapeResult, landscape_probe
 
@@ -41,4 +42,5 @@ __all__ = [
     "layer_jacobians",
     "saturation_fraction",
     "sgd_update",
+    "spectrum_summary",
 ]
