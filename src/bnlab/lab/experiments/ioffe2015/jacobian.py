@@ -42,6 +42,7 @@ from bnlab.lab.registry import Experiment, RunContext
 from bnlab.lab.report import Inputs, Section, Table, mean_std
 from bnlab.lab.train import fit, seed_all
 
+FLOOR = 1e-3  # the plots show smaller singular values (ReLU's exact zeros) at this floor
 KEYS = ("median", "p10", "p90", "within", "zero", "median_nz", "abslog")
 
 
@@ -143,22 +144,32 @@ def report(inp: Inputs) -> Section:
                 ax.legend(fontsize=7)
     figures = [("Distribution of the singular values of the Jacobians between consecutive "
                 "normalized layers (BN) or pre-activations (no BN) over training (seed 0, both "
-                "layer pairs pooled; dark = early, light = late; shaded: [0.5, 2])",
+                "layer pairs pooled; dark = early, light = late; shaded: [0.5, 2]; the "
+                "left-edge spike collects values <= 10⁻³, e.g. the zeros of inactive ReLU "
+                "units)",
                 plots.to_png(fig))]
-    fig, axes = plots.figure(len(acts), width=5.0)
-    for ax, act in zip(axes, acts, strict=True):
+    fig, axes = plots.figure(len(acts) + 1, width=4.6)
+    for ax, act in zip(axes, acts, strict=False):
         curves = {}
         for n in ("nobn", "bn"):
             name = "BN" if n == "bn" else "no BN"
-            curves[f"{name} median"] = _series(inp, f"{n}_{act}", "median")
-            curves[f"{name} p10"] = _series(inp, f"{n}_{act}", "p10")
-            curves[f"{name} p90"] = _series(inp, f"{n}_{act}", "p90")
+            for key, label in (("median_nz", "median (non-zero)"), ("p10", "p10"),
+                               ("p90", "p90")):
+                x, y, e = _series(inp, f"{n}_{act}", key)
+                curves[f"{name} {label}"] = (x, [max(v, FLOOR) for v in y], e)
         plots.plot_curves(ax, curves, ylabel="singular value", title=f"{act}: median and "
                           "10th/90th percentiles", hline=1.0)
         ax.set_yscale("log")
-    figures.append(("Median and 10th/90th percentiles of the layer-Jacobian singular values "
-                    "against steps (mean over seeds and layer pairs; dotted: 1)",
-                    plots.to_png(fig)))
+        ax.set_ylim(FLOOR / 2, 10)
+    plots.plot_curves(axes[-1], {f"{act}, {'BN' if n == 'bn' else 'no BN'}":
+                                 _series(inp, f"{n}_{act}", "within")
+                                 for act in acts for n in ("nobn", "bn")},
+                      ylabel="fraction of singular values in [0.5, 2]",
+                      title="mass near 1", ylim=(0.0, 1.0))
+    figures.append(("Median (of the non-zero values) and 10th/90th percentiles of the "
+                    f"layer-Jacobian singular values (shown at {FLOOR:g} when smaller, e.g. the "
+                    "zeros of inactive ReLU units), and the fraction in [0.5, 2], against steps "
+                    "(mean over seeds and layer pairs; dotted: 1)", plots.to_png(fig)))
     rows, checks = [], {}
     for act in acts:
         for n in ("nobn", "bn"):

@@ -87,6 +87,21 @@ def late_saturation(metrics: list[dict[str, Any]], frac: float = 0.1) -> list[fl
     return [statistics.fmean(layer) for layer in zip(*late, strict=True)]
 
 
+def late_accuracy(inp: Inputs, variant: str, frac: float = 0.1) -> list[float]:
+    """Per seed, held-out accuracy averaged over the evaluations in the last ``frac`` of
+    training (the same window as `late_saturation`); a diverged seed counts as chance."""
+    out = []
+    for r in inp.runs.get(variant, []):
+        if (r.summary or {}).get("diverged"):
+            out.append(0.1)
+            continue
+        recs = [m for m in r.metrics() if "acc" in m]
+        if recs:
+            end = recs[-1]["step"]
+            out.append(statistics.fmean(m["acc"] for m in recs if m["step"] >= (1 - frac) * end))
+    return out
+
+
 def _sat_curve(inp: Inputs, variant: str, layer: int) -> plots.Curve:
     by_step: dict[int, list[float]] = {}
     for r in inp.runs.get(variant, []):
@@ -113,7 +128,7 @@ def report(inp: Inputs) -> Section:
     for v in inp.runs:
         sat = [s["saturation_final"] for s in inp.summaries(v) if s.get("saturation_final")]
         div = sum(bool(s.get("diverged")) for s in inp.summaries(v))
-        rows.append([v, mean_std(inp.values(v, "final_acc")),
+        rows.append([v, mean_std(inp.values(v, "final_acc")), mean_std(late_accuracy(inp, v)),
                      *[mean_std([s[k] for s in sat], "{:.3f}") for k in range(3)],
                      mean_std(inp.values(v, "saturation_final_mean"), "{:.3f}"),
                      f"{div}/{len(inp.runs[v])}"])
@@ -121,19 +136,22 @@ def report(inp: Inputs) -> Section:
         bn, nb = f"bn_lr{lr:g}", f"nobn_lr{lr:g}"
         s_bn = inp.values(bn, "saturation_final_mean")
         s_nb = inp.values(nb, "saturation_final_mean")
-        a_bn = [0.1 if s.get("diverged") else s["final_acc"] for s in inp.summaries(bn)]
-        a_nb = [0.1 if s.get("diverged") else s["final_acc"] for s in inp.summaries(nb)]
+        a_bn, a_nb = late_accuracy(inp, bn), late_accuracy(inp, nb)
         checks[f"lr {lr:g}: BN saturates less ({mean_std(s_bn, '{:.3f}')} vs "
                f"{mean_std(s_nb, '{:.3f}')})"] = bool(s_bn and s_nb) and max(s_bn) < min(s_nb)
-        checks[f"lr {lr:g}: BN is at least as accurate ({mean_std(a_bn)} vs {mean_std(a_nb)})"] \
-            = bool(a_bn and a_nb) and statistics.fmean(a_bn) >= statistics.fmean(a_nb) - 0.005
+        checks[f"lr {lr:g}: BN is at least as accurate, within 0.5 pt ({mean_std(a_bn)} vs "
+               f"{mean_std(a_nb)})"] = (bool(a_bn and a_nb)
+                                        and statistics.fmean(a_bn) >= statistics.fmean(a_nb)
+                                        - 0.005)
     held = sum(checks.values())
     verdict = ("reproduced" if held == len(checks) else "partly" if 2 * held >= len(checks)
                else "not reproduced")
     why = (f"{held}/{len(checks)} checks hold: " + "; ".join(
         f"{k}: {'yes' if ok else 'no'}" for k, ok in checks.items())
         + ". Saturation = fraction of sigmoid inputs with |x| > "
-        f"{cfg['threshold']:g}, mean over the 3 hidden layers and the last 10% of training.")
+        f"{cfg['threshold']:g}, mean over the 3 hidden layers and the last 10% of training; "
+        "accuracy = held-out accuracy averaged over the same window. Rule: all checks hold: "
+        "reproduced; at least half: partly; else not reproduced.")
     return Section(
         title="Saturating nonlinearities: saturated sigmoid units over training",
         claim="BN \"makes it possible to use saturating nonlinearities by preventing the network "
@@ -145,8 +163,8 @@ def report(inp: Inputs) -> Section:
         f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']}; saturation on "
         f"{cfg['probe_examples']} fixed held-out images in eval mode.",
         verdict=verdict, why=why,
-        tables=[Table(["variant", "final acc", "sat. layer 1", "sat. layer 2", "sat. layer 3",
-                       "sat. mean", "diverged"], rows,
+        tables=[Table(["variant", "final acc", "acc, last 10%", "sat. layer 1", "sat. layer 2",
+                       "sat. layer 3", "sat. mean", "diverged"], rows,
                       "Final accuracy and saturated fraction over the last 10% of training "
                       "(mean ± std over seeds)")],
         figures=[("Fraction of saturated sigmoid inputs (|x| > "
