@@ -1,9 +1,9 @@
-"""Ioffe & Szegedy 2015, Sec. 3.3 (end): the conjecture that BN keeps the singular values of
-layer Jacobians near 1.
+"""Ioffe & Szegedy 2015, Sec. 3.3 (end; the project's issue calls it Sec. 3.4): the conjecture
+that BN keeps the singular values of layer Jacobians near 1.
 
 For two consecutive normalized layers ẑ = F(x̂), if x̂ and ẑ were Gaussian and uncorrelated and
 F(x̂) ≈ J x̂, then I = Cov[ẑ] = J Cov[x̂] Jᵀ = J Jᵀ and every singular value of J would be 1,
-which "would help preserve the gradient magnitudes during backpropagation"; the paper says the
+which would preserve gradient magnitudes during back-propagation; the paper says the
 real transforms are neither linear nor Gaussian and that this "remains an area of further study".
 It gives no measurement.
 
@@ -200,9 +200,9 @@ def report(inp: Inputs) -> Section:
         + ". 'Reproduced' means BN's spectrum is closer to 1, not that every value equals 1.")
     return Section(
         title="Layer Jacobian singular values near 1 (Sec. 3.3 conjecture)",
-        claim="\"Batch Normalization may lead the layer Jacobians to have singular values close "
-              "to 1, which is known to be beneficial for training\" (Sec. 3.3); \"the precise "
-              "effect ... remains an area of further study\".",
+        claim="Conjecture: BN may lead the layer Jacobians to have singular values close to 1, "
+              "which preserves gradient magnitudes in back-propagation (Sec. 3.3, paraphrased); "
+              "the precise effect \"remains an area of further study\".",
         paper="No measurement: the argument assumes Gaussian, uncorrelated, linearly related "
               "normalized layers (J Jᵀ = I).",
         substitution=SUBSTITUTION_MNIST + f" The Sec. 4.1 MLP (binarized pixels, fan-in init ×"
