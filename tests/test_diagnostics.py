@@ -1,5 +1,5 @@
 """bnlab.diagnostics on closed forms: ICS (Santurkar Def. 2.1), landscape probes on a quadratic,
-activation statistics, layer Jacobians (Ioffe Sec. 3.4); and the promise of no side effects."""
+activation statistics, layer Jacobians (Ioffe Sec. 3.3); and the promise of no side effects."""
 
 from __future__ import annotations
 

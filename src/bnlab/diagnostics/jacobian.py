@@ -1,5 +1,5 @@
 """Singular values of the Jacobian between consecutive normalized layers (Ioffe & Szegedy 2015,
-Sec. 3.4): the paper conjectures that BN pushes them towards 1, which would preserve gradient
+Sec. 3.3): the paper conjectures that BN pushes them towards 1, which would preserve gradient
 magnitudes during back-propagation ("remains an area of further study").
 
 For watched modules M_1..M_K in forward order (default: the BN layers, or the Conv/Linear layers
@@ -182,7 +182,7 @@ def layer_jacobian_singular_values(
     max_examples: int | None = None,
 ) -> JacobianResult:
     """Singular values of J_k[n] for each consecutive pair and example (Ioffe & Szegedy 2015,
-    Sec. 3.4: all equal to 1 if ẑ_k, ẑ_{k+1} were Gaussian, uncorrelated and F linear).
+    Sec. 3.3: all equal to 1 if ẑ_k, ẑ_{k+1} were Gaussian, uncorrelated and F linear).
 
     Same arguments as `layer_jacobians`. Compare a BN network with the same network without
     BN (watching its Linear layers) on held-out batches.
