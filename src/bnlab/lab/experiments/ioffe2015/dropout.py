@@ -13,8 +13,13 @@ accuracy on a fixed 1,000-image subset of that training data and on 2,000 held-o
 in eval mode, and the gap between them. (The MLP would be cheaper, but dropout's place and rate
 in Inception are what the paper changed, so we keep the Inception-style network.)
 
-Runtime here (2 shared cores, ``--threads 1``): paper ≈20–25 min (6 runs), quick ≈4 min
-(half width, 600 steps), smoke a few seconds.
+Verdict: three checks (at dropout 0 BN's gap is smaller; BN without dropout is within 0.5
+points of BN with its best dropout; BN without dropout is within 0.5 points of, or above, no-BN
+with its best dropout); all hold: reproduced, at least half: partly, else not reproduced.
+
+Runtime here (2 cores, ``--threads 1``): paper 16 min measured (936 s, one seed, on a machine
+loaded 3–4× by other jobs; less when quiet), quick ≈3–4 min (half width, 600 steps), smoke a few
+seconds.
 
 Command: ``bnlab run ioffe2015.dropout --preset paper --threads 1`` then ``bnlab report``.
 """
@@ -127,7 +132,8 @@ def report(inp: Inputs) -> Section:
         f"{a[nb_best]:.4f})": a[bn0] >= a[nb_best] - MARGIN,
     }
     held = sum(checks.values())
-    verdict = ["not reproduced", "partly", "partly", "reproduced"][held]
+    verdict = ("reproduced" if held == len(checks) else "partly" if 2 * held >= len(checks)
+               else "not reproduced")
     helps = a[nb_best] - a[nb0]
     why = (f"{held}/{len(checks)} checks hold: " + "; ".join(
         f"{k}: {'yes' if ok else 'no'}" for k, ok in checks.items())
@@ -135,6 +141,14 @@ def report(inp: Inputs) -> Section:
         f"{100 * helps:+.2f} points over none"
         + (" (dropout itself barely helps here, so the test is weak)." if helps < MARGIN
            else "."))
+    notes = []
+    fit_nb = _mean(inp, nb0, "train_acc")
+    if fit_nb < 0.95:
+        notes.append(f"Without BN the network does not fit its training subset at this budget "
+                     f"(training accuracy {fit_nb:.4f} at dropout {rates[0]:g}, vs "
+                     f"{_mean(inp, bn0, 'train_acc'):.4f} with BN), so the gap compares a "
+                     "network that fits with one that does not: BN's larger gap here reflects "
+                     "faster fitting, and says little about regularization.")
     steps, bs = cfg["train"]["steps"], cfg["train"]["batch_size"]
     return Section(
         title="BN as a regularizer: dropout rate × BN, train/held-out gap",
@@ -152,11 +166,11 @@ def report(inp: Inputs) -> Section:
         tables=[Table(["norm", "dropout", "train acc", "held-out acc", "gap (train − held-out)",
                        "diverged"], rows, "Final accuracies (mean ± std over seeds)")],
         figures=[("Held-out and training-subset accuracy against steps (mean ± std over seeds)",
-                  plots.to_png(fig))])
+                  plots.to_png(fig))], notes=notes)
 
 
 EXPERIMENT = Experiment(
     title="BN as a regularizer: BN × dropout {0, 0.1, 0.4} on the small Inception",
     claim="BN narrows the train/held-out gap and makes dropout unnecessary",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "4 min", "paper": "20-25 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "3-4 min", "paper": "16 min"},
     variants=variants, run=run, report=report)
