@@ -1,5 +1,5 @@
 """bnlab.diagnostics on closed forms: ICS (Santurkar Def. 2.1), landscape probes on a quadratic,
-activation statistics, layer Jacobians (Ioffe Sec. 3.4); and the promise of no side effects."""
+activation statistics, layer Jacobians (Ioffe Sec. 3.3); and the promise of no side effects."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from bnlab.diagnostics import (
     ActivationTracker,
+    JacobianResult,
     default_layers,
     distribution_shift,
     gradient_ics,
@@ -18,6 +19,7 @@ from bnlab.diagnostics import (
     layer_jacobian_singular_values,
     layer_jacobians,
     saturation_fraction,
+    spectrum_summary,
 )
 from bnlab.layers import BatchNorm
 from bnlab.variants import NoisyBatchNorm
@@ -363,3 +365,34 @@ def test_jacobian_sigmoid_mlp_default_points():
     assert res.singular_values[0].shape == (7, 4)
     plain = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4))
     assert layer_jacobian_singular_values(plain, x.float()).pairs == [("0", "2")]
+
+
+def test_jacobian_through_inplace_relu_is_w_times_relu_mask():
+    # J between Linear outputs z1 -> z2 = W2 relu(z1): W2 · diag(1[z1 > 0]), with ReLU in place.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 4)).to(D)
+    x = torch.randn(7, 6, dtype=D)
+    _, jacs = layer_jacobians(model, x, [model[0], model[2]])
+    mask = (model[0](x) > 0).to(D)  # (N, 5)
+    expected = model[2].weight.detach()[None] * mask[:, None, :]
+    torch.testing.assert_close(jacs[0], expected)
+
+
+def test_spectrum_summary_closed_form():
+    s = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=D)
+    out = spectrum_summary(s)
+    assert out["median"] == pytest.approx(1.0)
+    assert out["within"] == pytest.approx(3 / 5)  # 0.5, 1 and 2 lie in [0.5, 2]
+    assert out["abslog"] == pytest.approx(math.log10(2.0))  # |log10| = 1, .30, 0, .30, 1
+    assert out["p10"] == pytest.approx(0.1 + 0.4 * 0.4)  # linear interpolation at 0.4
+    assert out["zero"] == 0.0 and out["median_nz"] == pytest.approx(1.0)
+    # A ReLU-like rank deficiency: zeros are counted apart and left out of the log statistics.
+    z = spectrum_summary(torch.tensor([0.0, 1e-12, 1.0, 4.0], dtype=D))
+    assert z["zero"] == 0.5 and z["median_nz"] == pytest.approx(2.5)
+    assert z["abslog"] == pytest.approx(math.log10(4.0) / 2) and z["within"] == 0.25
+    res = JacobianResult([("a", "b")], [torch.ones(3, 4, dtype=D)])
+    assert res.summary()["a->b"]["within"] == 1.0 and res.summary()["a->b"]["abslog"] == 0.0
+    with pytest.raises(ValueError, match="band"):
+        spectrum_summary(s, band=(2.0, 3.0))
+    with pytest.raises(ValueError, match="empty"):
+        spectrum_summary(torch.empty(0))

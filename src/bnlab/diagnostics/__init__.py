@@ -7,7 +7,8 @@
 * `landscape_probe`: loss range, gradient predictiveness and effective β-smoothness along the
   gradient (Santurkar et al. 2018, Sec. 3.2, Fig. 4).
 * `layer_jacobian_singular_values`: singular values of the Jacobian between consecutive
-  normalized layers (Ioffe & Szegedy 2015, Sec. 3.4).
+  normalized layers (Ioffe & Szegedy 2015, Sec. 3.3's conjecture); `spectrum_summary` (or
+  `JacobianResult.summary`) says how close they are to 1.
 
 No probe changes weights, ``.grad``, optimizer state, buffers (BN running statistics) or RNG
 states. Plotting lives in `bnlab.lab`.
@@ -24,6 +25,7 @@ from bnlab.diagnostics.jacobian import (
     JacobianResult,
     layer_jacobian_singular_values,
     layer_jacobians,
+    spectrum_summary,
 )
 from bnlab.diagnostics.landscape import LandscapeResult, landscape_probe
 
@@ -41,4 +43,5 @@ __all__ = [
     "layer_jacobians",
     "saturation_fraction",
     "sgd_update",
+    "spectrum_summary",
 ]

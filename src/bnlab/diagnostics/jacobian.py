@@ -1,5 +1,5 @@
 """Singular values of the Jacobian between consecutive normalized layers (Ioffe & Szegedy 2015,
-Sec. 3.4): the paper conjectures that BN pushes them towards 1, which would preserve gradient
+Sec. 3.3): the paper conjectures that BN pushes them towards 1, which would preserve gradient
 magnitudes during back-propagation ("remains an area of further study").
 
 For watched modules M_1..M_K in forward order (default: the BN layers, or the Conv/Linear layers
@@ -21,7 +21,39 @@ from bnlab.diagnostics._common import SideEffectGuard
 from bnlab.stats import is_batchnorm
 from bnlab.variants import LpNorm
 
-__all__ = ["JacobianResult", "layer_jacobian_singular_values", "layer_jacobians"]
+__all__ = ["JacobianResult", "layer_jacobian_singular_values", "layer_jacobians",
+           "spectrum_summary"]
+
+
+def spectrum_summary(s: Tensor, band: tuple[float, float] = (0.5, 2.0), *,
+                     zero_tol: float = 1e-6) -> dict[str, float]:
+    """How close singular values ``s`` (any shape, pooled) are to 1, the value Sec. 3.3
+    conjectures.
+
+    Returns their 10th/50th/90th percentiles (``p10``, ``median``, ``p90``), the fraction inside
+    ``band`` (``within``), the fraction that is numerically zero, <= ``zero_tol`` · max(s)
+    (``zero``: rank deficiency, e.g. the inactive units of a ReLU layer), and over the non-zero
+    ones the median (``median_nz``) and the median of |log10 s| (``abslog``: 0 when all equal
+    1, 1 when the typical value is off by a factor of 10).
+
+    Raises:
+        ValueError: ``s`` is empty or ``band`` is not (low, high) with 0 < low <= 1 <= high.
+    """
+    if s.numel() == 0:
+        raise ValueError("spectrum_summary: s is empty")
+    if not 0 < band[0] <= 1 <= band[1]:
+        raise ValueError(f"band must be (low, high) with 0 < low <= 1 <= high, got {band!r}")
+    v = s.detach().flatten().double().cpu()
+    levels = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    q = torch.quantile(v, levels)
+    nonzero = v[v > zero_tol * v.max()] if v.max() > 0 else v[:0]
+    nz = torch.quantile(nonzero, 0.5) if nonzero.numel() else torch.tensor(float("nan"))
+    abslog = (torch.quantile(torch.log10(nonzero).abs(), 0.5) if nonzero.numel()
+              else torch.tensor(float("nan")))
+    return {"p10": float(q[0]), "median": float(q[1]), "p90": float(q[2]),
+            "within": float(((v >= band[0]) & (v <= band[1])).double().mean()),
+            "zero": 1.0 - nonzero.numel() / v.numel(), "median_nz": float(nz),
+            "abslog": float(abslog)}
 
 
 @dataclass
@@ -36,6 +68,11 @@ class JacobianResult:
         """JSON-ready: per pair, the singular values and their mean/min/max over all examples."""
         return {f"{a}->{b}": {"singular_values": s.tolist(), "mean": float(s.mean()),
                               "min": float(s.min()), "max": float(s.max())}
+                for (a, b), s in zip(self.pairs, self.singular_values, strict=True)}
+
+    def summary(self, band: tuple[float, float] = (0.5, 2.0)) -> dict[str, dict[str, float]]:
+        """Per pair "a->b", `spectrum_summary` of its singular values over all examples."""
+        return {f"{a}->{b}": spectrum_summary(s, band)
                 for (a, b), s in zip(self.pairs, self.singular_values, strict=True)}
 
 
@@ -94,7 +131,9 @@ def layer_jacobians(
     def cut(mod: nn.Module, _args: Any, out: Tensor) -> Tensor:
         outs[mod] = out  # connected to the previous leaf
         leaves[mod] = out.detach().requires_grad_(True)
-        return leaves[mod]  # the rest of the network sees a fresh leaf
+        # The rest of the network sees a copy of a fresh leaf: a copy, so that an in-place op
+        # that follows (ReLU(inplace=True)) is legal and leaves the leaf itself intact.
+        return leaves[mod].clone()
 
     modes = {m: m.training for m in model.modules()}
     handles = [p.register_forward_hook(cut) for p in points]
@@ -143,7 +182,7 @@ def layer_jacobian_singular_values(
     max_examples: int | None = None,
 ) -> JacobianResult:
     """Singular values of J_k[n] for each consecutive pair and example (Ioffe & Szegedy 2015,
-    Sec. 3.4: all equal to 1 if ẑ_k, ẑ_{k+1} were Gaussian, uncorrelated and F linear).
+    Sec. 3.3: all equal to 1 if ẑ_k, ẑ_{k+1} were Gaussian, uncorrelated and F linear).
 
     Same arguments as `layer_jacobians`. Compare a BN network with the same network without
     BN (watching its Linear layers) on held-out batches.
