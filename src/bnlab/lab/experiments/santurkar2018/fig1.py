@@ -10,15 +10,16 @@ Paper's numbers (CIFAR-10, 15k steps, batch 128): test accuracy 83% with BN, 80%
 
 Substitution and scaling (Fashion-MNIST instead of CIFAR-10, said in every output): the VGG-13-style
 net of `bnlab.lab.models.VGG` at width 0.125 (channels 8…64, hidden 64; ≈0.15M parameters) on
-28×28 grey images; paper preset 2,500 steps (≈5.3 epochs) instead of 15,000; plain SGD (no
+28×28 grey images; paper preset 1,500 steps (3.2 epochs) instead of 15,000; plain SGD (no
 momentum or weight decay), batch 128, no augmentation, Glorot init — the paper's settings.
 Training accuracy: eval mode on a fixed 2,000-image training subset; test accuracy on 2,000
 held-out images every 100 steps, and on 10,000 at the end (the summary's ``train_acc``,
 ``test_acc``). Distributions: 5/15/50/85/95th percentiles of the pre-activations (norm output)
 of layers #3 and #11 on a fixed batch of 256 training images, in training mode, every 100 steps.
 
-Runtime here (2 shared cores, ``--threads 1``, ≈0.06–0.15 s per step depending on load): paper
-≈15–25 min (4 runs × 2,500 steps; a diverging run stops early), quick ≈4 min, smoke seconds.
+Runtime here (2 shared cores, ``--threads 1``, ≈0.07 s per step quiet, ≈0.2 s under the load of
+four helpers): paper ≈8–20 min (4 runs × 1,500 steps; a diverging run stops early), quick ≈2–5
+min, smoke seconds.
 
 Command: ``bnlab run santurkar2018.fig1 --preset paper --threads 1 [--seeds 3]`` then
 ``bnlab report``.
@@ -52,7 +53,7 @@ from bnlab.lab.report import Inputs, Section, Table, mean_std
 @dataclass(frozen=True)
 class Fig1Config:
     data: DataConfig = DataConfig(eval_examples=2_000)
-    train: TrainConfig = TrainConfig(steps=2_500, batch_size=128, eval_every=100,
+    train: TrainConfig = TrainConfig(steps=1_500, batch_size=128, eval_every=100,
                                      checkpoint_every=500)
     optim: OptimConfig = OptimConfig(lr=0.1, momentum=0.0)  # "standard SGD"; lr per variant
     vgg: VGGSpec = VGGSpec()
@@ -63,7 +64,7 @@ class Fig1Config:
 
 PRESETS = {
     "paper": Fig1Config(),
-    "quick": Fig1Config(train=TrainConfig(steps=600, batch_size=128, eval_every=50,
+    "quick": Fig1Config(train=TrainConfig(steps=400, batch_size=128, eval_every=50,
                                           checkpoint_every=200)),
     "smoke": Fig1Config(data=DataConfig(eval_examples=120),
                         train=TrainConfig(steps=12, batch_size=32, eval_every=6,
@@ -112,7 +113,7 @@ def report(inp: Inputs) -> Section:
     cfg = inp.config
     lo, hi = cfg["lrs"][0], cfg["lrs"][-1]
     names = variants(Fig1Config(lrs=tuple(cfg["lrs"])))
-    figures = [(f"Figure 1(a, b) on Fashion-MNIST (not CIFAR-10): training accuracy (fixed "
+    figures = [("Figure 1(a, b) on Fashion-MNIST (not CIFAR-10): training accuracy (fixed "
                 "2k training images, eval mode) and test accuracy against steps, mean ± std over "
                 "seeds", curves_figure(inp, names, [("train_acc", "training accuracy"),
                                                     ("acc", "test accuracy")], "Fig. 1"))]
@@ -185,5 +186,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Figure 1: VGG with and without BN at lr 0.1 and 0.5 (Fashion-MNIST)",
     claim="BN trains faster, better and at lr 0.5 where the standard VGG fails",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "4 min", "paper": "15-25 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "2-5 min", "paper": "8-20 min"},
     variants=variants, run=run, report=report)

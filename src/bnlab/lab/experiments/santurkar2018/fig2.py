@@ -12,7 +12,7 @@ non-existent"; Fig. 8's per-layer |μ_{t+1} − μ_t| and |σ²_{t+1} − σ²_t
 ≈1) for noisy BN than for standard or BN (read from plot). No numbers for the noise control.
 
 Substitution and scaling: as ``santurkar2018.fig1`` (Fashion-MNIST instead of CIFAR-10; VGG
-width 0.125; paper preset 2,500 steps instead of 15,000; plain SGD at lr 0.1, batch 128). Noise
+width 0.125; paper preset 1,500 steps instead of 15,000; plain SGD at lr 0.1, batch 128). Noise
 constants n_μ = 0.5, n_σ = 1.25, r_μ = r_σ = 0.1 (r_σ read as a std), seeds derived from the run
 seed; noise only in training mode. Distributions: per-channel mean and variance and the
 5/15/50/85/95th percentiles of every layer's pre-activation (norm + noise output; the logits for
@@ -20,8 +20,8 @@ layer #13) on a fixed batch of 256 training images, in training mode (so with th
 next layer sees it), every 100 steps. Stability = mean over records and channels of
 |μ_{t+1} − μ_t| and |σ²_{t+1} − σ²_t| (`bnlab.diagnostics.distribution_shift`).
 
-Runtime here (2 shared cores, ``--threads 1``): paper ≈15–25 min (4 runs × 2,500 steps), quick
-≈4 min, smoke seconds.
+Runtime here (2 shared cores, ``--threads 1``): paper ≈8–20 min (4 runs × 1,500 steps; quiet vs
+loaded machine), quick ≈2–5 min, smoke seconds.
 
 Command: ``bnlab run santurkar2018.fig2 --preset paper --threads 1 [--seeds 3]`` then
 ``bnlab report``.
@@ -61,7 +61,7 @@ NORMS = ("none", "bn", "noisy_bn", "noise")
 @dataclass(frozen=True)
 class Fig2Config:
     data: DataConfig = DataConfig(eval_examples=2_000)
-    train: TrainConfig = TrainConfig(steps=2_500, batch_size=128, eval_every=100,
+    train: TrainConfig = TrainConfig(steps=1_500, batch_size=128, eval_every=100,
                                      checkpoint_every=500)
     optim: OptimConfig = OptimConfig(lr=0.1, momentum=0.0)
     vgg: VGGSpec = VGGSpec()
@@ -72,7 +72,7 @@ class Fig2Config:
 
 PRESETS = {
     "paper": Fig2Config(),
-    "quick": Fig2Config(train=TrainConfig(steps=600, batch_size=128, eval_every=50,
+    "quick": Fig2Config(train=TrainConfig(steps=400, batch_size=128, eval_every=50,
                                           checkpoint_every=200)),
     "smoke": Fig2Config(data=DataConfig(eval_examples=120),
                         train=TrainConfig(steps=12, batch_size=32, eval_every=6,
@@ -177,14 +177,14 @@ def report(inp: Inputs) -> Section:
         tables=[Table(["variant", "final training acc", "final test acc",
                        *(f"mean Δμ #{k}" for k in shown), *(f"mean Δσ² #{k}" for k in shown),
                        "diverged seeds"], rows,
-                      "Fashion-MNIST VGG, mean ± std over seeds; mean Δμ, Δσ²: mean absolute change "
-                      "between consecutive records (every eval step) of the per-channel mean "
-                      "and variance of the layer's pre-activation")],
+                      "Fashion-MNIST VGG, mean ± std over seeds; mean Δμ, Δσ²: mean absolute "
+                      "change between consecutive records (every eval step) of the per-channel "
+                      "mean and variance of the layer's pre-activation")],
         figures=figures)
 
 
 EXPERIMENT = Experiment(
     title="Figure 2: noisy BN, BN and standard VGG (Fashion-MNIST)",
     claim="noisy BN: less stable distributions, yet trains like BN, better than standard",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "4 min", "paper": "15-25 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "2-5 min", "paper": "8-20 min"},
     variants=variants, run=run, report=report)
