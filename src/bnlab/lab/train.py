@@ -128,6 +128,7 @@ def fit(
     progress: bool = True,
     desc: str = "",
     resume: bool = False,
+    evaluate_fn: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``train.steps`` SGD steps, logging to ``run``; return the summary.
 
@@ -136,6 +137,8 @@ def fit(
     output go to ``metrics.jsonl``. A non-finite loss or parameter marks the run diverged at
     that step and ends it cleanly. ``resume`` continues from ``run``'s checkpoint; batch order
     and RNG states are restored, so the result equals an uninterrupted run's.
+    ``evaluate_fn(model) -> dict`` replaces the held-out classification evaluation (e.g. the
+    full-batch regression loss of a deep linear network); its dict is merged into the record.
 
     Returns:
         The summary: final/best accuracy, best step, steps done, diverged (and its step),
@@ -173,8 +176,12 @@ def fit(
             "probes": [p.state_dict() if hasattr(p, "state_dict") else None for p in probes]})
 
     def record(step: int, batch: tuple[Tensor, Tensor] | None, lr: float) -> dict[str, Any]:
-        acc, loss = evaluate(model, ex, ey, batch_size=train.eval_batch_size)
-        rec: dict[str, Any] = {"step": step, "acc": acc, "loss": loss, "lr": lr,
+        if evaluate_fn is None:
+            acc, loss = evaluate(model, ex, ey, batch_size=train.eval_batch_size)
+            held = {"acc": acc, "loss": loss}
+        else:
+            held = evaluate_fn(model)
+        rec: dict[str, Any] = {"step": step, **held, "lr": lr,
                                "train_loss": loss_sum / loss_n if loss_n else None}
         ctx = ProbeContext(model, step, batch, opt, lr, data, loss_fn)
         for p in probes:
@@ -220,7 +227,8 @@ def fit(
                     rec = record(done, (x, y), lr)
                     loss_sum, loss_n = 0.0, 0
                     run.log(rec)
-                    bar.set_postfix(loss=f"{value:.3f}", acc=f"{rec['acc']:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{value:.3f}", acc=f"{rec.get('acc', float('nan')):.4f}",
+                                    refresh=False)
                     if done % train.checkpoint_every == 0 and done < train.steps:
                         checkpoint(done)
             if diverged_step is not None:

@@ -1,0 +1,97 @@
+"""Probes of the Santurkar et al. (2018) experiments: `bnlab.diagnostics` called from the
+training loop's probe mechanism (`bnlab.lab.train.Probe`) every ``every`` steps, their numbers
+returned as JSON-ready dicts for ``metrics.jsonl``. The diagnostics restore weights, ``.grad``,
+buffers and RNG states, so a probed run trains exactly as an unprobed one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.diagnostics import ActivationTracker, gradient_ics, landscape_probe
+from bnlab.lab.train import ProbeContext
+
+__all__ = ["ICSProbe", "LandscapeProbe", "LayerDistributions", "vgg_layer_outputs"]
+
+QUANTILES = (0.05, 0.15, 0.5, 0.85, 0.95)
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _due(ctx: ProbeContext, every: int) -> bool:
+    return ctx.batch is not None and ctx.step % every == 0
+
+
+def vgg_layer_outputs(model: nn.Module, layers: Sequence[int]) -> dict[str, nn.Module]:
+    """Module whose output is "layer #k"'s pre-activation: its norm (conv/linear → norm →
+    nonlinearity; an Identity without a norm) for k < 13, the last linear layer (the logits)
+    for k = 13."""
+    norms, lin = model.norms(), model.layers()  # type: ignore[operator]
+    return {str(k): (norms[k - 1] if k <= len(norms) else lin[k - 1]) for k in layers}
+
+
+class LayerDistributions:
+    """Distribution of chosen layers' pre-activations on a fixed training batch (Santurkar
+    Figs. 1c, 2, 8), measured in training mode: batch statistics, and for noisy BN the injected
+    noise, exactly as the training forward sees them (buffers and RNG are restored).
+
+    Records ``{"dist": {layer: {"q": [5/15/50/85/95th percentiles over all values],
+    "mean": [per-channel mean], "var": [per-channel variance]}}}``.
+    """
+
+    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], x: Tensor, *,
+                 every: int = 1) -> None:
+        self.model, self.modules, self.x, self.every = model, dict(modules), x, every
+
+    def __call__(self, ctx: ProbeContext) -> dict[str, Any]:
+        if ctx.step % self.every:
+            return {}
+        tracker = ActivationTracker(self.model, self.modules, where="output", quantiles=QUANTILES,
+                                    bins=1)
+        tracker.record(self.x, step=ctx.step)
+        out = {}
+        for name, h in tracker.history().items():
+            out[name] = {"q": [round(v, 5) for v in h["quantiles"][0, 0].tolist()],
+                         "mean": [round(v, 5) for v in h["channel_mean"][0].tolist()],
+                         "var": [round(v, 5) for v in h["channel_var"][0].tolist()]}
+        return {"dist": out}
+
+
+class ICSProbe:
+    """Gradient ICS (Def. 2.1) at the paper's layers on the step's training batch, with the
+    plain SGD step of the current lr: ``{"ics": {"layer_<k>": {"l2", "cosine", "grad_norm"}}}``.
+    W_i are the conv/linear weights and biases (BN's γ, β stay put, as `gradient_ics`'s
+    default)."""
+
+    def __init__(self, layers: Sequence[nn.Module], measure: Sequence[int], loss_fn: LossFn, *,
+                 every: int = 1) -> None:
+        self.layers, self.measure, self.loss_fn, self.every = list(layers), list(measure), \
+            loss_fn, every
+
+    def __call__(self, ctx: ProbeContext) -> dict[str, Any]:
+        if not _due(ctx, self.every):
+            return {}
+        res = gradient_ics(ctx.model, self.loss_fn, ctx.batch, lr=ctx.lr, layers=self.layers,
+                           measure=self.measure)
+        d = res.to_dict()
+        return {"ics": {k: {kk: vv for kk, vv in v.items() if kk != "name"}
+                        for k, v in d.items() if k.startswith("layer_")}}
+
+
+class LandscapeProbe:
+    """Loss range, gradient predictiveness and effective β-smoothness along −∇L on the step's
+    batch, at step sizes ``multipliers × lr`` (Sec. 3.2, Fig. 4): ``{"landscape": {...}}``
+    with `LandscapeResult.to_dict`'s keys."""
+
+    def __init__(self, multipliers: Sequence[float], loss_fn: LossFn, *, every: int = 1) -> None:
+        self.multipliers = torch.tensor(list(multipliers), dtype=torch.float64)
+        self.loss_fn, self.every = loss_fn, every
+
+    def __call__(self, ctx: ProbeContext) -> dict[str, Any]:
+        if not _due(ctx, self.every):
+            return {}
+        res = landscape_probe(ctx.model, self.loss_fn, ctx.batch, ctx.lr * self.multipliers)
+        return {"landscape": res.to_dict()}
