@@ -86,16 +86,18 @@ def test_train_forward_backward_match_reference(data, affine) -> None:  # type: 
     x64 = x.double().requires_grad_(True)  # ground truth for the tie case below
     y, mean, var = kernels.batch_norm_train(xs[0], w, b, eps)
     y_ref, mean_ref, var_ref = reference_train(xs[1], w, b, eps)
-    w64, b64 = (None if t is None else t.detach().double() for t in (w, b))
+    w64, b64 = (None if t is None else t.detach().double().requires_grad_(affine)
+                for t in (w, b))
     y64, _, _ = reference_train(x64, w64, b64, eps)
     assert rel_err(mean, mean_ref, float(x.abs().max()) * 1e-2) <= RTOL
     assert rel_err(var, var_ref) <= RTOL
     params = [t for t in (w, b) if t is not None]
     grads = torch.autograd.grad(y, [xs[0], *params], g)
     grads_ref = torch.autograd.grad(y_ref, [xs[1], *params], g)
-    (dx64,) = torch.autograd.grad(y64, x64, g.double())
+    truths = torch.autograd.grad(y64, [x64, *(t for t in (w64, b64) if t is not None)],
+                                 g.double())
     scales = [dx_scale(g, w, var_ref, eps)] + [float(g.abs().sum(F.reduce_dims(x)).max())] * 2
-    for got, want, truth, scale in zip((y, *grads), (y_ref, *grads_ref), (y64, dx64, None, None),
+    for got, want, truth, scale in zip((y, *grads), (y_ref, *grads_ref), (y64, *truths),
                                        [0.0, *scales], strict=False):
         # (∂ℓ/∂x and ∂ℓ/∂γ are differences of terms of size `scale`: compared against it.)
         err = rel_err(got, want, scale)

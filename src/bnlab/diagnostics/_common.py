@@ -46,7 +46,11 @@ class SideEffectGuard:
     @torch.no_grad()
     def reset(self) -> None:
         for b, saved in self.buffers:
-            b.copy_(saved)
+            # Only buffers that changed: an in-place copy bumps the version counter, and a
+            # forward may have saved an unchanged buffer for its backward (eval-mode BN saves
+            # running_var), which must stay usable after the guard.
+            if not torch.equal(b, saved):
+                b.copy_(saved)
         for g, state in self.generators:
             g.set_state(state)
         torch.set_rng_state(self.cpu_rng)
