@@ -29,7 +29,9 @@ data:
 	fi
 
 # The main job: Figure 1 of Ioffe & Szegedy 2015 at the paper's settings, then the report.
-# THREADS=1 is much faster on a machine shared with other jobs.
+# THREADS=1 (default): the MLP gains nothing from a second thread, and on a machine shared
+# with other jobs torch's thread barriers make 2 threads several times slower. THREADS=2 overrides.
+THREADS ?= 1
 demo: setup data
 	$(BIN)/python -m bnlab.demo
 	$(BIN)/bnlab run ioffe2015.fig1 --preset paper $(if $(THREADS),--threads $(THREADS))
