@@ -44,3 +44,17 @@ def test_importing_bnlab_loads_no_upper_layer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_diagnostics_import_only_core_and_torch():
+    bad = []
+    for f in sorted((SRC / "diagnostics").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            bad += [f"{f.name}: {n}" for n in names
+                    if n.startswith(("bnlab.lab", "bnlab.cli", "matplotlib"))]
+    assert not bad, bad
