@@ -147,8 +147,8 @@ class BatchNorm(nn.Module):
         if finite is not None:
             # A skipped batch does not count, so the cumulative average (momentum=None) stays
             # the exact mean of the batches it used.
-            self.num_batches_tracked.add_(finite.to(torch.long))
-            self.num_nonfinite_batches.add_((~finite).to(torch.long))
+            self.num_batches_tracked.add_(finite)  # bool adds as 0/1
+            self.num_nonfinite_batches.add_(finite.logical_not())
         return y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
