@@ -1,9 +1,9 @@
 """The math of batch normalization (Ioffe & Szegedy 2015, Alg. 1) and its running statistics.
 
 Holds pure functions only: statistics, normalization, the running-average update and the
-`batch_norm` entry point that picks an implementation (`bnlab.kernels` on CPU when built, the
-reference path otherwise). Modules that hold state live in `bnlab.layers`; the hand-written
-backward lives in `bnlab._autograd`.
+`batch_norm` entry point that picks an implementation: `bnlab.kernels` on CPU when built,
+PyTorch's native op on accelerators, the reference path otherwise (and as the tests' oracle).
+Modules that hold state live in `bnlab.layers`; the hand-written backward in `bnlab._autograd`.
 """
 
 from __future__ import annotations
@@ -129,12 +129,35 @@ def _warn_once_if_nonfinite(finite: Tensor) -> None:
         )
 
 
+def _force_reference() -> bool:
+    return os.environ.get("BNLAB_FORCE_REFERENCE", "0") not in ("", "0")
+
+
 def _use_kernels(x: Tensor) -> bool:
-    if os.environ.get("BNLAB_FORCE_REFERENCE", "0") not in ("", "0"):
+    if _force_reference():
         return False
     from bnlab import kernels  # local import: the kernels module builds lazily
 
     return kernels.supports(x)
+
+
+def _use_native(x: Tensor) -> bool:
+    """PyTorch's own op (cuDNN/MIOpen) for accelerators: the fastest correct path there (design
+    doc, "Dispatch"). Not inside torch.func transforms, which take the reference path."""
+    return (x.device.type not in ("cpu", "meta") and not _force_reference()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def native_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, μ_B, σ²_B) from ``torch.native_batch_norm`` (autograd through PyTorch's backward).
+
+    The op returns 1/√(σ²_B + ε), so σ²_B = invstd⁻² − ε (exact to float32 rounding of invstd,
+    enough for the running average); statistics in float32 for half input, as cuDNN keeps them.
+    """
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    var = (invstd.detach().pow(-2) - eps).clamp_min(0)
+    return y, mean.detach(), var
 
 
 def batch_norm(
@@ -209,7 +232,10 @@ def batch_norm_with_flag(
             # normalize + the same running update as below, in one C++ call where it can
             return kernels.batch_norm_train_update(input, weight, bias, eps, running_mean,
                                                    running_var, momentum)
-        y, mean, var = _autograd.BatchNormTrain.apply(input, weight, bias, eps)
+        if _use_native(input):
+            y, mean, var = native_train(input, weight, bias, eps)
+        else:
+            y, mean, var = _autograd.BatchNormTrain.apply(input, weight, bias, eps)
         finite = None
         if running_mean is not None or running_var is not None:
             count = input.numel() // input.shape[1]
@@ -225,4 +251,8 @@ def batch_norm_with_flag(
         from bnlab import kernels
 
         return kernels.batch_norm_eval(input, running_mean, running_var, weight, bias, eps), None
+    if _use_native(input) and all(t is None or t.dtype == running_mean.dtype
+                                  for t in (running_var, weight, bias)):
+        return torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,
+                                       eps)[0], None
     return normalize(input, running_mean, running_var, weight, bias, eps), None
