@@ -232,7 +232,10 @@ void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const fl
   const int64_t C = s.C, nfull = C / W, rem = C % W;
   at::parallel_for(0, s.m(), grain_for(C), [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
-    constexpr int64_t R = 8;  // rows per parameter load (and fewer false 4K-alias stalls)
+    // One row at a time: interleaving 8 rows (8 read + 8 write streams 4·C bytes apart) measured
+    // 1.4-1.7x slower for channels_last eval than streaming each row (per-channel parameters
+    // stay in L1 either way).
+    constexpr int64_t R = 1;
     for (; r + R <= r1; r += R) {
       const int64_t base = r * C;
       for (int64_t v = 0; v < nfull; ++v) {
@@ -285,7 +288,7 @@ void dx_all(const Op& op, const Shape& s, const float* mean, const float* A, con
   const int64_t C = s.C, nfull = C / W, rem = C % W;
   at::parallel_for(0, s.m(), grain_for(C), [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
-    constexpr int64_t R = 8;  // rows per parameter load
+    constexpr int64_t R = 1;  // one row at a time, as in normalize_all
     for (; r + R <= r1; r += R) {
       const int64_t base = r * C;
       for (int64_t v = 0; v < nfull; ++v) {
