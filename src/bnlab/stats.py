@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from bnlab.layers import BatchNorm
 
-__all__ = ["PopulationStats", "is_batchnorm", "population_statistics", "recalibrate"]
+__all__ = [
+    "BufferSnapshot",
+    "PopulationStats",
+    "is_batchnorm",
+    "population_statistics",
+    "recalibrate",
+]
 
 Estimator = Literal["alg2", "population"]
 
@@ -31,6 +37,31 @@ Estimator = Literal["alg2", "population"]
 def is_batchnorm(module: nn.Module) -> bool:
     """True for bnlab's `BatchNorm*` and torch's `_BatchNorm` subclasses (incl. SyncBatchNorm)."""
     return isinstance(module, (BatchNorm, nn.modules.batchnorm._BatchNorm))
+
+
+class BufferSnapshot:
+    """Copies of every buffer of ``model``; `restore()` (and leaving the ``with`` block) puts them
+    back. Used wherever training-mode forwards must not move running statistics.
+
+    Only buffers that changed are written: an in-place copy bumps the version counter, and a
+    forward may have saved an unchanged buffer for its backward (eval-mode BN kernels save
+    ``running_var``), which must stay usable afterwards.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [(b, b.detach().clone()) for b in model.buffers()]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for b, copy in self.saved:
+            if not torch.equal(b, copy):
+                b.copy_(copy)
+
+    def __enter__(self) -> BufferSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
 @dataclass
@@ -133,7 +164,7 @@ def population_statistics(
         raise ValueError(f"population_statistics: {type(model).__name__} has no BatchNorm layer")
     acc = {name: _Accumulator() for name in layers}
     modes = {m: m.training for m in model.modules()}
-    saved = [(b, b.clone()) for b in model.buffers()]
+    snapshot = BufferSnapshot(model)  # the training-mode forwards move the running buffers
     hooks = [m.register_forward_pre_hook(lambda _m, args, a=acc[n]: a.add(args[0]))
              for n, m in layers.items()]
     seen = 0
@@ -147,8 +178,7 @@ def population_statistics(
     finally:
         for h in hooks:
             h.remove()
-        for b, copy in saved:  # the training-mode forwards moved the running buffers
-            b.copy_(copy)
+        snapshot.restore()
         for m, mode in modes.items():
             m.train(mode)
     out = {}

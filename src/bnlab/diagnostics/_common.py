@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bnlab.stats import BufferSnapshot
+
 LossFn = Callable[[Any, Any], Tensor]
 
 
@@ -37,7 +39,7 @@ class SideEffectGuard:
         self.model = model
 
     def __enter__(self) -> SideEffectGuard:
-        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self.buffers = BufferSnapshot(self.model)
         self.generators = [(g, g.get_state()) for g in _module_generators(self.model)]
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -45,12 +47,7 @@ class SideEffectGuard:
 
     @torch.no_grad()
     def reset(self) -> None:
-        for b, saved in self.buffers:
-            # Only buffers that changed: an in-place copy bumps the version counter, and a
-            # forward may have saved an unchanged buffer for its backward (eval-mode BN saves
-            # running_var), which must stay usable after the guard.
-            if not torch.equal(b, saved):
-                b.copy_(saved)
+        self.buffers.restore()
         for g, state in self.generators:
             g.set_state(state)
         torch.set_rng_state(self.cpu_rng)

@@ -25,6 +25,7 @@ from bnlab.lab import parallel
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
 from bnlab.lab.data import Batches, Dataset
 from bnlab.lab.runs import Run
+from bnlab.stats import BufferSnapshot
 
 __all__ = ["Probe", "ProbeContext", "evaluate", "fit", "lr_at", "params_finite", "seed_all"]
 
@@ -71,7 +72,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
     (its running buffers are saved and restored), for the train-versus-eval gap of Alg. 2.
     """
     was = model.training
-    saved = [b.clone() for b in model.buffers()] if train_mode else []
+    snapshot = BufferSnapshot(model) if train_mode else None
     model.train(train_mode)
     correct, loss = 0, 0.0
     try:
@@ -81,9 +82,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
             loss += float(F.cross_entropy(out.float(), yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())
     finally:
-        if train_mode:
-            for b, s in zip(model.buffers(), saved, strict=True):
-                b.copy_(s)
+        if snapshot is not None:
+            snapshot.restore()
         model.train(was)
     return correct / len(x), loss / len(x)
 

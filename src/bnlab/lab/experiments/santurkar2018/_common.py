@@ -24,6 +24,7 @@ from bnlab.lab.models.dln import dln_loss, make_dln_data
 from bnlab.lab.registry import RunContext
 from bnlab.lab.train import Probe, evaluate, fit, seed_all
 from bnlab.layers import BatchNorm
+from bnlab.stats import BufferSnapshot
 from bnlab.variants import ActivationNoise, LpNorm, NoisyBatchNorm
 
 __all__ = ["NORMS", "SUBSTITUTION_DLN", "SUBSTITUTION_VGG", "DLNSpec", "VGGSpec", "make_norm",
@@ -193,13 +194,8 @@ def _full_batch_loss(x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module], 
 
     @torch.no_grad()
     def fn(model: nn.Module) -> dict[str, Any]:
-        saved = [b.clone() for b in model.buffers()]
-        try:
-            loss = float(dln_loss(model(x), y))
-        finally:
-            for b, s in zip(model.buffers(), saved, strict=True):
-                b.copy_(s)
-        return {"loss": loss}
+        with BufferSnapshot(model):
+            return {"loss": float(dln_loss(model(x), y))}
 
     return fn
 
