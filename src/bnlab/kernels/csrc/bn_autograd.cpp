@@ -142,19 +142,25 @@ variable_list finish(AutogradContext* ctx, const Tensor& grad_y, bool training) 
   return out;
 }
 
+// What `finish` needs besides the saved tensors; shared by the training and eval functions.
+void save_flags(AutogradContext* ctx, double eps, bool relu, const OptT& w, const OptT& b,
+                const OptT& z) {
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["relu"] = relu;
+  ctx->saved_data["has_z"] = z.has_value() && z->defined();
+  ctx->saved_data["has_w"] = w.has_value() && w->defined();
+  ctx->saved_data["has_b"] = b.has_value() && b->defined();
+  ctx->saved_data["bias_type"] = static_cast<int64_t>(
+      (b.has_value() && b->defined()) ? b->scalar_type() : at::kFloat);
+}
+
 class TrainFn : public torch::autograd::Function<TrainFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptT& w,
                                const OptT& b, double eps, const OptT& z, bool relu, bool save) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, var, mask] = call_train_fwd(x, w, b, eps, z, relu, save);
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["has_z"] = z.has_value() && z->defined();
-    ctx->saved_data["has_w"] = w.has_value() && w->defined();
-    ctx->saved_data["has_b"] = b.has_value() && b->defined();
-    ctx->saved_data["bias_type"] = static_cast<int64_t>(
-        (b.has_value() && b->defined()) ? b->scalar_type() : at::kFloat);
+    save_flags(ctx, eps, relu, w, b, z);
     ctx->save_for_backward({x, w.has_value() ? *w : Tensor(), mean, var, mask});
     ctx->mark_non_differentiable({mean, var, mask});
     return {y, mean, var, mask};
@@ -171,13 +177,7 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
                                const OptT& z, bool relu, bool save) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mask] = call_eval_fwd(x, rm, rv, w, b, eps, z, relu, save);
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["has_z"] = z.has_value() && z->defined();
-    ctx->saved_data["has_w"] = w.has_value() && w->defined();
-    ctx->saved_data["has_b"] = b.has_value() && b->defined();
-    ctx->saved_data["bias_type"] = static_cast<int64_t>(
-        (b.has_value() && b->defined()) ? b->scalar_type() : at::kFloat);
+    save_flags(ctx, eps, relu, w, b, z);
     ctx->save_for_backward({x, w.has_value() ? *w : Tensor(), rm, rv, mask});
     ctx->mark_non_differentiable({mask});
     return {y, mask};
