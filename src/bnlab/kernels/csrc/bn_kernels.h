@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -30,7 +31,6 @@
 namespace bnk {
 
 constexpr int64_t BLOCK = 4096;      // elements per float block before flushing into double
-constexpr int64_t ROWS_BLOCK = 64;   // rows per float block in the rows layout
 constexpr int64_t GRAIN = 1 << 15;   // elements per task below which a loop stays serial
 
 struct Shape {
@@ -112,13 +112,8 @@ struct SumsOp {
     a += d;
     b += d * d;
   }
-  // Four rows at i, i + st, i + 2st, i + 3st, summed in registers before touching a, b.
-  void full4(int64_t i, int64_t st, vf& a, vf& b) const {
-    vf d0 = load(x + i) - k, d1 = load(x + i + st) - k;
-    vf d2 = load(x + i + 2 * st) - k, d3 = load(x + i + 3 * st) - k;
-    a += (d0 + d1) + (d2 + d3);
-    b += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-  }
+  static constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  void prefetch(int64_t i) const { __builtin_prefetch(x + i); }
 };
 
 // Backward sums: a += g', b += g'·(x − μ), g' = g masked by the ReLU mask.
@@ -140,14 +135,10 @@ struct BwdSumsOp {
     a += gg;
     b += gg * keep(load_n(x + i, n) - mu, lanes_lt(n));
   }
-  void full4(int64_t i, int64_t st, vf& a, vf& b) const {
-    vf a2{}, b2{};
-    full(i, a, b);
-    full(i + st, a2, b2);
-    full(i + 2 * st, a, b);
-    full(i + 3 * st, a2, b2);
-    a += a2;
-    b += b2;
+  static constexpr int64_t kLine = 64 / sizeof(T);
+  void prefetch(int64_t i) const {
+    __builtin_prefetch(x + i);
+    __builtin_prefetch(g + i);
   }
 };
 
