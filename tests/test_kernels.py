@@ -244,6 +244,28 @@ def test_layers_use_kernels_on_cpu_and_env_forces_reference(monkeypatch) -> None
     assert "BatchNormTrain" in type(layer(x).grad_fn).__name__
 
 
+def test_no_grad_calls_skip_autograd_but_bump_buffer_versions() -> None:
+    """Without anything to differentiate the ops bypass the autograd Function (a speed path);
+    outputs then carry no graph, and the in-place running update still bumps the buffers'
+    version counters, so a graph that saved them refuses to backward through stale values."""
+    layer = bnlab.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    before = layer.running_mean._version
+    y = layer(x)
+    assert y.grad_fn is None and not y.requires_grad
+    assert layer.running_mean._version > before
+    layer.weight.requires_grad_(True)
+    layer.eval()
+    saved = layer(x)  # eval forward saves running_mean/var for backward
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+
+
 def test_supports_only_cpu_float32_bfloat16() -> None:
     assert not kernels.supports(torch.randn(4, 3, dtype=torch.float64))
     assert not kernels.supports(torch.randn(4, 3).half())
