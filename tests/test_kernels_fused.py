@@ -88,3 +88,80 @@ def test_bad_residual_shape_names_argument() -> None:
     x = torch.randn(4, 3, 5, 5)
     with pytest.raises(ValueError, match="residual"):
         kernels.bn_add_relu(x, torch.randn(4, 3, 5, 4), None, None, training=True)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("force", ["0", "1"])
+def test_batchnormrelu_layer_equals_torch_bn_then_relu(momentum, force, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`bnlab.BatchNormReLU2d` = torch BatchNorm2d + ReLU: outputs, gradients, running statistics
+    and num_batches_tracked over training steps (fused kernel, and the reference fallback), then
+    eval; a torch state_dict loads into it."""
+    import bnlab
+
+    monkeypatch.setenv("BNLAB_FORCE_REFERENCE", force)
+    torch.manual_seed(0)
+    ours, ref = bnlab.BatchNormReLU2d(5, momentum=momentum), torch.nn.BatchNorm2d(5, momentum=momentum)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.normal_()
+    ours.load_state_dict(ref.state_dict())
+    for step in range(3):
+        x = make((8, 5, 4, 3), "contiguous", seed=step)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y, y_ref = ours(xa), torch.relu(ref(xb))
+        g = torch.randn_like(y)
+        ga = torch.autograd.grad(y, (xa, ours.weight, ours.bias), g)
+        gb = torch.autograd.grad(y_ref, (xb, ref.weight, ref.bias), g)
+        assert rel_err(y, y_ref) <= 1e-5
+        for a, b in zip(ga, gb):
+            assert rel_err(a, b) <= 1e-4
+    assert rel_err(ours.running_mean, ref.running_mean) <= 1e-5
+    assert rel_err(ours.running_var, ref.running_var) <= 1e-5
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    ours.eval()
+    ref.eval()
+    x = make((2, 5, 4, 3), "contiguous", seed=9)
+    assert rel_err(ours(x), torch.relu(ref(x))) <= 1e-5
+
+
+def test_fold_keeps_the_relu_of_batchnormrelu() -> None:
+    import bnlab
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnlab.BatchNormReLU2d(4),
+                                torch.nn.Flatten(), bnlab.BatchNormReLU1d(4 * 4 * 4))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, 3, 6, 6))
+    model.eval()
+    folded = bnlab.fold(model)
+    x = torch.randn(5, 3, 6, 6)
+    assert not any(isinstance(m, bnlab.BatchNorm) for m in folded.modules())
+    assert isinstance(folded[1], torch.nn.ReLU)
+    assert (folded(x) >= 0).all()
+    assert rel_err(folded(x), model(x)) <= 1e-5
+
+
+def test_sync_conversion_leaves_batchnormrelu_with_a_warning() -> None:
+    import bnlab
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnlab.BatchNormReLU2d(4))
+    with pytest.warns(UserWarning, match="BatchNormReLU2d"):
+        out = bnlab.convert_sync_batchnorm(model)
+    assert type(out[1]) is bnlab.BatchNormReLU2d
+
+
+def test_e2e_nets_with_fused_layer_equal_bn_then_relu() -> None:
+    """The e2e benchmark's fused variant computes the same net: BatchNormReLU2d in place of
+    BatchNorm2d + ReLU, same weights, same outputs."""
+    import bnlab
+    from bnlab.kernels import e2e
+
+    torch.manual_seed(0)
+    plain = e2e.InceptionNet(bnlab.BatchNorm2d)
+    torch.manual_seed(0)
+    fused = e2e.InceptionNet(bnlab.BatchNormReLU2d)
+    assert sum(isinstance(m, torch.nn.ReLU) for m in fused.modules()) == 0
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    assert rel_err(fused(x), plain(x)) <= 1e-4

@@ -28,7 +28,16 @@ from bnlab.convert import (
     unfreeze,
 )
 from bnlab.distributed import SyncBatchNorm, SyncBatchRenorm, convert_sync_batchnorm
-from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.layers import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormReLU,
+    BatchNormReLU1d,
+    BatchNormReLU2d,
+    BatchNormReLU3d,
+)
 from bnlab.stats import population_statistics, recalibrate
 from bnlab.variants import (
     BatchRenorm,
@@ -49,6 +58,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormReLU",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
     "BatchRenorm",
     "BatchRenorm1d",
     "BatchRenorm2d",

@@ -1,4 +1,5 @@
-"""Drop-in batch-normalization modules: `BatchNorm`, `BatchNorm1d`, `BatchNorm2d`, `BatchNorm3d`.
+"""Drop-in batch-normalization modules: `BatchNorm`, `BatchNorm1d`, `BatchNorm2d`, `BatchNorm3d`,
+and `BatchNormReLU*` (BN followed by ReLU, fused into one sweep on CPU).
 
 They hold state (γ, β, running statistics) and validate input; the math is in
 `bnlab.functional.batch_norm`. Constructor arguments, defaults, buffers and state_dict keys are
@@ -15,7 +16,16 @@ from torch import Tensor, nn
 from bnlab import functional as F
 from bnlab._checks import check_eps, check_input, check_momentum, check_num_features
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormReLU",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
+]
 
 
 class BatchNorm(nn.Module):
@@ -142,14 +152,20 @@ class BatchNorm(nn.Module):
         buffers = (self.running_mean, self.running_var) if (update or not use_batch_stats) \
             else (None, None)
         momentum = self._momentum() if update else 0.0
-        y, finite = F.batch_norm_with_flag(input, *buffers, self.weight, self.bias,
-                                           use_batch_stats, momentum, self.eps, self._who())
+        y, finite = self._normalize(input, *buffers, use_batch_stats, momentum)
         if finite is not None:
             # A skipped batch does not count, so the cumulative average (momentum=None) stays
             # the exact mean of the batches it used.
             self.num_batches_tracked.add_(finite)  # bool adds as 0/1
             self.num_nonfinite_batches.add_(finite.logical_not())
         return y
+
+    def _normalize(self, input: Tensor, running_mean: Tensor | None,
+                   running_var: Tensor | None, training: bool,
+                   momentum: float | Tensor) -> tuple[Tensor, Tensor | None]:
+        """The transform itself, (y, finite flag of the running update or None)."""
+        return F.batch_norm_with_flag(input, running_mean, running_var, self.weight, self.bias,
+                                      training, momentum, self.eps, self._who())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
                               missing_keys, unexpected_keys, error_msgs):
@@ -179,5 +195,42 @@ class BatchNorm2d(BatchNorm):
 
 class BatchNorm3d(BatchNorm):
     """Drop-in for `torch.nn.BatchNorm3d`: (N, C, D, H, W) input. See `BatchNorm`."""
+
+    _ranks = (5,)
+
+
+class BatchNormReLU(BatchNorm):
+    """``relu(BatchNorm(x))`` as one layer: on CPU one fused sweep (`bnlab.kernels.bn_relu`)
+    whose backward reads a 1-byte ReLU mask instead of a second tensor, elsewhere the two ops.
+
+    Same arguments, parameters, buffers and state_dict keys as `BatchNorm`, so a
+    ``BatchNorm2d`` + ``ReLU`` pair's state loads into it. `bnlab.fold` turns it into the
+    folded layer followed by ``nn.ReLU``; `bnlab.convert_sync_batchnorm` leaves it local (with
+    a warning), as for any BN it cannot convert without dropping the activation.
+    """
+
+    def _normalize(self, input: Tensor, running_mean: Tensor | None,
+                   running_var: Tensor | None, training: bool,
+                   momentum: float | Tensor) -> tuple[Tensor, Tensor | None]:
+        from bnlab.kernels import fused  # the kernels package builds lazily
+
+        return fused.bn_relu_with_flag(input, running_mean, running_var, self.weight, self.bias,
+                                       training, momentum, self.eps, self._who())
+
+
+class BatchNormReLU1d(BatchNormReLU):
+    """`BatchNorm1d` followed by ReLU, fused. See `BatchNormReLU`."""
+
+    _ranks = (2, 3)
+
+
+class BatchNormReLU2d(BatchNormReLU):
+    """`BatchNorm2d` followed by ReLU, fused. See `BatchNormReLU`."""
+
+    _ranks = (4,)
+
+
+class BatchNormReLU3d(BatchNormReLU):
+    """`BatchNorm3d` followed by ReLU, fused. See `BatchNormReLU`."""
 
     _ranks = (5,)

@@ -5,7 +5,7 @@ In eval mode BN is the per-channel affine map
 so after z = Wu + b it merges into the layer: W' = s·W, b' = s·b + t (s, t per output channel).
 Pairs are found with torch.fx where the model traces, else inside `nn.Sequential` containers.
 The result keeps the model's own classes: folded BNs become `nn.Identity`, the others a
-`ChannelAffine`. Arithmetic is in float64, then cast to the layer's dtype.
+`ChannelAffine` (a fused `BatchNormReLU` keeps its ReLU: `nn.ReLU`, or affine + ReLU). Arithmetic is in float64, then cast to the layer's dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import itertools
 import torch
 from torch import Tensor, fx, nn
 
+from bnlab.layers import BatchNormReLU
 from bnlab.stats import is_batchnorm
 from bnlab.variants.frozen import FrozenBatchNorm
 
@@ -153,11 +154,15 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     folded = set()
     for layer_name, bn_name in fold_pairs(model):
         _fold_into(model.get_submodule(layer_name), *affines[bn_name])
-        _set(model, bn_name, nn.Identity())
+        # A fused BN+ReLU leaves its ReLU behind.
+        _set(model, bn_name, nn.ReLU() if isinstance(bns[bn_name], BatchNormReLU)
+             else nn.Identity())
         folded.add(bn_name)
     for name, bn in bns.items():
         if name not in folded:
             s, t = affines[name]
             dtype = bn.running_mean.dtype
-            _set(model, name, ChannelAffine(s.to(dtype), t.to(dtype)))
+            affine = ChannelAffine(s.to(dtype), t.to(dtype))
+            _set(model, name, nn.Sequential(affine, nn.ReLU())
+                 if isinstance(bn, BatchNormReLU) else affine)
     return model

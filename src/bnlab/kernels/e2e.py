@@ -3,8 +3,9 @@
 Small stand-ins for the lab's nets, each taking ``norm_layer`` (a factory ``C -> nn.Module``):
 a VGG-style conv-BN-ReLU stack on 32x32 inputs (batch 128) and an Inception-style block net on
 28x28 inputs (batch 32). A step (forward, cross-entropy, backward, SGD update) is timed with no
-normalization (``nn.Identity``), ``torch.nn.BatchNorm2d`` and ``bnlab.BatchNorm2d``, interleaved
-round by round; the figure of merit is the step time relative to the net without BN.
+normalization (``nn.Identity``), ``torch.nn.BatchNorm2d``, ``bnlab.BatchNorm2d`` and
+``bnlab.BatchNormReLU2d`` (BN and the ReLU after it fused), interleaved round by round; the
+figure of merit is the step time relative to the net without BN.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ NormLayer = Callable[[int], nn.Module]
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, norm_layer: NormLayer) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), norm_layer(cout),
-                         nn.ReLU(inplace=True))
+    from bnlab.layers import BatchNormReLU
+
+    norm = norm_layer(cout)
+    # A fused BN+ReLU layer already applies the ReLU.
+    act = nn.Identity() if isinstance(norm, BatchNormReLU) else nn.ReLU(inplace=True)
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), norm, act)
 
 
 class VGGNet(nn.Module):
@@ -96,7 +101,7 @@ def _norms() -> dict[str, NormLayer]:
     import bnlab
 
     return {"none": lambda c: nn.Identity(), "torch_bn": nn.BatchNorm2d,
-            "bnlab_bn": bnlab.BatchNorm2d}
+            "bnlab_bn": bnlab.BatchNorm2d, "bnlab_bn_relu": bnlab.BatchNormReLU2d}
 
 
 def _stepper(net_cls: type[nn.Module], norm: NormLayer, batch: int,
@@ -126,7 +131,7 @@ def run_e2e(steps: int = 8, rounds: int = 3) -> dict[str, Any]:
             s()
             s()
         times: dict[str, list[float]] = {k: [] for k in steppers}
-        for _ in range(rounds * steps):  # step by step, so a busy spell hits all three
+        for _ in range(rounds * steps):  # step by step, so a busy spell hits all of them
             for k, s in steppers.items():
                 t0 = time.perf_counter()
                 s()
@@ -140,16 +145,21 @@ def run_e2e(steps: int = 8, rounds: int = 3) -> dict[str, Any]:
             "overhead_bnlab_bn": med["bnlab_bn"] / med["none"] - 1.0,
             "overhead_torch_bn_min": low["torch_bn"] / low["none"] - 1.0,
             "overhead_bnlab_bn_min": low["bnlab_bn"] / low["none"] - 1.0,
+            "overhead_bnlab_bn_relu": med["bnlab_bn_relu"] / med["none"] - 1.0,
+            "overhead_bnlab_bn_relu_min": low["bnlab_bn_relu"] / low["none"] - 1.0,
         }
     return out
 
 
 def print_e2e(result: dict[str, Any]) -> None:
-    print(f"{'net (statistic)':<22}{'no BN ms':>10}{'torch BN ms':>13}{'bnlab BN ms':>13}"
-          f"{'torch +%':>10}{'bnlab +%':>10}")
+    print(f"{'net (statistic)':<27}{'no BN ms':>9}{'torch BN':>10}{'bnlab BN':>10}"
+          f"{'fused':>9}{'torch +%':>10}{'bnlab +%':>10}{'fused +%':>10}")
     for name, r in result.items():
         for tag, key in (("median", ""), ("min", "_min")):
             s = r["step_ms" + key]
-            print(f"{name + ' ' + tag:<22}{s['none']:>10.1f}{s['torch_bn']:>13.1f}"
-                  f"{s['bnlab_bn']:>13.1f}{100 * r['overhead_torch_bn' + key]:>9.1f}%"
-                  f"{100 * r['overhead_bnlab_bn' + key]:>9.1f}%")
+            print(f"{name + ' ' + tag:<27}{s['none']:>9.1f}{s['torch_bn']:>10.1f}"
+                  f"{s['bnlab_bn']:>10.1f}{s['bnlab_bn_relu']:>9.1f}"
+                  f"{100 * r['overhead_torch_bn' + key]:>9.1f}%"
+                  f"{100 * r['overhead_bnlab_bn' + key]:>9.1f}%"
+                  f"{100 * r['overhead_bnlab_bn_relu' + key]:>9.1f}%")
+    print("fused = bnlab.BatchNormReLU2d in place of BatchNorm2d + ReLU (one sweep, saved mask)")

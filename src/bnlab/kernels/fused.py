@@ -14,7 +14,7 @@ from torch import Tensor
 from bnlab import functional as F
 from bnlab._checks import check_eps, check_momentum, check_per_channel, check_training_size
 
-__all__ = ["bn_add_relu", "bn_relu"]
+__all__ = ["bn_add_relu", "bn_relu", "bn_relu_with_flag"]
 
 
 def _needs_grad(*ts: Tensor | None) -> bool:
@@ -23,11 +23,14 @@ def _needs_grad(*ts: Tensor | None) -> bool:
 
 def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
            running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-           training: bool, momentum: float, eps: float, who: str) -> Tensor:
+           training: bool, momentum: float | Tensor, eps: float,
+           who: str) -> tuple[Tensor, Tensor | None]:
+    """(output, finite flag of the running update or None), as `F.batch_norm_with_flag`."""
     from bnlab import kernels
 
     check_eps(eps, who)
-    check_momentum(momentum, who, allow_none=False)
+    if not isinstance(momentum, Tensor):
+        check_momentum(momentum, who, allow_none=False)
     check_per_channel(input, running_mean, running_var, weight, bias, who)
     if residual is not None and residual.shape != input.shape:
         raise ValueError(f"{who}: residual must have the input's shape {tuple(input.shape)}, "
@@ -38,19 +41,31 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
     if training:
         check_training_size(input, who)
     if not kernels.supports(input) or (residual is not None and residual.dtype != input.dtype):
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return torch.relu(y if residual is None else y + residual)
+        y, finite = F.batch_norm_with_flag(input, running_mean, running_var, weight, bias,
+                                           training, momentum, eps, who)
+        return torch.relu(y if residual is None else y + residual), finite
     save = _needs_grad(input, residual, weight, bias)
     if not training:
         y, _ = torch.ops.bnlab.bn_eval_fwd(input, running_mean, running_var, weight, bias, eps,
                                            residual, True, save)
-        return y
+        return y, None
     y, mean, var, _ = torch.ops.bnlab.bn_train_fwd(input, weight, bias, eps, residual, True,
                                                    save)
+    finite = None
     if running_mean is not None or running_var is not None:
-        kernels.update_running_stats(running_mean, running_var, mean, var,
-                                     input.numel() // input.shape[1], momentum)
-    return y
+        finite = kernels.update_running_stats(running_mean, running_var, mean, var,
+                                              input.numel() // input.shape[1], momentum)
+    return y, finite
+
+
+def bn_relu_with_flag(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                      weight: Tensor | None, bias: Tensor | None, training: bool,
+                      momentum: float | Tensor, eps: float,
+                      who: str = "bn_relu") -> tuple[Tensor, Tensor | None]:
+    """`bn_relu` that also returns the running update's finite flag (None without an update),
+    and takes a 0-d tensor momentum, for the layers (`bnlab.BatchNormReLU2d`)."""
+    return _fused(input, None, running_mean, running_var, weight, bias, training, momentum, eps,
+                  who)
 
 
 def bn_relu(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -62,7 +77,7 @@ def bn_relu(input: Tensor, running_mean: Tensor | None, running_var: Tensor | No
         input: (N, C, *); per-channel tensors (C,). Returns a tensor like ``input``.
     """
     return _fused(input, None, running_mean, running_var, weight, bias, training, momentum, eps,
-                  "bn_relu")
+                  "bn_relu")[0]
 
 
 def bn_add_relu(input: Tensor, residual: Tensor, running_mean: Tensor | None,
@@ -75,4 +90,4 @@ def bn_add_relu(input: Tensor, residual: Tensor, running_mean: Tensor | None,
         input, residual: (N, C, *) of the same shape; per-channel tensors (C,).
     """
     return _fused(input, residual, running_mean, running_var, weight, bias, training, momentum,
-                  eps, "bn_add_relu")
+                  eps, "bn_add_relu")[0]
