@@ -100,7 +100,8 @@ def test_batchnormrelu_layer_equals_torch_bn_then_relu(momentum, force, monkeypa
 
     monkeypatch.setenv("BNLAB_FORCE_REFERENCE", force)
     torch.manual_seed(0)
-    ours, ref = bnlab.BatchNormReLU2d(5, momentum=momentum), torch.nn.BatchNorm2d(5, momentum=momentum)
+    ours = bnlab.BatchNormReLU2d(5, momentum=momentum)
+    ref = torch.nn.BatchNorm2d(5, momentum=momentum)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.normal_()

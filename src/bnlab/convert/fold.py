@@ -5,7 +5,8 @@ In eval mode BN is the per-channel affine map
 so after z = Wu + b it merges into the layer: W' = s·W, b' = s·b + t (s, t per output channel).
 Pairs are found with torch.fx where the model traces, else inside `nn.Sequential` containers.
 The result keeps the model's own classes: folded BNs become `nn.Identity`, the others a
-`ChannelAffine` (a fused `BatchNormReLU` keeps its ReLU: `nn.ReLU`, or affine + ReLU). Arithmetic is in float64, then cast to the layer's dtype.
+`ChannelAffine` (a fused `BatchNormReLU` keeps its ReLU: `nn.ReLU`, or affine + ReLU).
+Arithmetic is in float64, then cast to the layer's dtype.
 """
 
 from __future__ import annotations
