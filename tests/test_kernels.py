@@ -203,6 +203,29 @@ def test_outlier_first_value_takes_exact_pass() -> None:
     assert rel_err(var, var_ref) <= RTOL and rel_err(y, y_ref) <= RTOL
 
 
+@pytest.mark.parametrize("shape, fmt", [((4, 3, 1024, 1024), torch.contiguous_format),
+                                        ((4, 32, 320, 320), torch.channels_last),
+                                        ((2, 5, 1001, 1001), torch.contiguous_format)])
+def test_large_tensors_streaming_stores_match_reference(shape, fmt) -> None:  # type: ignore[no-untyped-def]
+    """Tensors over 16 MB take the streaming-store (non-temporal) output path, aligned planes
+    and rows streamed, misaligned ones (odd H·W) stored normally: forward, eval and backward
+    still equal the reference path."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).contiguous(memory_format=fmt) * 3 + 1
+    c = shape[1]
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    g = torch.randn(shape, generator=gen).contiguous(memory_format=fmt)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    y, mean, var = kernels.batch_norm_train(xs[0], w, b, 1e-5)
+    y_ref, mean_ref, var_ref = reference_train(xs[1], w, b, 1e-5)
+    assert rel_err(y, y_ref) <= RTOL
+    (dx,), (dx_ref,) = (torch.autograd.grad(t, [xi], g) for t, xi in ((y, xs[0]), (y_ref, xs[1])))
+    assert rel_err(dx, dx_ref, dx_scale(g, w, var_ref, 1e-5)) <= RTOL
+    rm, rv = mean_ref.detach(), var_ref.detach() + 0.5
+    y_eval = kernels.batch_norm_eval(x, rm, rv, w, b, 1e-5)
+    assert rel_err(y_eval, F.normalize(x, rm, rv, w, b, 1e-5)) <= RTOL
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_bfloat16_matches_reference(fmt) -> None:  # type: ignore[no-untyped-def]
     x = (torch.randn(8, 20, 6, 7) * 2 + 3).bfloat16().contiguous(memory_format=fmt)

@@ -36,6 +36,7 @@ constexpr int64_t GRAIN = 1 << 15;   // elements per task below which a loop sta
 struct Shape {
   int64_t N, C, S;
   bool rows;
+  bool nt = false;  // write outputs with streaming stores (see stream_outputs in bn_ops.cpp)
   int64_t m() const { return N * S; }  // values per channel
 };
 
@@ -152,11 +153,12 @@ struct DxOp {
   const uint8_t* mask;
   T* dx;
   T* dz;
+  bool nt;  // streaming stores for dx, dz
   void at(int64_t i, vf mu, vf A, vf B, vf Cc) const {
     vf gg = load(g + i);
     if constexpr (MASK) gg = keep(gg, load_mask(mask + i));
-    if constexpr (DZ) store(dz + i, gg);
-    if constexpr (DX) store(dx + i, gg * A + (load(x + i) - mu) * B + Cc);
+    if constexpr (DZ) store_out(dz + i, gg, nt);
+    if constexpr (DX) store_out(dx + i, gg * A + (load(x + i) - mu) * B + Cc, nt);
   }
   void at_n(int64_t i, int n, vf mu, vf A, vf B, vf Cc) const {
     vf gg = load_n(g + i, n);

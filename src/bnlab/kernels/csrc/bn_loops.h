@@ -63,7 +63,9 @@ inline void planar_normalize(const T* x, T* y, const Shape& s, int64_t c, int64_
     const int64_t p = (n * s.C + c) * s.S;
     map_seg(
         s.S,
-        [&](int64_t i) { store(y + p + i, e.apply((load(x + p + i) - mu) * sc + sh, p + i)); },
+        [&](int64_t i) {
+          store_out(y + p + i, e.apply((load(x + p + i) - mu) * sc + sh, p + i), s.nt);
+        },
         [&](int64_t i, int n_) {
           store_n(y + p + i, e.template apply<0>((load_n(x + p + i, n_) - mu) * sc + sh, p + i, n_),
                   n_);
@@ -268,15 +270,16 @@ inline std::vector<float> padded(int64_t C) { return std::vector<float>((C + W -
 // after every store (the store might alias them), which made the loop 2x slower.
 template <typename T, class E>
 void rows_normalize(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const float* mean,
-                    const float* scale, const float* shift, const E e) {
+                    const float* scale, const float* shift, const E e, bool nt) {
   const int64_t nfull = C / W, cv_tail = nfull * W;
   const int rem = static_cast<int>(C % W);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t base = r * C;
     for (int64_t cv = 0; cv < cv_tail; cv += W) {
       const int64_t o = base + cv;
-      store(y + o, e.apply((load(x + o) - load(mean + cv)) * load(scale + cv) + load(shift + cv),
-                           o));
+      store_out(y + o,
+                e.apply((load(x + o) - load(mean + cv)) * load(scale + cv) + load(shift + cv), o),
+                nt);
     }
     if (rem) {
       const int64_t o = base + cv_tail;
@@ -311,11 +314,13 @@ void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const fl
         const int64_t n = i / s.C, c = i % s.C;
         planar_normalize(x, y, s, c, n, n + 1, mean[c], scale[c], shift[c], e);
       }
+      stream_fence();
     });
     return;
   }
   at::parallel_for(0, s.m(), grain_for(s.C), [&](int64_t r0, int64_t r1) {
-    rows_normalize(x, y, s.C, r0, r1, mean, scale, shift, e);
+    rows_normalize(x, y, s.C, r0, r1, mean, scale, shift, e, s.nt);
+    stream_fence();
   });
 }
 
@@ -328,11 +333,13 @@ void dx_all(const Op& op, const Shape& s, const float* mean, const float* A, con
         const int64_t n = i / s.C, c = i % s.C;
         planar_dx(op, s, c, n, n + 1, mean[c], A[c], B[c], Cc[c]);
       }
+      stream_fence();
     });
     return;
   }
   at::parallel_for(0, s.m(), grain_for(s.C), [&](int64_t r0, int64_t r1) {
     rows_dx(op, s.C, r0, r1, mean, A, B, Cc);
+    stream_fence();
   });
 }
 

@@ -58,6 +58,7 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
           for (int64_t j = 0; j < nb; ++j)
             planar_normalize(x, y, s, b0 + j, n, n + 1, mean[j], scale[j], b[b0 + j], e);
       }
+      stream_fence();
     });
     return;
   }
@@ -168,6 +169,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
           for (int64_t j = 0; j < nb; ++j)
             planar_dx(op, s, b0 + j, n, n + 1, mean[b0 + j], A[j], B[j], Cc[j]);
       }
+      stream_fence();
     });
     return;
   }
@@ -220,6 +222,16 @@ Prepared prepare(const at::Tensor& x) {
   perm.push_back(1);
   if (x.permute(perm).is_contiguous()) return {x, {N, C, S, true}};
   return {x.contiguous(), {N, C, S, false}};
+}
+
+// Whether a pass writes its outputs with streaming stores: when the k tensors it streams
+// (x.nbytes() each: x and y forward; x, grad and dx backward) exceed a last-level cache of
+// 32 MiB, the output would be evicted before use anyway. Measured here for y = a·x + b at
+// 2 threads: 30% faster on 102 MB, 10% on 25.7 MB, but 2x slower on cache-resident tensors.
+// (sysconf's L3 size is the host's total on this VM, 384 MiB, so a fixed figure is used.)
+bool stream_outputs(const at::Tensor& x, int k) {
+  constexpr int64_t LLC = int64_t{32} << 20;
+  return x.scalar_type() == at::kFloat && static_cast<int64_t>(x.nbytes()) * k > LLC;
 }
 
 // t with ref's sizes, strides and dtype (a copy only when they differ).
@@ -275,11 +287,12 @@ void with_epilogue(const at::Tensor& z, bool relu, const at::Tensor& mask, const
 
 // Calls f(op) with the DxOp type of this (mask, dz, dx) combination.
 template <typename T, class F>
-void with_dx_op(const T* x, const T* g, const uint8_t* mask, T* dx, T* dz, const F& f) {
+void with_dx_op(const T* x, const T* g, const uint8_t* mask, T* dx, T* dz, bool nt,
+                const F& f) {
   auto pick_dx = [&](auto m, auto z) {
     constexpr bool M = decltype(m)::value, Z = decltype(z)::value;
-    if (dx) f(DxOp<T, M, Z, true>{x, g, mask, dx, dz});
-    else f(DxOp<T, M, Z, false>{x, g, mask, dx, dz});
+    if (dx) f(DxOp<T, M, Z, true>{x, g, mask, dx, dz, nt});
+    else f(DxOp<T, M, Z, false>{x, g, mask, dx, dz, nt});
   };
   auto pick_dz = [&](auto m) {
     if (dz) pick_dx(m, std::true_type{});
@@ -297,6 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
   Prepared p = prepare(input);
   const at::Tensor& x = p.x;
   TORCH_CHECK(p.s.m() > 0, "bnlab kernels: training needs at least one value per channel");
+  p.s.nt = stream_outputs(x, 2);
   const int64_t C = p.s.C;
   at::Tensor y = at::empty_like(x);
   at::Tensor z = (residual.has_value() && residual->defined()) ? like(*residual, x) : at::Tensor();
@@ -324,6 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
   Prepared p = prepare(input);
   const at::Tensor& x = p.x;
   const int64_t C = p.s.C;
+  p.s.nt = stream_outputs(x, 3);
   at::Tensor g = like(grad_y, x);
   at::Tensor mask = (mask_in.has_value() && mask_in->defined() && mask_in->numel() > 0)
                         ? like(*mask_in, at::empty_like(x, x.options().dtype(at::kByte)))
@@ -340,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
         x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
         mask.defined() ? mask.data_ptr<uint8_t>() : nullptr,
         need_dx ? dx.data_ptr<scalar_t>() : nullptr, need_dz ? dz.data_ptr<scalar_t>() : nullptr,
-        [&](const auto& op) {
+        p.s.nt, [&](const auto& op) {
           backward(op, p.s, mean.data_ptr<float>(), var.data_ptr<float>(), w.data_ptr<float>(),
                    static_cast<float>(eps), training, dw.data_ptr<float>(), db.data_ptr<float>());
         });
@@ -356,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor> bn_eval_fwd(
   Prepared p = prepare(input);
   const at::Tensor& x = p.x;
   const int64_t C = p.s.C;
+  p.s.nt = stream_outputs(x, 2);
   at::Tensor y = at::empty_like(x);
   at::Tensor z = (residual.has_value() && residual->defined()) ? like(*residual, x) : at::Tensor();
   at::Tensor mask = (relu && save_mask) ? at::empty_like(x, x.options().dtype(at::kByte))

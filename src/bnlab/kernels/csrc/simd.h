@@ -104,6 +104,25 @@ inline void store_n(bf16* p, vf v, int n) {
   uint16_t* q = reinterpret_cast<uint16_t*>(p);
   for (int i = 0; i < n; ++i) q[i] = h[i];
 }
+// Output store, streaming (non-temporal) when `nt` and the address is 64-byte aligned: for
+// outputs that will not stay in cache it skips the read-for-ownership of each destination line
+// (a third of a normalize's DRAM traffic). float32 only; bfloat16 outputs store normally.
+inline void store_out(float* p, vf v, bool nt) {
+#if defined(__AVX512F__)
+  if (nt && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    _mm512_stream_ps(p, (__m512)v);
+    return;
+  }
+#endif
+  store(p, v);
+}
+inline void store_out(bf16* p, vf v, bool) { store(p, v); }
+// Orders a thread's streaming stores before whatever follows (the end of a parallel region).
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
 inline void store_mask(uint8_t* p, vi m) {
   vb b = __builtin_convertvector(m & 1, vb);
   std::memcpy(p, &b, sizeof b);
