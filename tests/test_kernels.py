@@ -218,6 +218,7 @@ def test_large_tensors_streaming_stores_match_reference(shape, fmt) -> None:  # 
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     y, mean, var = kernels.batch_norm_train(xs[0], w, b, 1e-5)
     y_ref, mean_ref, var_ref = reference_train(xs[1], w, b, 1e-5)
+    assert rel_err(mean, mean_ref) <= RTOL and rel_err(var, var_ref) <= RTOL
     assert rel_err(y, y_ref) <= RTOL
     (dx,), (dx_ref,) = (torch.autograd.grad(t, [xi], g) for t, xi in ((y, xs[0]), (y_ref, xs[1])))
     assert rel_err(dx, dx_ref, dx_scale(g, w, var_ref, 1e-5)) <= RTOL

@@ -69,6 +69,6 @@ def check_per_channel(x: Tensor, running_mean: Tensor | None, running_var: Tenso
     c = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (c,):
+        if t is not None and t.shape != (c,):  # torch.Size compares as a tuple
             raise ValueError(f"{who}: {name} must have shape ({c},) to match the input's "
                              f"{c} channels, got {tuple(t.shape)}")

@@ -116,7 +116,7 @@ def _warn_once_if_nonfinite(finite: Tensor) -> None:
     # Checking needs the value on the host: only done on CPU and outside torch.compile, so GPU
     # training never synchronises for it (the counter in the layers still counts there).
     global _warned_nonfinite
-    if _warned_nonfinite or finite.device.type != "cpu" or torch.compiler.is_compiling():
+    if _warned_nonfinite or not finite.is_cpu or torch.compiler.is_compiling():
         return
     if not bool(finite):
         _warned_nonfinite = True
@@ -134,9 +134,8 @@ def _force_reference() -> bool:
 
 
 def _use_kernels(x: Tensor) -> bool:
-    if _force_reference():
-        return False
-    from bnlab import kernels  # local import: the kernels module builds lazily
+    # `supports` also honours BNLAB_FORCE_REFERENCE. (bnlab.kernels builds only on first use.)
+    from bnlab import kernels
 
     return kernels.supports(x)
 

@@ -21,6 +21,7 @@ import os
 import torch
 from torch import Tensor
 
+from bnlab import functional as _F
 from bnlab.kernels import _build
 
 __all__ = [
@@ -60,11 +61,13 @@ def supports(x: Tensor) -> bool:
     """Whether the fast kernels handle this input: a dense CPU float32/bfloat16 tensor of rank
     >= 2, the kernels built, and ``BNLAB_FORCE_REFERENCE`` unset (or "0"). Inside torch.func
     transforms and torch.export the reference path is used (standard ops only)."""
-    if os.environ.get("BNLAB_FORCE_REFERENCE", "0") not in ("", "0"):
-        return False
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.layout != torch.strided:
+    # Cheapest tests first: this runs on every BN call (`is_cpu`, not `device.type`, which
+    # builds a device object).
+    if not x.is_cpu or x.dtype not in _DTYPES or x.layout != torch.strided:
         return False
     if x.dim() < 2 or x.is_quantized:
+        return False
+    if os.environ.get("BNLAB_FORCE_REFERENCE", "0") not in ("", "0"):
         return False
     if torch._C._are_functorch_transforms_active():  # C++ autograd.Functions cannot be vmapped
         return False
@@ -100,8 +103,8 @@ def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
 
 
 def _fast_buffers(*bufs: Tensor | None) -> bool:
-    return all(b is None or (b.dtype == torch.float32 and b.device.type == "cpu"
-                             and b.is_contiguous()) for b in bufs)
+    return all(b is None or (b.dtype is torch.float32 and b.is_cpu and b.is_contiguous())
+               for b in bufs)
 
 
 def batch_norm_train_update(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -117,11 +120,9 @@ def batch_norm_train_update(x: Tensor, weight: Tensor | None, bias: Tensor | Non
         _require()
         mom_t = momentum if isinstance(momentum, Tensor) else None
         mom_f = 0.0 if mom_t is not None else float(momentum)
-        y, _, _, finite = torch.ops.bnlab.bn_train_fwd_update(
+        y, _, _, finite = torch.ops.bnlab.bn_train_fwd_update.default(
             x, weight, bias, eps, running_mean, running_var, count, mom_f, mom_t)
-        from bnlab import functional as F
-
-        F._warn_once_if_nonfinite(finite)
+        _F._warn_once_if_nonfinite(finite)
         return y, finite
     y, mean, var = batch_norm_train(x, weight, bias, eps)
     return y, update_running_stats(running_mean, running_var, mean, var, count, momentum)
@@ -132,17 +133,15 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
     """`bnlab.functional.update_running_stats` (same semantics: unbiased σ², non-finite batches
     skipped, returns the finite flag) in one C++ call for contiguous float32 CPU buffers; other
     buffers go to the reference function."""
-    from bnlab import functional as F
-
     if not _fast_buffers(running_mean, running_var):
-        return F.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        return _F.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     if isinstance(momentum, Tensor):
         finite = torch.ops.bnlab.bn_update_running(running_mean, running_var, mean, var, count,
                                                    0.0, momentum)
     else:
         finite = torch.ops.bnlab.bn_update_running(running_mean, running_var, mean, var, count,
                                                    float(momentum), None)
-    F._warn_once_if_nonfinite(finite)
+    _F._warn_once_if_nonfinite(finite)
     return finite
 
 

@@ -189,11 +189,38 @@ inline void from_centered(double s1, double s2, double m, float& mean, double& v
 
 inline float inv_std(float var, float eps) { return 1.0f / std::sqrt(var + eps); }
 
+// The shift K of a channel: the mean of its first n values (any K is correct; one near μ keeps
+// the shifted sums from cancelling). A full vector is summed as a tree (4 dependent adds, not
+// 16: with thousands of channels the serial chain was a few percent of a small-plane call).
 template <typename T>
 inline float sample_mean(const T* p, int64_t n, int64_t stride) {
+  if (n == W && stride == 1) {
+    vf v = load(p);
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    v += __builtin_shufflevector(v, v, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
+    return v[0] / static_cast<float>(W);
+  }
   float s = 0.0f;
   for (int64_t i = 0; i < n; ++i) s += static_cast<float>(p[i * stride]);
   return n > 0 ? s / static_cast<float>(n) : 0.0f;
+}
+
+// Rows layout: K of every channel from the first min(M, 16) rows, a channel vector at a time;
+// k is padded to whole vectors.
+template <typename T>
+inline void rows_sample_means(const T* x, int64_t M, int64_t C, float* k) {
+  const int64_t n = std::min<int64_t>(M, 16);
+  const float inv = n > 0 ? 1.0f / static_cast<float>(n) : 0.0f;
+  for (int64_t cv = 0; cv < C; cv += W) {
+    const int lanes = static_cast<int>(std::min<int64_t>(W, C - cv));
+    vf a{};
+    for (int64_t r = 0; r < n; ++r)
+      a += lanes == W ? load(x + r * C + cv) : load_n(x + r * C + cv, lanes);
+    const vf mean = a * inv;
+    for (int i = 0; i < lanes; ++i) k[cv + i] = mean[i];
+  }
 }
 
 }  // namespace bnk
