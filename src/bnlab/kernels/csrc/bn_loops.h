@@ -57,14 +57,17 @@ inline void planar_reduce(const Shape& s, int64_t c, int64_t n0, int64_t n1, con
 template <typename T, class E>
 inline void planar_normalize(const T* x, T* y, const Shape& s, int64_t c, int64_t n0, int64_t n1,
                              float mean, float scale, float shift, const E e) {
-  // e (and op in planar_dx) by value, so its pointers stay in registers across the stores.
+  // e (and op in planar_dx) by value and s's fields copied, so they stay in registers across
+  // the stores (through a reference they are reloaded after every store, which might alias).
   const vf mu = splat(mean), sc = splat(scale), sh = splat(shift);
+  const int64_t C = s.C, S = s.S;
+  const bool nt = s.nt;
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t p = (n * s.C + c) * s.S;
+    const int64_t p = (n * C + c) * S;
     map_seg(
-        s.S,
+        S,
         [&](int64_t i) {
-          store_out(y + p + i, e.apply((load(x + p + i) - mu) * sc + sh, p + i), s.nt);
+          store_out(y + p + i, e.apply((load(x + p + i) - mu) * sc + sh, p + i), nt);
         },
         [&](int64_t i, int n_) {
           store_n(y + p + i, e.template apply<0>((load_n(x + p + i, n_) - mu) * sc + sh, p + i, n_),
