@@ -16,8 +16,6 @@ variants with PyTorch-style signatures.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -67,7 +65,7 @@ def supports(x: Tensor) -> bool:
         return False
     if x.dim() < 2 or x.is_quantized:
         return False
-    if os.environ.get("BNLAB_FORCE_REFERENCE", "0") not in ("", "0"):
+    if _F._force_reference():
         return False
     if torch._C._are_functorch_transforms_active():  # C++ autograd.Functions cannot be vmapped
         return False
