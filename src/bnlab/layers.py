@@ -127,7 +127,11 @@ class BatchNorm(nn.Module):
         )
 
     def _who(self) -> str:
-        return f"{type(self).__name__}({self.num_features})"
+        # Named in every error message; formatted once (it runs on every forward).
+        who = self.__dict__.get("_who_cache")
+        if who is None or not who.startswith(type(self).__name__ + "("):
+            who = self.__dict__["_who_cache"] = f"{type(self).__name__}({self.num_features})"
+        return who
 
     def _check_input_dim(self, x: Tensor) -> None:
         check_input(x, self._who(), self._ranks, self.num_features)
@@ -157,7 +161,10 @@ class BatchNorm(nn.Module):
             # A skipped batch does not count, so the cumulative average (momentum=None) stays
             # the exact mean of the batches it used.
             self.num_batches_tracked.add_(finite)  # bool adds as 0/1
-            self.num_nonfinite_batches.add_(finite.logical_not())
+            if not finite.is_cpu:  # no host sync on accelerators
+                self.num_nonfinite_batches.add_(finite.logical_not())
+            elif not finite:  # on CPU the value is at hand (the warn-once check read it too)
+                self.num_nonfinite_batches.add_(1)
         return y
 
     def _normalize(self, input: Tensor, running_mean: Tensor | None,
