@@ -161,9 +161,9 @@ class BatchNorm(nn.Module):
             # A skipped batch does not count, so the cumulative average (momentum=None) stays
             # the exact mean of the batches it used.
             self.num_batches_tracked.add_(finite)  # bool adds as 0/1
-            if not finite.is_cpu:  # no host sync on accelerators
+            if not finite.is_cpu or torch.compiler.is_compiling():  # no host sync / no branch
                 self.num_nonfinite_batches.add_(finite.logical_not())
-            elif not finite:  # on CPU the value is at hand (the warn-once check read it too)
+            elif not finite:  # on CPU in eager mode the value is at hand (the warning read it)
                 self.num_nonfinite_batches.add_(1)
         return y
 
