@@ -163,6 +163,9 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
     save_flags(ctx, eps, relu, w, b, z);
     ctx->save_for_backward({x, w.has_value() ? *w : Tensor(), mean, var, mask});
     ctx->mark_non_differentiable({mean, var, mask});
+    // Only y's gradient is used: without this, autograd fills zero gradients for mean, var and
+    // the mask on every backward (3 allocations + fills per layer, ~0.7 ms of an Inception step).
+    ctx->set_materialize_grads(false);
     return {y, mean, var, mask};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -180,6 +183,7 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
     save_flags(ctx, eps, relu, w, b, z);
     ctx->save_for_backward({x, w.has_value() ? *w : Tensor(), rm, rv, mask});
     ctx->mark_non_differentiable({mask});
+    ctx->set_materialize_grads(false);  // as in TrainFn
     return {y, mask};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
