@@ -235,11 +235,14 @@ bool stream_outputs(const at::Tensor& x, int k) {
 }
 
 // t with ref's sizes, strides and dtype (a copy only when they differ).
-at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
+// (dtype: ref's by default; the ReLU mask passes kByte.)
+at::Tensor like(const at::Tensor& t, const at::Tensor& ref,
+                c10::optional<at::ScalarType> dtype = c10::nullopt) {
   TORCH_CHECK(t.sizes() == ref.sizes(), "bnlab kernels: expected a tensor of shape ",
               ref.sizes(), ", got ", t.sizes());
-  if (t.strides() == ref.strides() && t.scalar_type() == ref.scalar_type()) return t;
-  at::Tensor out = at::empty_like(ref, ref.options().dtype(ref.scalar_type()));
+  const at::ScalarType want = dtype.value_or(ref.scalar_type());
+  if (t.strides() == ref.strides() && t.scalar_type() == want) return t;
+  at::Tensor out = at::empty_like(ref, ref.options().dtype(want));
   out.copy_(t);
   return out;
 }
@@ -341,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
   p.s.nt = stream_outputs(x, 3);
   at::Tensor g = like(grad_y, x);
   at::Tensor mask = (mask_in.has_value() && mask_in->defined() && mask_in->numel() > 0)
-                        ? like(*mask_in, at::empty_like(x, x.options().dtype(at::kByte)))
+                        ? like(*mask_in, x, at::kByte)
                         : at::Tensor();
   at::Tensor mean = mean_in.to(at::kFloat).contiguous(), var = var_in.to(at::kFloat).contiguous();
   at::Tensor w = per_channel(weight, C, 1.f, "weight");
