@@ -90,11 +90,19 @@ inline void reduce_seg(int64_t L, Acc& A, Full&& full, Part&& part) {
   if (i < L) part(i, static_cast<int>(L - i), A.a[1], A.b[1]);
 }
 
+// Elementwise passes over a segment [0, L) (each output from the inputs at the same index):
+// full(i) per vector; a segment of at least W ends with one full vector at L − W, rewriting a
+// few outputs with the same values, instead of a masked part(i, n) (measured on 7x7 planes at
+// 2 threads: eval 1.0-1.07x copy instead of 1.2-1.6x, noisy).
 template <class Full, class Part>
-inline void map_seg(int64_t L, Full&& full, Part&& part) {
+inline void map_seg_pointwise(int64_t L, Full&& full, Part&& part) {
+  if (L < W) {
+    if (L > 0) part(0, static_cast<int>(L));
+    return;
+  }
   int64_t i = 0;
   for (; i + W <= L; i += W) full(i);
-  if (i < L) part(i, static_cast<int>(L - i));
+  if (i < L) full(L - W);
 }
 
 // ---- per-element pieces shared by the layouts ---------------------------------------------

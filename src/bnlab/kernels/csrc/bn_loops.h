@@ -64,7 +64,7 @@ inline void planar_normalize(const T* x, T* y, const Shape& s, int64_t c, int64_
   const bool nt = s.nt;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t p = (n * C + c) * S;
-    map_seg(
+    map_seg_pointwise(
         S,
         [&](int64_t i) {
           store_out(y + p + i, e.apply((load(x + p + i) - mu) * sc + sh, p + i), nt);
@@ -82,7 +82,7 @@ inline void planar_dx(const Op op, const Shape& s, int64_t c, int64_t n0, int64_
   const vf mu = splat(mean), va = splat(A), vb_ = splat(B), vc = splat(Cc);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t p = (n * s.C + c) * s.S;
-    map_seg(
+    map_seg_pointwise(
         s.S, [&](int64_t i) { op.at(p + i, mu, va, vb_, vc); },
         [&](int64_t i, int n_) { op.at_n(p + i, n_, mu, va, vb_, vc); });
   }
