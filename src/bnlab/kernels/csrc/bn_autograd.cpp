@@ -104,12 +104,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reference_backward(
   return {dx.to(x.scalar_type()), sum_gx, sum_g, g};
 }
 
+// Bits of the "flags" entry of saved_data (see save_flags).
+constexpr int64_t kRelu = 1, kHasZ = 2, kHasW = 4, kHasB = 8, kTypeShift = 8;
+
 // Gradients for the op inputs; flags say which are wanted.
 variable_list finish(AutogradContext* ctx, const Tensor& grad_y, bool training) {
   auto saved = ctx->get_saved_variables();
   const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
-  const bool relu = ctx->saved_data["relu"].toBool();
-  const bool has_z = ctx->saved_data["has_z"].toBool();
+  const int64_t flags = ctx->saved_data["flags"].toInt();
+  const bool relu = flags & kRelu, has_z = flags & kHasZ;
+  const bool has_w = flags & kHasW, has_b = flags & kHasB;
+  const auto bias_type = static_cast<at::ScalarType>(flags >> kTypeShift);
   const double eps = ctx->saved_data["eps"].toDouble();
   Tensor mask = relu ? saved[4] : Tensor();
   TORCH_CHECK(!relu || mask.dim() == x.dim(),
@@ -118,7 +123,6 @@ variable_list finish(AutogradContext* ctx, const Tensor& grad_y, bool training) 
   // Argument positions: train (x, w, b, eps, z, ...), eval (x, rm, rv, w, b, eps, z, ...).
   // needs_input_grad counts only the tensors that were given (absent optionals are skipped).
   const int iw = training ? 1 : 3, ib = iw + 1, iz = training ? 4 : 6;
-  const bool has_w = ctx->saved_data["has_w"].toBool(), has_b = ctx->saved_data["has_b"].toBool();
   const int vw = training ? 1 : 3, vb = vw + has_w, vz = vb + has_b;
   const bool need_x = ctx->needs_input_grad(0);
   const bool need_w = has_w && ctx->needs_input_grad(vw);
@@ -132,8 +136,6 @@ variable_list finish(AutogradContext* ctx, const Tensor& grad_y, bool training) 
     std::tie(dx, dw, db, dz) =
         call_bwd(g, x, mean, var, opt(weight), eps, opt(mask), training, need_x, need_z);
   }
-  const auto bias_type =
-      static_cast<at::ScalarType>(ctx->saved_data["bias_type"].toInt());
   variable_list out(training ? 7 : 9);
   if (need_x) out[0] = dx;
   if (need_w) out[iw] = dw.to(weight.scalar_type());
@@ -142,16 +144,16 @@ variable_list finish(AutogradContext* ctx, const Tensor& grad_y, bool training) 
   return out;
 }
 
-// What `finish` needs besides the saved tensors; shared by the training and eval functions.
+// What `finish` needs besides the saved tensors, shared by the training and eval functions:
+// eps and one bit field (two hash-map entries per layer and step instead of six).
 void save_flags(AutogradContext* ctx, double eps, bool relu, const OptT& w, const OptT& b,
                 const OptT& z) {
+  const bool has_b = b.has_value() && b->defined();
+  const int64_t bias_type = static_cast<int64_t>(has_b ? b->scalar_type() : at::kFloat);
   ctx->saved_data["eps"] = eps;
-  ctx->saved_data["relu"] = relu;
-  ctx->saved_data["has_z"] = z.has_value() && z->defined();
-  ctx->saved_data["has_w"] = w.has_value() && w->defined();
-  ctx->saved_data["has_b"] = b.has_value() && b->defined();
-  ctx->saved_data["bias_type"] = static_cast<int64_t>(
-      (b.has_value() && b->defined()) ? b->scalar_type() : at::kFloat);
+  ctx->saved_data["flags"] = (relu ? kRelu : 0) | (z.has_value() && z->defined() ? kHasZ : 0) |
+                             (w.has_value() && w->defined() ? kHasW : 0) |
+                             (has_b ? kHasB : 0) | (bias_type << kTypeShift);
 }
 
 class TrainFn : public torch::autograd::Function<TrainFn> {
@@ -236,14 +238,20 @@ inline float lerp(float a, float b, float w) {
 // statistic is not finite — `bnlab.functional.update_running_stats` as one op, float32 buffers.
 Tensor update_running(const OptT& rm, const OptT& rv, const Tensor& mean_in, const Tensor& var_in,
                       int64_t count, double momentum, const OptT& momentum_t) {
-  Tensor mean = mean_in.to(at::kFloat).contiguous(), var = var_in.to(at::kFloat).contiguous();
+  // No aten call when nothing needs converting: this also runs inside the Autograd kernel,
+  // where (under a dispatch mode) an op returning its input is flagged as aliasing.
+  auto as_float = [](const Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous() ? t
+                                                              : t.to(at::kFloat).contiguous();
+  };
+  const Tensor mean = as_float(mean_in), var = as_float(var_in);
   const int64_t C = mean.numel();
   const float* mp = mean.data_ptr<float>();
   const float* vp = var.data_ptr<float>();
   bool finite = true;
   for (int64_t c = 0; c < C; ++c) finite = finite && std::isfinite(mp[c]) && std::isfinite(vp[c]);
   const float w = (momentum_t.has_value() && momentum_t->defined())
-                      ? momentum_t->to(at::kFloat).item<float>()
+                      ? static_cast<float>(momentum_t->item<double>())
                       : static_cast<float>(momentum);
   const float ratio = count > 1 ? static_cast<float>(static_cast<double>(count) / (count - 1))
                                 : 1.0f;
@@ -260,6 +268,8 @@ Tensor update_running(const OptT& rm, const OptT& rv, const Tensor& mean_in, con
   return at::scalar_tensor(finite, mean.options().dtype(at::kBool));
 }
 
+// The update through the dispatcher, not as a C++ call, so fake tensors (torch.compile,
+// opcheck) reach the fake kernel.
 Tensor call_update(const OptT& rm, const OptT& rv, const Tensor& mean, const Tensor& var,
                    int64_t count, double momentum, const OptT& momentum_t) {
   static auto op = c10::Dispatcher::singleton()
@@ -282,22 +292,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> train_fwd_update(
 std::tuple<Tensor, Tensor, Tensor, Tensor> train_fwd_update_autograd(
     const Tensor& x, const OptT& w, const OptT& b, double eps, const OptT& rm, const OptT& rv,
     int64_t count, double momentum, const OptT& momentum_t) {
+  Tensor y, mean, var;
   if (!wants_grad({&x}, {&w, &b})) {
-    std::tuple<Tensor, Tensor, Tensor, Tensor> out;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      out = train_fwd_update(x, w, b, eps, rm, rv, count, momentum, momentum_t);
-    }
-    // What the ADInplaceOrView kernel of an in-place op does: a graph that saved a buffer
-    // (e.g. an eval forward with grad) then refuses to backward through the changed values.
-    for (const OptT* buf : {&rm, &rv})
-      if (buf->has_value() && (*buf)->defined()) torch::autograd::impl::bump_version(**buf);
-    return out;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(y, mean, var, std::ignore) = call_train_fwd(x, w, b, eps, OptT(), false, false);
+  } else {
+    auto r = TrainFn::apply(x, w, b, eps, OptT(), false, false);
+    y = r[0], mean = r[1], var = r[2];
   }
-  auto r = TrainFn::apply(x, w, b, eps, OptT(), false, false);
-  // Through the dispatcher, so the in-place update bumps the buffers' version counters.
-  Tensor finite = call_update(rm, rv, r[1], r[2], count, momentum, momentum_t);
-  return {r[0], r[1], r[2], finite};
+  Tensor finite = call_update(rm, rv, mean, var, count, momentum, momentum_t);
+  // What an ADInplaceOrView kernel does for in-place ops (custom ops get none): a graph that
+  // saved a buffer (e.g. an eval forward with grad) then refuses to backward through the
+  // changed values.
+  for (const OptT* buf : {&rm, &rv})
+    if (buf->has_value() && (*buf)->defined()) torch::autograd::impl::bump_version(**buf);
+  return {y, mean, var, finite};
 }
 
 }  // namespace
