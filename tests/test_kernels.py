@@ -288,6 +288,8 @@ def test_no_grad_calls_skip_autograd_but_bump_buffer_versions() -> None:
     assert y.grad_fn is None and not y.requires_grad
     assert layer.running_mean._version > before
     layer.weight.requires_grad_(True)
+    before = layer.running_mean._version
+    assert layer(x).requires_grad and layer.running_mean._version > before  # grad path too
     layer.eval()
     saved = layer(x)  # eval forward saves running_mean/var for backward
     layer.train()
