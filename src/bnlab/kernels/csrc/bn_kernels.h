@@ -14,9 +14,10 @@
 // Fusion. Planar inputs with enough channels run one channel at a time per thread: statistics,
 // then normalize (or, backward, the two reductions, then dx) on the channel's N·S slab while it
 // is still in L2/L3 — 2T of DRAM traffic forward, 3T backward. Inputs with few channels split
-// each channel over threads (two-level reduction); rows inputs reduce over rows with per-thread
-// per-channel accumulators, then normalize in a second sweep. All reductions combine in a fixed
-// order, so results are deterministic for a fixed thread count.
+// each channel over threads (two-level reduction); rows inputs reduce over register tiles of
+// rows x channel vectors into per-thread sums, then normalize in a second sweep. Outputs larger
+// than the cache are written with streaming stores. All reductions combine in a fixed order, so
+// results are deterministic for a fixed thread count.
 #pragma once
 
 #include <ATen/Parallel.h>

@@ -5,8 +5,7 @@
 #include <torch/library.h>
 
 #include "bn_loops.h"
-
-#include <type_traits>
+#include "bn_tensors.h"
 
 namespace bnk {
 
@@ -200,109 +199,6 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
     for (int64_t c = 0; c < C; ++c) coeffs(c, sg[c], sgd[c], A[c], B[c], Cc[c]);
   }
   if (sweep) dx_all(op, s, mu.data(), A.data(), B.data(), Cc.data());
-}
-
-// ---- tensors ---------------------------------------------------------------------------------
-struct Prepared {
-  at::Tensor x;
-  Shape s;
-};
-
-// The layout the loops read: contiguous NCHW (planar), channels-last-like (rows), or a
-// contiguous copy for anything else.
-Prepared prepare(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 2, "bnlab kernels: input must have at least 2 dimensions, got ",
-              x.dim());
-  const int64_t N = x.size(0), C = x.size(1);
-  const int64_t S = (N * C) > 0 ? x.numel() / (N * C) : 1;
-  if (S == 1) return {x.contiguous(), {N, C, 1, true}};
-  if (x.is_contiguous()) return {x, {N, C, S, false}};
-  std::vector<int64_t> perm{0};
-  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
-  perm.push_back(1);
-  if (x.permute(perm).is_contiguous()) return {x, {N, C, S, true}};
-  return {x.contiguous(), {N, C, S, false}};
-}
-
-// Whether a pass writes its outputs with streaming stores: when the k tensors it streams
-// (x.nbytes() each: x and y forward; x, grad and dx backward) exceed a last-level cache of
-// 32 MiB, the output would be evicted before use anyway. Measured here for y = a·x + b at
-// 2 threads: 30% faster on 102 MB, 10% on 25.7 MB, but 2x slower on cache-resident tensors.
-// (sysconf's L3 size is the host's total on this VM, 384 MiB, so a fixed figure is used.)
-bool stream_outputs(const at::Tensor& x, int k) {
-  constexpr int64_t LLC = int64_t{32} << 20;
-  return x.scalar_type() == at::kFloat && static_cast<int64_t>(x.nbytes()) * k > LLC;
-}
-
-// t with ref's sizes, strides and dtype (a copy only when they differ).
-// (dtype: ref's by default; the ReLU mask passes kByte.)
-at::Tensor like(const at::Tensor& t, const at::Tensor& ref,
-                c10::optional<at::ScalarType> dtype = c10::nullopt) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), "bnlab kernels: expected a tensor of shape ",
-              ref.sizes(), ", got ", t.sizes());
-  const at::ScalarType want = dtype.value_or(ref.scalar_type());
-  if (t.strides() == ref.strides() && t.scalar_type() == want) return t;
-  at::Tensor out = at::empty_like(ref, ref.options().dtype(want));
-  out.copy_(t);
-  return out;
-}
-
-at::Tensor per_channel(const c10::optional<at::Tensor>& t, int64_t C, float fill,
-                       const char* name) {
-  if (!t.has_value() || !t->defined()) return at::full({C}, fill, at::dtype(at::kFloat));
-  TORCH_CHECK(t->numel() == C, "bnlab kernels: ", name, " must have ", C, " elements, got ",
-              t->numel());
-  if (t->scalar_type() == at::kFloat && t->is_contiguous()) return *t;
-  return t->to(at::kFloat).contiguous();
-}
-
-void check_dtype(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "bnlab kernels: dtype must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu(), "bnlab kernels: CPU tensors only, got ", x.device());
-}
-
-// float32 -> float, bfloat16 -> c10::BFloat16 (the only two dtypes the loops implement).
-template <class F>
-void dispatch(const at::Tensor& x, const F& f) {
-  if (x.scalar_type() == at::kFloat) f(float{});
-  else f(bf16{});
-}
-
-at::Tensor empty_bytes(const at::Tensor& x) { return at::empty({0}, x.options().dtype(at::kByte)); }
-
-// Calls f(epilogue) with the Epilogue type of this (residual, relu, mask) combination.
-template <typename T, class F>
-void with_epilogue(const at::Tensor& z, bool relu, const at::Tensor& mask, const F& f) {
-  const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
-  uint8_t* mp = mask.numel() > 0 ? mask.data_ptr<uint8_t>() : nullptr;
-  if (!relu) {
-    if (zp) f(Epilogue<T, true, false, false>{zp, nullptr});
-    else f(Epilogue<T, false, false, false>{nullptr, nullptr});
-  } else if (zp) {
-    if (mp) f(Epilogue<T, true, true, true>{zp, mp});
-    else f(Epilogue<T, true, true, false>{zp, nullptr});
-  } else {
-    if (mp) f(Epilogue<T, false, true, true>{nullptr, mp});
-    else f(Epilogue<T, false, true, false>{nullptr, nullptr});
-  }
-}
-
-// Calls f(op) with the DxOp type of this (mask, dz, dx) combination.
-template <typename T, class F>
-void with_dx_op(const T* x, const T* g, const uint8_t* mask, T* dx, T* dz, bool nt,
-                const F& f) {
-  auto pick_dx = [&](auto m, auto z) {
-    constexpr bool M = decltype(m)::value, Z = decltype(z)::value;
-    if (dx) f(DxOp<T, M, Z, true>{x, g, mask, dx, dz, nt});
-    else f(DxOp<T, M, Z, false>{x, g, mask, dx, dz, nt});
-  };
-  auto pick_dz = [&](auto m) {
-    if (dz) pick_dx(m, std::true_type{});
-    else pick_dx(m, std::false_type{});
-  };
-  if (mask) pick_dz(std::true_type{});
-  else pick_dz(std::false_type{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
