@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
@@ -30,3 +32,10 @@ def layer_pair(ndim: int, c: int, **kw):
                 ref.bias.uniform_(-0.5, 0.5)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for the 2-process gloo tests' MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ from pathlib import Path
 import pytest
 
 from _lab_idx import write_dataset
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(args: list[str], env: dict[str, str], logs: list[Path], timeout: float = 180) -> None:
@@ -66,7 +60,7 @@ def test_two_process_sync_bn_run_equals_one_process(tmp_path: Path) -> None:
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     _run([*common, "--out", str(tmp_path / "one")], env, [tmp_path / "one.log"])
     env2 = {**env, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port())}
+            "MASTER_PORT": str(free_port())}
     _run([*common, "--out", str(tmp_path / "two")], env2,
          [tmp_path / "two0.log", tmp_path / "two1.log"])
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
