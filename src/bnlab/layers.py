@@ -174,6 +174,10 @@ class BatchNorm(nn.Module):
         return F.batch_norm_with_flag(input, running_mean, running_var, self.weight, self.bias,
                                       training, momentum, self.eps, self._who())
 
+    def _inference(self, input: Tensor) -> Tensor:
+        """Alg. 2's inference transform with the running statistics (the variants' eval mode)."""
+        return self._normalize(input, self.running_mean, self.running_var, False, 0.0)[0]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
                               missing_keys, unexpected_keys, error_msgs):
         version = local_metadata.get("version", None)

@@ -110,9 +110,7 @@ class GhostBatchNorm(BatchNorm):
         self._check_input_dim(input)
         use_batch_stats, update = self._mode()
         if not use_batch_stats:
-            return F.batch_norm_with_flag(input, self.running_mean, self.running_var,
-                                          self.weight, self.bias, False, 0.0, self.eps,
-                                          self._who())[0]
+            return self._inference(input)
         check_training_size(input, self._who())
         y, stats = ghost_batch_norm(input, self.weight, self.bias, self.eps,
                                     self.virtual_batch_size)

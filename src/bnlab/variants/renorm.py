@@ -189,9 +189,7 @@ class BatchRenorm(BatchNorm):
         self._check_input_dim(input)
         use_batch_stats, update = self._mode()
         if not use_batch_stats:
-            return F.batch_norm_with_flag(input, self.running_mean, self.running_var,
-                                          self.weight, self.bias, False, 0.0, self.eps,
-                                          self._who())[0]
+            return self._inference(input)
         r_max, d_max = self.limits()
         y, finite = self._renorm_train(input, r_max, d_max, update)
         if finite is not None:
