@@ -12,19 +12,17 @@ Arithmetic is in float64, then cast to the layer's dtype.
 from __future__ import annotations
 
 import copy
-import itertools
 
 import torch
 from torch import Tensor, fx, nn
 
+from bnlab.convert import _pairs
 from bnlab.layers import BatchNormReLU
 from bnlab.stats import is_batchnorm
 from bnlab.variants.frozen import FrozenBatchNorm
 
 __all__ = ["ChannelAffine", "fold", "fold_pairs"]
 
-_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-             nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -64,41 +62,17 @@ def _affine_of(bn: nn.Module, name: str) -> tuple[Tensor, Tensor]:
     return s, t
 
 
-class _LeafTracer(fx.Tracer):
-    """Stops at BN modules (ours validate input with Python control flow) and torch.nn modules."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_norm(m) or super().is_leaf_module(m, qualname)
-
-
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
-    graph = _LeafTracer().trace(model)
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    graph, modules, calls = _pairs.trace(model, _is_norm)
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not _is_norm(modules[node.target]):
             continue
         prev = node.args[0] if node.args else None
         if (isinstance(prev, fx.Node) and prev.op == "call_module"
-                and isinstance(modules[prev.target], _FOLDABLE)
+                and _pairs.is_layer(modules[prev.target])
                 and len(prev.users) == 1 and calls[prev.target] == 1 and calls[node.target] == 1):
             pairs.append((prev.target, node.target))
-    return pairs
-
-
-def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
-    pairs = []
-    for prefix, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        names = list(seq._modules)
-        for a, b in itertools.pairwise(names):
-            if isinstance(seq._modules[a], _FOLDABLE) and _is_norm(seq._modules[b]):
-                pairs.append((f"{prefix}.{a}" if prefix else a, f"{prefix}.{b}" if prefix else b))
     return pairs
 
 
@@ -107,12 +81,7 @@ def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
         return _pairs_fx(model)
     except Exception:  # not traceable (data-dependent control flow, ...): Sequential only
-        return _pairs_sequential(model)
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        return _pairs.sequential_pairs(model, _pairs.is_layer, _is_norm)
 
 
 @torch.no_grad()
@@ -156,7 +125,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for layer_name, bn_name in fold_pairs(model):
         _fold_into(model.get_submodule(layer_name), *affines[bn_name])
         # A fused BN+ReLU leaves its ReLU behind.
-        _set(model, bn_name, nn.ReLU() if isinstance(bns[bn_name], BatchNormReLU)
+        _pairs.set_module(model, bn_name, nn.ReLU() if isinstance(bns[bn_name], BatchNormReLU)
              else nn.Identity())
         folded.add(bn_name)
     for name, bn in bns.items():
@@ -164,6 +133,6 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             s, t = affines[name]
             dtype = bn.running_mean.dtype
             affine = ChannelAffine(s.to(dtype), t.to(dtype))
-            _set(model, name, nn.Sequential(affine, nn.ReLU())
+            _pairs.set_module(model, name, nn.Sequential(affine, nn.ReLU())
                  if isinstance(bn, BatchNormReLU) else affine)
     return model

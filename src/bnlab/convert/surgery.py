@@ -10,13 +10,13 @@ Both keep the model's own classes (no fx.GraphModule comes back); torch.fx only 
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as TF
 
+from bnlab.convert import _pairs
 from bnlab.convert.freeze import is_frozen
 from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.stats import is_batchnorm
@@ -26,8 +26,6 @@ __all__ = ["batchnormify", "nonlinearity_pairs", "replace_norm"]
 
 NormFactory = Callable[[int], nn.Module]
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-           nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU,
                 nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
                 nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink)
@@ -46,33 +44,12 @@ def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in _ACT_METHODS
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_batchnorm(m) or super().is_leaf_module(m, qualname)
-
-
 def _pairs_fx(model: nn.Module) -> list[str]:
-    graph = _Tracer().trace(model)
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    graph, modules, calls = _pairs.trace(model, is_batchnorm)
     return [node.target for node in graph.nodes
-            if node.op == "call_module" and isinstance(modules[node.target], _LAYERS)
+            if node.op == "call_module" and _pairs.is_layer(modules[node.target])
             and calls[node.target] == 1 and len(node.users) == 1
             and _is_activation(next(iter(node.users)), modules)]
-
-
-def _pairs_sequential(model: nn.Module) -> list[str]:
-    found = []
-    for prefix, seq in model.named_modules():
-        if isinstance(seq, nn.Sequential):
-            kids = list(seq._modules.items())
-            for (a, ma), (_, mb) in itertools.pairwise(kids):
-                if isinstance(ma, _LAYERS) and isinstance(mb, _ACT_MODULES):
-                    found.append(f"{prefix}.{a}" if prefix else a)
-    return found
 
 
 def nonlinearity_pairs(model: nn.Module) -> list[str]:
@@ -84,7 +61,8 @@ def nonlinearity_pairs(model: nn.Module) -> list[str]:
     try:
         return _pairs_fx(model)
     except Exception:  # not traceable (data-dependent control flow, ...): Sequential only
-        return _pairs_sequential(model)
+        return [a for a, _ in _pairs.sequential_pairs(
+            model, _pairs.is_layer, lambda m: isinstance(m, _ACT_MODULES))]
 
 
 def _default_norm(layer: nn.Module) -> NormFactory:
@@ -93,11 +71,6 @@ def _default_norm(layer: nn.Module) -> NormFactory:
     if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
         return BatchNorm2d
     return BatchNorm1d  # Linear on (N, F), Conv1d on (N, C, L)
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 def _out_features(layer: nn.Module) -> int:
@@ -129,7 +102,7 @@ def batchnormify(model: nn.Module, norm_layer: NormFactory | None = None, *,
         norm = (norm_layer or _default_norm(layer))(_out_features(layer))
         norm.to(device=layer.weight.device, dtype=layer.weight.dtype).train(layer.training)
         layer.bias = None  # subsumed by the norm's β
-        _set(model, name, nn.Sequential(layer, norm))
+        _pairs.set_module(model, name, nn.Sequential(layer, norm))
     return model
 
 
@@ -179,5 +152,5 @@ def replace_norm(model: nn.Module, factory: NormFactory, *,
         new.train(old.training)
         if not name:
             return new
-        _set(model, name, new)
+        _pairs.set_module(model, name, new)
     return model

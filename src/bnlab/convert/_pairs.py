@@ -1,0 +1,63 @@
+"""What `fold` and `batchnormify` share: finding a Linear/Conv layer and the module after it.
+
+Both look for pairs with torch.fx where the model traces (stopping at the given leaf modules,
+e.g. BN, whose input checks are Python control flow) and fall back to adjacent children of
+`nn.Sequential` containers; both replace modules by dotted name.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Callable
+
+from torch import fx, nn
+
+# The layers whose output BN may follow (Sec. 3.2) and into which it folds (Alg. 2, l. 11).
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+          nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+ModulePredicate = Callable[[nn.Module], bool]
+
+
+def is_layer(m: nn.Module) -> bool:
+    return isinstance(m, LAYERS)
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaf: ModulePredicate) -> None:
+        super().__init__()
+        self._leaf = leaf
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return self._leaf(m) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module,
+          leaf: ModulePredicate) -> tuple[fx.Graph, dict[str, nn.Module], Counter[str]]:
+    """(graph, modules by name, calls per module name) of ``model`` traced with torch.fx, with
+    the modules ``leaf`` accepts (and torch.nn's own) kept as single calls. A module called more
+    than once (shared weights) is no pair's member. Raises whatever tracing raises."""
+    graph = _LeafTracer(leaf).trace(model)
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    return graph, dict(model.named_modules()), calls
+
+
+def sequential_pairs(model: nn.Module, first: ModulePredicate,
+                     second: ModulePredicate) -> list[tuple[str, str]]:
+    """Dotted names (a, b) of adjacent children of an `nn.Sequential` anywhere in ``model`` with
+    ``first(a)`` and ``second(b)``: the fallback for models torch.fx cannot trace."""
+    pairs = []
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for (a, ma), (b, mb) in itertools.pairwise(seq._modules.items()):
+            if first(ma) and second(mb):
+                pairs.append((f"{prefix}.{a}" if prefix else a, f"{prefix}.{b}" if prefix else b))
+    return pairs
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` by ``new``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
