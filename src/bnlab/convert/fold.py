@@ -125,8 +125,8 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for layer_name, bn_name in fold_pairs(model):
         _fold_into(model.get_submodule(layer_name), *affines[bn_name])
         # A fused BN+ReLU leaves its ReLU behind.
-        _pairs.set_module(model, bn_name, nn.ReLU() if isinstance(bns[bn_name], BatchNormReLU)
-             else nn.Identity())
+        _pairs.set_module(model, bn_name,
+                          nn.ReLU() if isinstance(bns[bn_name], BatchNormReLU) else nn.Identity())
         folded.add(bn_name)
     for name, bn in bns.items():
         if name not in folded:
@@ -134,5 +134,5 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             dtype = bn.running_mean.dtype
             affine = ChannelAffine(s.to(dtype), t.to(dtype))
             _pairs.set_module(model, name, nn.Sequential(affine, nn.ReLU())
-                 if isinstance(bn, BatchNormReLU) else affine)
+                              if isinstance(bn, BatchNormReLU) else affine)
     return model
