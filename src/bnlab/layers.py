@@ -127,11 +127,12 @@ class BatchNorm(nn.Module):
         )
 
     def _who(self) -> str:
-        # Named in every error message; formatted once (it runs on every forward).
-        who = self.__dict__.get("_who_cache")
-        if who is None or not who.startswith(type(self).__name__ + "("):
-            who = self.__dict__["_who_cache"] = f"{type(self).__name__}({self.num_features})"
-        return who
+        # Named in every error message; formatted once per class (it runs on every forward).
+        cached = self.__dict__.get("_who_cache")
+        if cached is None or cached[0] is not type(self):
+            cached = self.__dict__["_who_cache"] = (type(self),
+                                                    f"{type(self).__name__}({self.num_features})")
+        return cached[1]
 
     def _check_input_dim(self, x: Tensor) -> None:
         check_input(x, self._who(), self._ranks, self.num_features)
