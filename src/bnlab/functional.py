@@ -23,6 +23,7 @@ __all__ = [
     "batch_norm_with_flag",
     "batch_stats",
     "channel_view",
+    "check_args",
     "compute_dtype",
     "normalize",
     "reduce_dims",
@@ -225,6 +226,26 @@ def batch_norm(
     return y
 
 
+def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None, bias: Tensor | None, training: bool,
+               momentum: float | Tensor, eps: float, who: str) -> None:
+    """The argument checks of `batch_norm` (and the fused `bnlab.kernels.bn_relu`): ε, momentum
+    (a number in [0, 1] or a 0-d tensor), per-channel shapes, more than one value per channel
+    when training, running statistics when not."""
+    check_eps(eps, who)
+    if not isinstance(momentum, Tensor):
+        check_momentum(momentum, who, allow_none=False)
+    check_per_channel(input, running_mean, running_var, weight, bias, who)
+    if training:
+        check_training_size(input, who)
+    elif running_mean is None or running_var is None:
+        raise ValueError(
+            f"{who}: running_mean and running_var are required when training=False, "
+            f"got running_mean={type(running_mean).__name__}, "
+            f"running_var={type(running_var).__name__}"
+        )
+
+
 def batch_norm_with_flag(
     input: Tensor,
     running_mean: Tensor | None,
@@ -241,12 +262,8 @@ def batch_norm_with_flag(
     ``momentum`` may be a 0-d tensor (the layers' cumulative average 1/n uses one, which keeps
     their forward free of host synchronisation). ``who`` names the caller in error messages.
     """
-    check_eps(eps, who)
-    if not isinstance(momentum, Tensor):
-        check_momentum(momentum, who, allow_none=False)
-    check_per_channel(input, running_mean, running_var, weight, bias, who)
+    check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, who)
     if training:
-        check_training_size(input, who)
         if _use_kernels(input):
             # normalize + the same running update as below, in one C++ call where it can
             return _kernels_module().batch_norm_train_update(input, weight, bias, eps, running_mean,
@@ -260,12 +277,6 @@ def batch_norm_with_flag(
             count = input.numel() // input.shape[1]
             finite = update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return y, finite
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            f"{who}: running_mean and running_var are required when training=False, "
-            f"got running_mean={type(running_mean).__name__}, "
-            f"running_var={type(running_var).__name__}"
-        )
     if _use_kernels(input):
         return (_kernels_module().batch_norm_eval(input, running_mean, running_var, weight, bias,
                                                   eps), None)

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab._checks import check_eps, check_momentum, check_per_channel, check_training_size
 
 __all__ = ["bn_add_relu", "bn_relu", "bn_relu_with_flag"]
 
@@ -28,18 +27,10 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
     """(output, finite flag of the running update or None), as `F.batch_norm_with_flag`."""
     from bnlab import kernels
 
-    check_eps(eps, who)
-    if not isinstance(momentum, Tensor):
-        check_momentum(momentum, who, allow_none=False)
-    check_per_channel(input, running_mean, running_var, weight, bias, who)
+    F.check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, who)
     if residual is not None and residual.shape != input.shape:
         raise ValueError(f"{who}: residual must have the input's shape {tuple(input.shape)}, "
                          f"got {tuple(residual.shape)}")
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError(f"{who}: running_mean and running_var are required when "
-                         "training=False")
-    if training:
-        check_training_size(input, who)
     if not kernels.supports(input) or (residual is not None and residual.dtype != input.dtype):
         y, finite = F.batch_norm_with_flag(input, running_mean, running_var, weight, bias,
                                            training, momentum, eps, who)
