@@ -23,16 +23,20 @@ def _core_files():
                     yield f
 
 
+def _imports(f: pathlib.Path) -> list[str]:
+    """Every module name an import statement of file f names."""
+    names = []
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
+
+
 def test_core_modules_import_nothing_from_upper_layers():
-    bad = []
-    for f in _core_files():
-        for node in ast.walk(ast.parse(f.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            bad += [f"{f.relative_to(SRC)}: {n}" for n in names if n.startswith(UPPER)]
+    bad = [f"{f.relative_to(SRC)}: {n}" for f in _core_files() for n in _imports(f)
+           if n.startswith(UPPER)]
     assert not bad, bad
 
 
@@ -47,14 +51,6 @@ def test_importing_bnlab_loads_no_upper_layer():
 
 
 def test_diagnostics_import_only_core_and_torch():
-    bad = []
-    for f in sorted((SRC / "diagnostics").glob("*.py")):
-        for node in ast.walk(ast.parse(f.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            bad += [f"{f.name}: {n}" for n in names
-                    if n.startswith(("bnlab.lab", "bnlab.cli", "matplotlib"))]
+    bad = [f"{f.name}: {n}" for f in sorted((SRC / "diagnostics").glob("*.py"))
+           for n in _imports(f) if n.startswith(("bnlab.lab", "bnlab.cli", "matplotlib"))]
     assert not bad, bad
