@@ -116,6 +116,11 @@ class VGGSpec:
     final_examples: int = 10_000  # examples of the final train/test accuracy in the summary
 
 
+# The smoke presets' sizes, shared by the experiments that train the VGG (and the DLN below).
+SMOKE_DATA = DataConfig(eval_examples=120)
+SMOKE_VGG = VGGSpec(train_acc_examples=100, final_examples=200)
+
+
 def vgg_substitution(cfg: dict[str, Any]) -> str:
     """`SUBSTITUTION_VGG` filled in from a run's config (its ``vgg`` and ``train`` parts)."""
     w, train = cfg["vgg"]["width"], cfg["train"]
@@ -182,6 +187,10 @@ class DLNSpec:
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.samples, eval_every=self.eval_every,
                            checkpoint_every=self.checkpoint_every)
+
+
+SMOKE_DLN = DLNSpec(samples=100, steps=20, eval_every=10, checkpoint_every=10)
+QUICK_DLN = DLNSpec(steps=600, eval_every=50, checkpoint_every=300)  # fig3-fig5's quick preset
 
 
 def dln_substitution(spec: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 from bnlab.lab import plots
 from bnlab.lab.config import DataConfig
 from bnlab.lab.experiments.santurkar2018._common import (
+    SMOKE_DLN,
     DLNSpec,
     dln_substitution,
     run_dln,
@@ -53,7 +54,7 @@ class DLNConfig:
 PRESETS = {
     "paper": DLNConfig(),
     "quick": DLNConfig(dln=DLNSpec(steps=2_500, eval_every=50, checkpoint_every=500)),
-    "smoke": DLNConfig(dln=DLNSpec(samples=100, steps=20, eval_every=10, checkpoint_every=10)),
+    "smoke": DLNConfig(dln=SMOKE_DLN),
 }
 
 

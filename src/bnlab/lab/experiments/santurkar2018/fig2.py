@@ -36,6 +36,8 @@ from typing import Any
 from bnlab.lab import plots
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
 from bnlab.lab.experiments.santurkar2018._common import (
+    SMOKE_DATA,
+    SMOKE_VGG,
     VGGSpec,
     run_vgg,
     variant_name,
@@ -74,10 +76,10 @@ PRESETS = {
     "paper": Fig2Config(),
     "quick": Fig2Config(train=TrainConfig(steps=400, batch_size=128, eval_every=50,
                                           checkpoint_every=200)),
-    "smoke": Fig2Config(data=DataConfig(eval_examples=120),
+    "smoke": Fig2Config(data=SMOKE_DATA,
                         train=TrainConfig(steps=12, batch_size=32, eval_every=6,
                                           checkpoint_every=6),
-                        vgg=VGGSpec(train_acc_examples=100, final_examples=200),
+                        vgg=SMOKE_VGG,
                         dist_examples=32),
 }
 

@@ -33,6 +33,10 @@ from typing import Any
 from bnlab.lab import plots
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
 from bnlab.lab.experiments.santurkar2018._common import (
+    QUICK_DLN,
+    SMOKE_DATA,
+    SMOKE_DLN,
+    SMOKE_VGG,
     DLNSpec,
     VGGSpec,
     dln_substitution,
@@ -65,12 +69,12 @@ PRESETS = {
     "paper": Fig5Config(),
     "quick": Fig5Config(train=TrainConfig(steps=300, batch_size=128, eval_every=50,
                                           checkpoint_every=150),
-                        dln=DLNSpec(steps=600, eval_every=50, checkpoint_every=300)),
-    "smoke": Fig5Config(data=DataConfig(eval_examples=120),
+                        dln=QUICK_DLN),
+    "smoke": Fig5Config(data=SMOKE_DATA,
                         train=TrainConfig(steps=8, batch_size=32, eval_every=4,
                                           checkpoint_every=4),
-                        vgg=VGGSpec(train_acc_examples=100, final_examples=200),
-                        dln=DLNSpec(samples=100, steps=20, eval_every=10, checkpoint_every=10)),
+                        vgg=SMOKE_VGG,
+                        dln=SMOKE_DLN),
 }
 
 
