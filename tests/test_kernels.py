@@ -214,9 +214,9 @@ def test_outlier_first_value_takes_exact_pass() -> None:
                                         ((4, 32, 320, 320), torch.channels_last),
                                         ((2, 5, 1001, 1001), torch.contiguous_format)])
 def test_large_tensors_streaming_stores_match_reference(shape, fmt) -> None:  # type: ignore[no-untyped-def]
-    """Tensors over 16 MB take the streaming-store (non-temporal) output path, aligned planes
-    and rows streamed, misaligned ones (odd H·W) stored normally: forward, eval and backward
-    still equal the reference path."""
+    """Tensors over 16 MB take the streaming-store (non-temporal) output path when planes and
+    rows are whole vectors, and store normally when they are not (odd H·W): forward, eval and
+    backward still equal the reference path."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).contiguous(memory_format=fmt) * 3 + 1
     c = shape[1]

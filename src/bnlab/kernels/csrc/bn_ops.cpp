@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
   Prepared p = prepare(input);
   const at::Tensor& x = p.x;
   TORCH_CHECK(p.s.m() > 0, "bnlab kernels: training needs at least one value per channel");
-  p.s.nt = stream_outputs(x, 2);
+  p.s.nt = stream_outputs(x, 2, p.s);
   const int64_t C = p.s.C;
   at::Tensor y = at::empty_like(x);
   at::Tensor z = (residual.has_value() && residual->defined()) ? like(*residual, x) : at::Tensor();
@@ -237,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
   Prepared p = prepare(input);
   const at::Tensor& x = p.x;
   const int64_t C = p.s.C;
-  p.s.nt = stream_outputs(x, 3);
+  p.s.nt = stream_outputs(x, 3, p.s);
   at::Tensor g = like(grad_y, x);
   at::Tensor mask = (mask_in.has_value() && mask_in->defined() && mask_in->numel() > 0)
                         ? like(*mask_in, x, at::kByte)
@@ -270,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> bn_eval_fwd(
   Prepared p = prepare(input);
   const at::Tensor& x = p.x;
   const int64_t C = p.s.C;
-  p.s.nt = stream_outputs(x, 2);
+  p.s.nt = stream_outputs(x, 2, p.s);
   at::Tensor y = at::empty_like(x);
   at::Tensor z = (residual.has_value() && residual->defined()) ? like(*residual, x) : at::Tensor();
   at::Tensor mask = (relu && save_mask) ? at::empty_like(x, x.options().dtype(at::kByte))
