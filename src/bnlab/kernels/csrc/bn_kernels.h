@@ -115,12 +115,12 @@ struct SumsOp {
   void full(int64_t i, vf& a, vf& b) const {
     vf d = load(x + i) - k;
     a += d;
-    b += d * d;
+    b = fmadd(d, d, b);
   }
   void part(int64_t i, int n, vf& a, vf& b) const {
     vf d = keep(load_n(x + i, n) - k, lanes_lt(n));
     a += d;
-    b += d * d;
+    b = fmadd(d, d, b);
   }
   static constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   void prefetch(int64_t i) const { __builtin_prefetch(x + i); }
@@ -137,13 +137,13 @@ struct BwdSumsOp {
     vf gg = load(g + i);
     if constexpr (MASK) gg = keep(gg, load_mask(mask + i));
     a += gg;
-    b += gg * (load(x + i) - mu);
+    b = fmadd(gg, load(x + i) - mu, b);
   }
   void part(int64_t i, int n, vf& a, vf& b) const {
     vf gg = keep(load_n(g + i, n), lanes_lt(n));
     if constexpr (MASK) gg = keep(gg, load_mask_n(mask + i, n));
     a += gg;
-    b += gg * keep(load_n(x + i, n) - mu, lanes_lt(n));
+    b = fmadd(gg, keep(load_n(x + i, n) - mu, lanes_lt(n)), b);
   }
   static constexpr int64_t kLine = 64 / sizeof(T);
   void prefetch(int64_t i) const {
@@ -167,13 +167,13 @@ struct DxOp {
     vf gg = load(g + i);
     if constexpr (MASK) gg = keep(gg, load_mask(mask + i));
     if constexpr (DZ) store_out(dz + i, gg, nt);
-    if constexpr (DX) store_out(dx + i, gg * A + (load(x + i) - mu) * B + Cc, nt);
+    if constexpr (DX) store_out(dx + i, fmadd(gg, A, fmadd(load(x + i) - mu, B, Cc)), nt);
   }
   void at_n(int64_t i, int n, vf mu, vf A, vf B, vf Cc) const {
     vf gg = load_n(g + i, n);
     if constexpr (MASK) gg = keep(gg, load_mask_n(mask + i, n));
     if constexpr (DZ) store_n(dz + i, gg, n);
-    if constexpr (DX) store_n(dx + i, gg * A + (load_n(x + i, n) - mu) * B + Cc, n);
+    if constexpr (DX) store_n(dx + i, fmadd(gg, A, fmadd(load_n(x + i, n) - mu, B, Cc)), n);
   }
 };
 

@@ -35,6 +35,17 @@ inline vi lanes_lt(int n) {
 }
 inline vf keep(vf v, vi m) { return (vf)((vi)v & m); }
 
+// a·b + c, fused (one rounding) where the ISA has it. The build turns off automatic
+// contraction (see _build.py); the loops ask for a fused multiply-add where they want one:
+// on cache-resident tensors the passes are bound by floating-point issue, not memory.
+inline vf fmadd(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+  return a * b + c;
+#endif
+}
+
 // ---- loads -------------------------------------------------------------------------------
 inline vf load(const float* p) {
   vf v;
