@@ -54,8 +54,8 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
           var_out[b0 + j] = v;
         }
         for (int64_t n = 0; n < s.N; ++n)
-          for (int64_t j = 0; j < nb; ++j)
-            planar_normalize(x, y, s, b0 + j, n, n + 1, mean[j], scale[j], b[b0 + j], e);
+          planes_normalize(x, y, s.S, n * C + b0, nb, 0, nb, mean.data(), scale.data(), b + b0, e,
+                           s.nt);
       }
       stream_fence();
     });
@@ -165,8 +165,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
         for (int64_t j = 0; j < nb; ++j) coeffs(b0 + j, sg[j], sgd[j], A[j], B[j], Cc[j]);
         if (!sweep) continue;
         for (int64_t n = 0; n < s.N; ++n)
-          for (int64_t j = 0; j < nb; ++j)
-            planar_dx(op, s, b0 + j, n, n + 1, mean[b0 + j], A[j], B[j], Cc[j]);
+          planes_dx(op, s.S, n * C + b0, nb, 0, nb, mean + b0, A.data(), B.data(), Cc.data());
       }
       stream_fence();
     });
