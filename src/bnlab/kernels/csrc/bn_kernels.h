@@ -122,6 +122,12 @@ struct SumsOp {
     a += d;
     b = fmadd(d, d, b);
   }
+  // A full vector of which only the lanes in m count (the end of a plane, read whole).
+  void tail(int64_t i, vi m, vf& a, vf& b) const {
+    vf d = keep(load(x + i) - k, m);
+    a += d;
+    b = fmadd(d, d, b);
+  }
   static constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   void prefetch(int64_t i) const { __builtin_prefetch(x + i); }
 };
@@ -144,6 +150,12 @@ struct BwdSumsOp {
     if constexpr (MASK) gg = keep(gg, load_mask_n(mask + i, n));
     a += gg;
     b = fmadd(gg, keep(load_n(x + i, n) - mu, lanes_lt(n)), b);
+  }
+  void tail(int64_t i, vi m, vf& a, vf& b) const {
+    vf gg = keep(load(g + i), m);
+    if constexpr (MASK) gg = keep(gg, load_mask(mask + i));
+    a += gg;
+    b = fmadd(gg, keep(load(x + i) - mu, m), b);
   }
   static constexpr int64_t kLine = 64 / sizeof(T);
   void prefetch(int64_t i) const {

@@ -113,42 +113,53 @@ inline int64_t channel_block(const Shape& s, int64_t per_elem, int64_t c_per_thr
   return std::max<int64_t>(1, std::min({want, fit, c_per_thread}));
 }
 
+// Planes up to this size are summed with one accumulator pair per channel (block_reduce).
+constexpr int64_t SMALL_PLANE = 1024;
+
 // Σ over all planes of the channels [c0, c0 + nb), n-major; make(j, p) gives the reduction
 // functor of channel c0 + j at offset p; sums land in s1[j], s2[j]; only channels with
 // use[j] (or all if use is null) are read.
 template <class MakeOp>
 inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& make,
                          double* s1, double* s2, const char* use = nullptr) {
-  std::vector<int64_t> cnt(nb, 0);
-  if (s.S < 4 * W) {
-    // Small planes (7x7, 14x14): one accumulator pair per channel is enough — consecutive
-    // planes belong to different channels, so there is no dependency chain to hide — and
-    // moving 2 instead of 8 vectors in and out per plane halves the work.
+  if (s.S <= SMALL_PLANE) {
+    // One accumulator pair per channel: consecutive planes belong to different channels, so
+    // there is no dependency chain for the out-of-order core to wait on, and moving 2 instead
+    // of 8 vectors in and out per plane halves the work. A plane's partial last vector is
+    // read as the full vector that ends the plane, with the lanes of the vector before it
+    // masked off (a masked partial load here measured 1.45x slower on 7x7 planes).
     std::vector<vf> va(nb), vb_(nb);
+    const int64_t S = s.S, full = S / W, rem = S % W;
+    const vi last = ~lanes_lt(static_cast<int>(W - rem));
+    int64_t cnt = 0;
+    auto flush = [&] {
+      for (int64_t j = 0; j < nb; ++j) {
+        s1[j] += hsum(va[j]);
+        s2[j] += hsum(vb_[j]);
+        va[j] = vb_[j] = vf{};
+      }
+    };
     for (int64_t n = 0; n < s.N; ++n) {
+      const int64_t p0 = (n * s.C + c0) * S;
       for (int64_t j = 0; j < nb; ++j) {
         if (use && !use[j]) continue;
-        const auto op = make(j, (n * s.C + c0 + j) * s.S);
+        const auto op = make(j, p0 + j * S);
         vf a = va[j], b = vb_[j];
-        int64_t i = 0;
-        for (; i + W <= s.S; i += W) op.full(i, a, b);
-        if (i < s.S) op.part(i, static_cast<int>(s.S - i), a, b);
-        if ((cnt[j] += s.S) >= BLOCK) {
-          s1[j] += hsum(a);
-          s2[j] += hsum(b);
-          a = b = vf{};
-          cnt[j] = 0;
-        }
+        for (int64_t v = 0; v < full; ++v) op.full(v * W, a, b);
+        if (rem && full) op.tail(S - W, last, a, b);
+        else if (rem) op.part(0, static_cast<int>(rem), a, b);
         va[j] = a;
         vb_[j] = b;
       }
+      if ((cnt += S) >= BLOCK) {  // ≤ BLOCK / W + SMALL_PLANE / W terms per lane in float
+        flush();
+        cnt = 0;
+      }
     }
-    for (int64_t j = 0; j < nb; ++j) {
-      s1[j] += hsum(va[j]);
-      s2[j] += hsum(vb_[j]);
-    }
+    flush();
     return;
   }
+  std::vector<int64_t> cnt(nb, 0);
   std::vector<Acc> acc(nb);
   for (int64_t n = 0; n < s.N; ++n) {
     for (int64_t j = 0; j < nb; ++j) {
