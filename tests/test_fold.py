@@ -140,3 +140,19 @@ def test_fold_frozen_batchnorm():
     assert not any(isinstance(m, bnlab.FrozenBatchNorm) for m in folded.modules())
     x = torch.randn(3, 3, 8, 8)
     assert _max_rel_err(folded(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("cls", [bnlab.BatchNorm2d, bnlab.BatchNormReLU2d, nn.BatchNorm2d])
+def test_fold_a_bare_batchnorm_returns_its_affine(cls):  # type: ignore[no-untyped-def]
+    """A BN passed as the model itself becomes its ChannelAffine (+ ReLU), as replace_norm
+    returns the new module for a bare BN; before, the root was left with a '' child."""
+    bn = cls(3)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+    folded = fold(bn)
+    assert not any(is_batchnorm(m) for m in folded.modules())
+    assert not folded.training and bn.training  # a copy, in eval mode; the original untouched
+    x = torch.randn(4, 3, 5, 5)
+    assert _max_rel_err(folded(x), bn.eval()(x)) <= 1e-5

@@ -114,6 +114,9 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     `ChannelAffine`. The returned model is in eval mode and matches ``model.eval()``'s outputs
     (to float32 rounding: the fold is computed in float64).
 
+    ``model`` may be a BN itself; then the `ChannelAffine` (followed by a ReLU for a
+    `BatchNormReLU`) is returned.
+
     Raises:
         ValueError: a BN without running statistics (nothing defines its inference transform).
     """
@@ -133,6 +136,8 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             s, t = affines[name]
             dtype = bn.running_mean.dtype
             affine = ChannelAffine(s.to(dtype), t.to(dtype))
-            _pairs.set_module(model, name, nn.Sequential(affine, nn.ReLU())
-                              if isinstance(bn, BatchNormReLU) else affine)
+            new = nn.Sequential(affine, nn.ReLU()) if isinstance(bn, BatchNormReLU) else affine
+            if not name:  # ``model`` is itself a BN: its replacement is the whole answer
+                return new.eval()
+            _pairs.set_module(model, name, new)
     return model
