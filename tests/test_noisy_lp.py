@@ -211,6 +211,15 @@ def test_lp_norm_bad_input():
         LpNorm(3)(torch.randn(1, 3))
 
 
+def test_lp_norm_errors_name_running_scale():
+    """lp_norm shares batch_norm's argument checks; its errors name its own statistic."""
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"running_scale must have shape \(3,\)"):
+        lp_norm(x, torch.zeros(3), torch.ones(2), p=2, training=True)
+    with pytest.raises(ValueError, match="running_mean and running_scale are required"):
+        lp_norm(x, None, None, p=2, training=False)
+
+
 # ----------------------------------------------------------------------------- shapes, dtypes
 
 SHAPES = st.tuples(st.integers(2, 5), st.integers(1, 4)).flatmap(

@@ -59,15 +59,17 @@ def check_training_size(x: Tensor, who: str) -> None:
 
 
 def check_per_channel(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-                      weight: Tensor | None, bias: Tensor | None, who: str) -> None:
-    """Input rank/dtype and the (C,) shape of every per-channel tensor."""
+                      weight: Tensor | None, bias: Tensor | None, who: str,
+                      var_name: str = "running_var") -> None:
+    """Input rank/dtype and the (C,) shape of every per-channel tensor (``var_name`` names the
+    second running statistic in errors: lp_norm's is ``running_scale``)."""
     if x.dim() < 2:
         raise ValueError(f"{who}: expected input of rank >= 2 (N, C, *), got shape "
                          f"{tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{who}: input must be floating point, got dtype {x.dtype}")
     c = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+    for name, t in (("running_mean", running_mean), (var_name, running_var),
                     ("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (c,):  # torch.Size compares as a tuple
             raise ValueError(f"{who}: {name} must have shape ({c},) to match the input's "

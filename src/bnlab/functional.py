@@ -228,21 +228,23 @@ def batch_norm(
 
 def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None, bias: Tensor | None, training: bool,
-               momentum: float | Tensor, eps: float, who: str) -> None:
-    """The argument checks of `batch_norm` (and the fused `bnlab.kernels.bn_relu`): ε, momentum
-    (a number in [0, 1] or a 0-d tensor), per-channel shapes, more than one value per channel
-    when training, running statistics when not."""
+               momentum: float | Tensor, eps: float, who: str,
+               var_name: str = "running_var") -> None:
+    """The argument checks of `batch_norm` (and the fused `bnlab.kernels.bn_relu`, and
+    `lp_norm` with ``var_name="running_scale"``): ε, momentum (a number in [0, 1] or a 0-d
+    tensor), per-channel shapes, more than one value per channel when training, running
+    statistics when not."""
     check_eps(eps, who)
     if not isinstance(momentum, Tensor):
         check_momentum(momentum, who, allow_none=False)
-    check_per_channel(input, running_mean, running_var, weight, bias, who)
+    check_per_channel(input, running_mean, running_var, weight, bias, who, var_name)
     if training:
         check_training_size(input, who)
     elif running_mean is None or running_var is None:
         raise ValueError(
-            f"{who}: running_mean and running_var are required when training=False, "
+            f"{who}: running_mean and {var_name} are required when training=False, "
             f"got running_mean={type(running_mean).__name__}, "
-            f"running_var={type(running_var).__name__}"
+            f"{var_name}={type(running_var).__name__}"
         )
 
 

@@ -13,15 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlab._checks import (
-    check_eps,
-    check_input,
-    check_momentum,
-    check_num_features,
-    check_per_channel,
-    check_training_size,
-)
-from bnlab.functional import channel_view, compute_dtype, reduce_dims
+from bnlab._checks import check_eps, check_input, check_momentum, check_num_features
+from bnlab.functional import channel_view, check_args, compute_dtype, reduce_dims
 
 __all__ = ["LpNorm", "lp_norm", "lp_stats"]
 
@@ -89,20 +82,13 @@ def lp_norm(
     """
     who = "lp_norm"
     p = _check_p(p, who)
-    check_eps(eps, who)
-    if not isinstance(momentum, Tensor):
-        check_momentum(momentum, who, allow_none=False)
-    check_per_channel(input, running_mean, running_scale, weight, bias, who)
+    check_args(input, running_mean, running_scale, weight, bias, training, momentum, eps, who,
+               var_name="running_scale")
     if training:
-        check_training_size(input, who)
         mean, scale = lp_stats(input, p)
         if running_mean is not None or running_scale is not None:
             _update(running_mean, running_scale, mean.detach(), scale.detach(), momentum)
     else:
-        if running_mean is None or running_scale is None:
-            raise ValueError(f"{who}: running_mean and running_scale are required when "
-                             f"training=False, got running_mean={type(running_mean).__name__}, "
-                             f"running_scale={type(running_scale).__name__}")
         mean, scale = running_mean, running_scale
     ct = compute_dtype(input.dtype)
     inv = 1.0 / (scale.to(ct) + eps)
