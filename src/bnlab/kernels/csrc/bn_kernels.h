@@ -110,6 +110,7 @@ inline void map_seg_pointwise(int64_t L, Full&& full, Part&& part) {
 // Shifted sums: a += (x − k), b += (x − k)².
 template <typename T>
 struct SumsOp {
+  static constexpr bool kMasked = false;
   const T* x;
   vf k;
   void full(int64_t i, vf& a, vf& b) const {
@@ -135,6 +136,7 @@ struct SumsOp {
 // Backward sums: a += g', b += g'·(x − μ), g' = g masked by the ReLU mask.
 template <typename T, bool MASK>
 struct BwdSumsOp {
+  static constexpr bool kMasked = MASK;
   const T* x;
   const T* g;
   const uint8_t* mask;
