@@ -119,13 +119,14 @@ constexpr int64_t SMALL_PLANE = 1024;
 // The nb consecutive planes of S ≤ SMALL_PLANE values from offset p0, plane j summed into
 // va[j], vb[j] (see block_reduce).
 template <class MakeOp>
-__attribute__((always_inline)) inline void small_planes_sums(const MakeOp& make, int64_t p0,
-                                                             int64_t nb, int64_t S, vi last,
-                                                             vf* va, vf* vb, const char* use) {
+__attribute__((always_inline)) inline void small_planes_sums(const MakeOp& make, int64_t n,
+                                                             int64_t p0, int64_t nb, int64_t S,
+                                                             vi last, vf* va, vf* vb,
+                                                             const char* use) {
   const int64_t full = S / W, rem = S % W;
   for (int64_t j = 0; j < nb; ++j) {
     if (use && !use[j]) continue;
-    const auto op = make(j, p0 + j * S);
+    const auto op = make(j, p0 + j * S, n);
     vf a = va[j], b = vb[j];
     for (int64_t v = 0; v < full; ++v) op.full(v * W, a, b);
     if (rem && full) op.tail(S - W, last, a, b);
@@ -139,14 +140,15 @@ __attribute__((always_inline)) inline void small_planes_sums(const MakeOp& make,
 // that made the BN+ReLU backward 1.5x slower than the plain one on 28x28 planes. (Outlining the
 // plain reductions too cost them ~5%.)
 template <class MakeOp>
-__attribute__((noinline)) void small_planes_sums_outlined(const MakeOp& make, int64_t p0,
-                                                          int64_t nb, int64_t S, vi last,
-                                                          vf* va, vf* vb, const char* use) {
-  small_planes_sums(make, p0, nb, S, last, va, vb, use);
+__attribute__((noinline)) void small_planes_sums_outlined(const MakeOp& make, int64_t n,
+                                                          int64_t p0, int64_t nb, int64_t S,
+                                                          vi last, vf* va, vf* vb,
+                                                          const char* use) {
+  small_planes_sums(make, n, p0, nb, S, last, va, vb, use);
 }
 
-// Σ over all planes of the channels [c0, c0 + nb), n-major; make(j, p) gives the reduction
-// functor of channel c0 + j at offset p; sums land in s1[j], s2[j]; only channels with
+// Σ over all planes of the channels [c0, c0 + nb), n-major; make(j, p, n) gives the reduction
+// functor of channel c0 + j at offset p (in sample n); sums land in s1[j], s2[j]; only channels with
 // use[j] (or all if use is null) are read.
 template <class MakeOp>
 inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& make,
@@ -168,13 +170,13 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
         va[j] = vb_[j] = vf{};
       }
     };
-    using Op = decltype(make(int64_t{0}, int64_t{0}));
+    using Op = decltype(make(int64_t{0}, int64_t{0}, int64_t{0}));
     for (int64_t n = 0; n < s.N; ++n) {
       const int64_t p0 = (n * s.C + c0) * S;
       if constexpr (Op::kMasked)
-        small_planes_sums_outlined(make, p0, nb, S, last, va.data(), vb_.data(), use);
+        small_planes_sums_outlined(make, n, p0, nb, S, last, va.data(), vb_.data(), use);
       else
-        small_planes_sums(make, p0, nb, S, last, va.data(), vb_.data(), use);
+        small_planes_sums(make, n, p0, nb, S, last, va.data(), vb_.data(), use);
       if ((cnt += S) >= BLOCK) {  // ≤ BLOCK / W + SMALL_PLANE / W terms per lane in float
         flush();
         cnt = 0;
@@ -192,7 +194,7 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
       Acc A = acc[j];
       for (int64_t off = 0; off < s.S; off += BLOCK) {
         const int64_t len = std::min(BLOCK, s.S - off);
-        const auto op = make(j, plane + off);
+        const auto op = make(j, plane + off, n);
         reduce_seg(
             len, A, [&](int64_t i, vf& a, vf& b) { op.full(i, a, b); },
             [&](int64_t i, int n_, vf& a, vf& b) { op.part(i, n_, a, b); });

@@ -31,7 +31,8 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
           s1[j] = s2[j] = 0.0;
         }
         block_reduce(
-            s, b0, nb, [&](int64_t j, int64_t p) { return SumsOp<T>{x + p, splat(K[j])}; },
+            s, b0, nb,
+            [&](int64_t j, int64_t p, int64_t) { return SumsOp<T>{x + p, splat(K[j])}; },
             s1.data(), s2.data());
         for (int64_t j = 0; j < nb; ++j) {
           bool ex = false;
@@ -42,7 +43,8 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
         }
         if (any) {  // rare: the sample shift was poor for some channel
           block_reduce(
-              s, b0, nb, [&](int64_t j, int64_t p) { return SumsOp<T>{x + p, splat(mean[j])}; },
+              s, b0, nb,
+              [&](int64_t j, int64_t p, int64_t) { return SumsOp<T>{x + p, splat(mean[j])}; },
               s1.data(), s2.data(), exact.data());
           for (int64_t j = 0; j < nb; ++j)
             if (exact[j]) from_centered(s1[j], s2[j], m, mean[j], var[j]);
@@ -129,9 +131,12 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
 //   A = γ·invstd, B = −A·invstd²·Σg'(x−μ)/m, Cc = −A·Σg'/m, i.e. the paper's
 //   ∂ℓ/∂x̂ = γ·g',  ∂ℓ/∂x = invstd·(∂ℓ/∂x̂ − mean(∂ℓ/∂x̂) − x̂·mean(∂ℓ/∂x̂·x̂));
 // in evaluation mode (fixed μ, σ²) B = Cc = 0. Also ∂ℓ/∂γ = invstd·Σg'(x−μ), ∂ℓ/∂β = Σg'.
+// g_gap: sample n of the gradient starts n·g_gap elements after x's (a channel slice of a
+// bigger NCHW tensor); only the fused planar path takes one (see planar_grad_gap).
 template <class Op>
 void backward(const Op& op, const Shape& s, const float* mean, const float* var,
-              const float* w, float eps, bool training, float* dw, float* db) {
+              const float* w, float eps, bool training, float* dw, float* db,
+              int64_t g_gap) {
   using T = typename Op::scalar;
   using Sums = BwdSumsOp<T, Op::kMask>;
   const double m = static_cast<double>(s.m());
@@ -157,20 +162,24 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
         std::fill(sgd.begin(), sgd.end(), 0.0);
         block_reduce(
             s, b0, nb,
-            [&](int64_t j, int64_t p) {
-              return Sums{op.x + p, op.g + p, op.mask ? op.mask + p : nullptr,
-                                  splat(mean[b0 + j])};
+            [&](int64_t j, int64_t p, int64_t n) {
+              return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr,
+                          splat(mean[b0 + j])};
             },
             sg.data(), sgd.data());
         for (int64_t j = 0; j < nb; ++j) coeffs(b0 + j, sg[j], sgd[j], A[j], B[j], Cc[j]);
         if (!sweep) continue;
-        for (int64_t n = 0; n < s.N; ++n)
-          planes_dx(op, s.S, n * C + b0, nb, 0, nb, mean + b0, A.data(), B.data(), Cc.data());
+        for (int64_t n = 0; n < s.N; ++n) {
+          Op on = op;
+          on.g += n * g_gap;
+          planes_dx(on, s.S, n * C + b0, nb, 0, nb, mean + b0, A.data(), B.data(), Cc.data());
+        }
       }
       stream_fence();
     });
     return;
   }
+  TORCH_INTERNAL_ASSERT(g_gap == 0, "bnlab kernels: a strided gradient on the split path");
   std::vector<float> mu = padded(C), A = padded(C), B = padded(C), Cc = padded(C);
   for (int64_t c = 0; c < C; ++c) mu[c] = mean[c];
   if (!s.rows) {
@@ -237,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
   const at::Tensor& x = p.x;
   const int64_t C = p.s.C;
   p.s.nt = stream_outputs(x, 3, p.s);
-  at::Tensor g = like(grad_y, x);
+  const int64_t g_gap = planar_grad_gap(grad_y, x, p.s);
+  at::Tensor g = g_gap > 0 ? grad_y : like(grad_y, x);
   at::Tensor mask = (mask_in.has_value() && mask_in->defined() && mask_in->numel() > 0)
                         ? like(*mask_in, x, at::kByte)
                         : at::Tensor();
@@ -255,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
         need_dx ? dx.data_ptr<scalar_t>() : nullptr, need_dz ? dz.data_ptr<scalar_t>() : nullptr,
         p.s.nt, [&](const auto& op) {
           backward(op, p.s, mean.data_ptr<float>(), var.data_ptr<float>(), w.data_ptr<float>(),
-                   static_cast<float>(eps), training, dw.data_ptr<float>(), db.data_ptr<float>());
+                   static_cast<float>(eps), training, dw.data_ptr<float>(), db.data_ptr<float>(),
+                   g_gap);
         });
   });
   return {dx, dw, db, dz};

@@ -59,6 +59,24 @@ inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref,
   return out;
 }
 
+// When the gradient is a channel slice of a bigger NCHW tensor (what torch.cat's backward
+// hands to a BN, or BN+ReLU, whose output was concatenated: every sample's C·S values
+// contiguous, samples further apart than C·S) and x takes the fused planar path, the elements
+// between samples of g beyond x's (> 0); 0 when g must be made like x. Reading the slice in
+// place saves a copy of g: ~2 ms of a 180 ms training step of the Inception-style net.
+inline int64_t planar_grad_gap(const at::Tensor& g, const at::Tensor& x, const Shape& s) {
+  if (s.rows || s.N < 2 || !channel_parallel(s) || g.scalar_type() != x.scalar_type() ||
+      g.sizes() != x.sizes() || g.strides() == x.strides())
+    return 0;
+  int64_t expect = 1;
+  for (int64_t d = g.dim() - 1; d >= 1; --d) {
+    if (g.size(d) != 1 && g.stride(d) != expect) return 0;
+    expect *= g.size(d);
+  }
+  const int64_t gap = g.stride(0) - s.C * s.S;
+  return gap > 0 ? gap : 0;
+}
+
 inline at::Tensor per_channel(const c10::optional<at::Tensor>& t, int64_t C, float fill,
                        const char* name) {
   if (!t.has_value() || !t->defined()) return at::full({C}, fill, at::dtype(at::kFloat));
