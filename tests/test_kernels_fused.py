@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from bnlab import functional as F
 from bnlab import kernels
@@ -166,3 +167,19 @@ def test_e2e_nets_with_fused_layer_equal_bn_then_relu() -> None:
     fused.load_state_dict(plain.state_dict())
     x = torch.randn(4, 1, 28, 28)
     assert rel_err(fused(x), plain(x)) <= 1e-4
+
+
+def test_e2e_bn_op_time_counts_batch_norm_ops_only() -> None:
+    """`bnlab bench --e2e` splits BN's own profiled time out of the step: zero for the net
+    without BN, positive with torch's BN and with ours."""
+    from bnlab.kernels import e2e
+
+    def tiny(norm: e2e.NormLayer) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 8, 3), norm(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 10))
+
+    norms = e2e._norms()
+    ms = {k: e2e.bn_op_ms(e2e._stepper(tiny, norms[k], 4, (1, 12, 12)), steps=1)
+          for k in ("none", "torch_bn", "bnlab_bn")}
+    assert ms["none"] == 0.0
+    assert ms["torch_bn"] > 0.0 and ms["bnlab_bn"] > 0.0
