@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
@@ -61,13 +60,6 @@ def test_overrides_are_dotted_typed_and_checked():
     assert set(flat_keys(TrainConfig())) == {f.name for f in TrainConfig.__dataclass_fields__
                                               .values()}
     assert flat_keys(OptimConfig())["lr"] == 0.1
-
-
-@pytest.mark.skipif(importlib.util.find_spec("bnlab.kernels.bench") is not None,
-                    reason="bnlab.kernels.bench exists; its own tests cover it")
-def test_bench_without_the_kernels_module_says_so(capsys):
-    assert main(["bench"]) == 2
-    assert "bnlab.kernels.bench" in capsys.readouterr().err
 
 
 def test_python_dash_m_bnlab_works():

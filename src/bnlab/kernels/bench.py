@@ -11,8 +11,12 @@ page-faults on each call (`research/perf.md` §5.1: a 51 MB clone at 4 GB/s). Un
 threshold (the same as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``) so freed memory is
 reused, for torch, bnlab and the clone alike; no other allocator is needed.
 
+The opt-in modes ``relu_fwd`` and ``relu_fwd_bwd`` time torch's BN then ReLU against bnlab's
+fused BN+ReLU (`bnlab.kernels.bn_relu`, whose backward reads the saved mask).
+
 ``--e2e`` times a training step of small VGG-style and Inception-style nets with no
-normalization, torch's BatchNorm2d and bnlab's BatchNorm2d (see `e2e.py`).
+normalization, torch's BatchNorm2d, bnlab's BatchNorm2d and the fused BatchNormReLU2d, and
+profiles BN's own ops per step (see `e2e.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "fc-256x1024": (256, 1024),
 }
 MODES = ("train_fwd", "bwd", "fwd_bwd", "eval")
+# Opt-in: torch's BN then ReLU against bnlab's fused BN+ReLU (saved mask), training mode.
+RELU_MODES = ("relu_fwd", "relu_fwd_bwd")
 FORMATS = ("nchw", "channels_last")
 
 
@@ -53,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `bnlab bench` (also `python -m bnlab.kernels.bench`)."""
     parser.add_argument("--shapes", default="all",
                         help="comma-separated subset of: " + ", ".join(SHAPES) + " (or 'all')")
-    parser.add_argument("--modes", default=",".join(MODES), help="subset of " + ",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="subset of " + ",".join(MODES + RELU_MODES) + " (the relu_ modes "
+                        "time torch's BN then ReLU against bnlab's fused BN+ReLU)")
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help="subset of " + ",".join(FORMATS))
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per round")
@@ -102,6 +110,8 @@ def _case(x: torch.Tensor, mode: str, impl: str) -> Callable[[], Any]:
     from where its input happens to sit in memory."""
     import bnlab.functional as bF
 
+    if mode in RELU_MODES:
+        return _relu_case(x, mode, impl)
     gen = torch.Generator().manual_seed(0)
     c = x.shape[1]
     w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
@@ -123,6 +133,33 @@ def _case(x: torch.Tensor, mode: str, impl: str) -> Callable[[], Any]:
     def fwd_bwd() -> Any:
         y = bn(xs, rm, rv, ws, bs, True, 0.1, 1e-5)
         return torch.autograd.grad(y, (xs, ws, bs), g)
+    return fwd_bwd
+
+
+def _relu_case(x: torch.Tensor, mode: str, impl: str) -> Callable[[], Any]:
+    """relu(BN(x)) in training mode: torch's functional then torch.relu, or bnlab.kernels.bn_relu
+    (one sweep forward; the backward reads the saved ReLU mask)."""
+    from bnlab.kernels import bn_relu
+
+    gen = torch.Generator().manual_seed(0)
+    c = x.shape[1]
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    g = torch.randn(x.shape, generator=gen).contiguous(memory_format=_fmt(x))
+
+    def f(x_: torch.Tensor, w_: torch.Tensor, b_: torch.Tensor) -> torch.Tensor:
+        if impl == "torch":
+            return torch.relu(torch.nn.functional.batch_norm(x_, rm, rv, w_, b_, True, 0.1, 1e-5))
+        return bn_relu(x_, rm, rv, w_, b_, True, 0.1, 1e-5)
+    if mode == "relu_fwd":
+        def fwd() -> Any:
+            with torch.no_grad():
+                return f(x, w, b)
+        return fwd
+    xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+
+    def fwd_bwd() -> Any:
+        return torch.autograd.grad(f(xs, ws, bs), (xs, ws, bs), g)
     return fwd_bwd
 
 
@@ -173,7 +210,7 @@ def _geomean(v: list[float]) -> float:
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in MODES + RELU_MODES:
         sel = [r for r in rows if r["mode"] == mode]
         if not sel:
             continue
@@ -188,14 +225,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    print(f"{'shape':<13}{'format':<14}{'mode':<10}{'clone ms':>9}{'torch':>8}{'bnlab':>8}"
+    print(f"{'shape':<13}{'format':<14}{'mode':<13}{'clone ms':>9}{'torch':>8}{'bnlab':>8}"
           f"{'speedup':>9}")
     for r in rows:
-        print(f"{r['shape']:<13}{r['format']:<14}{r['mode']:<10}{r['clone_ms']:>9.3f}"
+        print(f"{r['shape']:<13}{r['format']:<14}{r['mode']:<13}{r['clone_ms']:>9.3f}"
               f"{r['torch']:>7.2f}x{r['bnlab']:>7.2f}x{r['speedup']:>8.2f}x")
     print("\nmedian ratio to clone over the shape set (lower is better), speedup = torch/bnlab")
     for mode, s in summary.items():
-        print(f"  {mode:<10} torch {s['median_torch']:.2f}x  bnlab {s['median_bnlab']:.2f}x  "
+        print(f"  {mode:<13} torch {s['median_torch']:.2f}x  bnlab {s['median_bnlab']:.2f}x  "
               f"geomean speedup {s['geomean_speedup']:.2f}x  min {s['min_speedup']:.2f}x  "
               f"({s['n']} cases)")
 
@@ -220,18 +257,22 @@ def run(args: argparse.Namespace) -> int:
         payload: dict[str, Any] = {"machine": info, "e2e": result}
     else:
         names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
-        unknown = [n for n in names if n not in SHAPES]
-        if unknown:
-            print(f"bnlab bench: unknown shape(s) {unknown}; choose from {list(SHAPES)}",
-                  file=sys.stderr)
-            return 2
+        formats, modes = args.formats.split(","), args.modes.split(",")
+        for option, got, allowed in (("--shapes", names, tuple(SHAPES)),
+                                     ("--formats", formats, FORMATS),
+                                     ("--modes", modes, MODES + RELU_MODES)):
+            unknown = [v for v in got if v not in allowed]
+            if unknown:
+                print(f"bnlab bench: {option}: unknown value(s) {unknown}; choose from "
+                      f"{list(allowed)}", file=sys.stderr)
+                return 2
         rows = []
         for name in names:
             shape = SHAPES[name]
-            for fmt in args.formats.split(","):
+            for fmt in formats:
                 if fmt == "channels_last" and len(shape) != 4:
                     continue  # (N, C) has one layout
-                for mode in args.modes.split(","):
+                for mode in modes:
                     r = bench_case(shape, fmt, mode, args.repeats, args.rounds, args.stat)
                     rows.append({"shape": name, "dims": list(shape), "format": fmt,
                                  "mode": mode, **r})
