@@ -10,9 +10,12 @@ figure of merit is the step time relative to the net without BN.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -127,6 +130,22 @@ def _is_bn_op(name: str) -> bool:
             or "bnk::" in name)
 
 
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: torch 2.13's profiler (kineto) writes two "USDT: ...
+    profiler_start/stop" lines to the process's stderr per use, whatever its log level.
+    (Python exceptions still propagate.)"""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def bn_op_ms(step: Callable[[], None], steps: int = 3) -> float:
     """Median over `steps` profiled steps of the self CPU time (ms) of batch norm's ops: BN's own
     cost in a step, apart from what it does to the other ops' time (e.g. torch's max-pool
@@ -135,7 +154,7 @@ def bn_op_ms(step: Callable[[], None], steps: int = 3) -> float:
 
     per_step = []
     for _ in range(steps):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
         per_step.append(sum(e.self_cpu_time_total for e in prof.key_averages()
                             if _is_bn_op(e.key)) / 1e3)
