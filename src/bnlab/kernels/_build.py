@@ -2,11 +2,12 @@
 
 The library is compiled once per machine kind and cached in torch's extensions directory
 (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); later imports load it in well
-under a second. `-march=native` is used because the loops rely on the compiler lowering 16-lane
-vectors to the widest ISA there is (AVX-512 here); the extension's name carries a hash of the
-CPU's feature flags, so a cache shared between different machines never loads a binary built
-for another CPU. `BNLAB_KERNELS_MARCH` overrides the target (e.g. `x86-64-v3`), and an empty
-value drops the flag.
+under a second. `-march=native` is used because the vector width follows the target's widest
+ISA (16 lanes with AVX-512, 8 with AVX2, 4 otherwise: `csrc/simd.h`); the extension's name
+carries a hash of the CPU's feature flags and the target, so a cache shared between different
+machines never loads a binary built for another CPU. `BNLAB_KERNELS_MARCH` overrides the target
+(e.g. `x86-64-v3`; `tests/test_kernels_portable.py` builds and tests that one and `x86-64`),
+and an empty value drops the flag.
 
 A failed build (no compiler, no headers) is not an error for users: `load()` returns None, warns
 once, and `bnlab.kernels.supports` then sends everything down the reference path.

@@ -5,7 +5,7 @@
 //   * rows    (M, C) with M = N*S:   element (r, c) at r*C + c            (channels_last, (N, C)).
 //
 // Statistics. One read gives shifted sums Σ(x−K), Σ(x−K)² with K a sample mean of the channel,
-// accumulated in 4 independent 16-lane float accumulators (latency hiding) and flushed to double
+// accumulated in 4 independent W-lane float accumulators (latency hiding) and flushed to double
 // every BLOCK elements, so the float part never sums more than a few hundred values per lane.
 // With K close to μ the shifted formula σ² = Σ(x−K)²/m − (Σ(x−K)/m)² does not cancel; when it
 // would (more than 2 bits lost, e.g. an outlier as K) a second, exact pass Σ(x−μ)² runs. This is
@@ -217,6 +217,7 @@ inline float inv_std(float var, float eps) { return 1.0f / std::sqrt(var + eps);
 // 16: with thousands of channels the serial chain was a few percent of a small-plane call).
 template <typename T>
 inline float sample_mean(const T* p, int64_t n, int64_t stride) {
+#if defined(__AVX512F__)
   if (n == W && stride == 1) {
     vf v = load(p);
     v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -225,6 +226,7 @@ inline float sample_mean(const T* p, int64_t n, int64_t stride) {
     v += __builtin_shufflevector(v, v, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
     return v[0] / static_cast<float>(W);
   }
+#endif
   float s = 0.0f;
   for (int64_t i = 0; i < n; ++i) s += static_cast<float>(p[i * stride]);
   return n > 0 ? s / static_cast<float>(n) : 0.0f;

@@ -1,10 +1,12 @@
-// Portable 16-lane float vectors (GCC/Clang vector extensions) for the bnlab BN kernels.
+// Portable float vectors (GCC/Clang vector extensions) for the bnlab BN kernels.
 //
-// A `vf` is 16 floats = one cache line. The compiler lowers it to one zmm register with
-// AVX-512, two ymm with AVX2, four xmm with SSE, so the code has a fixed, compile-time vector
-// width and no per-ISA source. Partial (tail) loads and stores use AVX-512 masks where present
-// and a scalar loop elsewhere. bfloat16 is loaded by widening (bits << 16) and stored with
-// round-to-nearest-even, NaN -> 0x7FC0, exactly as c10::BFloat16 does.
+// The width W is the target's native vector: 16 floats (one zmm, one cache line) with
+// AVX-512, 8 (one ymm) with AVX, 4 (one xmm) otherwise. The loops are written once for any W.
+// (A fixed 16 lanes everywhere was tried: without AVX-512, GCC moved each 64-byte vector
+// through the stack in 16-byte pieces, and an x86-64-v3 build ran the training forward at
+// 4.8x a copy instead of 1.8x.) Partial (tail) loads and stores use AVX-512 masks where
+// present and a scalar loop elsewhere. bfloat16 is loaded by widening (bits << 16) and stored
+// with round-to-nearest-even, NaN -> 0x7FC0, exactly as c10::BFloat16 does.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -12,25 +14,32 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
 namespace bnk {
 
+#if defined(__AVX512F__)
 constexpr int W = 16;  // lanes per vector
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef uint8_t vb __attribute__((vector_size(16)));
+#elif defined(__AVX__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
+typedef uint8_t vb __attribute__((vector_size(W)));
 using bf16 = c10::BFloat16;
 
 inline vf splat(float a) { return vf{} + a; }
 
 // Lane mask: all ones in lanes [0, n), zero elsewhere.
 inline vi lanes_lt(int n) {
-  const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  vi iota{};
+  for (int i = 0; i < W; ++i) iota[i] = i;  // (folded to a constant)
   return iota < n;
 }
 inline vf keep(vf v, vi m) { return (vf)((vi)v & m); }
@@ -41,6 +50,8 @@ inline vf keep(vf v, vi m) { return (vf)((vi)v & m); }
 inline vf fmadd(vf a, vf b, vf c) {
 #if defined(__AVX512F__)
   return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__AVX__) && defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
   return a * b + c;
 #endif
@@ -78,12 +89,14 @@ inline vf load_n(const bf16* p, int n) {
 #endif
   return widen(h);
 }
-// A ReLU mask byte per element (0 or 1) -> all-ones / zero lanes. With AVX-512 one vpmovzxbd:
-// GCC lowers the generic __builtin_convertvector of 16 bytes to 16 scalar extracts and inserts,
-// which made the masked backward 2.4x slower than the unmasked one.
+// A ReLU mask byte per element (0 or 1) -> all-ones / zero lanes: one vpmovzxbd. GCC lowers
+// the generic __builtin_convertvector of the bytes to scalar extracts and inserts, which made
+// the masked backward 2.4x slower than the unmasked one.
 inline vi load_mask(const uint8_t* p) {
 #if defined(__AVX512F__)
   return -(vi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+  return -(vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 #else
   vb b;
   std::memcpy(&b, p, sizeof b);
@@ -144,9 +157,15 @@ inline void stream_fence() {
   _mm_sfence();
 #endif
 }
-inline void store_mask(uint8_t* p, vi m) {  // (this direction GCC lowers to one vpmovdb)
+inline void store_mask(uint8_t* p, vi m) {  // (GCC lowers this to one vpmovdb with AVX-512)
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256i v = (__m256i)(m & 1);  // 8 x int32 -> 8 x uint16 -> 8 x uint8
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(h, h));
+#else
   vb b = __builtin_convertvector(m & 1, vb);
   std::memcpy(p, &b, sizeof b);
+#endif
 }
 inline void store_mask_n(uint8_t* p, vi m, int n) {
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -157,19 +176,13 @@ inline void store_mask_n(uint8_t* p, vi m, int n) {
 #endif
 }
 
-typedef double vd __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-// d[0..16) += v, in double (8-lane double vectors).
+typedef double vd __attribute__((vector_size(8 * W)));
+// d[0..W) += v, in double.
 inline void add_to_double(double* d, vf v) {
-  vf8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  vf8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  vd a, b;
+  vd a;
   std::memcpy(&a, d, sizeof a);
-  std::memcpy(&b, d + 8, sizeof b);
-  a += __builtin_convertvector(lo, vd);
-  b += __builtin_convertvector(hi, vd);
+  a += __builtin_convertvector(v, vd);
   std::memcpy(d, &a, sizeof a);
-  std::memcpy(d + 8, &b, sizeof b);
 }
 
 // Horizontal sum in double (used once per block of thousands of elements).
