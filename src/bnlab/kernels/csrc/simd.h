@@ -138,7 +138,7 @@ inline void store_n(bf16* p, vf v, int n) {
   uint16_t* q = reinterpret_cast<uint16_t*>(p);
   for (int i = 0; i < n; ++i) q[i] = h[i];
 }
-// Output store, streaming (non-temporal) when `nt` and the address is 64-byte aligned: for
+// Output store, streaming (non-temporal) when `nt` and the address is vector-aligned: for
 // outputs that will not stay in cache it skips the read-for-ownership of each destination line
 // (a third of a normalize's DRAM traffic). float32 only; bfloat16 outputs store normally.
 inline void store_out(float* p, vf v, bool nt) {
@@ -147,13 +147,18 @@ inline void store_out(float* p, vf v, bool nt) {
     _mm512_stream_ps(p, (__m512)v);
     return;
   }
+#elif defined(__AVX__)
+  if (nt && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+    _mm256_stream_ps(p, (__m256)v);
+    return;
+  }
 #endif
   store(p, v);
 }
 inline void store_out(bf16* p, vf v, bool) { store(p, v); }
 // Orders a thread's streaming stores before whatever follows (the end of a parallel region).
 inline void stream_fence() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
   _mm_sfence();
 #endif
 }
