@@ -268,8 +268,8 @@ def batch_norm_with_flag(
     if training:
         if _use_kernels(input):
             # normalize + the same running update as below, in one C++ call where it can
-            return _kernels_module().batch_norm_train_update(input, weight, bias, eps, running_mean,
-                                                   running_var, momentum)
+            return _kernels_module().batch_norm_train_update(input, weight, bias, eps,
+                                                             running_mean, running_var, momentum)
         if _use_native(input):
             y, mean, var = native_train(input, weight, bias, eps)
         else:

@@ -107,38 +107,10 @@ def machine_info(threads: int, malloc_tuned: bool) -> dict[str, Any]:
 def _case(x: torch.Tensor, mode: str, impl: str) -> Callable[[], Any]:
     """A zero-argument callable running one BN mode on ``x`` with torch's or bnlab's functional.
     torch and bnlab read the same input tensor (and the clone copies it), so neither gains
-    from where its input happens to sit in memory."""
+    from where its input happens to sit in memory. The relu_ modes run relu(BN(x)) in training
+    mode: torch's BN then torch.relu, or bnlab.kernels.bn_relu (one sweep forward; the backward
+    reads the saved ReLU mask)."""
     import bnlab.functional as bF
-
-    if mode in RELU_MODES:
-        return _relu_case(x, mode, impl)
-    gen = torch.Generator().manual_seed(0)
-    c = x.shape[1]
-    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
-    rm, rv = torch.zeros(c), torch.ones(c)
-    g = torch.randn(x.shape, generator=gen).contiguous(memory_format=_fmt(x))
-    bn = torch.nn.functional.batch_norm if impl == "torch" else bF.batch_norm
-    if mode in ("train_fwd", "eval"):
-        training = mode == "train_fwd"
-
-        def fwd() -> Any:
-            with torch.no_grad():
-                return bn(x, rm, rv, w, b, training, 0.1, 1e-5)
-        return fwd
-    xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
-    if mode == "bwd":
-        y = bn(xs, rm, rv, ws, bs, True, 0.1, 1e-5)
-        return lambda: torch.autograd.grad(y, (xs, ws, bs), g, retain_graph=True)
-
-    def fwd_bwd() -> Any:
-        y = bn(xs, rm, rv, ws, bs, True, 0.1, 1e-5)
-        return torch.autograd.grad(y, (xs, ws, bs), g)
-    return fwd_bwd
-
-
-def _relu_case(x: torch.Tensor, mode: str, impl: str) -> Callable[[], Any]:
-    """relu(BN(x)) in training mode: torch's functional then torch.relu, or bnlab.kernels.bn_relu
-    (one sweep forward; the backward reads the saved ReLU mask)."""
     from bnlab.kernels import bn_relu
 
     gen = torch.Generator().manual_seed(0)
@@ -146,20 +118,28 @@ def _relu_case(x: torch.Tensor, mode: str, impl: str) -> Callable[[], Any]:
     w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
     rm, rv = torch.zeros(c), torch.ones(c)
     g = torch.randn(x.shape, generator=gen).contiguous(memory_format=_fmt(x))
+    bn = torch.nn.functional.batch_norm if impl == "torch" else bF.batch_norm
 
-    def f(x_: torch.Tensor, w_: torch.Tensor, b_: torch.Tensor) -> torch.Tensor:
+    def op(x_: torch.Tensor, w_: torch.Tensor, b_: torch.Tensor, training: bool) -> torch.Tensor:
+        if mode not in RELU_MODES:
+            return bn(x_, rm, rv, w_, b_, training, 0.1, 1e-5)
         if impl == "torch":
-            return torch.relu(torch.nn.functional.batch_norm(x_, rm, rv, w_, b_, True, 0.1, 1e-5))
-        return bn_relu(x_, rm, rv, w_, b_, True, 0.1, 1e-5)
-    if mode == "relu_fwd":
+            return torch.relu(bn(x_, rm, rv, w_, b_, training, 0.1, 1e-5))
+        return bn_relu(x_, rm, rv, w_, b_, training, 0.1, 1e-5)
+    if mode in ("train_fwd", "eval", "relu_fwd"):
+        training = mode != "eval"
+
         def fwd() -> Any:
             with torch.no_grad():
-                return f(x, w, b)
+                return op(x, w, b, training)
         return fwd
     xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+    if mode == "bwd":
+        y = op(xs, ws, bs, True)
+        return lambda: torch.autograd.grad(y, (xs, ws, bs), g, retain_graph=True)
 
-    def fwd_bwd() -> Any:
-        return torch.autograd.grad(f(xs, ws, bs), (xs, ws, bs), g)
+    def fwd_bwd() -> Any:  # fwd_bwd, relu_fwd_bwd
+        return torch.autograd.grad(op(xs, ws, bs, True), (xs, ws, bs), g)
     return fwd_bwd
 
 
