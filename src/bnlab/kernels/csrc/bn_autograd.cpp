@@ -13,6 +13,8 @@
 
 #include <cmath>
 
+#include "bn_tensors.h"
+
 namespace bnk {
 
 using torch::autograd::AutogradContext;
@@ -238,13 +240,7 @@ inline float lerp(float a, float b, float w) {
 // statistic is not finite — `bnlab.functional.update_running_stats` as one op, float32 buffers.
 Tensor update_running(const OptT& rm, const OptT& rv, const Tensor& mean_in, const Tensor& var_in,
                       int64_t count, double momentum, const OptT& momentum_t) {
-  // No aten call when nothing needs converting: this also runs inside the Autograd kernel,
-  // where (under a dispatch mode) an op returning its input is flagged as aliasing.
-  auto as_float = [](const Tensor& t) {
-    return t.scalar_type() == at::kFloat && t.is_contiguous() ? t
-                                                              : t.to(at::kFloat).contiguous();
-  };
-  const Tensor mean = as_float(mean_in), var = as_float(var_in);
+  const Tensor mean = as_float32(mean_in), var = as_float32(var_in);  // (runs in Autograd too)
   const int64_t C = mean.numel();
   const float* mp = mean.data_ptr<float>();
   const float* vp = var.data_ptr<float>();

@@ -251,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
   at::Tensor mask = (mask_in.has_value() && mask_in->defined() && mask_in->numel() > 0)
                         ? like(*mask_in, x, at::kByte)
                         : at::Tensor();
-  at::Tensor mean = mean_in.to(at::kFloat).contiguous(), var = var_in.to(at::kFloat).contiguous();
+  at::Tensor mean = as_float32(mean_in), var = as_float32(var_in);
   at::Tensor w = per_channel(weight, C, 1.f, "weight");
   at::Tensor dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor dz = need_dz ? at::empty_like(x) : at::empty({0}, x.options());

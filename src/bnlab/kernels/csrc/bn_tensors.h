@@ -77,13 +77,19 @@ inline int64_t planar_grad_gap(const at::Tensor& g, const at::Tensor& x, const S
   return gap > 0 ? gap : 0;
 }
 
+// t as contiguous float32, with no aten call when it already is (inside the Autograd kernel,
+// under a dispatch mode, an op returning its input is flagged as aliasing; and each call
+// costs a dispatch).
+inline at::Tensor as_float32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
 inline at::Tensor per_channel(const c10::optional<at::Tensor>& t, int64_t C, float fill,
                        const char* name) {
   if (!t.has_value() || !t->defined()) return at::full({C}, fill, at::dtype(at::kFloat));
   TORCH_CHECK(t->numel() == C, "bnlab kernels: ", name, " must have ", C, " elements, got ",
               t->numel());
-  if (t->scalar_type() == at::kFloat && t->is_contiguous()) return *t;
-  return t->to(at::kFloat).contiguous();
+  return as_float32(*t);
 }
 
 inline void check_dtype(const at::Tensor& x) {
