@@ -24,7 +24,6 @@ from bnlab.variants.frozen import FrozenBatchNorm
 __all__ = ["ChannelAffine", "fold", "fold_pairs"]
 
 
-
 def _is_norm(m: nn.Module) -> bool:
     """A module whose eval transform is BN's: bnlab/torch BN (and subclasses) or FrozenBatchNorm."""
     return is_batchnorm(m) or isinstance(m, FrozenBatchNorm)
