@@ -6,6 +6,7 @@
     torchrun --nproc-per-node K -m bnlab run NAME ... [--sync-bn]   data-parallel (rank 0 writes)
     bnlab report [--runs D] [--out D]             finished runs -> report/index.html + report.md
     bnlab bench ...                               kernel benchmarks (bnlab.kernels.bench)
+    bnlab kernels                                 build the CPU kernels now; where they are
 """
 
 from __future__ import annotations
@@ -68,6 +69,23 @@ def _bench(args: argparse.Namespace) -> int:
     return int(bench.run(parser.parse_args(args.rest)))
 
 
+def _kernels(args: argparse.Namespace) -> int:
+    import warnings
+
+    from bnlab import functional
+    from bnlab.kernels import _build
+
+    with warnings.catch_warnings():  # the failure is printed below, not warned
+        warnings.simplefilter("ignore", RuntimeWarning)
+        info = _build.info()
+    for key, value in info.items():
+        if value is not None:
+            print(f"{key + ':':<11}{value}")
+    if info["available"] and functional._force_reference():
+        print("note:      BNLAB_FORCE_REFERENCE is set, so bnlab's layers use the reference path")
+    return 0 if info["available"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bnlab", description="Batch normalization lab: "
                                      "reproduce Ioffe & Szegedy 2015 and Santurkar et al. 2018.")
@@ -98,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False, prefix_chars="\0")  # every argument goes to the bench
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
+    sub.add_parser("kernels", help="build the CPU kernels now (cached; about a minute the first "
+                   "time) and print where they are; exit 1 if they cannot be built"
+                   ).set_defaults(func=_kernels)
     return parser
 
 

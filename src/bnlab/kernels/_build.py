@@ -9,13 +9,17 @@ machines never loads a binary built for another CPU. `BNLAB_KERNELS_MARCH` overr
 (e.g. `x86-64-v3`; `tests/test_kernels_portable.py` builds and tests that one and `x86-64`),
 and an empty value drops the flag.
 
-A failed build (no compiler, no headers) is not an error for users: `load()` returns None, warns
-once, and `bnlab.kernels.supports` then sends everything down the reference path.
+The first build takes about a minute: `load()` says so on the ``bnlab`` logger (level WARNING, so
+it shows by default) before it starts, and `bnlab kernels` builds ahead of time (a Dockerfile
+step, a CI cache) and prints where the binary lives. A failed build (no compiler, no headers) is
+not an error for users: `load()` returns False, warns once with the compiler's diagnostics, and
+`bnlab.kernels.supports` then sends everything down the reference path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -23,11 +27,12 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["build_error", "load"]
+__all__ = ["build_error", "info", "load"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+_log = logging.getLogger("bnlab")
 
 
 def _cpu_tag() -> str:
@@ -58,11 +63,50 @@ def _flags() -> list[str]:
     return flags
 
 
+def _name() -> str:
+    return f"bnlab_kernels_{_cpu_tag()}"
+
+
+def _binary() -> Path | None:
+    """Where the built library is (or will be); None if torch's layout is not the expected one."""
+    try:
+        from torch.utils import cpp_extension
+
+        return Path(cpp_extension._get_build_directory(_name(), verbose=False)) / f"{_name()}.so"
+    except Exception:  # a private helper of torch: if it moves, we only lose the build notice
+        return None
+
+
+def _needs_build() -> bool:
+    """Whether `load()` will compile: no cached binary, or a source (.cpp, .h) newer than it
+    (ninja's rule too)."""
+    so = _binary()
+    if so is None or not so.exists():
+        return True
+    built = so.stat().st_mtime
+    return any(p.stat().st_mtime > built for p in _CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+
+
+def _summary(error: str, limit: int = 600) -> str:
+    """The gist of a build error: the compiler's diagnostics without its long command lines."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    if not lines:
+        return error
+    head = lines[0].split(": [", 1)[0]  # "RuntimeError: Error building extension '...'"
+    notes = [line for line in lines[1:] if len(line) < 300 and not line.startswith("[")]
+    seen: list[str] = []
+    for line in notes:
+        if line not in seen:
+            seen.append(line)
+    text = " | ".join([head[:300], *seen])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _do_load() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     sources = sorted(str(p) for p in _CSRC.glob("*.cpp"))
-    name = f"bnlab_kernels_{_cpu_tag()}"
+    name = _name()
     return cpp_extension.load(
         name=name,
         sources=sources,
@@ -79,15 +123,21 @@ def load() -> bool:
     with _lock:
         if "ok" in _state:
             return bool(_state["ok"])
+        if _needs_build():
+            so = _binary()
+            _log.warning("bnlab: compiling the CPU batch-norm kernels for this machine (once, "
+                         "about a minute on 2 cores; cached in %s)",
+                         so.parent if so else "torch's extensions directory")
         try:
             _do_load()
             _state["ok"] = True
         except Exception as exc:  # any failure means: use the reference path
             _state["ok"] = False
             _state["error"] = f"{type(exc).__name__}: {exc}"
+            cause = _summary(str(_state["error"])).rstrip(".")
             warnings.warn(
                 "bnlab: building the CPU batch-norm kernels failed, so the (slower) reference "
-                f"path is used. Cause: {_state['error'][:500]}. This warning is shown once.",
+                f"path is used. Cause: {cause}. This warning is shown once.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -98,3 +148,11 @@ def build_error() -> str | None:
     """Why the build failed (None if it did not fail or was not tried)."""
     err = _state.get("error")
     return None if err is None else str(err)
+
+
+def info() -> dict[str, object]:
+    """What `bnlab kernels` prints: the target, the binary's path, whether it is loaded (this
+    builds the kernels if needed) and why not."""
+    ok = load()
+    return {"available": ok, "target": _march() or "(compiler default)", "binary": str(_binary()),
+            "error": None if ok else _summary(build_error() or "")}
