@@ -27,7 +27,22 @@ def test_bench_writes_every_case_summary_and_machine_info(tmp_path, capsys) -> N
     assert set(payload["summary"]) == set(modes)
     assert payload["machine"]["threads"] == 1
     assert {"cpu", "cores", "torch", "kernels", "malloc_tuned"} <= set(payload["machine"])
-    assert "relu_fwd_bwd" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "relu_fwd_bwd" in printed
+    assert [(t["mode"], t["statistic"]) for t in payload["targets"]] == \
+        [(m, st) for m, st, _, _ in bench.TARGETS]
+    assert not payload["full_shape_set"] and "only indicative" in printed
+
+
+def test_targets_compare_each_statistic_with_its_bound() -> None:
+    summary = {"train_fwd": {"median_bnlab": 1.6}, "bwd": {"median_bnlab": 2.51},
+               "fwd_bwd": {"geomean_speedup": 3.2, "min_speedup": 0.94}}
+    got = {(t["mode"], t["statistic"]): (t["met"], t["target"])
+           for t in bench.check_targets(summary)}
+    assert got == {("train_fwd", "median_bnlab"): (True, "<= 1.6"),  # the bound itself is met
+                   ("bwd", "median_bnlab"): (False, "<= 2.5"),
+                   ("fwd_bwd", "geomean_speedup"): (True, ">= 3.0"),
+                   ("fwd_bwd", "min_speedup"): (False, ">= 0.95")}  # eval was not run
 
 
 @pytest.mark.parametrize("option, value", [("--shapes", "r50-1x1"), ("--modes", "train"),
@@ -36,3 +51,17 @@ def test_bench_unknown_values_name_the_option_and_the_choices(option, value, cap
     assert main(["bench", option, value, "--repeats", "1", "--rounds", "1"]) == 2
     err = capsys.readouterr().err
     assert option in err and repr(value) in err and "choose from" in err
+
+
+def test_e2e_printout_says_which_nets_meet_the_overhead_target(capsys) -> None:  # type: ignore[no-untyped-def]
+    from bnlab.kernels import e2e
+
+    def net(bnlab_ms: float) -> dict:  # type: ignore[type-arg]
+        steps = {"none": 100.0, "torch_bn": 115.0, "bnlab_bn": bnlab_ms, "bnlab_bn_relu": 104.0}
+        over = {f"overhead_{k}{tag}": v / 100.0 - 1.0 for k, v in steps.items() if k != "none"
+                for tag in ("", "_min")}
+        return {"step_ms": steps, "step_ms_min": steps, **over, "bn_op_ms": {"torch_bn": 14.0}}
+
+    e2e.print_e2e({"vgg": net(110.0), "inception": net(110.5)})  # +10% exactly is met
+    out = capsys.readouterr().out
+    assert "at most +10% over no BN (median): vgg met, inception missed" in out

@@ -53,6 +53,15 @@ MODES = ("train_fwd", "bwd", "fwd_bwd", "eval")
 # Opt-in: torch's BN then ReLU against bnlab's fused BN+ReLU (saved mask), training mode.
 RELU_MODES = ("relu_fwd", "relu_fwd_bwd")
 FORMATS = ("nchw", "channels_last")
+# The targets the kernels were built to (fp32, 2 threads, over the whole shape set and both
+# layouts): (mode, summary statistic, comparison, bound).
+TARGETS: tuple[tuple[str, str, str, float], ...] = (
+    ("train_fwd", "median_bnlab", "<=", 1.6),
+    ("bwd", "median_bnlab", "<=", 2.5),
+    ("eval", "median_bnlab", "<=", 1.3),
+    ("fwd_bwd", "geomean_speedup", ">=", 3.0),
+    ("fwd_bwd", "min_speedup", ">=", 0.95),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -204,6 +213,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def check_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each of `TARGETS` whose mode was run: the measured value and whether it meets the bound."""
+    out = []
+    for mode, stat, op, bound in TARGETS:
+        if mode in summary:
+            v = summary[mode][stat]
+            out.append({"mode": mode, "statistic": stat, "target": f"{op} {bound}", "value": v,
+                        "met": v <= bound if op == "<=" else v >= bound})
+    return out
+
+
 def print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     print(f"{'shape':<13}{'format':<14}{'mode':<13}{'clone ms':>9}{'torch':>8}{'bnlab':>8}"
           f"{'speedup':>9}")
@@ -215,6 +235,16 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         print(f"  {mode:<13} torch {s['median_torch']:.2f}x  bnlab {s['median_bnlab']:.2f}x  "
               f"geomean speedup {s['geomean_speedup']:.2f}x  min {s['min_speedup']:.2f}x  "
               f"({s['n']} cases)")
+
+
+def print_targets(targets: list[dict[str, Any]], full: bool) -> None:
+    if not targets:
+        return
+    print("\ntargets (fp32, 2 threads, whole shape set, both layouts)"
+          + ("" if full else ": this run covers less, so only indicative"))
+    for t in targets:
+        print(f"  {t['mode']:<13} {t['statistic']:<16} {t['value']:.2f}x {t['target']}x: "
+              f"{'met' if t['met'] else 'missed'}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -260,7 +290,11 @@ def run(args: argparse.Namespace) -> int:
                           f"bnlab {r['bnlab']:.2f}x", file=sys.stderr, flush=True)
         summary = summarize(rows)
         print_table(rows, summary)
-        payload = {"machine": info, "rows": rows, "summary": summary}
+        targets = check_targets(summary)
+        full = (names == list(SHAPES) and set(formats) == set(FORMATS) and args.threads == 2)
+        print_targets(targets, full)
+        payload = {"machine": info, "rows": rows, "summary": summary, "targets": targets,
+                   "full_shape_set": full}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
