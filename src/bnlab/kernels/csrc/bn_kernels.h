@@ -131,6 +131,9 @@ struct SumsOp {
   }
   static constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   void prefetch(int64_t i) const { __builtin_prefetch(x + i); }
+  // For block_reduce's small-plane walk: move d elements on; set the shift.
+  void advance(int64_t d) { x += d; }
+  void shift(float k_) { k = splat(k_); }
 };
 
 // Backward sums: a += g', b += g'·(x − μ), g' = g masked by the ReLU mask.
@@ -164,6 +167,12 @@ struct BwdSumsOp {
     __builtin_prefetch(x + i);
     __builtin_prefetch(g + i);
   }
+  void advance(int64_t d) {
+    x += d;
+    g += d;
+    if constexpr (MASK) mask += d;
+  }
+  void shift(float mu_) { mu = splat(mu_); }
 };
 
 // dx = g'·A + (x − μ)·B + Cc, and dz = g' when asked (BN+add+ReLU).

@@ -33,7 +33,7 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
         block_reduce(
             s, b0, nb,
             [&](int64_t j, int64_t p, int64_t) { return SumsOp<T>{x + p, splat(K[j])}; },
-            s1.data(), s2.data());
+            K.data(), s1.data(), s2.data());
         for (int64_t j = 0; j < nb; ++j) {
           bool ex = false;
           from_shifted(K[j], s1[j], s2[j], m, mean[j], var[j], ex);
@@ -45,7 +45,7 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
           block_reduce(
               s, b0, nb,
               [&](int64_t j, int64_t p, int64_t) { return SumsOp<T>{x + p, splat(mean[j])}; },
-              s1.data(), s2.data(), exact.data());
+              mean.data(), s1.data(), s2.data(), exact.data());
           for (int64_t j = 0; j < nb; ++j)
             if (exact[j]) from_centered(s1[j], s2[j], m, mean[j], var[j]);
         }
@@ -166,7 +166,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
               return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr,
                           splat(mean[b0 + j])};
             },
-            sg.data(), sgd.data());
+            mean + b0, sg.data(), sgd.data());
         for (int64_t j = 0; j < nb; ++j) coeffs(b0 + j, sg[j], sgd[j], A[j], B[j], Cc[j]);
         if (!sweep) continue;
         for (int64_t n = 0; n < s.N; ++n) {
