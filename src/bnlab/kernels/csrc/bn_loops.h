@@ -118,9 +118,9 @@ constexpr int64_t SMALL_PLANE = 1024;
 
 // The nb consecutive planes of S ≤ SMALL_PLANE values that `op` starts at, plane j (shift
 // shift[j]) summed into va[j], vb[j] (see block_reduce). The op walks by value from plane to
-// plane (`advance`, `shift`): rebuilding it per plane through the caller's closure kept more values live
-// than there are registers, and GCC spilled them (the 7x7 backward sums ran 1.4x slower than
-// the same loop written out by hand).
+// plane (`advance`, `shift`): rebuilding it per plane through the caller's closure kept more
+// values live than there are registers, and GCC spilled them (the 7x7 backward sums ran 1.4x
+// slower than the same loop written out by hand).
 template <class Op>
 __attribute__((always_inline)) inline void small_planes_sums(Op op, const float* shift,
                                                              int64_t nb, int64_t S, vi last,
@@ -148,9 +148,9 @@ __attribute__((noinline)) void small_planes_sums_outlined(Op op, const float* sh
   small_planes_sums(op, shift, nb, S, last, va, vb, use);
 }
 
-// Σ over all planes of the channels [c0, c0 + nb), n-major; make(j, p, n) gives the reduction
-// functor of channel c0 + j at offset p (in sample n), whose shift (μ or the sample mean) is
-// shift[j]; sums land in s1[j], s2[j]; only channels with use[j] (or all if use is null) are
+// Σ over all planes of the channels [c0, c0 + nb), n-major; make(p, n) gives the reduction
+// functor at offset p (in sample n), and channel c0 + j is summed about shift[j] (μ or a sample
+// mean); sums land in s1[j], s2[j]; only channels with use[j] (or all if use is null) are
 // read.
 template <class MakeOp>
 inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& make,
@@ -173,14 +173,13 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
         va[j] = vb_[j] = vf{};
       }
     };
-    using Op = decltype(make(int64_t{0}, int64_t{0}, int64_t{0}));
+    using Op = decltype(make(int64_t{0}, int64_t{0}));
     for (int64_t n = 0; n < s.N; ++n) {
       const int64_t p0 = (n * s.C + c0) * S;
       if constexpr (Op::kMasked)
-        small_planes_sums_outlined(make(0, p0, n), shift, nb, S, last, va.data(), vb_.data(),
-                                   use);
+        small_planes_sums_outlined(make(p0, n), shift, nb, S, last, va.data(), vb_.data(), use);
       else
-        small_planes_sums(make(0, p0, n), shift, nb, S, last, va.data(), vb_.data(), use);
+        small_planes_sums(make(p0, n), shift, nb, S, last, va.data(), vb_.data(), use);
       if ((cnt += S) >= BLOCK) {  // ≤ BLOCK / W + SMALL_PLANE / W terms per lane in float
         flush();
         cnt = 0;
@@ -198,7 +197,8 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
       Acc A = acc[j];
       for (int64_t off = 0; off < s.S; off += BLOCK) {
         const int64_t len = std::min(BLOCK, s.S - off);
-        const auto op = make(j, plane + off, n);
+        auto op = make(plane + off, n);
+        op.shift(shift[j]);
         reduce_seg(
             len, A, [&](int64_t i, vf& a, vf& b) { op.full(i, a, b); },
             [&](int64_t i, int n_, vf& a, vf& b) { op.part(i, n_, a, b); });

@@ -32,8 +32,8 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
         }
         block_reduce(
             s, b0, nb,
-            [&](int64_t j, int64_t p, int64_t) { return SumsOp<T>{x + p, splat(K[j])}; },
-            K.data(), s1.data(), s2.data());
+            [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; }, K.data(), s1.data(),
+            s2.data());
         for (int64_t j = 0; j < nb; ++j) {
           bool ex = false;
           from_shifted(K[j], s1[j], s2[j], m, mean[j], var[j], ex);
@@ -44,8 +44,8 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
         if (any) {  // rare: the sample shift was poor for some channel
           block_reduce(
               s, b0, nb,
-              [&](int64_t j, int64_t p, int64_t) { return SumsOp<T>{x + p, splat(mean[j])}; },
-              mean.data(), s1.data(), s2.data(), exact.data());
+              [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; }, mean.data(),
+              s1.data(), s2.data(), exact.data());
           for (int64_t j = 0; j < nb; ++j)
             if (exact[j]) from_centered(s1[j], s2[j], m, mean[j], var[j]);
         }
@@ -162,9 +162,8 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
         std::fill(sgd.begin(), sgd.end(), 0.0);
         block_reduce(
             s, b0, nb,
-            [&](int64_t j, int64_t p, int64_t n) {
-              return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr,
-                          splat(mean[b0 + j])};
+            [&](int64_t p, int64_t n) {
+              return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr, vf{}};
             },
             mean + b0, sg.data(), sgd.data());
         for (int64_t j = 0; j < nb; ++j) coeffs(b0 + j, sg[j], sgd[j], A[j], B[j], Cc[j]);
