@@ -89,19 +89,19 @@ def test_needs_build_follows_the_binary_and_the_sources(tmp_path, monkeypatch) -
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     so = _build._binary()
     assert so is not None and so.is_relative_to(tmp_path / "ext")
-    assert _build._needs_build()  # nothing built yet
+    assert _build._needs_build(so)  # nothing built yet
     so.write_bytes(b"")
     t = (csrc / "a.cpp").stat().st_mtime
     os.utime(so, (t + 10, t + 10))
-    assert not _build._needs_build()  # built after every source
+    assert not _build._needs_build(so)  # built after every source
     os.utime(csrc / "a.h", (t + 20, t + 20))
-    assert _build._needs_build()  # a header changed since: ninja rebuilds
+    assert _build._needs_build(so)  # a header changed since: ninja rebuilds
 
 
 @pytest.mark.parametrize("needs", [True, False])
 def test_compile_notice_only_when_compiling(needs: bool, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(_build, "_state", {})
-    monkeypatch.setattr(_build, "_needs_build", lambda: needs)
+    monkeypatch.setattr(_build, "_needs_build", lambda so: needs)
     monkeypatch.setattr(_build, "_do_load", lambda: None)
     with caplog.at_level(logging.WARNING, logger="bnlab"):
         assert _build.load()

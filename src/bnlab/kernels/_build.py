@@ -18,6 +18,7 @@ not an error for users: `load()` returns False, warns once with the compiler's d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -35,17 +36,21 @@ _state: dict[str, object] = {}
 _log = logging.getLogger("bnlab")
 
 
-def _cpu_tag() -> str:
-    """A short hash of what decides the generated code: CPU flags, target and compiler."""
-    flags = ""
+@functools.cache
+def _cpu_flags() -> str:
+    """The CPU's feature-flag line (read once: /proc/cpuinfo is long on many-core machines)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                flags = line
-                break
+                return line
+        return ""
     except OSError:
-        flags = platform.processor()
-    key = "|".join([flags, platform.machine(), _march(), os.environ.get("CXX", "")])
+        return platform.processor()
+
+
+def _cpu_tag() -> str:
+    """A short hash of what decides the generated code: CPU flags, target and compiler."""
+    key = "|".join([_cpu_flags(), platform.machine(), _march(), os.environ.get("CXX", "")])
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -77,10 +82,9 @@ def _binary() -> Path | None:
         return None
 
 
-def _needs_build() -> bool:
-    """Whether `load()` will compile: no cached binary, or a source (.cpp, .h) newer than it
-    (ninja's rule too)."""
-    so = _binary()
+def _needs_build(so: Path | None) -> bool:
+    """Whether `load()` will compile the binary `so` (see `_binary`): it does not exist, or a
+    source (.cpp, .h) is newer than it (ninja's rule too)."""
     if so is None or not so.exists():
         return True
     built = so.stat().st_mtime
@@ -94,11 +98,7 @@ def _summary(error: str, limit: int = 600) -> str:
         return error
     head = lines[0].split(": [", 1)[0]  # "RuntimeError: Error building extension '...'"
     notes = [line for line in lines[1:] if len(line) < 300 and not line.startswith("[")]
-    seen: list[str] = []
-    for line in notes:
-        if line not in seen:
-            seen.append(line)
-    text = " | ".join([head[:300], *seen])
+    text = " | ".join([head[:300], *dict.fromkeys(notes)])  # each diagnostic once, in order
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -123,8 +123,8 @@ def load() -> bool:
     with _lock:
         if "ok" in _state:
             return bool(_state["ok"])
-        if _needs_build():
-            so = _binary()
+        so = _binary()
+        if _needs_build(so):
             _log.warning("bnlab: compiling the CPU batch-norm kernels for this machine (once, "
                          "about a minute on 2 cores; cached in %s)",
                          so.parent if so else "torch's extensions directory")
