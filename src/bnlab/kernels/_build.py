@@ -59,9 +59,9 @@ def _march() -> str:
 
 
 def _flags() -> list[str]:
-    # No automatic FMA contraction: y = (x − μ)·scale + β rounds like the reference path's two
-    # ops, so outputs match it bit for bit when the statistics do. The sums and dx ask for
-    # fused multiply-adds explicitly (simd.h fmadd).
+    # No automatic FMA contraction: the source says where a fused multiply-add is used (simd.h
+    # fmadd: the sums, dx, and y = fma(x − μ, scale, β)), not the compiler's heuristics, so
+    # results do not change with the optimizer's choices.
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
     if _march():
         flags.append(f"-march={_march()}")

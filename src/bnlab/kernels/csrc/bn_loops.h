@@ -70,11 +70,11 @@ inline void planes_normalize(const T* x, T* y, int64_t S, int64_t p0, int64_t co
     map_seg_pointwise(
         S,
         [&](int64_t i) {
-          store_out(y + p + i, e.apply((load(x + p + i) - mu) * sc + sh, p + i), nt);
+          store_out(y + p + i, e.apply(fmadd(load(x + p + i) - mu, sc, sh), p + i), nt);
         },
         [&](int64_t i, int n_) {
-          store_n(y + p + i, e.template apply<0>((load_n(x + p + i, n_) - mu) * sc + sh, p + i, n_),
-                  n_);
+          const vf yv = fmadd(load_n(x + p + i, n_) - mu, sc, sh);
+          store_n(y + p + i, e.template apply<0>(yv, p + i, n_), n_);
         });
     if (++j == nc) j = 0;
   }
@@ -333,14 +333,13 @@ void rows_normalize(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const f
     const int64_t base = r * C;
     for (int64_t cv = 0; cv < cv_tail; cv += W) {
       const int64_t o = base + cv;
-      store_out(y + o,
-                e.apply((load(x + o) - load(mean + cv)) * load(scale + cv) + load(shift + cv), o),
-                nt);
+      const vf yv = fmadd(load(x + o) - load(mean + cv), load(scale + cv), load(shift + cv));
+      store_out(y + o, e.apply(yv, o), nt);
     }
     if (rem) {
       const int64_t o = base + cv_tail;
-      const vf yv = (load_n(x + o, rem) - load(mean + cv_tail)) * load(scale + cv_tail) +
-                    load(shift + cv_tail);
+      const vf yv = fmadd(load_n(x + o, rem) - load(mean + cv_tail), load(scale + cv_tail),
+                          load(shift + cv_tail));
       store_n(y + o, e.template apply<0>(yv, o, rem), rem);
     }
   }
