@@ -34,7 +34,9 @@ typedef uint16_t vh __attribute__((vector_size(2 * W)));
 typedef uint8_t vb __attribute__((vector_size(W)));
 using bf16 = c10::BFloat16;
 
-inline vf splat(float a) { return vf{} + a; }
+// a − (+0) is a for every a, −0 included, so this compiles to one broadcast (from memory);
+// vf{} + a is not a no-op (+0 + −0 = +0) and cost a scalar add before every broadcast.
+inline vf splat(float a) { return a - vf{}; }
 
 // Lane mask: all ones in lanes [0, n), zero elsewhere.
 inline vi lanes_lt(int n) {
