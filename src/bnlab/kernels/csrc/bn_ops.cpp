@@ -19,6 +19,8 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
     // Fused: per block of channels, statistics (one DRAM read) then normalize from cache.
     const int nt = at::get_num_threads();
     const int64_t cb = channel_block(s, sizeof(T), (C + nt - 1) / nt);
+    // The statistics' reduction op at offset p; block_reduce sets each channel's shift.
+    const auto sums = [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; };
     at::parallel_for(0, C, grain_for(s.m()), [&](int64_t c0, int64_t c1) {
       std::vector<double> s1(cb), s2(cb), var(cb);
       std::vector<float> K(cb), mean(cb), scale(cb);
@@ -30,10 +32,7 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
           K[j] = sample_mean(x + (b0 + j) * s.S, std::min<int64_t>(s.S, 16), 1);
           s1[j] = s2[j] = 0.0;
         }
-        block_reduce(
-            s, b0, nb,
-            [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; }, K.data(), s1.data(),
-            s2.data());
+        block_reduce(s, b0, nb, sums, K.data(), s1.data(), s2.data());
         for (int64_t j = 0; j < nb; ++j) {
           bool ex = false;
           from_shifted(K[j], s1[j], s2[j], m, mean[j], var[j], ex);
@@ -42,10 +41,7 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
           if (ex) s1[j] = s2[j] = 0.0;
         }
         if (any) {  // rare: the sample shift was poor for some channel
-          block_reduce(
-              s, b0, nb,
-              [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; }, mean.data(),
-              s1.data(), s2.data(), exact.data());
+          block_reduce(s, b0, nb, sums, mean.data(), s1.data(), s2.data(), exact.data());
           for (int64_t j = 0; j < nb; ++j)
             if (exact[j]) from_centered(s1[j], s2[j], m, mean[j], var[j]);
         }
