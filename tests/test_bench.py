@@ -60,8 +60,26 @@ def test_e2e_printout_says_which_nets_meet_the_overhead_target(capsys) -> None: 
         steps = {"none": 100.0, "torch_bn": 115.0, "bnlab_bn": bnlab_ms, "bnlab_bn_relu": 104.0}
         over = {f"overhead_{k}{tag}": v / 100.0 - 1.0 for k, v in steps.items() if k != "none"
                 for tag in ("", "_min")}
-        return {"step_ms": steps, "step_ms_min": steps, **over, "bn_op_ms": {"torch_bn": 14.0}}
+        return {"step_ms": steps, "step_ms_min": steps, **over, "bn_op_ms": {"torch_bn": 14.0},
+                "other_op_delta_ms": {"aten::max_pool2d_with_indices": 4.5}}
 
     e2e.print_e2e({"vgg": net(110.0), "inception": net(110.5)})  # +10% exactly is met
     out = capsys.readouterr().out
     assert "at most +10% over no BN (median): vgg met, inception missed" in out
+    assert "aten::max_pool2d_with_indices +4.5 ms (4.5%)" in out
+
+
+def test_e2e_other_op_deltas_take_the_least_time_per_op_and_leave_out_bn() -> None:
+    """The non-BN ops that grew most, each op's time the least over the profiled steps (a
+    busy step does not count), BN's own ops and ops that got faster left out."""
+    from bnlab.kernels import e2e
+
+    base = [{"aten::max_pool2d": 10.0, "aten::conv": 50.0, "aten::relu": 1.0},
+            {"aten::max_pool2d": 30.0, "aten::conv": 49.0, "aten::relu": 1.0}]
+    with_bn = [{"aten::max_pool2d": 40.0, "aten::conv": 48.0, "bnlab::bn_bwd": 9.0,
+                "aten::add_": 0.5, "aten::relu": 1.0},
+               {"aten::max_pool2d": 12.5, "aten::conv": 60.0, "bnlab::bn_bwd": 8.0,
+                "aten::add_": 0.7, "aten::relu": 1.25}]
+    got = e2e.other_op_deltas(base, with_bn, top=2)
+    assert got == {"aten::max_pool2d": 2.5, "aten::add_": 0.5}
+    assert e2e.bn_op_ms(with_bn) == 8.0
