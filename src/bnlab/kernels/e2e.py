@@ -182,9 +182,9 @@ def other_op_deltas(base: list[dict[str, float]], with_bn: list[dict[str, float]
     from the net without BN (`base`) to the net with it: the part of BN's overhead that is not
     BN's own work. (On the Inception-style net torch's max-pool branches on the data: timed
     alone on the activations captured from both nets, in two runs, its last three calls took
-    11-23% longer on the BN net's, the first two within ±3%.) Ops
-    the BN net runs more often (the optimizer's updates of γ and β, the layers' step counters)
-    count too; ops that got faster do not."""
+    11-23% longer on the BN net's, the first two within ±3%.) Ops the BN net runs more often
+    (the optimizer's updates of γ and β, the layers' step counters) count too; ops that got
+    faster do not."""
     def least(profiles: list[dict[str, float]]) -> dict[str, float]:
         keys = set().union(*profiles)
         return {k: min(p.get(k, 0.0) for p in profiles) for k in keys}
