@@ -14,9 +14,10 @@ seed), square 10×10 bias-free layers, Glorot init, full-batch GD at lr 1e-6 for
 after every linear layer but the last (the paper does not say where it sits). The loss is logged
 every 50 steps on the full batch in training mode (the loss of the next GD step).
 
-Runtime here (2 shared cores, ``--threads 1``): paper ≈6–12 min (the BN run ≈30–60 ms per step
-with the reference BN path, the standard one ≈5–10 ms; quiet vs loaded machine), quick ≈1.5–3
-min, smoke seconds.
+Runtime here (2 shared cores, ``--threads 1``, quiet machine, CPU kernels on; 2026-11-22): paper
+49 s (the BN run ≈15 ms per step, the standard one ≈9 ms; with the reference BN path the BN run
+took ≈30–60 ms a step and the preset 6–12 min), quick 13 s, smoke seconds. A loaded machine
+takes 2–3× longer.
 
 Command: ``bnlab run santurkar2018.dln --preset paper --threads 1 [--seeds 3]`` then
 ``bnlab report``.
@@ -119,5 +120,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Deep linear network: training loss with and without BN",
     claim="BN trains the deep linear network faster and lower",
-    presets=PRESETS, runtime={"smoke": "2 s", "quick": "1.5-3 min", "paper": "6-12 min"},
+    presets=PRESETS, runtime={"smoke": "2 s", "quick": "15-45 s", "paper": "1-3 min"},
     variants=variants, run=run, report=report)

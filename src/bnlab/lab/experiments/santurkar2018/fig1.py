@@ -19,7 +19,8 @@ of layers #3 and #11 on a fixed batch of 256 training images, in training mode, 
 
 Runtime here (2 shared cores, ``--threads 1``, ≈0.07 s per step quiet, ≈0.2 s under the load of
 four helpers): paper ≈8–20 min (4 runs × 1,500 steps; a diverging run stops early), quick ≈2–5
-min, smoke seconds.
+min, smoke seconds. With ``--threads 2`` on a quiet machine the paper preset took 215 s
+(2026-11-22).
 
 Command: ``bnlab run santurkar2018.fig1 --preset paper --threads 1 [--seeds 3]`` then
 ``bnlab report``.
@@ -189,5 +190,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Figure 1: VGG with and without BN at lr 0.1 and 0.5 (Fashion-MNIST)",
     claim="BN trains faster, better and at lr 0.5 where the standard VGG fails",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "2-5 min", "paper": "8-20 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "2-5 min", "paper": "3.5-20 min"},
     variants=variants, run=run, report=report)

@@ -21,7 +21,8 @@ next layer sees it), every 100 steps. Stability = mean over records and channels
 |μ_{t+1} − μ_t| and |σ²_{t+1} − σ²_t| (`bnlab.diagnostics.distribution_shift`).
 
 Runtime here (2 shared cores, ``--threads 1``): paper ≈8–20 min (4 runs × 1,500 steps; quiet vs
-loaded machine), quick ≈2–5 min, smoke seconds.
+loaded machine), quick ≈2–5 min, smoke seconds. With ``--threads 2`` on a quiet machine the paper
+preset took 296 s (2026-11-22).
 
 Command: ``bnlab run santurkar2018.fig2 --preset paper --threads 1 [--seeds 3]`` then
 ``bnlab report``.
@@ -188,5 +189,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Figure 2: noisy BN, BN and standard VGG (Fashion-MNIST)",
     claim="noisy BN: less stable distributions, yet trains like BN, better than standard",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "2-5 min", "paper": "8-20 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "2-5 min", "paper": "5-20 min"},
     variants=variants, run=run, report=report)

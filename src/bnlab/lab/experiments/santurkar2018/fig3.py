@@ -19,7 +19,8 @@ step's own training batch, with the plain SGD update of the current lr; W_i = a 
 layer's weight and bias (BN's γ, β are not moved). Step 0 is not probed (no batch yet).
 
 Runtime here (2 shared cores, ``--threads 1``): paper ≈6–14 min (4 VGG runs × 600 steps + 4 DLN
-runs × 2,000 steps; quiet vs loaded machine), quick ≈2–4 min, smoke seconds.
+runs × 2,000 steps; quiet vs loaded machine), quick ≈2–4 min, smoke seconds. With ``--threads 2``
+on a quiet machine the paper preset took 125 s (2026-11-22).
 
 Command: ``bnlab run santurkar2018.fig3 --preset paper --threads 1 [--seeds 3]`` then
 ``bnlab report``.
@@ -167,5 +168,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Figure 3: gradient ICS with and without BN (VGG on Fashion-MNIST, DLN)",
     claim="BN does not reduce (often increases) gradient-based ICS",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "2-4 min", "paper": "6-14 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "2-4 min", "paper": "2-14 min"},
     variants=variants, run=run, report=report)

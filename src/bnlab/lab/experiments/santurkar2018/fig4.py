@@ -20,7 +20,8 @@ the step's own training batch in training mode (BN with that batch's statistics;
 statistics restored); "This is not a training procedure".
 
 Runtime here (2 shared cores, ``--threads 1``): paper ≈5–10 min (2 VGG runs × 800 steps + 2 DLN
-runs × 2,000 steps; quiet vs loaded machine), quick ≈1–3 min, smoke seconds.
+runs × 2,000 steps; quiet vs loaded machine), quick ≈1–3 min, smoke seconds. With ``--threads 2``
+on a quiet machine the paper preset took 87 s (2026-11-22).
 
 Command: ``bnlab run santurkar2018.fig4 --preset paper --threads 1 [--seeds 3]`` then
 ``bnlab report``.
@@ -173,5 +174,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Figure 4: loss landscape with and without BN (VGG on Fashion-MNIST, DLN)",
     claim="BN makes the loss and its gradient smoother along the gradient direction",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "1-3 min", "paper": "5-10 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "1-3 min", "paper": "1.5-10 min"},
     variants=variants, run=run, report=report)

@@ -18,7 +18,8 @@ DLN as in the paper (lr 1e-6, full-batch GD, 1000 Gaussian samples) for 2,000 st
 running statistics in eval mode (the paper does not say).
 
 Runtime here (2 shared cores, ``--threads 1``): paper ≈10–25 min (5 VGG runs × 1,000 steps + 5
-DLN runs × 2,000 steps; quiet vs loaded machine), quick ≈3–6 min, smoke seconds.
+DLN runs × 2,000 steps; quiet vs loaded machine), quick ≈3–6 min, smoke seconds. With
+``--threads 2`` on a quiet machine the paper preset took 254 s (2026-11-22).
 
 Command: ``bnlab run santurkar2018.fig5 --preset paper --threads 1 [--seeds 3]`` then
 ``bnlab report``.
@@ -150,5 +151,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Figure 5: ℓp normalizations vs BN and standard (VGG on Fashion-MNIST, DLN)",
     claim="ℓp normalizations help as much as BN; ℓ1 beats BN on the DLN",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "3-6 min", "paper": "10-25 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "3-6 min", "paper": "4-25 min"},
     variants=variants, run=run, report=report)
