@@ -26,6 +26,8 @@ __all__ = ["TARGET_OVERHEAD", "InceptionNet", "VGGNet", "meets_target", "print_e
 NormLayer = Callable[[int], nn.Module]
 # A training step with bnlab's BN may cost at most this much more than without BN (median).
 TARGET_OVERHEAD = 0.10
+# Profiled steps per net; each op's (and BN's) time is the least over them.
+PROFILED_STEPS = 5
 
 
 def meets_target(overhead: float) -> bool:
@@ -154,7 +156,7 @@ def _quiet_fd2() -> Iterator[None]:
         os.close(saved)
 
 
-def profile_steps(step: Callable[[], None], steps: int = 5) -> list[dict[str, float]]:
+def profile_steps(step: Callable[[], None], steps: int = PROFILED_STEPS) -> list[dict[str, float]]:
     """Self CPU time (ms) per op name, for each of `steps` profiled steps."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -166,13 +168,12 @@ def profile_steps(step: Callable[[], None], steps: int = 5) -> list[dict[str, fl
     return out
 
 
-def bn_op_ms(step: Callable[[], None] | list[dict[str, float]], steps: int = 5) -> float:
-    """The least, over `steps` profiled steps (or over the given `profile_steps`), of the self
-    CPU time (ms) of batch norm's ops: BN's own cost in a step, apart from what it does to the
-    other ops' time (see `other_op_deltas`). The least, not the median: on this shared machine
-    a busy spell can last several steps, and then torch's and bnlab's backward alike took 5x
-    longer in 2 of 3 profiled steps."""
-    profiles = step if isinstance(step, list) else profile_steps(step, steps)
+def bn_op_ms(profiles: list[dict[str, float]]) -> float:
+    """The least, over the profiled steps (`profile_steps`), of the self CPU time (ms) of batch
+    norm's ops: BN's own cost in a step, apart from what it does to the other ops' time (see
+    `other_op_deltas`). The least, not the median: on this shared machine a busy spell can last
+    several steps, and then torch's and bnlab's backward alike took 5x longer in 2 of 3
+    profiled steps."""
     return min(sum(ms for k, ms in p.items() if _is_bn_op(k)) for p in profiles)
 
 
@@ -249,16 +250,17 @@ def print_e2e(result: dict[str, Any]) -> None:
           "(median): " + ", ".join(
               f"{name} {'met' if meets_target(r['overhead_bnlab_bn']) else 'missed'}"
               for name, r in result.items()))
-    print("BN's own ops per step (profiled self time, least of 5 steps):")
+    print(f"BN's own ops per step (profiled self time, least of {PROFILED_STEPS} steps):")
     for name, r in result.items():
         base = r["step_ms"]["none"]
         print(f"  {name:<25}" + "   ".join(f"{k} {v:.1f} ms ({100 * v / base:.1f}%)"
                                            for k, v in r["bn_op_ms"].items()))
     print("  (bnlab_bn_relu's figure includes the ReLU it fuses; the others' ReLU is not BN's)")
     print("other ops that take longer with bnlab's BN than without (profiled self time, least "
-          "of 5 steps; the rest of the overhead: smaller ops, cache effects, noise):")
+          f"of {PROFILED_STEPS} steps; the rest of the overhead: smaller ops, cache effects, "
+          "noise):")
     for name, r in result.items():
         base = r["step_ms"]["none"]
-        grown = r.get("other_op_delta_ms", {})
         print(f"  {name:<25}" + ("   ".join(f"{k} +{v:.1f} ms ({100 * v / base:.1f}%)"
-                                            for k, v in grown.items()) or "none"))
+                                            for k, v in r["other_op_delta_ms"].items())
+                                 or "none"))
