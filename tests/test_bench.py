@@ -83,3 +83,22 @@ def test_e2e_other_op_deltas_take_the_least_time_per_op_and_leave_out_bn() -> No
     got = e2e.other_op_deltas(base, with_bn, top=2)
     assert got == {"aten::max_pool2d": 2.5, "aten::add_": 0.5}
     assert e2e.bn_op_ms(with_bn) == 8.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_e2e_step_orders_give_each_net_every_predecessor_equally_often(n) -> None:  # type: ignore[no-untyped-def]
+    from collections import Counter
+    from itertools import pairwise
+
+    from bnlab.kernels import e2e
+
+    keys = [f"k{i}" for i in range(n)]
+    period = n if n % 2 == 0 else 2 * n
+    orders = e2e.step_orders(keys, 3 * period)
+    assert len(orders) == 3 * period
+    assert all(sorted(o) == keys for o in orders)  # every net once per step
+    pairs = Counter((a, b) for o in orders[:period] for a, b in pairwise(o))
+    want = {(a, b) for a in keys for b in keys if a != b}
+    assert set(pairs) == want
+    assert len(set(pairs.values())) <= 1  # each ordered pair equally often
+    assert orders[period:2 * period] == orders[:period]

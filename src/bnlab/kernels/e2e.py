@@ -4,8 +4,9 @@ Small stand-ins for the lab's nets, each taking ``norm_layer`` (a factory ``C ->
 a VGG-style conv-BN-ReLU stack on 32x32 inputs (batch 128) and an Inception-style block net on
 28x28 inputs (batch 32). A step (forward, cross-entropy, backward, SGD update) is timed with no
 normalization (``nn.Identity``), ``torch.nn.BatchNorm2d``, ``bnlab.BatchNorm2d`` and
-``bnlab.BatchNormReLU2d`` (BN and the ReLU after it fused), interleaved round by round; the
-figure of merit is the step time relative to the net without BN.
+``bnlab.BatchNormReLU2d`` (BN and the ReLU after it fused), interleaved step by step in a
+balanced order (`step_orders`); the figure of merit is the step time relative to the net
+without BN.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TARGET_OVERHEAD", "InceptionNet", "VGGNet", "meets_target", "print_e2e", "run_e2e"]
+__all__ = ["TARGET_OVERHEAD", "InceptionNet", "VGGNet", "meets_target", "print_e2e", "run_e2e",
+           "step_orders"]
 
 NormLayer = Callable[[int], nn.Module]
 # A training step with bnlab's BN may cost at most this much more than without BN (median).
@@ -196,6 +198,26 @@ def other_op_deltas(base: list[dict[str, float]], with_bn: list[dict[str, float]
     return {k: d for d, k in grown}
 
 
+def step_orders(keys: list[str], n_steps: int) -> list[list[str]]:
+    """The order of the nets in each interleaved step, from a Williams design (a balanced Latin
+    square): over len(keys) consecutive steps (2·len(keys) when odd) each net runs right after
+    each of the others equally often. In a fixed order each net always ran after the same one,
+    in whatever state of the caches and the allocator that one left behind; rotating a fixed
+    order does not help, as it keeps every pair's neighbourhood."""
+    n = len(keys)
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(j + i) % n for j in first] for i in range(n)]
+    if n % 2:
+        rows += [r[::-1] for r in rows]
+    return [[keys[j] for j in rows[s % len(rows)]] for s in range(n_steps)]
+
+
 def run_e2e(steps: int = 8, rounds: int = 3) -> dict[str, Any]:
     """Median step time (ms) per net and norm, the overhead of BN over no normalization, and
     the profiled time of BN's own ops per step."""
@@ -208,10 +230,11 @@ def run_e2e(steps: int = 8, rounds: int = 3) -> dict[str, Any]:
             s()
             s()
         times: dict[str, list[float]] = {k: [] for k in steppers}
-        for _ in range(rounds * steps):  # step by step, so a busy spell hits all of them
-            for k, s in steppers.items():
+        # Step by step, so a busy spell hits all of them.
+        for order in step_orders(list(steppers), rounds * steps):
+            for k in order:
                 t0 = time.perf_counter()
-                s()
+                steppers[k]()
                 times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         profiles = {k: profile_steps(s) for k, s in steppers.items()}
