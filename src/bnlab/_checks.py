@@ -7,6 +7,7 @@ silent acceptance of a wrong shape is how BN bugs hide (peers.md, pain points 1 
 from __future__ import annotations
 
 import math
+from typing import NoReturn
 
 from torch import Tensor
 
@@ -74,3 +75,17 @@ def check_per_channel(x: Tensor, running_mean: Tensor | None, running_var: Tenso
         if t is not None and t.shape != (c,):  # torch.Size compares as a tuple
             raise ValueError(f"{who}: {name} must have shape ({c},) to match the input's "
                              f"{c} channels, got {tuple(t.shape)}")
+
+
+def no_torchscript(module: object, *, foldable: bool) -> NoReturn:
+    """Raised from a module's ``__prepare_scriptable__``, which `torch.jit.script` calls on every
+    submodule before compiling: bnlab's layers are Python (input checks, the kernels' dispatch),
+    which TorchScript cannot compile, and without this it fails deep in the compiler with
+    "Expression of type dots cannot be used in a type expression"."""
+    n = getattr(module, "num_features", None)
+    who = f"{type(module).__name__}({n})" if n is not None else type(module).__name__
+    fold = (" or, for inference, script bnlab.fold(model.eval()), whose folded layers "
+            "TorchScript compiles") if foldable else ""
+    raise RuntimeError(f"{who}: torch.jit.script cannot compile bnlab's normalization layers "
+                       "(and TorchScript is deprecated in torch 2.x): use torch.compile or "
+                       f"torch.export, which both support them{fold}")

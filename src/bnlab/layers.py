@@ -14,7 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import functional as F
-from bnlab._checks import check_eps, check_input, check_momentum, check_num_features
+from bnlab._checks import (
+    check_eps,
+    check_input,
+    check_momentum,
+    check_num_features,
+    no_torchscript,
+)
 
 __all__ = [
     "BatchNorm",
@@ -125,6 +131,9 @@ class BatchNorm(nn.Module):
             f"affine={self.affine}, bias={self.bias is not None}, "
             f"track_running_stats={self.track_running_stats}"
         )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        no_torchscript(self, foldable=True)
 
     def _who(self) -> str:
         # Named in every error message; formatted once per class (it runs on every forward).

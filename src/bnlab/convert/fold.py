@@ -38,7 +38,10 @@ class ChannelAffine(nn.Module):
         self.register_buffer("shift", shift)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (1, -1, *([1] * (x.dim() - 2)))  # (C,) -> (1, C, 1, ...)
+        # A list, not a starred tuple, so that TorchScript compiles it (a folded model is the
+        # scriptable form of a bnlab model: `bnlab._checks.no_torchscript`).
+        shape = [1] * x.dim()
+        shape[1] = -1  # (C,) -> (1, C, 1, ...)
         return x * self.scale.view(shape) + self.shift.view(shape)
 
     def extra_repr(self) -> str:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import functional as F
-from bnlab._checks import check_eps, check_input, check_num_features
+from bnlab._checks import check_eps, check_input, check_num_features, no_torchscript
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -76,6 +76,9 @@ class FrozenBatchNorm(nn.Module):
             frozen.num_batches_tracked.copy_(bn.num_batches_tracked)
         frozen.train(bn.training)
         return frozen
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        no_torchscript(self, foldable=True)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlab._checks import check_eps, check_input, check_momentum, check_num_features
+from bnlab._checks import (
+    check_eps,
+    check_input,
+    check_momentum,
+    check_num_features,
+    no_torchscript,
+)
 from bnlab.functional import channel_view, check_args, compute_dtype, reduce_dims
 
 __all__ = ["LpNorm", "lp_norm", "lp_stats"]
@@ -166,6 +172,9 @@ class LpNorm(nn.Module):
         if self.affine:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        no_torchscript(self, foldable=False)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}, "

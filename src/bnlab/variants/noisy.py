@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnlab._checks import no_torchscript
 from bnlab.functional import channel_view, compute_dtype
 from bnlab.layers import BatchNorm
 
@@ -118,6 +119,9 @@ class ActivationNoise(nn.Module):
         self.n_mu, self.n_sigma, self.r_mu, self.r_sigma = n_mu, n_sigma, r_mu, r_sigma
         self.seed = seed
         self._generator = self._new_generator(torch.device("cpu"))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        no_torchscript(self, foldable=False)
 
     @property
     def generator(self) -> torch.Generator:
