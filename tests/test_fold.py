@@ -157,38 +157,3 @@ def test_fold_a_bare_batchnorm_returns_its_affine(cls):  # type: ignore[no-untyp
     x = torch.randn(4, 3, 5, 5)
     assert _max_rel_err(folded(x), bn.eval()(x)) <= 1e-5
 
-
-def _script(module):  # type: ignore[no-untyped-def]
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is, in torch 2.x
-        return torch.jit.script(module)
-
-
-def test_a_folded_model_compiles_with_torchscript():
-    """TorchScript cannot compile bnlab's layers; the folded model (Identity, ChannelAffine and
-    torch's own modules) is their scriptable inference form."""
-    model = _train_a_little(SmallCNN(), (16, 3, 8, 8))
-    scripted = _script(fold(model))
-    x = torch.randn(7, 3, 8, 8)
-    assert _max_rel_err(scripted(x), model(x)) <= 1e-5
-
-
-@pytest.mark.parametrize("make, foldable", [
-    (lambda: bnlab.BatchNorm2d(4), True),
-    (lambda: bnlab.BatchNormReLU2d(4), True),
-    (lambda: bnlab.BatchRenorm2d(4), True),
-    (lambda: bnlab.GhostBatchNorm(4, virtual_batch_size=2), True),
-    (lambda: bnlab.SyncBatchNorm(4), True),
-    (lambda: bnlab.FrozenBatchNorm2d(4), True),
-    (lambda: bnlab.variants.NoisyBatchNorm(4, seed=0), True),
-    (lambda: bnlab.variants.LpNorm(4), False),
-    (lambda: bnlab.variants.ActivationNoise(4, seed=0), False),
-])
-def test_torchscript_names_the_layer_and_the_ways_that_work(make, foldable):  # type: ignore[no-untyped-def]
-    layer = make()
-    with pytest.raises(RuntimeError, match=rf"^{type(layer).__name__}\(4\): torch.jit.script "
-                       r"cannot compile .* use torch.compile or torch.export") as err:
-        _script(nn.Sequential(nn.Conv2d(4, 4, 1), layer))
-    assert ("bnlab.fold(model.eval())" in str(err.value)) == foldable

@@ -1,16 +1,21 @@
-"""bnlab's layers under torch.compile (fullgraph), torch.export, ONNX and torch.func."""
+"""bnlab's layers under torch.compile (fullgraph), torch.export, ONNX, torch.func, torch.fx and
+TorchScript."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import warnings
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call, grad
 
 import bnlab
+import bnlab.convert
+import bnlab.variants
 from bnlab.variants import BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm
 
 NORMS = {
@@ -134,3 +139,96 @@ def test_func_grad_eval_mode_matches_autograd() -> None:
     model(x).square().sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad)
+
+
+# Every nn.Module that bnlab exports, built for 4 channels, with an input rank it accepts.
+V = bnlab.variants
+MODULES = {
+    "BatchNorm": (lambda: bnlab.BatchNorm(4), 4),
+    "BatchNorm1d": (lambda: bnlab.BatchNorm1d(4), 2),
+    "BatchNorm2d": (lambda: bnlab.BatchNorm2d(4, momentum=None), 4),
+    "BatchNorm3d": (lambda: bnlab.BatchNorm3d(4), 5),
+    "BatchNormReLU": (lambda: bnlab.BatchNormReLU(4), 3),
+    "BatchNormReLU1d": (lambda: bnlab.BatchNormReLU1d(4), 2),
+    "BatchNormReLU2d": (lambda: bnlab.BatchNormReLU2d(4), 4),
+    "BatchNormReLU3d": (lambda: bnlab.BatchNormReLU3d(4), 5),
+    "BatchRenorm": (lambda: V.BatchRenorm(4, warmup_steps=0), 4),
+    "BatchRenorm1d": (lambda: V.BatchRenorm1d(4), 2),
+    "BatchRenorm2d": (lambda: V.BatchRenorm2d(4), 4),
+    "BatchRenorm3d": (lambda: V.BatchRenorm3d(4), 5),
+    "GhostBatchNorm": (lambda: V.GhostBatchNorm(4, virtual_batch_size=3), 4),
+    "FrozenBatchNorm": (lambda: V.FrozenBatchNorm(4), 3),
+    "FrozenBatchNorm1d": (lambda: V.FrozenBatchNorm1d(4), 2),
+    "FrozenBatchNorm2d": (lambda: V.FrozenBatchNorm2d(4), 4),
+    "FrozenBatchNorm3d": (lambda: V.FrozenBatchNorm3d(4), 5),
+    "NoisyBatchNorm": (lambda: V.NoisyBatchNorm(4, seed=0), 4),
+    "ActivationNoise": (lambda: V.ActivationNoise(4, seed=0), 4),
+    "LpNorm": (lambda: V.LpNorm(4, p=1), 4),
+    "SyncBatchNorm": (lambda: bnlab.SyncBatchNorm(4), 4),
+    "SyncBatchRenorm": (lambda: bnlab.SyncBatchRenorm(4), 4),
+    "ChannelAffine": (lambda: bnlab.convert.ChannelAffine(torch.rand(4) + 0.5, torch.randn(4)),
+                      4),
+}
+# Layers that bnlab.fold turns into Identity or ChannelAffine, so their TorchScript error points
+# to scripting the folded model.
+FOLDABLE = {k for k in MODULES if k not in ("ActivationNoise", "LpNorm", "ChannelAffine")}
+
+
+def test_the_module_table_covers_every_exported_module() -> None:
+    exported = {name for ns in (bnlab, bnlab.variants, bnlab.convert) for name, obj in
+                vars(ns).items() if inspect.isclass(obj) and issubclass(obj, nn.Module)
+                and obj.__module__.startswith("bnlab") and not name.startswith("_")}
+    assert exported == set(MODULES)
+
+
+def _input(rank: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((6, 4, 3, 2, 2)[:rank], generator=g) * 2 + 1
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_fx_records_each_module_as_one_node_that_runs_at_call_time(name: str) -> None:
+    """As for torch.nn's BatchNorm: one call_module node, so the mode (and the running
+    statistics' update) is the module's at call time, not frozen in at trace time."""
+    make, rank = MODULES[name]
+    torch.manual_seed(0)
+    traced = fx.symbolic_trace(nn.Sequential(make()))
+    torch.manual_seed(0)
+    eager = nn.Sequential(make())
+    ops = [(n.op, n.target) for n in traced.graph.nodes]
+    assert ops == [("placeholder", "input"), ("call_module", "0"), ("output", "output")]
+    for seed, train in ((1, True), (2, True), (3, False)):
+        traced.train(train)
+        eager.train(train)
+        x = _input(rank, seed)
+        torch.testing.assert_close(traced(x), eager(x))
+    for (k, a), b in zip(traced.state_dict().items(), eager.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def _script(module: nn.Module) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is, in torch 2.x
+        return torch.jit.script(module)
+
+
+def test_a_folded_model_compiles_with_torchscript() -> None:
+    """TorchScript cannot compile bnlab's layers; the folded model (Identity, ChannelAffine and
+    torch's own modules) is their scriptable inference form."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_net(), nn.ReLU(), bnlab.BatchNorm1d(3))  # the last folds into nothing
+    model.train()(torch.randn(16, 2, 6, 6) * 2 + 1)
+    model.eval()
+    folded = bnlab.fold(model)
+    assert isinstance(folded[2], bnlab.convert.ChannelAffine)
+    x = torch.randn(4, 2, 6, 6)
+    torch.testing.assert_close(_script(folded)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(set(MODULES) - {"ChannelAffine"}))
+def test_torchscript_names_the_layer_and_the_ways_that_work(name: str) -> None:
+    layer = MODULES[name][0]()
+    with pytest.raises(RuntimeError, match=rf"^{type(layer).__name__}\(4\): torch.jit.script "
+                       r"cannot compile .* use torch.compile or torch.export") as err:
+        _script(nn.Sequential(nn.Identity(), layer))
+    assert ("bnlab.fold(model.eval())" in str(err.value)) == (name in FOLDABLE)

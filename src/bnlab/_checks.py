@@ -1,4 +1,5 @@
-"""Argument validation shared by the functional ops and the layers.
+"""Argument validation shared by the functional ops and the layers, and the layers' behaviour
+under torch's program capture (`fx_leaf` for torch.fx, `no_torchscript` for TorchScript).
 
 Every error names the layer or function, the argument, the expected and the actual value:
 silent acceptance of a wrong shape is how BN bugs hide (peers.md, pain points 1 and 15).
@@ -6,10 +7,12 @@ silent acceptance of a wrong shape is how BN bugs hide (peers.md, pain points 1 
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
-from torch import Tensor
+from torch import Tensor, fx
 
 _RANK_NAMES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 
@@ -89,3 +92,24 @@ def no_torchscript(module: object, *, foldable: bool) -> NoReturn:
     raise RuntimeError(f"{who}: torch.jit.script cannot compile bnlab's normalization layers "
                        "(and TorchScript is deprecated in torch 2.x): use torch.compile or "
                        f"torch.export, which both support them{fold}")
+
+
+_Forward = TypeVar("_Forward", bound=Callable[..., Any])
+
+
+def fx_leaf(forward: _Forward) -> _Forward:
+    """Decorates a module's ``forward`` so that `torch.fx.symbolic_trace` records the module as
+    one ``call_module`` node, as it does for torch.nn's own BatchNorm (fx treats only torch.nn
+    modules as leaves). Traced through, the forward would run its input checks and its choice
+    of mode (training, frozen, eval) on proxies, and fail ("input must be a torch.Tensor, got
+    Proxy") or bake one mode into the graph; as a node, the module runs at call time on real
+    tensors. Every override of a decorated forward must be decorated too: a subclass's forward
+    calling ``super().forward`` on a proxy would record the whole module at the inner call."""
+    @functools.wraps(forward)
+    def wrapper(self: Any, input: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(input, fx.Proxy):
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self),
+                                       (input, *args), kwargs)
+        return forward(self, input, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]

@@ -19,6 +19,7 @@ from bnlab._checks import (
     check_input,
     check_momentum,
     check_num_features,
+    fx_leaf,
     no_torchscript,
 )
 
@@ -160,6 +161,7 @@ class BatchNorm(nn.Module):
         update = training and self.track_running_stats and not self._stats_update_blocked
         return use_batch_stats, update
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         use_batch_stats, update = self._mode()

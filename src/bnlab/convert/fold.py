@@ -16,6 +16,7 @@ import copy
 import torch
 from torch import Tensor, fx, nn
 
+from bnlab._checks import fx_leaf
 from bnlab.convert import _pairs
 from bnlab.layers import BatchNormReLU
 from bnlab.stats import is_batchnorm
@@ -37,6 +38,7 @@ class ChannelAffine(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
 
+    @fx_leaf
     def forward(self, x: Tensor) -> Tensor:
         # A list, not a starred tuple, so that TorchScript compiles it (a folded model is the
         # scriptable form of a bnlab model: `bnlab._checks.no_torchscript`).

@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import functional as F
-from bnlab._checks import check_eps, check_input, check_num_features, no_torchscript
+from bnlab._checks import (
+    check_eps,
+    check_input,
+    check_num_features,
+    fx_leaf,
+    no_torchscript,
+)
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -83,6 +89,7 @@ class FrozenBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         check_input(input, f"{type(self).__name__}({self.num_features})", self._ranks,
                     self.num_features)

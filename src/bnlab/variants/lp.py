@@ -18,6 +18,7 @@ from bnlab._checks import (
     check_input,
     check_momentum,
     check_num_features,
+    fx_leaf,
     no_torchscript,
 )
 from bnlab.functional import channel_view, check_args, compute_dtype, reduce_dims
@@ -180,6 +181,7 @@ class LpNorm(nn.Module):
         return (f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}")
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         check_input(input, f"{type(self).__name__}({self.num_features})", (2, 3, 4, 5),
                     self.num_features)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlab._checks import no_torchscript
+from bnlab._checks import fx_leaf, no_torchscript
 from bnlab.functional import channel_view, compute_dtype
 from bnlab.layers import BatchNorm
 
@@ -150,6 +150,7 @@ class ActivationNoise(nn.Module):
             self._generator = self._new_generator(device)
         return self._generator
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}): expected input "
@@ -188,5 +189,6 @@ class NoisyBatchNorm(BatchNorm):
         self.noise = ActivationNoise(num_features, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu,
                                      r_sigma=r_sigma, seed=seed)
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         return self.noise(super().forward(input))
