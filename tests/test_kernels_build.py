@@ -98,6 +98,16 @@ def test_needs_build_follows_the_binary_and_the_sources(tmp_path, monkeypatch) -
     assert _build._needs_build(so)  # a header changed since: ninja rebuilds
 
 
+def test_each_checkout_builds_under_its_own_name(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """torch's versioner rebuilds an extension when its build arguments change; they name the
+    source directory, so two checkouts sharing one name rebuilt on every switch."""
+    here = _build._name()
+    assert here == _build._name()  # stable within a checkout
+    monkeypatch.setattr(_build, "_CSRC", tmp_path / "other-checkout" / "csrc")
+    assert _build._name() != here
+    assert _build._name().startswith("bnlab_kernels_")
+
+
 @pytest.mark.parametrize("needs", [True, False])
 def test_compile_notice_only_when_compiling(needs: bool, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(_build, "_state", {})

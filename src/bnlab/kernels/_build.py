@@ -4,8 +4,9 @@ The library is compiled once per machine kind and cached in torch's extensions d
 (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); later imports load it in well
 under a second. `-march=native` is used because the vector width follows the target's widest
 ISA (16 lanes with AVX-512, 8 with AVX2, 4 otherwise: `csrc/simd.h`); the extension's name
-carries a hash of the CPU's feature flags and the target, so a cache shared between different
-machines never loads a binary built for another CPU. `BNLAB_KERNELS_MARCH` overrides the target
+carries a hash of the CPU's feature flags, the target and the source directory, so a cache
+shared between different machines never loads a binary built for another CPU, and two checkouts
+on one machine each keep their own build. `BNLAB_KERNELS_MARCH` overrides the target
 (e.g. `x86-64-v3`; `tests/test_kernels_portable.py` builds and tests that one and `x86-64`),
 and an empty value drops the flag.
 
@@ -49,8 +50,13 @@ def _cpu_flags() -> str:
 
 
 def _cpu_tag() -> str:
-    """A short hash of what decides the generated code: CPU flags, target and compiler."""
-    key = "|".join([_cpu_flags(), platform.machine(), _march(), os.environ.get("CXX", "")])
+    """A short hash of what decides the binary: CPU flags, target, compiler, and the source
+    directory. torch's extension versioner hashes the build arguments, which name that
+    directory (an include path), under the extension's name: with one name for two checkouts
+    (two virtualenvs, a fresh CI clone beside a working tree) each switch between them rebuilt
+    the library (about a minute)."""
+    key = "|".join([_cpu_flags(), platform.machine(), _march(), os.environ.get("CXX", ""),
+                    str(_CSRC.resolve())])
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
