@@ -12,7 +12,8 @@ We compare, at every evaluation step, held-out accuracy with (1) the moving aver
 (each held-out batch of the training size normalized by its own statistics: the train/eval gap).
 Models: the Fig. 1 BN MLP (sigmoid) and the BN-x5 Inception of Fig. 2.
 
-Runtime here (2 shared cores): paper ≈6–10 min, quick ≈2 min, smoke ≈10 s.
+Runtime here (2 shared cores): paper ≈6–10 min, quick ≈2–3 min (505 s for 3 seeds with
+``--threads 1``, 2026-11-22, with one or two other jobs beside it), smoke ≈10 s.
 
 Command: ``bnlab run ioffe2015.alg2 --preset paper`` then ``bnlab report``.
 """
@@ -140,5 +141,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Algorithm 2: population statistics vs moving and cumulative averages",
     claim="Alg. 2 population statistics at inference match or beat the moving average",
-    presets=PRESETS, runtime={"smoke": "10 s", "quick": "2 min", "paper": "6-10 min"},
+    presets=PRESETS, runtime={"smoke": "10 s", "quick": "2-3 min", "paper": "6-10 min"},
     variants=variants, run=run, report=report)

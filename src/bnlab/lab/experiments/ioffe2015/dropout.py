@@ -17,9 +17,9 @@ Verdict: three checks (at dropout 0 BN's gap is smaller; BN without dropout is w
 points of BN with its best dropout; BN without dropout is within 0.5 points of, or above, no-BN
 with its best dropout); all hold: reproduced, at least half: partly, else not reproduced.
 
-Runtime here (2 cores, ``--threads 1``): paper 16 min measured (936 s, one seed, on a machine
-loaded 3–4× by other jobs; less when quiet), quick ≈3–4 min (half width, 600 steps), smoke a few
-seconds.
+Runtime here (2 cores, ``--threads 1``): paper 8 min a seed measured (1,405 s for 3 seeds,
+2026-11-22, with one or two other jobs beside it; 936 s for one seed on a machine loaded 3–4× by
+other jobs), quick ≈3–4 min (half width, 600 steps), smoke a few seconds.
 
 Command: ``bnlab run ioffe2015.dropout --preset paper --threads 1`` then ``bnlab report``.
 """
@@ -172,5 +172,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="BN as a regularizer: BN × dropout {0, 0.1, 0.4} on the small Inception",
     claim="BN narrows the train/held-out gap and makes dropout unnecessary",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "3-4 min", "paper": "16 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "3-4 min", "paper": "8-16 min"},
     variants=variants, run=run, report=report)

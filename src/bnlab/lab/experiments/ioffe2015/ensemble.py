@@ -11,7 +11,8 @@ order; member k uses dropout ``dropouts[k % len(dropouts)]`` (0, 5%, 10%). Each 
 held-out class probabilities; the report averages them and compares the ensemble's top-1 error
 with the best member's. Held-out set: the 10,000 Fashion-MNIST test images.
 
-Runtime here (2 cores): paper ≈15–20 min (6 members × 3,000 steps), quick ≈3–5 min, smoke ≈10 s.
+Runtime here (2 cores): paper ≈15–20 min (6 members × 3,000 steps), quick ≈3–5 min (650 s for 3
+seeds with ``--threads 1``, 2026-11-22, with one other run beside it), smoke ≈10 s.
 
 Command: ``bnlab run ioffe2015.ensemble --preset paper`` then ``bnlab report``.
 """

@@ -23,9 +23,9 @@ Verdict: per activation, at the end of training more of BN's singular values lie
 its non-zero ones are closer to 1 (median |log10 s|), and its median non-zero value lies in
 [0.5, 2]; all hold: reproduced, at least half: partly, else not reproduced.
 
-Runtime here (2 cores, ``--threads 1``): paper 3.5 min measured (207 s, 4 runs of 10,000 steps,
-11 measurements on 200 examples, one seed, on a machine loaded 3–4× by other jobs), quick
-≈1 min, smoke a few seconds.
+Runtime here (2 cores, ``--threads 1``): paper 2 min a seed measured (374 s for 3 seeds of 4 runs
+of 10,000 steps with 11 measurements on 200 examples, 2026-11-22, with one other run beside it;
+207 s for one seed on a machine loaded 3–4× by other jobs), quick ≈1 min, smoke a few seconds.
 
 Command: ``bnlab run ioffe2015.jacobian --preset paper --threads 1`` then ``bnlab report``.
 """
@@ -226,5 +226,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Layer Jacobian singular values with and without BN (Sec. 3.3 conjecture)",
     claim="BN keeps the singular values of the Jacobian between normalized layers near 1",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "1 min", "paper": "3.5 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "1 min", "paper": "2-3.5 min"},
     variants=variants, run=run, report=report)

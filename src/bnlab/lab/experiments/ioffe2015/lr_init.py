@@ -23,9 +23,9 @@ is its own run directory (variant ``<norm>_<act>_lr<lr>_x<f>``): rerunning an in
 (with ``--resume``) skips the finished cells, never overwrites them, and continues with the
 unfinished ones (a cell stopped by Ctrl-C resumes from its checkpoint).
 
-Runtime here (2 cores, ``--threads 1``): paper 10 min measured (597 s for 140 cells, one seed,
-on a machine loaded 3–4× by other jobs), quick 2 min (48 cells of 500 steps), smoke a few
-seconds.
+Runtime here (2 cores, ``--threads 1``): paper 3 min a seed measured (513 s for 3 seeds of 140
+cells, 2026-11-22, with one other run beside it; 597 s for one seed on a machine loaded 3–4× by
+other jobs), quick 2 min (48 cells of 500 steps), smoke a few seconds.
 
 Command: ``bnlab run ioffe2015.lr_init --preset paper --threads 1`` then ``bnlab report``.
 """
@@ -176,5 +176,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Higher learning rates and careless init: lr × init-scale grid, ±BN, sigmoid/ReLU",
     claim="BN trains well over a wider range of learning rates and init scales",
-    presets=PRESETS, runtime={"smoke": "8 s", "quick": "2 min", "paper": "10 min"},
+    presets=PRESETS, runtime={"smoke": "8 s", "quick": "2 min", "paper": "3-10 min"},
     variants=variants, run=run, report=report)

@@ -19,9 +19,9 @@ reproduced, at least half: partly, else not reproduced. (Disclosure: the accurac
 used the single final evaluation, under which the first paper run read "partly": 0.818 vs 0.823
 at lr 0.1; the window, the same as the saturation measure's, replaced it after that run.)
 
-Runtime here (2 cores, ``--threads 1``): paper 4 min measured (234 s, 4 runs of 10,000 steps,
-one seed, on a machine loaded 3–4× by other jobs), quick ≈1 min (2,500 steps), smoke a few
-seconds.
+Runtime here (2 cores, ``--threads 1``): paper 1.5 min a seed measured (276 s for 3 seeds of 4
+runs of 10,000 steps, 2026-11-22, with one other run beside it; 234 s for one seed on a machine
+loaded 3–4× by other jobs), quick ≈1 min (2,500 steps), smoke a few seconds.
 
 Command: ``bnlab run ioffe2015.saturation --preset paper --threads 1`` then ``bnlab report``.
 """
@@ -186,5 +186,5 @@ def report(inp: Inputs) -> Section:
 EXPERIMENT = Experiment(
     title="Saturating nonlinearities: saturated sigmoid units with and without BN",
     claim="BN keeps sigmoid units out of saturation, so sigmoid networks train",
-    presets=PRESETS, runtime={"smoke": "5 s", "quick": "1 min", "paper": "4 min"},
+    presets=PRESETS, runtime={"smoke": "5 s", "quick": "1 min", "paper": "1.5-4 min"},
     variants=variants, run=run, report=report)
