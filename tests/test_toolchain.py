@@ -206,6 +206,24 @@ def test_fx_records_each_module_as_one_node_that_runs_at_call_time(name: str) ->
         torch.testing.assert_close(a, b, msg=k)
 
 
+class _Doubled(bnlab.BatchNorm2d):
+    """A user's subclass whose forward adds work after BN's."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) * 2
+
+
+def test_fx_records_a_users_subclass_whole() -> None:
+    """Its forward is wrapped too (FxLeaf): recorded at the inner super().forward, the graph
+    would run the module and then double its output again."""
+    torch.manual_seed(0)
+    traced = fx.symbolic_trace(nn.Sequential(_Doubled(4)))
+    eager = nn.Sequential(_Doubled(4))
+    assert [n.op for n in traced.graph.nodes] == ["placeholder", "call_module", "output"]
+    x = _input(4)
+    torch.testing.assert_close(traced(x), eager(x))
+
+
 def _script(module: nn.Module) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is, in torch 2.x

@@ -1,5 +1,5 @@
 """Argument validation shared by the functional ops and the layers, and the layers' behaviour
-under torch's program capture (`fx_leaf` for torch.fx, `no_torchscript` for TorchScript).
+under torch's program capture (`FxLeaf` for torch.fx, `no_torchscript` for TorchScript).
 
 Every error names the layer or function, the argument, the expected and the actual value:
 silent acceptance of a wrong shape is how BN bugs hide (peers.md, pain points 1 and 15).
@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 from torch import Tensor, fx
 
@@ -94,17 +94,8 @@ def no_torchscript(module: object, *, foldable: bool) -> NoReturn:
                        f"torch.export, which both support them{fold}")
 
 
-_Forward = TypeVar("_Forward", bound=Callable[..., Any])
-
-
-def fx_leaf(forward: _Forward) -> _Forward:
-    """Decorates a module's ``forward`` so that `torch.fx.symbolic_trace` records the module as
-    one ``call_module`` node, as it does for torch.nn's own BatchNorm (fx treats only torch.nn
-    modules as leaves). Traced through, the forward would run its input checks and its choice
-    of mode (training, frozen, eval) on proxies, and fail ("input must be a torch.Tensor, got
-    Proxy") or bake one mode into the graph; as a node, the module runs at call time on real
-    tensors. Every override of a decorated forward must be decorated too: a subclass's forward
-    calling ``super().forward`` on a proxy would record the whole module at the inner call."""
+def _fx_leaf(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward``, recording the module as one ``call_module`` node when given an fx Proxy."""
     @functools.wraps(forward)
     def wrapper(self: Any, input: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(input, fx.Proxy):
@@ -112,4 +103,24 @@ def fx_leaf(forward: _Forward) -> _Forward:
             return tracer.create_proxy("call_module", tracer.path_of_module(self),
                                        (input, *args), kwargs)
         return forward(self, input, *args, **kwargs)
-    return wrapper  # type: ignore[return-value]
+    wrapper._bnlab_fx_leaf = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+class FxLeaf:
+    """Mixin for bnlab's modules: `torch.fx.symbolic_trace` records each as one ``call_module``
+    node, as it does torch.nn's own BatchNorm (fx treats only torch.nn modules as leaves).
+    Traced through, a forward would run its input checks and its choice of mode (training,
+    frozen, eval) on proxies, and fail ("input must be a torch.Tensor, got Proxy") or bake one
+    mode into the graph; as a node, the module runs at call time on real tensors.
+
+    The ``forward`` of every subclass is wrapped, users' subclasses included: an unwrapped
+    override calling ``super().forward`` would record the module at that inner call and then
+    trace its own extra ops, which the graph would run twice.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "_bnlab_fx_leaf", False):
+            cls.forward = _fx_leaf(forward)  # type: ignore[attr-defined]

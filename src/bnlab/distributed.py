@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from bnlab import functional as F
-from bnlab._checks import fx_leaf
 from bnlab.convert.freeze import is_frozen
 from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.variants import (
@@ -160,7 +159,6 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
 
-    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         use_batch_stats, update = self._mode()

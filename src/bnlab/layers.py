@@ -15,11 +15,11 @@ from torch import Tensor, nn
 
 from bnlab import functional as F
 from bnlab._checks import (
+    FxLeaf,
     check_eps,
     check_input,
     check_momentum,
     check_num_features,
-    fx_leaf,
     no_torchscript,
 )
 
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(FxLeaf, nn.Module):
     """Batch normalization over dimension 1 of an (N, C, *) input (Ioffe & Szegedy 2015, Alg. 1).
 
     See `bnlab.functional.batch_norm` for the math and the conventions: biased σ²_B to normalize,
@@ -161,7 +161,6 @@ class BatchNorm(nn.Module):
         update = training and self.track_running_stats and not self._stats_update_blocked
         return use_batch_stats, update
 
-    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         use_batch_stats, update = self._mode()

@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import Tensor, fx, nn
 
-from bnlab._checks import fx_leaf
+from bnlab._checks import FxLeaf
 from bnlab.convert import _pairs
 from bnlab.layers import BatchNormReLU
 from bnlab.stats import is_batchnorm
@@ -30,7 +30,7 @@ def _is_norm(m: nn.Module) -> bool:
     return is_batchnorm(m) or isinstance(m, FrozenBatchNorm)
 
 
-class ChannelAffine(nn.Module):
+class ChannelAffine(FxLeaf, nn.Module):
     """y = scale·x + shift per channel (dimension 1): an eval-mode BN with nothing to fold into."""
 
     def __init__(self, scale: Tensor, shift: Tensor) -> None:
@@ -38,7 +38,6 @@ class ChannelAffine(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
 
-    @fx_leaf
     def forward(self, x: Tensor) -> Tensor:
         # A list, not a starred tuple, so that TorchScript compiles it (a folded model is the
         # scriptable form of a bnlab model: `bnlab._checks.no_torchscript`).

@@ -19,17 +19,17 @@ from torch import Tensor, nn
 
 from bnlab import functional as F
 from bnlab._checks import (
+    FxLeaf,
     check_eps,
     check_input,
     check_num_features,
-    fx_leaf,
     no_torchscript,
 )
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(FxLeaf, nn.Module):
     """BN's eval transform with γ, β and the statistics as buffers; (N, C, *) input.
 
     Args:
@@ -89,7 +89,6 @@ class FrozenBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
 
-    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         check_input(input, f"{type(self).__name__}({self.num_features})", self._ranks,
                     self.num_features)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab._checks import check_training_size, fx_leaf
+from bnlab._checks import check_training_size
 from bnlab.layers import BatchNorm
 from bnlab.variants._common import (
     count_batch,
@@ -106,7 +106,6 @@ class GhostBatchNorm(BatchNorm):
         return (f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}, "
                 f"stats_update={self.stats_update!r}")
 
-    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         use_batch_stats, update = self._mode()

@@ -14,11 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from bnlab._checks import (
+    FxLeaf,
     check_eps,
     check_input,
     check_momentum,
     check_num_features,
-    fx_leaf,
     no_torchscript,
 )
 from bnlab.functional import channel_view, check_args, compute_dtype, reduce_dims
@@ -117,7 +117,7 @@ def _update(running_mean: Tensor | None, running_scale: Tensor | None, mean: Ten
             buf.copy_(torch.where(finite, torch.lerp(buf, stat.to(buf.dtype), w), buf))
 
 
-class LpNorm(nn.Module):
+class LpNorm(FxLeaf, nn.Module):
     """Drop-in ℓp normalization layer (Santurkar et al. 2018, Sec. 3.3); math in `lp_norm`.
 
     Any (N, C, *) input: for convolutions the statistics run over N·H·W values per channel, as
@@ -181,7 +181,6 @@ class LpNorm(nn.Module):
         return (f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}")
 
-    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         check_input(input, f"{type(self).__name__}({self.num_features})", (2, 3, 4, 5),
                     self.num_features)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlab._checks import fx_leaf, no_torchscript
+from bnlab._checks import FxLeaf, no_torchscript
 from bnlab.functional import channel_view, compute_dtype
 from bnlab.layers import BatchNorm
 
@@ -86,7 +86,7 @@ def activation_noise(
     return torch.addcmul(m, s, a.to(ct)).to(a.dtype)  # s·a + m
 
 
-class ActivationNoise(nn.Module):
+class ActivationNoise(FxLeaf, nn.Module):
     """Algorithm 1's noise alone, in training mode only (identity in eval mode).
 
     Use it as ``norm_layer`` to add "the same amount of noise to the activations of the standard
@@ -150,7 +150,6 @@ class ActivationNoise(nn.Module):
             self._generator = self._new_generator(device)
         return self._generator
 
-    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}): expected input "
@@ -189,6 +188,5 @@ class NoisyBatchNorm(BatchNorm):
         self.noise = ActivationNoise(num_features, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu,
                                      r_sigma=r_sigma, seed=seed)
 
-    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         return self.noise(super().forward(input))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab._checks import check_per_channel, check_training_size, fx_leaf
+from bnlab._checks import check_per_channel, check_training_size
 from bnlab.layers import BatchNorm
 from bnlab.variants._common import count_batch, train_transform, values_per_channel
 
@@ -185,7 +185,6 @@ class BatchRenorm(BatchNorm):
                              warmup_steps=self.warmup_steps, r_max_steps=self.r_max_steps,
                              d_max_steps=self.d_max_steps)
 
-    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         use_batch_stats, update = self._mode()
