@@ -23,8 +23,9 @@ report's reference "Inception" is the best no-BN ReLU run (the sweep and the ×5
 differ only in their rate); the BN models' ×1/×5/×30 stay relative to 0.01.
 
 Runtime here (2 cores, ``--threads 1``): on a quiet machine ≈33 ms per no-BN step and ≈60 ms
-per BN step, so paper ≈45 min and quick ≈12 min (estimates); measured with the machine shared
-by 3 other jobs, quick took ≈27 min. smoke ≈10 s.
+per BN step, so paper ≈45 min and quick ≈12 min (estimates); measured: paper 41 min for seed 0,
+and 56 min for seeds 1 and 2 with ``--threads 2`` (2026-11-22, 18 runs of 2.5–4.5 min); quick
+≈27 min with the machine shared by 3 other jobs. smoke ≈10 s.
 
 Command: ``bnlab run ioffe2015.fig2 --preset paper`` then ``bnlab report``.
 """
@@ -181,5 +182,5 @@ EXPERIMENT = Experiment(
     title="Figures 2 and 3: BN-Inception learning-rate study",
     claim="BN-x5 reaches Inception's accuracy in 14x fewer steps; BN-x30 ends higher",
     presets=PRESETS,
-    runtime={"smoke": "10 s", "quick": "12 min", "paper": "45 min (quiet machine)"},
+    runtime={"smoke": "10 s", "quick": "12 min", "paper": "28-45 min"},
     variants=variants, run=run, report=report)
