@@ -156,4 +156,3 @@ def test_fold_a_bare_batchnorm_returns_its_affine(cls):  # type: ignore[no-untyp
     assert not folded.training and bn.training  # a copy, in eval mode; the original untouched
     x = torch.randn(4, 3, 5, 5)
     assert _max_rel_err(folded(x), bn.eval()(x)) <= 1e-5
-
