@@ -116,6 +116,31 @@ def renorm_case(rank: int) -> dict[str, float]:
     return compare(sync, ref, (5, 2), rank, steps=3)
 
 
+def all_empty_case(rank: int) -> dict[str, float]:
+    """Every shard empty: empty outputs, zero gradients, no buffer or counter moves; and a global
+    batch of one value per channel (1 + 0 samples) is refused on every rank, after the collective
+    (so no rank hangs)."""
+    out = {}
+    for name, cls in (("bn", SyncBatchNorm), ("renorm", SyncBatchRenorm)):
+        sync = cls(C, dtype=F64)
+        init_affine(sync)
+        before = {k: v.clone() for k, v in sync.state_dict().items()}
+        x = torch.randn(0, C, 4, 5, dtype=F64, requires_grad=True)
+        y = sync(x)
+        y.sum().backward()
+        out[f"{name}_shape_ok"] = float(y.shape == x.shape and x.grad.shape == x.shape)
+        out[f"{name}_state_moved"] = max(err(v, before[k].to(v.dtype))
+                                         for k, v in sync.state_dict().items())
+        out[f"{name}_grad"] = max(float(sync.weight.grad.abs().max()),
+                                  float(sync.bias.grad.abs().max()))
+    try:
+        SyncBatchNorm(C, dtype=F64)(torch.randn((1, 0)[rank], C, dtype=F64))
+        out["one_value_refused"] = 0.0
+    except ValueError as e:
+        out["one_value_refused"] = float("more than 1 value per channel" in str(e))
+    return out
+
+
 def eval_has_no_collective(rank: int) -> dict[str, float]:
     calls = {"n": 0}
     real = (dist.all_gather_into_tensor, dist.all_reduce)
@@ -180,7 +205,8 @@ def main(out_dir: str) -> None:
     rank, world, _ = ddp.setup_from_env("cpu", timeout_s=60)
     assert world == 2, world
     res = {"sync_bn": sync_bn_cases(rank), "renorm": renorm_case(rank),
-           "eval": eval_has_no_collective(rank), "ddp": ddp_smoke(rank, world)}
+           "eval": eval_has_no_collective(rank), "all_empty": all_empty_case(rank),
+           "ddp": ddp_smoke(rank, world)}
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(res, f)
     ddp.teardown()

@@ -84,6 +84,15 @@ def test_sync_batch_renorm_equals_renorm_on_concatenated_batch(results: list[dic
         assert max(res["renorm"].values()) < TOL, res["renorm"]
 
 
+def test_an_all_empty_global_batch_gives_empty_outputs_and_moves_nothing(
+        results: list[dict]) -> None:
+    for rank, res in enumerate(results):
+        d = res["all_empty"]
+        assert d == {"bn_shape_ok": 1.0, "bn_state_moved": 0.0, "bn_grad": 0.0,
+                     "renorm_shape_ok": 1.0, "renorm_state_moved": 0.0, "renorm_grad": 0.0,
+                     "one_value_refused": 1.0}, (rank, d)
+
+
 def test_eval_mode_does_no_collective(results: list[dict]) -> None:
     for res in results:
         assert res["eval"] == {"eval_calls": 0.0, "train_calls": 1.0}

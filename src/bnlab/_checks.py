@@ -52,13 +52,14 @@ def check_input(x: Tensor, who: str, ranks: tuple[int, ...], num_features: int) 
 
 
 def check_training_size(x: Tensor, who: str) -> None:
-    """Training needs more than one value per channel: σ²_B of one value is 0 (Alg. 1)."""
-    per_channel = x.numel() // x.shape[1] if x.shape[1] else 0
-    if per_channel <= 1:
+    """Training needs more than one value per channel: σ²_B of one value is 0 (Alg. 1). An
+    empty batch (no values) passes, as in torch: it has no statistics to normalize with, so the
+    callers return an empty output and leave the running statistics alone."""
+    if x.numel() and x.numel() == x.shape[1]:  # one value per channel
         raise ValueError(
             f"{who}: expected more than 1 value per channel when training, got input of shape "
-            f"{tuple(x.shape)} ({per_channel} value(s) per channel). Use a batch of at least 2, "
-            "eval mode, or a frozen/ghost BN for tiny batches."
+            f"{tuple(x.shape)} (1 value per channel). Use a batch of at least 2, eval mode, or "
+            "a frozen/ghost BN for tiny batches."
         )
 
 

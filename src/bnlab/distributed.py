@@ -9,7 +9,9 @@ exactly (in float64, never E[x²] − E[x]²)::
 Backward: one ``all_reduce`` of the two per-channel reductions Σ g and Σ g·x̂ turns the local
 gradient into the gradient of BN over the concatenated batch (Ioffe & Szegedy 2015, Sec. 3).
 Uneven shards and empty shards (m_r = 0) are exact: an empty rank still joins both
-collectives, so no rank hangs. Works with gloo (CPU) and NCCL (GPU), and with process groups.
+collectives, so no rank hangs; when every shard is empty the outputs are empty and the running
+statistics stay as they are, as in single-process BN. Works with gloo (CPU) and NCCL (GPU), and
+with process groups.
 
 Semantics, chosen and documented (peers.md 1.2, pain point 8):
 * eval mode never communicates (running statistics, or with ``track_running_stats=False`` the
@@ -93,11 +95,19 @@ def sync_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, Tens
     return g_mean.to(ct), g_var.to(ct), total[0]
 
 
-def _check_global_size(count: Tensor, who: str) -> None:
-    # The global count lives on the device: checked where that costs no host sync (CPU, eager).
-    if count.device.type == "cpu" and not torch.compiler.is_compiling() and count.item() <= 1:
+def _has_stats(count: Tensor, who: str) -> bool:
+    """Whether the global batch has statistics to update with: False when every shard is empty
+    (count 0; the output is empty on every rank, nothing is counted); one value per channel is
+    an error. The global count lives on the device: it is read only where that costs no host
+    sync (CPU, eager); elsewhere a count <= 1 reaches the update as a non-finite batch
+    (`unbiased`), which leaves the buffers untouched."""
+    if count.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    m = int(count.item())
+    if m == 1:
         raise ValueError(f"{who}: expected more than 1 value per channel across all ranks when "
-                         f"training, got {int(count.item())}")
+                         "training, got 1")
+    return m > 0
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
@@ -166,8 +176,7 @@ class SyncBatchNorm(BatchNorm):
             return super().forward(input)  # eval, frozen, or nobody to sync with: plain BN
         y, mean, var, count = sync_batch_norm_train(input, self.weight, self.bias, self.eps,
                                                     self.process_group)
-        _check_global_size(count, self._who())
-        if update:
+        if _has_stats(count, self._who()) and update:
             finite = store_running_stats(self.running_mean, self.running_var, mean,
                                          unbiased(var, count), self._momentum())
             count_batch(self, finite)
@@ -192,7 +201,8 @@ class SyncBatchRenorm(BatchRenorm):
         if not _sync_active(self.process_group):
             return super()._renorm_train(input, r_max, d_max, update)
         mean, var, count = sync_batch_stats(input, self.process_group)
-        _check_global_size(count, self._who())
+        if not _has_stats(count, self._who()):  # every shard empty: no r, d, no update
+            return F.empty_batch(input, self.weight, self.bias), None
         r, d = renorm_factors(mean, var, self.running_mean, self.running_var, self.eps,
                               r_max, d_max)
         w, b = renorm_affine(self.weight, self.bias, r, d)

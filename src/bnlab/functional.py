@@ -25,6 +25,7 @@ __all__ = [
     "channel_view",
     "check_args",
     "compute_dtype",
+    "empty_batch",
     "normalize",
     "reduce_dims",
     "update_running_stats",
@@ -82,6 +83,15 @@ def normalize(
     if bias is not None:
         y = y + channel_view(bias.to(ct), x)
     return y.to(x.dtype)
+
+
+def empty_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The training-mode output for a batch with no values per channel (N = 0 or an empty
+    spatial size): an empty tensor like ``x``. It has no statistics, so nothing is normalized
+    and no running statistic may move; the output still depends on γ and β, so their gradients
+    are zeros, as with torch's BN (a detection head with no proposals, a rank's empty shard)."""
+    zero = x.new_zeros((x.shape[1],), dtype=compute_dtype(x.dtype))
+    return normalize(x, zero, zero + 1.0, weight, bias, 0.0)
 
 
 @torch.no_grad()
@@ -211,6 +221,8 @@ def batch_norm(
           buffers only.
         * Statistics are computed in float32 for float16/bfloat16 input; the output keeps the
           input's dtype. A batch with non-finite statistics never updates the buffers.
+        * An empty batch (N = 0, or an empty spatial size) in training returns an empty
+          output and leaves the buffers alone, as torch does; one value per channel is an error.
         * The backward is hand-written from the paper's chain rule (`bnlab._autograd`); double
           backward works.
 
@@ -265,6 +277,8 @@ def batch_norm_with_flag(
     their forward free of host synchronisation). ``who`` names the caller in error messages.
     """
     check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, who)
+    if training and input.numel() == 0:
+        return empty_batch(input, weight, bias), None  # no statistics, nothing to count
     if training:
         if _use_kernels(input):
             # normalize + the same running update as below, in one C++ call where it can

@@ -34,10 +34,12 @@ def values_per_channel(x: Tensor) -> int:
 
 
 def unbiased(var: Tensor, count: Tensor | int) -> Tensor:
-    """m/(m−1)·σ²_B, the stored estimate (Alg. 2); σ²_B itself where m <= 1. No host sync."""
+    """m/(m−1)·σ²_B, the stored estimate (Alg. 2). No host sync. For a count known only on the
+    device (a synchronized batch) m <= 1 gives NaN, the undefined estimate, so the running
+    update skips that batch as non-finite; a Python count <= 1 gives σ²_B itself."""
     if isinstance(count, Tensor):
         c = count.to(var.dtype)
-        return torch.where(c > 1, var * c / (c - 1).clamp_min(1), var)
+        return torch.where(c > 1, var * c / (c - 1).clamp_min(1), torch.nan)
     return var * (count / (count - 1)) if count > 1 else var
 
 

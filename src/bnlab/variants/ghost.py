@@ -56,11 +56,14 @@ def ghost_batch_norm(
     """Normalize each ghost batch of ``input`` by its own statistics (training transform).
 
     Returns:
-        y (like ``input``) and, per ghost in order, (μ_g, σ²_g biased, m_g values per channel).
+        y (like ``input``) and, per ghost in order, (μ_g, σ²_g biased, m_g values per channel);
+        no ghosts for an empty batch.
 
     Raises:
         ValueError: a ghost batch with a single value per channel.
     """
+    if input.numel() == 0:  # an empty batch: no ghosts, no statistics
+        return F.empty_batch(input, weight, bias), []
     sizes = ghost_splits(input.shape[0], virtual_batch_size)
     chunks = torch.split(input, sizes, dim=0) if len(sizes) > 1 else (input,)
     ys, stats = [], []
@@ -114,7 +117,7 @@ class GhostBatchNorm(BatchNorm):
         check_training_size(input, self._who())
         y, stats = ghost_batch_norm(input, self.weight, self.bias, self.eps,
                                     self.virtual_batch_size)
-        if update:
+        if update and stats:
             self._update(stats)
         return y
 

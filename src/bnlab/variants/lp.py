@@ -21,7 +21,7 @@ from bnlab._checks import (
     check_num_features,
     no_torchscript,
 )
-from bnlab.functional import channel_view, check_args, compute_dtype, reduce_dims
+from bnlab.functional import channel_view, check_args, compute_dtype, empty_batch, reduce_dims
 
 __all__ = ["LpNorm", "lp_norm", "lp_stats"]
 
@@ -80,9 +80,10 @@ def lp_norm(
     the output variance is below 1 when the mean is non-zero. In training, when buffers are given,
     they follow PyTorch's momentum ``r ← (1 − momentum)·r + momentum·s`` with s = μ_B and s_p (no
     m/(m−1) correction: s_p is not a variance); a batch with non-finite statistics leaves them
-    untouched. Evaluation uses the buffers: y = γ·(x − running_mean)/(running_scale + ε) + β,
-    deterministic and independent of the batch. Statistics in float32 for half/bfloat16 input;
-    the gradient is autograd's (for p = ∞ it flows to the arg-max element(s) only).
+    untouched, and an empty batch (N = 0) returns an empty output. Evaluation uses the buffers:
+    y = γ·(x − running_mean)/(running_scale + ε) + β, deterministic and independent of the batch.
+    Statistics in float32 for half/bfloat16 input; the gradient is autograd's (for p = ∞ it
+    flows to the arg-max element(s) only).
 
     Shape:
         input: (N, C, *); running_mean, running_scale, weight, bias: (C,). Returns like input.
@@ -91,6 +92,8 @@ def lp_norm(
     p = _check_p(p, who)
     check_args(input, running_mean, running_scale, weight, bias, training, momentum, eps, who,
                var_name="running_scale")
+    if training and input.numel() == 0:
+        return empty_batch(input, weight, bias)  # no statistics, as BN (no update)
     if training:
         mean, scale = lp_stats(input, p)
         if running_mean is not None or running_scale is not None:
@@ -185,7 +188,8 @@ class LpNorm(FxLeaf, nn.Module):
         check_input(input, f"{type(self).__name__}({self.num_features})", (2, 3, 4, 5),
                     self.num_features)
         use_batch = self.training or not self.track_running_stats
-        update = self.training and self.track_running_stats
+        # An empty batch has no statistics: no update, and it does not count (as in BN).
+        update = self.training and self.track_running_stats and input.numel() > 0
         momentum: float | Tensor = 0.0
         if update:
             self.num_batches_tracked.add_(1)

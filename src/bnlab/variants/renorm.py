@@ -124,6 +124,8 @@ def batch_renorm(
                                       0.0, eps, who)
     check_training_size(input, who)
     check_per_channel(input, running_mean, running_var, weight, bias, who)
+    if input.numel() == 0:
+        return F.empty_batch(input, weight, bias), None  # no statistics: no r, d, no update
     mean, var = F.batch_stats(input.detach())
     r, d = renorm_factors(mean, var, running_mean, running_var, eps, r_max, d_max)
     y, mean, var = train_transform(input, *renorm_affine(weight, bias, r, d), eps)
