@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bnlab.cli import main
 from bnlab.kernels import bench
@@ -102,3 +103,30 @@ def test_e2e_step_orders_give_each_net_every_predecessor_equally_often(n) -> Non
     assert set(pairs) == want
     assert len(set(pairs.values())) <= 1  # each ordered pair equally often
     assert orders[period:2 * period] == orders[:period]
+
+
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_e2e_nets_train_in_the_asked_memory_format(memory_format: str) -> None:
+    """One step of each norm's Inception-style net trains (its weights move) with weights and
+    activations in the asked layout; an unknown layout is refused before any timing."""
+    from bnlab.kernels import e2e
+
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    outs: list[torch.Tensor] = []
+    for name, norm in e2e._norms().items():
+        model, x = e2e._build(e2e.InceptionNet, norm, 4, (1, 28, 28), memory_format)
+        assert x.is_contiguous(memory_format=fmt), name
+        outs.clear()
+        hook = model.blocks[0].b3.register_forward_hook(lambda m, i, o: outs.append(o))
+        before = model.stem[0].weight.detach().clone()
+        e2e._train_step(model, x)()
+        hook.remove()
+        # (C = 1 input and stem weight are contiguous in both layouts: these are not)
+        assert outs[0].is_contiguous(memory_format=fmt), name
+        conv3 = model.blocks[0].b3[1][0].weight  # (48, 24, 3, 3)
+        assert conv3.is_contiguous(memory_format=fmt) and not conv3.is_contiguous(
+            memory_format=torch.channels_last if fmt == torch.contiguous_format
+            else torch.contiguous_format), name
+        assert not torch.equal(before, model.stem[0].weight), name
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        e2e.run_e2e(1, 1, "nhwc")

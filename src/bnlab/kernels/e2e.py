@@ -6,7 +6,10 @@ a VGG-style conv-BN-ReLU stack on 32x32 inputs (batch 128) and an Inception-styl
 normalization (``nn.Identity``), ``torch.nn.BatchNorm2d``, ``bnlab.BatchNorm2d`` and
 ``bnlab.BatchNormReLU2d`` (BN and the ReLU after it fused), interleaved step by step in a
 balanced order (`step_orders`); the figure of merit is the step time relative to the net
-without BN.
+without BN. The nets run in NCHW (the target's figure) or channels_last: on CPU, torch's NCHW
+max-pool is scalar and branches on the data (the 3x3 stride-1 pool of (32, 112, 28, 28) takes
+~27 ms against ~2 ms in channels_last), so the memory format changes both the step and how much
+of it BN is.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["TARGET_OVERHEAD", "InceptionNet", "VGGNet", "meets_target", "print_e2e", "run_e2e",
            "step_orders"]
@@ -119,13 +122,27 @@ def _norms() -> dict[str, NormLayer]:
             "bnlab_bn": bnlab.BatchNorm2d, "bnlab_bn_relu": bnlab.BatchNormReLU2d}
 
 
-def _stepper(net_cls: Callable[[NormLayer], nn.Module], norm: NormLayer, batch: int,
-             image: tuple[int, int, int]) -> Callable[[], None]:
+def _memory_format(name: str) -> torch.memory_format:
+    formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    if name not in formats:
+        raise ValueError(f"memory_format must be one of {list(formats)}, got {name!r}")
+    return formats[name]
+
+
+def _build(net_cls: Callable[[NormLayer], nn.Module], norm: NormLayer, batch: int,
+           image: tuple[int, int, int], memory_format: str = "nchw") -> tuple[nn.Module, Tensor]:
+    """A freshly built net (seed 0) and a random input batch, both in ``memory_format``
+    ("nchw" or "channels_last")."""
+    fmt = _memory_format(memory_format)
     torch.manual_seed(0)
-    model = net_cls(norm)
+    model = net_cls(norm).to(memory_format=fmt)
+    return model, torch.randn(batch, *image).contiguous(memory_format=fmt)
+
+
+def _train_step(model: nn.Module, x: Tensor) -> Callable[[], None]:
+    """One training step on ``x``: forward, cross-entropy on fixed labels, backward, SGD."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, *image)
-    y = torch.randint(0, 10, (batch,))
+    y = torch.randint(0, 10, (x.shape[0],))
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
@@ -218,14 +235,16 @@ def step_orders(keys: list[str], n_steps: int) -> list[list[str]]:
     return [[keys[j] for j in rows[s % len(rows)]] for s in range(n_steps)]
 
 
-def run_e2e(steps: int = 8, rounds: int = 3) -> dict[str, Any]:
+def run_e2e(steps: int = 8, rounds: int = 3, memory_format: str = "nchw") -> dict[str, Any]:
     """Median step time (ms) per net and norm, the overhead of BN over no normalization, and
-    the profiled time of BN's own ops per step."""
+    the profiled time of BN's own ops per step; nets and inputs in ``memory_format``."""
+    _memory_format(memory_format)  # a bad name fails before minutes of timing
     nets = {"vgg_b128_32x32": (VGGNet, 128, (3, 32, 32)),
             "inception_b32_28x28": (InceptionNet, 32, (1, 28, 28))}
     out: dict[str, Any] = {}
     for net_name, (cls, batch, image) in nets.items():
-        steppers = {k: _stepper(cls, norm, batch, image) for k, norm in _norms().items()}
+        steppers = {k: _train_step(*_build(cls, norm, batch, image, memory_format))
+                    for k, norm in _norms().items()}
         for s in steppers.values():  # warm-up
             s()
             s()
@@ -257,7 +276,8 @@ def run_e2e(steps: int = 8, rounds: int = 3) -> dict[str, Any]:
     return out
 
 
-def print_e2e(result: dict[str, Any]) -> None:
+def print_e2e(result: dict[str, Any], memory_format: str = "nchw") -> None:
+    print(f"memory format: {memory_format}")
     print(f"{'net (statistic)':<27}{'no BN ms':>9}{'torch BN':>10}{'bnlab BN':>10}"
           f"{'fused':>9}{'torch +%':>10}{'bnlab +%':>10}{'fused +%':>10}")
     for name, r in result.items():
