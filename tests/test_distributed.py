@@ -160,6 +160,17 @@ def test_convert_sync_batchnorm_root_and_registry() -> None:
         distributed._SYNC.pop(_BNAct)
 
 
+def test_convert_sync_batchnorm_has_torchs_classmethod_spelling() -> None:
+    """`nn.SyncBatchNorm.convert_sync_batchnorm(model, pg)` is the idiom: with bnlab's class
+    in its place it converts bnlab's and torch's layers alike, passing the group on."""
+    group = object()  # stored as given; never used without an initialized process group
+    model = nn.Sequential(nn.BatchNorm2d(3), bnlab.BatchNorm2d(3), BatchRenorm2d(3))
+    out = SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+    assert out is model
+    assert [type(m) for m in model] == [SyncBatchNorm, SyncBatchNorm, SyncBatchRenorm]
+    assert all(m.process_group is group for m in model)
+
+
 def test_converted_model_eval_outputs_unchanged() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU())

@@ -169,6 +169,13 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """`bnlab.convert_sync_batchnorm` under torch's spelling,
+        ``nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)``, so code that calls
+        it keeps working with ``bnlab.SyncBatchNorm`` in its place."""
+        return convert_sync_batchnorm(module, process_group)
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         use_batch_stats, update = self._mode()
