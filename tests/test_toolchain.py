@@ -223,3 +223,22 @@ def test_torchscript_names_the_layer_and_the_ways_that_work(name: str) -> None:
                        r"cannot compile .* use torch.compile or torch.export") as err:
         _script(nn.Sequential(nn.Identity(), layer))
     assert ("bnlab.fold(model.eval())" in str(err.value)) == (name in FOLDABLE)
+
+
+def test_type_matching_tools_work_after_replace_norm_to_torchs_layers() -> None:
+    """Eager-mode quantization's fuse_modules looks modules up by type, so it refuses bnlab's
+    BN; `bnlab.replace_norm(model, nn.BatchNorm2d)` (same state) makes the model fusable, and the
+    fused model computes what the bnlab model did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), bnlab.BatchNorm2d(4), nn.ReLU())
+    model.train()(torch.randn(16, 2, 6, 6) * 2 + 1)
+    model.eval()
+    x = torch.randn(4, 2, 6, 6)
+    ref = model(x)
+    with pytest.raises(AssertionError, match="did not find fuser method"):
+        torch.ao.quantization.fuse_modules(copy.deepcopy(model), [["0", "1", "2"]])
+    torch_bn = bnlab.replace_norm(model, nn.BatchNorm2d)
+    assert type(torch_bn[1]) is nn.BatchNorm2d
+    fused = torch.ao.quantization.fuse_modules(torch_bn, [["0", "1", "2"]])
+    assert isinstance(fused[1], nn.Identity)
+    torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
