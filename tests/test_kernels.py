@@ -212,11 +212,14 @@ def test_outlier_first_value_takes_exact_pass() -> None:
 
 @pytest.mark.parametrize("shape, fmt", [((4, 3, 1024, 1024), torch.contiguous_format),
                                         ((4, 32, 320, 320), torch.channels_last),
-                                        ((2, 5, 1001, 1001), torch.contiguous_format)])
+                                        ((2, 5, 1001, 1001), torch.contiguous_format),
+                                        ((2, 16, 512, 512), torch.contiguous_format)])
 def test_large_tensors_streaming_stores_match_reference(shape, fmt) -> None:  # type: ignore[no-untyped-def]
     """Tensors over 16 MB take the streaming-store (non-temporal) output path when planes and
-    rows are whole vectors, and store normally when they are not (odd H·W): forward, eval and
-    backward still equal the reference path."""
+    rows are whole vectors, and store normally when they are not (odd H·W); with many channels
+    the training forward normalizes each channel block right after its statistics (smaller
+    tensors: one sweep after all statistics). Forward, eval and backward still equal the
+    reference path."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).contiguous(memory_format=fmt) * 3 + 1
     c = shape[1]

@@ -38,6 +38,19 @@ SHAPES = [(4, 6, 5, 7), (32, 3, 4, 4), (16, 33), (2, 20, 3, 3)]
 def test_fused_matches_composition(shape, fmt, training, residual, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     if fmt == "channels_last" and len(shape) != 4:
         pytest.skip("channels_last needs rank 4")
+    check_fused(shape, fmt, training, residual, monkeypatch)
+
+
+# Over the LLC (32 MiB) together with their outputs: the training forward normalizes each block
+# of channels right after its statistics (small tensors: one sweep after all statistics). Whole
+# vectors per plane (streaming stores) and not.
+@pytest.mark.parametrize("shape", [(2, 16, 512, 300), (2, 16, 499, 301)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_matches_composition_on_large_tensors(shape, residual, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    check_fused(shape, "contiguous", True, residual, monkeypatch)
+
+
+def check_fused(shape, fmt, training, residual, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     c = shape[1]
     x = make(shape, fmt)
     z = make(shape, fmt, seed=1) if residual else None

@@ -13,11 +13,13 @@
 //
 // Fusion. Planar inputs with enough channels run one channel at a time per thread: statistics,
 // then normalize (or, backward, the two reductions, then dx) on the channel's N·S slab while it
-// is still in L2/L3 — 2T of DRAM traffic forward, 3T backward. Inputs with few channels split
-// each channel over threads (two-level reduction); rows inputs reduce over register tiles of
-// rows x channel vectors into per-thread sums, then normalize in a second sweep. Outputs larger
-// than the cache are written with streaming stores. All reductions combine in a fixed order, so
-// results are deterministic for a fixed thread count.
+// is still in L2/L3 — 2T of DRAM traffic forward, 3T backward (a forward whose x and y fit in
+// the LLC together has no DRAM traffic to save and normalizes in one sweep after all blocks'
+// statistics, see train_fwd). Inputs with few channels split each channel over threads
+// (two-level reduction); rows inputs reduce over register tiles of rows x channel vectors into
+// per-thread sums, then normalize in a second sweep. Outputs larger than the cache are written
+// with streaming stores. All reductions combine in a fixed order, so results are deterministic
+// for a fixed thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -38,6 +40,7 @@ struct Shape {
   int64_t N, C, S;
   bool rows;
   bool nt = false;  // write outputs with streaming stores (see stream_outputs in bn_ops.cpp)
+  bool resident = false;  // the pass's tensors fit in the LLC (cache_resident, bn_tensors.h)
   int64_t m() const { return N * S; }  // values per channel
 };
 

@@ -15,18 +15,31 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
                const E& e, float* mean_out, float* var_out) {
   const double m = static_cast<double>(s.m());
   const int64_t C = s.C;
+  // Per-channel results, padded to whole vectors (the rows sweep loads them as vectors).
+  std::vector<float> mean = padded(C), scale = padded(C), shift = padded(C);
+  std::vector<double> var(C, 0.0);
   if (!s.rows && channel_parallel(s)) {
-    // Fused: per block of channels, statistics (one DRAM read) then normalize from cache.
+    // Statistics per block of channels, each thread on its own channels. A block is then
+    // normalized at once, while it is still in L2/L3 (2T of DRAM traffic instead of 3T) —
+    // unless x and y fit in the LLC together (s.resident): with no DRAM traffic to save, one
+    // sweep over each thread's contiguous planes afterwards (normalize_all) writes y faster
+    // than the block's n-major runs of planes. Eight interleaved A/B runs in one process at
+    // 2 threads: 7x7 planes ((32, 512, 7, 7), (32, 2048, 7, 7)) took 4-33% less time in every
+    // run, 14x14 and 28x28 planes 0-23% less in 6 of 8 runs and up to 5% more in 2; on a
+    // 103 MB tensor the two sweeps cost 1.21-1.23x a copy against the fused 1.00-1.05x.
+    const bool fuse = !s.resident;
     const int nt = at::get_num_threads();
     const int64_t cb = channel_block(s, sizeof(T), (C + nt - 1) / nt);
     // The statistics' reduction op at offset p; block_reduce sets each channel's shift.
     const auto sums = [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; };
     at::parallel_for(0, C, grain_for(s.m()), [&](int64_t c0, int64_t c1) {
-      std::vector<double> s1(cb), s2(cb), var(cb);
-      std::vector<float> K(cb), mean(cb), scale(cb);
+      std::vector<double> s1(cb), s2(cb);
+      std::vector<float> K(cb);
       std::vector<char> exact(cb);
       for (int64_t b0 = c0; b0 < c1; b0 += cb) {
         const int64_t nb = std::min(cb, c1 - b0);
+        float* mu = mean.data() + b0;
+        double* vr = var.data() + b0;
         bool any = false;
         for (int64_t j = 0; j < nb; ++j) {
           K[j] = sample_mean(x + (b0 + j) * s.S, std::min<int64_t>(s.S, 16), 1);
@@ -35,34 +48,35 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
         block_reduce(s, b0, nb, sums, K.data(), s1.data(), s2.data());
         for (int64_t j = 0; j < nb; ++j) {
           bool ex = false;
-          from_shifted(K[j], s1[j], s2[j], m, mean[j], var[j], ex);
+          from_shifted(K[j], s1[j], s2[j], m, mu[j], vr[j], ex);
           exact[j] = ex;
           any = any || ex;
           if (ex) s1[j] = s2[j] = 0.0;
         }
         if (any) {  // rare: the sample shift was poor for some channel
-          block_reduce(s, b0, nb, sums, mean.data(), s1.data(), s2.data(), exact.data());
+          block_reduce(s, b0, nb, sums, mu, s1.data(), s2.data(), exact.data());
           for (int64_t j = 0; j < nb; ++j)
-            if (exact[j]) from_centered(s1[j], s2[j], m, mean[j], var[j]);
+            if (exact[j]) from_centered(s1[j], s2[j], m, mu[j], vr[j]);
         }
         for (int64_t j = 0; j < nb; ++j) {
-          const float v = static_cast<float>(var[j]);
-          scale[j] = inv_std(v, eps) * w[b0 + j];
-          mean_out[b0 + j] = mean[j];
+          const float v = static_cast<float>(vr[j]);
+          scale[b0 + j] = inv_std(v, eps) * w[b0 + j];
+          shift[b0 + j] = b[b0 + j];
+          mean_out[b0 + j] = mu[j];
           var_out[b0 + j] = v;
         }
-        for (int64_t n = 0; n < s.N; ++n)
-          planes_normalize(x, y, s.S, n * C + b0, nb, 0, nb, mean.data(), scale.data(), b + b0, e,
-                           s.nt);
+        if (fuse)
+          for (int64_t n = 0; n < s.N; ++n)
+            planes_normalize(x, y, s.S, n * C + b0, nb, 0, nb, mu, scale.data() + b0, b + b0, e,
+                             s.nt);
       }
-      stream_fence();
+      if (fuse) stream_fence();
     });
+    if (!fuse) normalize_all(x, y, s, mean.data(), scale.data(), shift.data(), e);
     return;
   }
   // Few channels (planar, each channel split over threads) or rows: statistics, then one
   // normalize sweep.
-  std::vector<float> mean = padded(C), scale = padded(C), shift = padded(C);
-  std::vector<double> var(C, 0.0);
   if (!s.rows) {
     for (int64_t c = 0; c < C; ++c) {
       const float K = sample_mean(x + c * s.S, std::min<int64_t>(s.S, 16), 1);
@@ -216,6 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
   const int64_t C = p.s.C;
   at::Tensor y = at::empty_like(x);
   at::Tensor z = (residual.has_value() && residual->defined()) ? like(*residual, x) : at::Tensor();
+  p.s.resident = cache_resident(x, z.defined() ? 3 : 2);
   at::Tensor mask = (relu && save_mask) ? at::empty_like(x, x.options().dtype(at::kByte))
                                         : empty_bytes(x);
   at::Tensor mean = at::empty({C}, x.options().dtype(at::kFloat));

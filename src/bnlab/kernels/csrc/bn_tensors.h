@@ -40,10 +40,14 @@ inline Prepared prepare(const at::Tensor& x) {
 // Only when every plane (row) is whole vectors: with 7x7 planes most vectors are misaligned
 // and stored normally, and a normal store into a line that a streaming store just wrote
 // flushes the write-combining buffer — 7x7 backward ran at 6x a copy instead of 3x.
+constexpr int64_t LLC = int64_t{32} << 20;
 inline bool stream_outputs(const at::Tensor& x, int k, const Shape& s) {
-  constexpr int64_t LLC = int64_t{32} << 20;
   return x.scalar_type() == at::kFloat && (s.rows ? s.C : s.S) % W == 0 &&
          static_cast<int64_t>(x.nbytes()) * k > LLC;
+}
+// Whether the k tensors of x's size that a pass touches fit in the LLC together.
+inline bool cache_resident(const at::Tensor& x, int k) {
+  return static_cast<int64_t>(x.nbytes()) * k <= LLC;
 }
 
 // t with ref's sizes, strides and dtype (a copy only when they differ).
