@@ -20,6 +20,10 @@ MODULES = {
     "BatchNormReLU1d": (lambda: bnlab.BatchNormReLU1d(4), 2),
     "BatchNormReLU2d": (lambda: bnlab.BatchNormReLU2d(4), 4),
     "BatchNormReLU3d": (lambda: bnlab.BatchNormReLU3d(4), 5),
+    # Lazy: C = 4 from the first input (the factory returns it uninitialized).
+    "LazyBatchNorm1d": (lambda: bnlab.LazyBatchNorm1d(), 2),
+    "LazyBatchNorm2d": (lambda: bnlab.LazyBatchNorm2d(momentum=None), 4),
+    "LazyBatchNorm3d": (lambda: bnlab.LazyBatchNorm3d(), 5),
     "BatchRenorm": (lambda: V.BatchRenorm(4, warmup_steps=0), 4),
     "BatchRenorm1d": (lambda: V.BatchRenorm1d(4), 2),
     "BatchRenorm2d": (lambda: V.BatchRenorm2d(4), 4),

@@ -37,6 +37,9 @@ from bnlab.layers import (
     BatchNormReLU1d,
     BatchNormReLU2d,
     BatchNormReLU3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
 )
 from bnlab.stats import population_statistics, recalibrate
 from bnlab.variants import (
@@ -72,6 +75,9 @@ __all__ = [
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "GhostBatchNorm",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "SyncBatchNorm",
     "SyncBatchRenorm",
     "batchnormify",

@@ -12,7 +12,8 @@ import math
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from torch import Tensor, fx
+from torch import Tensor, fx, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 _RANK_NAMES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 
@@ -20,6 +21,18 @@ _RANK_NAMES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, 
 def check_num_features(num_features: int, who: str) -> None:
     if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
         raise ValueError(f"{who}: num_features must be an integer >= 1, got {num_features!r}")
+
+
+def check_materialized(model: nn.Module, who: str) -> None:
+    """Model-wide tools (conversion, folding, freezing, statistics) need every layer's shapes: a
+    lazy module (``LazyBatchNorm2d``, ``LazyConv2d``, torch's or bnlab's) has none before its
+    first forward, and would fail deep inside torch ("Attempted to use an uninitialized
+    parameter") or, for SyncBN conversion, silently stay local."""
+    for name, m in model.named_modules():
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(f"{who}: {name or 'the model'} ({type(m).__name__}) is not "
+                             "initialized yet: run the model once on a batch (or load a "
+                             "state_dict) first")
 
 
 def check_eps(eps: float, who: str) -> None:
@@ -87,6 +100,8 @@ def no_torchscript(module: object, *, foldable: bool) -> NoReturn:
     which TorchScript cannot compile, and without this it fails deep in the compiler with
     "Expression of type dots cannot be used in a type expression"."""
     n = getattr(module, "num_features", None)
+    if n == 0:  # a lazy layer before its first forward
+        n = "uninitialized"
     who = f"{type(module).__name__}({n})" if n is not None else type(module).__name__
     fold = (" or, for inference, script bnlab.fold(model.eval()), whose folded layers "
             "TorchScript compiles") if foldable else ""

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from bnlab import functional as F
+from bnlab._checks import check_materialized
 from bnlab.convert.freeze import is_frozen
 from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.variants import (
@@ -284,6 +285,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     Returns:
         ``module`` converted in place, or its replacement if ``module`` itself is a BN.
     """
+    check_materialized(module, "convert_sync_batchnorm")
     skipped: list[str] = []
     out = _convert(module, process_group, "", skipped)
     if skipped:

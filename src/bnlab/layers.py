@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from bnlab import functional as F
 from bnlab._checks import (
@@ -32,6 +34,9 @@ __all__ = [
     "BatchNormReLU1d",
     "BatchNormReLU2d",
     "BatchNormReLU3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
 ]
 
 
@@ -79,7 +84,8 @@ class BatchNorm(FxLeaf, nn.Module):
     ) -> None:
         super().__init__()
         who = type(self).__name__
-        check_num_features(num_features, who)
+        if not (num_features == 0 and isinstance(self, LazyModuleMixin)):  # 0: not inferred yet
+            check_num_features(num_features, who)
         check_eps(eps, who)
         check_momentum(momentum, who)
         factory = {"device": device, "dtype": dtype}
@@ -256,3 +262,84 @@ class BatchNormReLU3d(BatchNormReLU):
     """`BatchNorm3d` followed by ReLU, fused. See `BatchNormReLU`."""
 
     _ranks = (5,)
+
+
+class _LazyBatchNorm(LazyModuleMixin, BatchNorm):
+    """A `BatchNorm` whose C is the input's dimension 1 on the first forward (torch's
+    ``LazyBatchNorm*d``): γ, β and the running statistics are uninitialized until then, and the
+    module then becomes the plain layer (``cls_to_become``). Same arguments as `BatchNorm`
+    without ``num_features``. A state_dict loaded before the first forward sets C instead.
+    """
+
+    cls_to_become: type[BatchNorm] | None = None
+
+    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Any = None, dtype: Any = None, *,
+                 bias: bool = True) -> None:
+        factory = {"device": device, "dtype": dtype}
+        # No tensors yet: affine and track_running_stats are set after (as torch does).
+        super().__init__(0, eps, momentum, False, False, device=device, dtype=dtype)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = UninitializedParameter(**factory)
+            if bias:
+                self.bias = UninitializedParameter(**factory)
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory)
+            self.running_var = UninitializedBuffer(**factory)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def _who(self) -> str:
+        return f"{type(self).__name__}(uninitialized)"
+
+    def _infer_parameters(self, module: nn.Module, args: tuple[Any, ...],  # type: ignore[override]
+                          kwargs: dict[str, Any] | None = None) -> None:
+        # torch.fx: the module is recorded as one call_module node (FxLeaf) and initializes
+        # when the graph first runs on a tensor, as torch's lazy BN (an fx leaf) does.
+        if args and isinstance(args[0], fx.Proxy):
+            return
+        super()._infer_parameters(module, args, kwargs)
+
+    @torch.no_grad()
+    def initialize_parameters(self, input: Tensor) -> None:  # type: ignore[override]
+        """C from ``input`` (checked like any input first, so a wrong rank or dtype
+        materializes nothing), or from a state_dict loaded earlier; then γ = 1, β = 0, μ = 0,
+        σ² = 1 for the tensors still uninitialized."""
+        c = input.shape[1] if isinstance(input, Tensor) and input.dim() >= 2 else 0
+        check_input(input, self._who(), self._ranks, c)
+        loaded = [t for t in (self.weight, self.bias, self.running_mean, self.running_var)
+                  if t is not None and not is_lazy(t)]
+        if self.num_features == 0:
+            self.num_features = loaded[0].shape[0] if loaded else c
+        init = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+        for name, value in init.items():
+            t = getattr(self, name)
+            if t is not None and is_lazy(t):
+                t.materialize((self.num_features,))
+                t.fill_(value)
+
+
+class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
+    """Drop-in for `torch.nn.LazyBatchNorm1d`: `BatchNorm1d` with C inferred from the first
+    input. See `_LazyBatchNorm`."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
+    """Drop-in for `torch.nn.LazyBatchNorm2d`: `BatchNorm2d` with C inferred from the first
+    input. See `_LazyBatchNorm`."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
+    """Drop-in for `torch.nn.LazyBatchNorm3d`: `BatchNorm3d` with C inferred from the first
+    input. See `_LazyBatchNorm`."""
+
+    cls_to_become = BatchNorm3d

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from bnlab._checks import check_materialized
 from bnlab.layers import BatchNorm
 
 __all__ = [
@@ -159,6 +160,7 @@ def population_statistics(
         raise ValueError(f"estimator must be 'alg2' or 'population', got {estimator!r}")
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1 or None, got {num_batches!r}")
+    check_materialized(model, "population_statistics")
     layers = {name: m for name, m in model.named_modules() if is_batchnorm(m)}
     if not layers:
         raise ValueError(f"population_statistics: {type(model).__name__} has no BatchNorm layer")

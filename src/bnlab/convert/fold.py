@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import Tensor, fx, nn
 
-from bnlab._checks import FxLeaf
+from bnlab._checks import FxLeaf, check_materialized
 from bnlab.convert import _pairs
 from bnlab.layers import BatchNormReLU
 from bnlab.stats import is_batchnorm
@@ -123,6 +123,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Raises:
         ValueError: a BN without running statistics (nothing defines its inference transform).
     """
+    check_materialized(model, "fold")
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     bns = {name: m for name, m in model.named_modules() if _is_norm(m)}

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnlab._checks import check_materialized
 from bnlab.layers import BatchNorm
 from bnlab.variants.frozen import FrozenBatchNorm
 
@@ -71,6 +72,7 @@ def freeze(model: nn.Module, *, stats: bool = True, affine: bool = True) -> nn.M
         ValueError: ``stats=True`` on a layer without running statistics (it has nothing to
             freeze to); the message names the layer.
     """
+    check_materialized(model, "freeze")
     for name, m in _bn_modules(model):
         if stats:
             if m.running_mean is None or m.running_var is None:
@@ -91,6 +93,7 @@ def freeze(model: nn.Module, *, stats: bool = True, affine: bool = True) -> nn.M
 
 def unfreeze(model: nn.Module, *, stats: bool = True, affine: bool = True) -> nn.Module:
     """Undo `freeze` in place (``FrozenBatchNorm`` modules stay as they are). Returns ``model``."""
+    check_materialized(model, "unfreeze")
     for _, m in _bn_modules(model):
         if stats:
             if isinstance(m, BatchNorm):

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as TF
 
+from bnlab._checks import check_materialized
 from bnlab.convert import _pairs
 from bnlab.convert.freeze import is_frozen
 from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -96,6 +97,7 @@ def batchnormify(model: nn.Module, norm_layer: NormFactory | None = None, *,
     Returns:
         The model with BN inserted, in ``model``'s train/eval mode.
     """
+    check_materialized(model, "batchnormify")
     model = model if inplace else copy.deepcopy(model)
     for name in nonlinearity_pairs(model):
         layer = model.get_submodule(name)
@@ -133,6 +135,7 @@ def replace_norm(model: nn.Module, factory: NormFactory, *,
     Returns:
         The converted model (the new module if ``model`` itself was a BN).
     """
+    check_materialized(model, "replace_norm")
     model = model if inplace else copy.deepcopy(model)
     targets = [(n, m) for n, m in model.named_modules()
                if _is_norm(m) and (match is None or match(n, m))]
