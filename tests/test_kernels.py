@@ -237,6 +237,29 @@ def test_large_tensors_streaming_stores_match_reference(shape, fmt) -> None:  # 
     assert rel_err(y_eval, F.normalize(x, rm, rv, w, b, 1e-5)) <= RTOL
 
 
+# NCHW planes longer than a vector that do not end on a vector boundary (7x7 and 14x14 with 16
+# lanes, 5x7 with 8 or 4) are normalized on the tensor's vector grid: a vector that straddles
+# two planes is blended from both planes' parameters, and when N·C is not a multiple of the
+# group of planes that fills whole vectors the last planes take the plane walk. A bias of 100
+# per channel index makes a lane normalized with its neighbour's parameters stand out.
+@pytest.mark.parametrize("shape", [(3, 7, 7, 7), (2, 32, 14, 14), (5, 16, 7, 7), (1, 3, 5, 7),
+                                   (4, 6, 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_planes_off_the_vector_grid_match_reference(shape, dtype) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(0)
+    c = shape[1]
+    x = (torch.randn(shape, generator=gen) * 3 + 2).to(dtype)
+    w = torch.rand(c, generator=gen) + 0.5
+    b = 100.0 * torch.arange(c, dtype=torch.float32)
+    tol = RTOL if dtype == torch.float32 else 8e-3  # bfloat16: one rounding of the output
+    y, mean, var = kernels.batch_norm_train(x, w, b, 1e-5)
+    y_ref, _, _ = reference_train(x, w, b, 1e-5)
+    assert rel_err(y, y_ref) <= tol
+    rm, rv = mean + torch.randn(c, generator=gen), var + 0.5
+    y_eval = kernels.batch_norm_eval(x, rm, rv, w, b, 1e-5)
+    assert rel_err(y_eval, F.normalize(x, rm, rv, w, b, 1e-5)) <= tol
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_bfloat16_matches_reference(fmt) -> None:  # type: ignore[no-untyped-def]
     x = (torch.randn(8, 20, 6, 7) * 2 + 3).bfloat16().contiguous(memory_format=fmt)

@@ -36,6 +36,11 @@ namespace bnk {
 constexpr int64_t BLOCK = 4096;      // elements per float block before flushing into double
 constexpr int64_t GRAIN = 1 << 15;   // elements per task below which a loop stays serial
 
+// Items per task for items of per_item elements (at least one).
+inline int64_t grain_for(int64_t per_item) {
+  return std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, per_item));
+}
+
 struct Shape {
   int64_t N, C, S;
   bool rows;
