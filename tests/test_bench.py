@@ -130,3 +130,49 @@ def test_e2e_nets_train_in_the_asked_memory_format(memory_format: str) -> None:
         assert not torch.equal(before, model.stem[0].weight), name
     with pytest.raises(ValueError, match="memory_format must be one of"):
         e2e.run_e2e(1, 1, "nhwc")
+
+
+def test_ab_renames_every_op_reference_of_the_sources() -> None:
+    """The baseline's library must register and look up its ops under its own namespace only,
+    or loading it beside bnlab's would clash (or silently time bnlab's ops twice)."""
+    from pathlib import Path
+
+    from bnlab.kernels import ab
+
+    csrc = Path(ab.__file__).with_name("csrc")
+    for path in csrc.glob("*.cpp"):
+        out = ab.rename_namespace(path.read_text())
+        assert '"bnlab::' not in out and "(bnlab," not in out, path.name
+    text = ab.rename_namespace('TORCH_LIBRARY_IMPL(bnlab, CPU, m) "bnlab::bn_bwd" namespace bnk')
+    assert text == 'TORCH_LIBRARY_IMPL(bnlab_ab, CPU, m) "bnlab_ab::bn_bwd" namespace bnk'
+
+
+@pytest.mark.slow
+def test_ab_against_the_same_sources_builds_runs_and_agrees(capsys) -> None:  # type: ignore[no-untyped-def]
+    """`python -m bnlab.kernels.ab` with this checkout's own csrc as the baseline: it builds the
+    baseline beside the loaded kernels (about a minute the first time), times both, and the
+    two compute the same outputs to the bit."""
+    from pathlib import Path
+
+    from bnlab import kernels
+    from bnlab.kernels import ab
+
+    if not kernels.available():
+        pytest.skip("bnlab CPU kernels could not be built here")
+    base = str(Path(ab.__file__).with_name("csrc"))
+    assert ab.main(["--base", base, "--modes", "train,bwd", "--shapes", "4x16x7x7",
+                    "--formats", "nchw,channels_last", "--rounds", "1", "--repeats", "1",
+                    "--threads", "1"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("train", "bwd"))]
+    assert len(lines) == 4
+    assert all(ln.endswith("max diff 0.0e+00") for ln in lines), lines
+
+
+def test_ab_names_a_bad_base() -> None:  # type: ignore[no-untyped-def]
+    from bnlab import kernels
+    from bnlab.kernels import ab
+
+    if not kernels.available():
+        pytest.skip("bnlab CPU kernels could not be built here")
+    with pytest.raises(SystemExit, match="--base: expected a directory"):
+        ab.main(["--base", "no-such-revision-xyz", "--shapes", "4x16x7x7"])
