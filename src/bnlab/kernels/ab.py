@@ -1,7 +1,7 @@
 """A/B timing of two versions of the CPU kernels in one process: ``python -m bnlab.kernels.ab``.
 
 This machine's speed drifts by up to 2x between runs (`docs/design.md`), and the same kernels
-measure up to ±10% apart within a run, so a kernel change is judged by timing both versions in
+measure up to 15% apart within a run, so a kernel change is judged by timing both versions in
 one process, call by call: A, the kernels this checkout loads, against B, a baseline's ``csrc``
 (a git revision's, or a directory's) built under the op namespace ``bnlab_ab`` so that both
 libraries load side by side. Each round interleaves clone, A, clone, B (A and B swap places
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import re
 import shutil
 import statistics
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bnlab.kernels.bench import _fmt
 
 __all__ = ["NAMESPACE", "main", "rename_namespace"]
 
@@ -59,9 +62,7 @@ def _baseline(base: str, dest: Path) -> Path:
         if proc.returncode != 0:
             raise SystemExit(f"--base: expected a directory of kernel sources or a git revision "
                              f"of {root}, got {base!r} ({proc.stderr.decode().strip()})")
-        tar_path = dest / "base.tar"
-        tar_path.write_bytes(proc.stdout)
-        with tarfile.open(tar_path) as tar:
+        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
             files = {Path(m.name).name: tar.extractfile(m).read().decode()  # type: ignore[union-attr]
                      for m in tar.getmembers() if m.isfile()}
     if not any(name.endswith(".cpp") for name in files):
@@ -100,14 +101,9 @@ def _call(ns: str, mode: str, x: torch.Tensor) -> Callable[[], Any]:
         return lambda: ops.bn_train_fwd(x, w, b, 1e-5, None, False, False)
     if mode == "eval":
         return lambda: ops.bn_eval_fwd(x, rm, rv, w, b, 1e-5, None, False, False)
-    g = torch.randn(x.shape, generator=gen).contiguous(memory_format=_layout(x))
+    g = torch.randn(x.shape, generator=gen).contiguous(memory_format=_fmt(x))
     _, mean, var, _ = ops.bn_train_fwd(x, w, b, 1e-5, None, False, False)
     return lambda: ops.bn_bwd(g, x, mean, var, w, 1e-5, None, True, True, False)
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    cl = x.dim() == 4 and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def compare(shape: tuple[int, ...], fmt: str, mode: str, rounds: int,

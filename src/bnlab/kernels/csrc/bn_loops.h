@@ -100,7 +100,7 @@ inline void planes_dx(const Op op, int64_t S, int64_t p0, int64_t count, int64_t
 // inference on (32, 512, 7, 7), (32, 256, 14, 14) and (32, 2048, 7, 7) took 4-12% less time,
 // the cache-resident training forward 0-10% less. (Also tried, and slower or no better: the
 // backward's dx on the grid, within ±6%; the statistics on the grid, summed down the samples
-// with one accumulator per vector position, 10-25% slower on 14x14 planes.)
+// with one accumulator per vector position, 6-25% slower on 7x7 and 14x14 planes.)
 
 // Planes per group: the least G with G·S a multiple of W, or 0 where the plane walk is used.
 inline int64_t grid_group(int64_t S) {
