@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from bnlab.cli import main
-from bnlab.kernels import bench
+from bnlab.kernels import ab, bench
 
 
 def test_bench_writes_every_case_summary_and_machine_info(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -135,10 +136,6 @@ def test_e2e_nets_train_in_the_asked_memory_format(memory_format: str) -> None:
 def test_ab_renames_every_op_reference_of_the_sources() -> None:
     """The baseline's library must register and look up its ops under its own namespace only,
     or loading it beside bnlab's would clash (or silently time bnlab's ops twice)."""
-    from pathlib import Path
-
-    from bnlab.kernels import ab
-
     csrc = Path(ab.__file__).with_name("csrc")
     for path in csrc.glob("*.cpp"):
         out = ab.rename_namespace(path.read_text())
@@ -152,10 +149,7 @@ def test_ab_against_the_same_sources_builds_runs_and_agrees(capsys) -> None:  # 
     """`python -m bnlab.kernels.ab` with this checkout's own csrc as the baseline: it builds the
     baseline beside the loaded kernels (about a minute the first time), times both, and the
     two compute the same outputs to the bit."""
-    from pathlib import Path
-
     from bnlab import kernels
-    from bnlab.kernels import ab
 
     if not kernels.available():
         pytest.skip("bnlab CPU kernels could not be built here")
@@ -170,7 +164,6 @@ def test_ab_against_the_same_sources_builds_runs_and_agrees(capsys) -> None:  # 
 
 def test_ab_names_a_bad_base() -> None:  # type: ignore[no-untyped-def]
     from bnlab import kernels
-    from bnlab.kernels import ab
 
     if not kernels.available():
         pytest.skip("bnlab CPU kernels could not be built here")
