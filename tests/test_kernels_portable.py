@@ -16,7 +16,8 @@ import pytest
 
 from bnlab import kernels
 
-MODULES = ["test_kernels.py", "test_kernels_fused.py", "test_kernels_strided.py"]
+MODULES = ["test_kernels.py", "test_kernels_fused.py", "test_kernels_strided.py",
+           "test_kernels_rows.py"]
 
 pytestmark = [
     pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),

@@ -16,8 +16,9 @@
 // is still in L2/L3 — 2T of DRAM traffic forward, 3T backward (a forward whose x and y fit in
 // the LLC together has no DRAM traffic to save and normalizes in one sweep after all blocks'
 // statistics, see train_fwd). Inputs with few channels split each channel over threads
-// (two-level reduction); rows inputs reduce over register tiles of rows x channel vectors into
-// per-thread sums, then normalize in a second sweep. Outputs larger than the cache are written
+// (two-level reduction); rows inputs reduce over register tiles of rows x channel vectors, or
+// strips of whole rows when rows are wide, into per-thread sums, then normalize in a second
+// sweep. Outputs larger than the cache are written
 // with streaming stores. All reductions combine in a fixed order, so results are deterministic
 // for a fixed thread count.
 #pragma once
@@ -35,6 +36,9 @@ namespace bnk {
 
 constexpr int64_t BLOCK = 4096;      // elements per float block before flushing into double
 constexpr int64_t GRAIN = 1 << 15;   // elements per task below which a loop stays serial
+// The last-level cache assumed by the choices between cache-resident and streaming loops
+// (sysconf's L3 size is the host's total on this VM, 384 MiB, so a fixed figure is used).
+constexpr int64_t LLC = int64_t{32} << 20;
 
 // Items per task for items of per_item elements (at least one).
 inline int64_t grain_for(int64_t per_item) {
@@ -119,6 +123,7 @@ inline void map_seg_pointwise(int64_t L, Full&& full, Part&& part) {
 template <typename T>
 struct SumsOp {
   static constexpr bool kMasked = false;
+  static constexpr int64_t kBytes = sizeof(T);  // bytes read per element index
   const T* x;
   vf k;
   void full(int64_t i, vf& a, vf& b) const {
@@ -148,6 +153,7 @@ struct SumsOp {
 template <typename T, bool MASK>
 struct BwdSumsOp {
   static constexpr bool kMasked = MASK;
+  static constexpr int64_t kBytes = 2 * sizeof(T) + (MASK ? 1 : 0);
   const T* x;
   const T* g;
   const uint8_t* mask;
