@@ -1,9 +1,9 @@
-"""The rows layout's statistics (channels_last and (N, C) inputs, `csrc/bn_rows.h`) on each of
-its three loops, against the reference path: register tiles (rows of up to 4 channel vectors, or
-inputs of at most 256 KB), strips of one whole row, and strips of four rows (C >= 256 with the
-data read under half the LLC, or C >= 2048). The shapes leave a partial channel vector
-(C mod 16 != 0, and mod 8 and 4) and a partial last strip in each thread (rows mod 4 != 0);
-a 1e4 offset checks the shifted sums there."""
+"""The rows layout's statistics (channels_last and (N, C) inputs, `csrc/bn_rows.h`) on both of
+its loops, against the reference path: register tiles (rows of up to 4 channel vectors, or
+inputs of at most 256 KB) and four runs of whole rows a quarter of each thread's rows apart,
+then the last rows one by one. The shapes leave a partial channel vector (C mod 16 != 0, and
+mod 8 and 4) and up to 3 rows after the runs in a thread; a 1e4 offset checks the shifted sums
+there."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ pytestmark = pytest.mark.skipif(not kernels.available(),
 
 # (shape, loop): channels_last for rank 4, else (N, C).
 SHAPES = [
-    ((5, 97, 13, 11), "one row"),       # 715 rows x 97 channels, 277 KB
-    ((701, 200), "one row"),            # C < 256
-    ((3, 300, 9, 11), "four rows"),     # 297 rows x 300 channels, 356 KB
-    ((333, 520), "four rows"),
-    ((2, 2053, 5, 5), "four rows"),     # C >= 2048: four rows whatever the size
-    ((3, 100, 7, 7), "tiles"),          # 59 KB: fits in L2
+    ((5, 97, 13, 11), "runs"),   # 715 rows x 97 channels, 277 KB
+    ((701, 200), "runs"),
+    ((3, 300, 9, 11), "runs"),   # 297 rows x 300 channels, 356 KB
+    ((333, 520), "runs"),
+    ((2, 2053, 5, 5), "runs"),   # 50 rows x 2053 channels, 410 KB
+    ((3, 100, 7, 7), "tiles"),   # 59 KB: fits in L2
 ]
 
 
@@ -69,9 +69,9 @@ def test_rows_loops_match_reference(shape, loop, offset) -> None:  # type: ignor
 
 
 # bfloat16 reads half the bytes per value: shapes over the tiles' 256 KB at 2 bytes.
-@pytest.mark.parametrize("shape, loop", [((10, 97, 13, 11), "one row"),
-                                         ((6, 300, 9, 11), "four rows"),
-                                         ((3, 2053, 5, 5), "four rows")])
+@pytest.mark.parametrize("shape, loop", [((10, 97, 13, 11), "runs"),
+                                         ((6, 300, 9, 11), "runs"),
+                                         ((3, 2053, 5, 5), "runs")])
 def test_rows_loops_bfloat16_match_reference(shape, loop) -> None:  # type: ignore[no-untyped-def]
     """Statistics in float32 as for float32 inputs; y and dx within bfloat16 roundings."""
     x = make(shape, torch.bfloat16, 0.5)

@@ -17,7 +17,7 @@
 // the LLC together has no DRAM traffic to save and normalizes in one sweep after all blocks'
 // statistics, see train_fwd). Inputs with few channels split each channel over threads
 // (two-level reduction); rows inputs reduce over register tiles of rows x channel vectors, or
-// strips of whole rows when rows are wide, into per-thread sums, then normalize in a second
+// runs of whole rows when rows are wide, into per-thread sums, then normalize in a second
 // sweep. Outputs larger than the cache are written
 // with streaming stores. All reductions combine in a fixed order, so results are deterministic
 // for a fixed thread count.

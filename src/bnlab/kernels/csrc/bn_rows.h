@@ -1,5 +1,5 @@
 // The rows layout's (channels_last, (N, C)) statistics: per-channel sums over register tiles of
-// rows x channel vectors, or over strips of whole rows (the normalize and dx sweeps, shared
+// rows x channel vectors, or over runs of whole rows (the normalize and dx sweeps, shared
 // with the planar layout, are in bn_loops.h).
 #pragma once
 
@@ -72,24 +72,27 @@ inline void rows_tile_tail(const MakeOp& make, int64_t C, int64_t cv, int nf, in
   }
 }
 
-// Rows [r0, r1) read whole and in order, STRIP rows at a time: for each channel vector its
-// float accumulator pair comes from a per-thread buffer (L1), takes the strip's rows and goes
-// back; every FLUSH rows the buffer is added into the double sums d1, d2. For C > 4 vectors
-// this replaced the column blocks of rows_tile, whose rows each read 4 lines and then jumped a
-// row ahead: the hardware prefetchers lost the stream. Measured with the reductions alone in
-// one process against the tiles (2 threads, channels_last): the backward's sums took 0.55x the
-// time on (32, 256, 56, 56), 0.69x on (32, 128, 28, 28), 0.67x on (32, 512, 28, 28), 0.59x on
-// (32, 1024, 14, 14) with one row at a time. Four rows at a time (fewer accumulator loads and
-// stores per value) win where the data sit in the cache and rows are wide: the training
-// forward on (32, 256, 14, 14), (32, 512, 7, 7), (4096, 512), (32, 2048, 7, 7) took 0.84-0.88x
-// the time of one row at a time; but out of cache, four rows at a time made the backward's
-// sums 1.05-1.76x slower than one (see rows_reduce for the choice).
+// Rows [r0, r1) read whole and in order, in four runs a quarter of the range apart, walked
+// side by side: for each channel vector its float accumulator pair comes from a per-thread
+// buffer (L1), takes one row of each run and goes back; every FLUSH rows the buffer is added
+// into the double sums d1, d2. The last (r1 − r0) mod 4 rows follow one at a time.
+//   For rows wider than 4 channel vectors this replaced the column blocks of rows_tile, whose
+// rows each read 4 lines and then jumped a row ahead, so the hardware prefetchers lost the
+// stream. Four long runs keep four streams the prefetchers follow, and load and store each
+// accumulator once per four rows. Measured with the reductions alone, in one process against
+// the tiles (2 threads, channels_last, input out of cache as the backward's x is), one row at
+// a time took 0.55x the time on (32, 256, 56, 56), 0.63x on (32, 256, 14, 14) and
+// (32, 512, 7, 7), 0.59x on (32, 1024, 14, 14); against one row at a time the four runs took
+// 0.63-1.03x (0.60-0.63x on (32, 2048, 7, 7), whose 8 KB of accumulators per sum do not stay
+// in L1 row after row), and the training forward 0.71-0.98x, in cache and out. Four adjacent
+// rows instead of four runs lost the prefetchers again: out of cache the forward on
+// (32, 256, 14, 14), (32, 512, 7, 7) and (4096, 512) ran 1.2-1.5x slower than one row.
 // Inputs that fit in L2 keep the tiles: on (60, 100), where a call's fixed cost decides, the
-// strips measured 7-9% slower.
-constexpr int64_t FLUSH = 64, STRIPS_FROM = 256 << 10;
-template <int64_t STRIP, class MakeOp>
-inline void rows_strips(const MakeOp& make, int64_t C, int64_t nfull, int rem, int64_t r0,
-                        int64_t r1, double* d1, double* d2) {
+// runs (one row at a time) measured 7-9% slower.
+constexpr int64_t FLUSH = 64, RUNS_FROM = 256 << 10;
+template <class MakeOp>
+inline void rows_runs(const MakeOp& make, int64_t C, int64_t nfull, int rem, int64_t r0,
+                      int64_t r1, double* d1, double* d2) {
   const int64_t nv = nfull + (rem > 0);
   std::vector<vf> fa(nv), fb(nv);
   auto flush = [&] {
@@ -99,45 +102,48 @@ inline void rows_strips(const MakeOp& make, int64_t C, int64_t nfull, int rem, i
       fa[v] = fb[v] = vf{};
     }
   };
-  int64_t cnt = 0;
-  for (int64_t t0 = r0; t0 < r1; t0 += STRIP) {
-    const int64_t t1 = std::min(r1, t0 + STRIP);
-    for (int64_t v = 0; v < nfull; ++v) {
-      const auto op = make(v * W);
-      vf a = fa[v], b = fb[v];
-      for (int64_t r = t0; r < t1; ++r) op.full(r * C + v * W, a, b);
-      fa[v] = a;
-      fb[v] = b;
+  // Rows t + k·q for k < K (K = 4 runs q rows apart, or K = 1), t in [t0, t1).
+  auto walk = [&](auto k_c, int64_t q, int64_t t0, int64_t t1) {
+    constexpr int64_t K = decltype(k_c)::value;
+    int64_t cnt = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t v = 0; v < nfull; ++v) {
+        const auto op = make(v * W);
+        vf a = fa[v], b = fb[v];
+#pragma GCC unroll 4
+        for (int64_t k = 0; k < K; ++k) op.full((t + k * q) * C + v * W, a, b);
+        fa[v] = a;
+        fb[v] = b;
+      }
+      if (rem) {
+        const auto op = make(nfull * W);
+        vf a = fa[nfull], b = fb[nfull];
+        for (int64_t k = 0; k < K; ++k) op.part((t + k * q) * C + nfull * W, rem, a, b);
+        fa[nfull] = a;
+        fb[nfull] = b;
+      }
+      if ((cnt += K) >= FLUSH) {  // ≤ FLUSH values per lane summed in float
+        flush();
+        cnt = 0;
+      }
     }
-    if (rem) {
-      const auto op = make(nfull * W);
-      vf a = fa[nfull], b = fb[nfull];
-      for (int64_t r = t0; r < t1; ++r) op.part(r * C + nfull * W, rem, a, b);
-      fa[nfull] = a;
-      fb[nfull] = b;
-    }
-    if ((cnt += t1 - t0) >= FLUSH) {
-      flush();
-      cnt = 0;
-    }
-  }
-  flush();
+    flush();
+  };
+  const int64_t q = (r1 - r0) / 4;
+  walk(std::integral_constant<int64_t, 4>{}, q, r0, r0 + q);
+  walk(std::integral_constant<int64_t, 1>{}, 0, r0 + 4 * q, r1);
 }
 
 // Per-channel sums over all rows; make(cv) gives the reduction functor for the channel vector
 // starting at channel cv (with its per-channel parameters loaded). Each thread sums its rows
 // into its own double buffer: rows of up to 4 channel vectors, and inputs of at most
-// STRIPS_FROM bytes, in register tiles of ROWS_TILE rows; wider rows in strips (rows_strips)
-// of four rows where C >= 256 and the data read fit in half the LLC, or where C >= 2048 (one
-// row at a time, 8 KB of accumulators per sum no longer stay in L1: the (32, 2048, 7, 7)
-// backward's sums took 0.60x the time with four rows); of one row otherwise. The buffers are
-// then added in thread order (deterministic).
+// RUNS_FROM bytes, in register tiles of ROWS_TILE rows; wider rows in four runs (rows_runs).
+// The buffers are then added in thread order (deterministic).
 template <class MakeOp>
 inline void rows_reduce(int64_t M, int64_t C, const MakeOp& make, std::vector<double>& s1,
                         std::vector<double>& s2) {
   using Op = decltype(make(int64_t{0}));
   const int64_t bytes = M * C * Op::kBytes;
-  const bool four = C >= 2048 || (C >= 256 && bytes < LLC / 2);
   const int nt = at::get_num_threads();
   const int64_t nfull = C / W, rem = C % W, nv = nfull + (rem > 0);
   const int64_t stride = 2 * nv * W;
@@ -145,9 +151,8 @@ inline void rows_reduce(int64_t M, int64_t C, const MakeOp& make, std::vector<do
   at::parallel_for(0, M, grain_for(C), [&](int64_t r0, int64_t r1) {
     double* d1 = buf.data() + static_cast<size_t>(at::get_thread_num()) * stride;
     double* d2 = d1 + nv * W;
-    if (nv > 4 && bytes > STRIPS_FROM) {
-      if (four) rows_strips<4>(make, C, nfull, static_cast<int>(rem), r0, r1, d1, d2);
-      else rows_strips<1>(make, C, nfull, static_cast<int>(rem), r0, r1, d1, d2);
+    if (nv > 4 && bytes > RUNS_FROM) {
+      rows_runs(make, C, nfull, static_cast<int>(rem), r0, r1, d1, d2);
       return;
     }
     for (int64_t t0 = r0; t0 < r1; t0 += ROWS_TILE) {
