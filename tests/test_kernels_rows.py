@@ -1,9 +1,10 @@
-"""The rows layout's statistics (channels_last and (N, C) inputs, `csrc/bn_rows.h`) on both of
-its loops, against the reference path: register tiles (rows of up to 4 channel vectors, or
-inputs of at most 256 KB) and four runs of whole rows a quarter of each thread's rows apart,
-then the last rows one by one. The shapes leave a partial channel vector (C mod 16 != 0, and
-mod 8 and 4) and up to 3 rows after the runs in a thread; a 1e4 offset checks the shifted sums
-there."""
+"""The rows layout's loops (channels_last and (N, C) inputs, `csrc/bn_rows.h`) against the
+reference path. Statistics: register tiles (rows of up to 4 channel vectors, or inputs of at
+most 256 KB), or four runs of whole rows a quarter of each thread's rows apart, then the last
+rows one by one. Normalize (training forward, eval, the fused epilogues) and dx sweeps: one row
+at a time, or four runs for inputs of at least 2 MB (dx: and C >= 2048). The shapes leave a
+partial channel vector (C mod 16 != 0, and mod 8 and 4) and up to 3 rows after the runs in a
+thread; a 1e4 offset checks the shifted sums there."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ SHAPES = [
     ((333, 520), "runs"),
     ((2, 2053, 5, 5), "runs"),   # 50 rows x 2053 channels, 410 KB
     ((3, 100, 7, 7), "tiles"),   # 59 KB: fits in L2
+    ((4, 97, 37, 41), "runs, normalize in runs"),  # 2.3 MB
+    ((2, 2053, 11, 13), "runs, normalize and dx in runs"),
 ]
 
 
@@ -58,6 +61,9 @@ def test_rows_loops_match_reference(shape, loop, offset) -> None:  # type: ignor
     want = torch.autograd.grad(y_ref, [xs[1], w, b], g)
     truth = torch.autograd.grad(y64, [x64, w, b], g.double())
     scales = [0.0, dx_scale(g, w, var_ref, 1e-5)] + [float(g.abs().sum(F.reduce_dims(x)).max())] * 2
+    rm, rv = mean_ref.detach() + 0.1, var_ref.detach() + 0.5
+    y_eval = kernels.batch_norm_eval(x, rm, rv, w.detach(), b.detach(), 1e-5)
+    assert rel_err(y_eval, F.normalize(x, rm, rv, w.detach(), b.detach(), 1e-5)) <= RTOL
     for a, e, t, scale in zip((y, *got), (y_ref, *want), (y64, *truth), scales, strict=True):
         err = rel_err(a, e, scale)
         if err > RTOL and not torch.equal(mean, mean_ref):
@@ -71,7 +77,8 @@ def test_rows_loops_match_reference(shape, loop, offset) -> None:  # type: ignor
 # bfloat16 reads half the bytes per value: shapes over the tiles' 256 KB at 2 bytes.
 @pytest.mark.parametrize("shape, loop", [((10, 97, 13, 11), "runs"),
                                          ((6, 300, 9, 11), "runs"),
-                                         ((3, 2053, 5, 5), "runs")])
+                                         ((3, 2053, 5, 5), "runs"),
+                                         ((9, 97, 37, 41), "runs, normalize in runs")])
 def test_rows_loops_bfloat16_match_reference(shape, loop) -> None:  # type: ignore[no-untyped-def]
     """Statistics in float32 as for float32 inputs; y and dx within bfloat16 roundings."""
     x = make(shape, torch.bfloat16, 0.5)
@@ -85,15 +92,22 @@ def test_rows_loops_bfloat16_match_reference(shape, loop) -> None:  # type: igno
     g = torch.randn(shape).to(torch.bfloat16)
     (dx,), (dx_ref,) = (torch.autograd.grad(t, [xi], g) for t, xi in ((y, xs[0]), (y_ref, xs[1])))
     assert rel_err(dx, dx_ref) <= 1.6e-2
+    rm, rv = mean_ref.detach() + 0.1, var_ref.detach() + 0.5
+    assert rel_err(kernels.batch_norm_eval(x, rm, rv, w, b, 1e-5),
+                   F.normalize(x, rm, rv, w, b, 1e-5)) <= 8e-3
 
 
-@pytest.mark.parametrize("shape", [(5, 97, 13, 11), (3, 300, 9, 11)])
-def test_rows_loops_with_relu_mask_match_composition(shape, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The fused BN+ReLU backward sums g masked by the saved mask on the same loops."""
-    check_fused(shape, "channels_last", True, False, monkeypatch)
+@pytest.mark.parametrize("shape", [(5, 97, 13, 11), (3, 300, 9, 11), (4, 97, 37, 41)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rows_loops_with_relu_mask_match_composition(shape, training, residual,  # type: ignore[no-untyped-def]
+                                                     monkeypatch) -> None:
+    """The fused BN(+add)+ReLU: the epilogue in the normalize sweep, and the backward's sums of
+    g masked by the saved mask, on the same loops."""
+    check_fused(shape, "channels_last", training, residual, monkeypatch)
 
 
-@pytest.mark.parametrize("shape, loop", SHAPES[:5])
+@pytest.mark.parametrize("shape, loop", [s for s in SHAPES if s[1] != "tiles"])
 def test_rows_loops_deterministic(shape, loop) -> None:  # type: ignore[no-untyped-def]
     x = make(shape, torch.float32, 0.5)
     g = torch.randn(shape).contiguous(memory_format=torch.channels_last) if len(shape) == 4 \

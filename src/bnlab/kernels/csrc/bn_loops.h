@@ -272,51 +272,7 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
 // Per-channel parameters padded to whole vectors, so tails load full vectors.
 inline std::vector<float> padded(int64_t C) { return std::vector<float>((C + W - 1) / W * W, 0.f); }
 
-// ---- the shared normalize / dx sweeps (any layout, per-channel parameters) ----------------
-// Rows [r0, r1) of the rows layout, one row at a time (interleaving 8 rows measured 1.4-1.7x
-// slower for channels_last eval; the per-channel parameters stay in L1 either way). Whole rows
-// in order beat every blocking of the columns tried (python -m bnlab.kernels.ab, 2 threads):
-// blocks of 4 or 8 channel vectors over tiles of 32 rows, their parameters held in registers,
-// were up to 1.4x slower for eval and 1.1-1.27x for rows_dx when C > 64; chunks of 512
-// channels (parameters kept in L1 for C = 2048) no faster. Pointers and the epilogue come by
-// value: read through the parallel_for closure, they were reloaded after every store (the
-// store might alias them), which made the loop 2x slower.
-template <typename T, class E>
-void rows_normalize(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const float* mean,
-                    const float* scale, const float* shift, const E e, bool nt) {
-  const int64_t nfull = C / W, cv_tail = nfull * W;
-  const int rem = static_cast<int>(C % W);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t base = r * C;
-    for (int64_t cv = 0; cv < cv_tail; cv += W) {
-      const int64_t o = base + cv;
-      const vf yv = fmadd(load(x + o) - load(mean + cv), load(scale + cv), load(shift + cv));
-      store_out(y + o, e.apply(yv, o), nt);
-    }
-    if (rem) {
-      const int64_t o = base + cv_tail;
-      const vf yv = fmadd(load_n(x + o, rem) - load(mean + cv_tail), load(scale + cv_tail),
-                          load(shift + cv_tail));
-      store_n(y + o, e.template apply<0>(yv, o, rem), rem);
-    }
-  }
-}
-
-template <class Op>
-void rows_dx(const Op op, int64_t C, int64_t r0, int64_t r1, const float* mean, const float* A,
-             const float* B, const float* Cc) {
-  const int64_t nfull = C / W, cv_tail = nfull * W;
-  const int rem = static_cast<int>(C % W);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t base = r * C;
-    for (int64_t cv = 0; cv < cv_tail; cv += W)
-      op.at(base + cv, load(mean + cv), load(A + cv), load(B + cv), load(Cc + cv));
-    if (rem)
-      op.at_n(base + cv_tail, rem, load(mean + cv_tail), load(A + cv_tail), load(B + cv_tail),
-              load(Cc + cv_tail));
-  }
-}
-
+// ---- the normalize / dx sweeps of both layouts (the rows layout's loops are in bn_rows.h) --
 template <typename T, class E>
 void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const float* scale,
                    const float* shift, const E& e) {
@@ -335,8 +291,9 @@ void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const fl
     });
     return;
   }
+  const bool runs = rows_runs_pay(s, sizeof(T), 1);
   at::parallel_for(0, s.m(), grain_for(s.C), [&](int64_t r0, int64_t r1) {
-    rows_normalize(x, y, s.C, r0, r1, mean, scale, shift, e, s.nt);
+    rows_normalize(x, y, s.C, r0, r1, mean, scale, shift, e, s.nt, runs);
     stream_fence();
   });
 }
@@ -351,8 +308,9 @@ void dx_all(const Op& op, const Shape& s, const float* mean, const float* A, con
     });
     return;
   }
+  const bool runs = rows_runs_pay(s, sizeof(typename Op::scalar), 2048);
   at::parallel_for(0, s.m(), grain_for(s.C), [&](int64_t r0, int64_t r1) {
-    rows_dx(op, s.C, r0, r1, mean, A, B, Cc);
+    rows_dx(op, s.C, r0, r1, mean, A, B, Cc, runs);
     stream_fence();
   });
 }
