@@ -72,6 +72,31 @@ inline void rows_tile_tail(const MakeOp& make, int64_t C, int64_t cv, int nf, in
   }
 }
 
+// Rows t + k·q (k < K) for t in [t0, t1): full(o, d, cv, K) for each full channel vector
+// (o: the element offset of row t at channel cv, d = q·C the distance between the runs),
+// part(...) for the partial last one, then row_done(K).
+template <int64_t K, class Full, class Part, class Done>
+inline void rows_map(int64_t C, int64_t q, int64_t t0, int64_t t1, const Full& full,
+                     const Part& part, const Done& row_done) {
+  const int64_t cv_tail = C / W * W;
+  const std::integral_constant<int64_t, K> k;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t cv = 0; cv < cv_tail; cv += W) full(t * C + cv, q * C, cv, k);
+    if (cv_tail < C) part(t * C + cv_tail, q * C, cv_tail, k);
+    row_done(K);
+  }
+}
+// Rows [r0, r1): four runs a quarter of the range apart, then the last (r1 − r0) mod 4 rows;
+// or one row at a time.
+template <class Full, class Part, class Done>
+inline void rows_map_runs(int64_t C, int64_t r0, int64_t r1, bool runs, const Full& full,
+                          const Part& part, const Done& row_done) {
+  const int64_t q = runs ? (r1 - r0) / 4 : 0;
+  if (q > 0) rows_map<4>(C, q, r0, r0 + q, full, part, row_done);
+  rows_map<1>(C, 0, r0 + 4 * q, r1, full, part, row_done);
+}
+constexpr auto no_op = [](int64_t) {};
+
 // Rows [r0, r1) read whole and in order, in four runs a quarter of the range apart, walked
 // side by side: for each channel vector its float accumulator pair comes from a per-thread
 // buffer (L1), takes one row of each run and goes back; every FLUSH rows the buffer is added
@@ -91,9 +116,10 @@ inline void rows_tile_tail(const MakeOp& make, int64_t C, int64_t cv, int nf, in
 // runs (one row at a time) measured 7-9% slower.
 constexpr int64_t FLUSH = 64, RUNS_FROM = 256 << 10;
 template <class MakeOp>
-inline void rows_runs(const MakeOp& make, int64_t C, int64_t nfull, int rem, int64_t r0,
-                      int64_t r1, double* d1, double* d2) {
-  const int64_t nv = nfull + (rem > 0);
+inline void rows_runs(const MakeOp& make, int64_t C, int64_t r0, int64_t r1, double* d1,
+                      double* d2) {
+  const int64_t nv = (C + W - 1) / W;
+  const int rem = static_cast<int>(C % W);
   std::vector<vf> fa(nv), fb(nv);
   auto flush = [&] {
     for (int64_t v = 0; v < nv; ++v) {
@@ -102,36 +128,31 @@ inline void rows_runs(const MakeOp& make, int64_t C, int64_t nfull, int rem, int
       fa[v] = fb[v] = vf{};
     }
   };
-  // Rows t + k·q for k < K (K = 4 runs q rows apart, or K = 1), t in [t0, t1).
-  auto walk = [&](auto k_c, int64_t q, int64_t t0, int64_t t1) {
-    constexpr int64_t K = decltype(k_c)::value;
-    int64_t cnt = 0;
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t v = 0; v < nfull; ++v) {
-        const auto op = make(v * W);
-        vf a = fa[v], b = fb[v];
+  int64_t cnt = 0;
+  rows_map_runs(
+      C, r0, r1, true,
+      [&](int64_t o0, int64_t d, int64_t cv, auto k) {
+        const auto op = make(cv);
+        vf a = fa[cv / W], b = fb[cv / W];
 #pragma GCC unroll 4
-        for (int64_t k = 0; k < K; ++k) op.full((t + k * q) * C + v * W, a, b);
-        fa[v] = a;
-        fb[v] = b;
-      }
-      if (rem) {
-        const auto op = make(nfull * W);
-        vf a = fa[nfull], b = fb[nfull];
-        for (int64_t k = 0; k < K; ++k) op.part((t + k * q) * C + nfull * W, rem, a, b);
-        fa[nfull] = a;
-        fb[nfull] = b;
-      }
-      if ((cnt += K) >= FLUSH) {  // ≤ FLUSH values per lane summed in float
-        flush();
-        cnt = 0;
-      }
-    }
-    flush();
-  };
-  const int64_t q = (r1 - r0) / 4;
-  walk(std::integral_constant<int64_t, 4>{}, q, r0, r0 + q);
-  walk(std::integral_constant<int64_t, 1>{}, 0, r0 + 4 * q, r1);
+        for (int64_t j = 0; j < decltype(k)::value; ++j) op.full(o0 + j * d, a, b);
+        fa[cv / W] = a;
+        fb[cv / W] = b;
+      },
+      [&](int64_t o0, int64_t d, int64_t cv, auto k) {
+        const auto op = make(cv);
+        vf a = fa[cv / W], b = fb[cv / W];
+        for (int64_t j = 0; j < decltype(k)::value; ++j) op.part(o0 + j * d, rem, a, b);
+        fa[cv / W] = a;
+        fb[cv / W] = b;
+      },
+      [&](int64_t rows) {
+        if ((cnt += rows) >= FLUSH) {  // ≤ FLUSH values per lane summed in float
+          flush();
+          cnt = 0;
+        }
+      });
+  flush();
 }
 
 // Per-channel sums over all rows; make(cv) gives the reduction functor for the channel vector
@@ -152,7 +173,7 @@ inline void rows_reduce(int64_t M, int64_t C, const MakeOp& make, std::vector<do
     double* d1 = buf.data() + static_cast<size_t>(at::get_thread_num()) * stride;
     double* d2 = d1 + nv * W;
     if (nv > 4 && bytes > RUNS_FROM) {
-      rows_runs(make, C, nfull, static_cast<int>(rem), r0, r1, d1, d2);
+      rows_runs(make, C, r0, r1, d1, d2);
       return;
     }
     for (int64_t t0 = r0; t0 < r1; t0 += ROWS_TILE) {
@@ -183,7 +204,7 @@ inline void rows_reduce(int64_t M, int64_t C, const MakeOp& make, std::vector<do
 // interleaving 8 adjacent rows measured 1.4-1.7x slower for channels_last eval; blocks of 4 or
 // 8 channel vectors over tiles of 32 rows, their parameters held in registers, up to 1.4x
 // slower for eval and 1.1-1.27x for rows_dx when C > 64; chunks of 512 channels (parameters
-// kept in L1 for C = 2048) no faster. Four runs a quarter of the rows apart (rows_runs) load
+// kept in L1 for C = 2048) no faster. Four runs a quarter of the rows apart (rows_map_runs) load
 // each channel vector's parameters once per four rows and keep the prefetchers' streams long.
 // Against one row at a time, in one process: eval took 0.78-0.94x the time on channels_last
 // (32, 256, 14, 14), (32, 2048, 7, 7), (32, 256, 56, 56), (32, 128, 28, 28) and 0.99-1.04x on
@@ -199,28 +220,6 @@ constexpr int64_t SWEEP_RUNS_FROM = int64_t{2} << 20;
 // vectors, at least min_c channels, and data that do not fit in the two cores' L2.
 inline bool rows_runs_pay(const Shape& s, int64_t elem, int64_t min_c) {
   return s.rows && s.C > 4 * W && s.C >= min_c && s.m() * s.C * elem >= SWEEP_RUNS_FROM;
-}
-
-// Rows t + k·q (k < K) for t in [t0, t1): full(o, d, cv, K) for each full channel vector
-// (o: the element offset of row t, d = q·C the distance between the runs), part(...) for the
-// partial last one.
-template <int64_t K, class Full, class Part>
-inline void rows_map(int64_t C, int64_t q, int64_t t0, int64_t t1, const Full& full,
-                     const Part& part) {
-  const int64_t cv_tail = C / W * W;
-  const std::integral_constant<int64_t, K> k;
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t cv = 0; cv < cv_tail; cv += W) full(t * C + cv, q * C, cv, k);
-    if (cv_tail < C) part(t * C + cv_tail, q * C, cv_tail, k);
-  }
-}
-// Rows [r0, r1): four runs, then the last (r1 − r0) mod 4 rows; or one row at a time.
-template <class Full, class Part>
-inline void rows_map_runs(int64_t C, int64_t r0, int64_t r1, bool runs, const Full& full,
-                          const Part& part) {
-  const int64_t q = runs ? (r1 - r0) / 4 : 0;
-  if (q > 0) rows_map<4>(C, q, r0, r0 + q, full, part);
-  rows_map<1>(C, 0, r0 + 4 * q, r1, full, part);
 }
 
 template <typename T, class E>
@@ -244,7 +243,8 @@ void rows_normalize(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const f
           const vf yv = fmadd(load_n(x + o, rem) - mu, sc, sh);
           store_n(y + o, e.template apply<0>(yv, o, rem), rem);
         }
-      });
+      },
+      no_op);
 }
 
 template <class Op>
@@ -261,7 +261,8 @@ void rows_dx(const Op op, int64_t C, int64_t r0, int64_t r1, const float* mean, 
       [=](int64_t o0, int64_t d, int64_t cv, auto k) {
         const vf mu = load(mean + cv), a = load(A + cv), b = load(B + cv), c = load(Cc + cv);
         for (int64_t j = 0; j < decltype(k)::value; ++j) op.at_n(o0 + j * d, rem, mu, a, b, c);
-      });
+      },
+      no_op);
 }
 
 }  // namespace bnk
