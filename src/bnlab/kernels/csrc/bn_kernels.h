@@ -18,9 +18,8 @@
 // statistics, see train_fwd). Inputs with few channels split each channel over threads
 // (two-level reduction); rows inputs reduce over register tiles of rows x channel vectors, or
 // runs of whole rows when rows are wide, into per-thread sums, then normalize in a second
-// sweep. Outputs larger than the cache are written
-// with streaming stores. All reductions combine in a fixed order, so results are deterministic
-// for a fixed thread count.
+// sweep. Outputs larger than the cache are written with streaming stores. All reductions
+// combine in a fixed order, so results are deterministic for a fixed thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -36,9 +35,6 @@ namespace bnk {
 
 constexpr int64_t BLOCK = 4096;      // elements per float block before flushing into double
 constexpr int64_t GRAIN = 1 << 15;   // elements per task below which a loop stays serial
-// The last-level cache assumed by the choices between cache-resident and streaming loops
-// (sysconf's L3 size is the host's total on this VM, 384 MiB, so a fixed figure is used).
-constexpr int64_t LLC = int64_t{32} << 20;
 
 // Items per task for items of per_item elements (at least one).
 inline int64_t grain_for(int64_t per_item) {
