@@ -201,13 +201,25 @@ def test_threads_split_and_fused_paths_agree() -> None:
     assert rel_err(m1, m2) <= 1e-6 and rel_err(v1, v2) <= 1e-6 and rel_err(y1, y2) <= 1e-6
 
 
-def test_outlier_first_value_takes_exact_pass() -> None:
-    """The shift K is a sample of the first values; an outlier there must not cost accuracy."""
-    x = torch.randn(8, 2, 40, 40)
-    x[0, :, 0, :16] = 1e6
-    y, _mean, var = kernels.batch_norm_train(x, None, None, 1e-5)
-    y_ref, _mean_ref, var_ref = reference_train(x, None, None, 1e-5)
-    assert rel_err(var, var_ref) <= RTOL and rel_err(y, y_ref) <= RTOL
+@pytest.mark.parametrize("shape, fmt", [
+    ((8, 2, 40, 40), torch.contiguous_format),   # channel blocks, one per thread
+    ((8, 3, 40, 40), torch.contiguous_format),   # few channels, each split over threads
+    ((8, 20, 40, 40), torch.channels_last),      # rows, tiles
+    ((8192, 100), torch.contiguous_format),      # rows, four runs
+])
+def test_outlier_first_value_takes_exact_pass(shape, fmt) -> None:  # type: ignore[no-untyped-def]
+    """The shift K is a sample of the first values of each channel (the first 16 of its first
+    plane, or of the first 16 rows); an outlier there must not cost accuracy, in every path."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if x.dim() == 4:
+        x[0, :, 0, :16] = 1e6
+    else:
+        x[:16] = 1e6
+    x = x.contiguous(memory_format=fmt)
+    y, mean, var = kernels.batch_norm_train(x, None, None, 1e-5)
+    y_ref, mean_ref, var_ref = reference_train(x, None, None, 1e-5)
+    assert rel_err(mean, mean_ref) <= RTOL and rel_err(var, var_ref) <= RTOL
+    assert rel_err(y, y_ref) <= RTOL
 
 
 @pytest.mark.parametrize("shape, fmt", [((4, 3, 1024, 1024), torch.contiguous_format),

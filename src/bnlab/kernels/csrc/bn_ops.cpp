@@ -40,31 +40,22 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
         const int64_t nb = std::min(cb, c1 - b0);
         float* mu = mean.data() + b0;
         double* vr = var.data() + b0;
-        bool any = false;
         for (int64_t j = 0; j < nb; ++j) {
           K[j] = sample_mean(x + (b0 + j) * s.S, std::min<int64_t>(s.S, 16), 1);
           s1[j] = s2[j] = 0.0;
         }
         block_reduce(s, b0, nb, sums, K.data(), s1.data(), s2.data());
-        for (int64_t j = 0; j < nb; ++j) {
-          bool ex = false;
-          from_shifted(K[j], s1[j], s2[j], m, mu[j], vr[j], ex);
-          exact[j] = ex;
-          any = any || ex;
-          if (ex) s1[j] = s2[j] = 0.0;
-        }
-        if (any) {  // rare: the sample shift was poor for some channel
+        if (from_shifted_n(nb, K.data(), s1.data(), s2.data(), m, mu, vr, exact.data())) {
+          // rare: the sample shift was poor for some channel
+          for (int64_t j = 0; j < nb; ++j)
+            if (exact[j]) s1[j] = s2[j] = 0.0;
           block_reduce(s, b0, nb, sums, mu, s1.data(), s2.data(), exact.data());
           for (int64_t j = 0; j < nb; ++j)
             if (exact[j]) from_centered(s1[j], s2[j], m, mu[j], vr[j]);
         }
-        for (int64_t j = 0; j < nb; ++j) {
-          const float v = static_cast<float>(vr[j]);
-          scale[b0 + j] = inv_std(v, eps) * w[b0 + j];
-          shift[b0 + j] = b[b0 + j];
-          mean_out[b0 + j] = mu[j];
-          var_out[b0 + j] = v;
-        }
+        scales_n(nb, vr, w + b0, eps, scale.data() + b0, var_out + b0);
+        std::copy(b + b0, b + b0 + nb, shift.data() + b0);
+        std::copy(mu, mu + nb, mean_out + b0);
         if (fuse)
           for (int64_t n = 0; n < s.N; ++n)
             planes_normalize(x, y, s.S, n * C + b0, nb, 0, nb, mu, scale.data() + b0, b + b0, e,
@@ -113,26 +104,16 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
     };
     reduce_about(k);
     std::vector<char> exact(C, 0);
-    bool any = false;
-    for (int64_t c = 0; c < C; ++c) {
-      bool ex = false;
-      from_shifted(k[c], s1[c], s2[c], m, mean[c], var[c], ex);
-      exact[c] = ex;
-      any = any || ex;
-    }
-    if (any) {
+    if (from_shifted_n(C, k.data(), s1.data(), s2.data(), m, mean.data(), var.data(),
+                       exact.data())) {
       reduce_about(mean);
       for (int64_t c = 0; c < C; ++c)
         if (exact[c]) from_centered(s1[c], s2[c], m, mean[c], var[c]);
     }
   }
-  for (int64_t c = 0; c < C; ++c) {
-    const float v = static_cast<float>(var[c]);
-    scale[c] = inv_std(v, eps) * w[c];
-    shift[c] = b[c];
-    mean_out[c] = mean[c];
-    var_out[c] = v;
-  }
+  scales_n(C, var.data(), w, eps, scale.data(), var_out);
+  std::copy(b, b + C, shift.data());
+  std::copy(mean.data(), mean.data() + C, mean_out);
   normalize_all(x, y, s, mean.data(), scale.data(), shift.data(), e);
 }
 
@@ -151,13 +132,11 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
   using Sums = BwdSumsOp<T, Op::kMask>;
   const double m = static_cast<double>(s.m());
   const int64_t C = s.C;
-  auto coeffs = [&](int64_t c, double sg, double sgd, float& A, float& B, float& Cc) {
-    const float inv = inv_std(var[c], eps);
-    A = inv * w[c];
-    dw[c] = static_cast<float>(sgd * inv);
-    db[c] = static_cast<float>(sg);
-    B = training ? static_cast<float>(-static_cast<double>(A) * inv * inv * sgd / m) : 0.f;
-    Cc = training ? static_cast<float>(-static_cast<double>(A) * sg / m) : 0.f;
+  // The coefficients of channels [c0, c0 + n) from their sums (sg, sgd and A, B, Cc indexed
+  // from 0; var, w, dw, db from c0).
+  auto coeffs = [&](int64_t c0, int64_t n, const double* sg, const double* sgd, float* A,
+                    float* B, float* Cc) {
+    bwd_coeffs_n(n, sg, sgd, var + c0, w + c0, eps, m, training, A, B, Cc, dw + c0, db + c0);
   };
   const bool sweep = op.dx || op.dz;
   if (!s.rows && channel_parallel(s)) {
@@ -176,7 +155,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
               return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr, vf{}};
             },
             mean + b0, sg.data(), sgd.data());
-        for (int64_t j = 0; j < nb; ++j) coeffs(b0 + j, sg[j], sgd[j], A[j], B[j], Cc[j]);
+        coeffs(b0, nb, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
         if (!sweep) continue;
         for (int64_t n = 0; n < s.N; ++n) {
           Op on = op;
@@ -206,14 +185,14 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
                 a, b_);
           },
           sg, sgd);
-      coeffs(c, sg, sgd, A[c], B[c], Cc[c]);
+      coeffs(c, 1, &sg, &sgd, &A[c], &B[c], &Cc[c]);
     }
   } else {
     std::vector<double> sg, sgd;
     const float* mp = mu.data();
     rows_reduce(
         s.m(), C, [&](int64_t cv) { return Sums{op.x, op.g, op.mask, load(mp + cv)}; }, sg, sgd);
-    for (int64_t c = 0; c < C; ++c) coeffs(c, sg[c], sgd[c], A[c], B[c], Cc[c]);
+    coeffs(0, C, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
   }
   if (sweep) dx_all(op, s, mu.data(), A.data(), B.data(), Cc.data());
 }
