@@ -42,8 +42,9 @@ def test_fused_matches_composition(shape, fmt, training, residual, monkeypatch) 
 
 
 # Over the LLC (32 MiB) together with their outputs: the training forward normalizes each block
-# of channels right after its statistics (small tensors: one sweep after all statistics). Whole
-# vectors per plane (streaming stores) and not.
+# of channels right after its statistics, the backward writes each block's dx right after its
+# sums (small tensors: one sweep after all channels' sums). Whole vectors per plane (streaming
+# stores) and not.
 @pytest.mark.parametrize("shape", [(2, 16, 512, 300), (2, 16, 499, 301)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_matches_composition_on_large_tensors(shape, residual, monkeypatch) -> None:  # type: ignore[no-untyped-def]

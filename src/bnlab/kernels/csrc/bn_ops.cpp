@@ -140,6 +140,12 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
   };
   const bool sweep = op.dx || op.dz;
   if (!s.rows && channel_parallel(s)) {
+    // As in train_fwd: dx per block of channels while the block is in cache, unless x, g and
+    // dx fit in the LLC together (s.resident), where one sweep over each thread's contiguous
+    // planes after all sums (dx_all) writes dx faster than the blocks' n-major runs.
+    const bool fuse = !(s.resident && g_gap == 0);
+    std::vector<float> A_all, B_all, C_all;  // every channel's coefficients (no fusion)
+    if (!fuse) A_all = padded(C), B_all = padded(C), C_all = padded(C);
     const int nt = at::get_num_threads();
     const int64_t cb = channel_block(s, 2 * sizeof(T), (C + nt - 1) / nt);
     at::parallel_for(0, C, grain_for(2 * s.m()), [&](int64_t c0, int64_t c1) {
@@ -155,6 +161,11 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
               return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr, vf{}};
             },
             mean + b0, sg.data(), sgd.data());
+        if (!fuse) {
+          coeffs(b0, nb, sg.data(), sgd.data(), A_all.data() + b0, B_all.data() + b0,
+                 C_all.data() + b0);
+          continue;
+        }
         coeffs(b0, nb, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
         if (!sweep) continue;
         for (int64_t n = 0; n < s.N; ++n) {
@@ -165,6 +176,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
       }
       stream_fence();
     });
+    if (!fuse && sweep) dx_all(op, s, mean, A_all.data(), B_all.data(), C_all.data());
     return;
   }
   TORCH_INTERNAL_ASSERT(g_gap == 0, "bnlab kernels: a strided gradient on the split path");
@@ -235,6 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
   const at::Tensor& x = p.x;
   const int64_t C = p.s.C;
   p.s.nt = stream_outputs(x, 3, p.s);
+  p.s.resident = cache_resident(x, need_dz ? 4 : 3);
   const int64_t g_gap = planar_grad_gap(grad_y, x, p.s);
   at::Tensor g = g_gap > 0 ? grad_y : like(grad_y, x);
   at::Tensor mask = (mask_in.has_value() && mask_in->defined() && mask_in->numel() > 0)
