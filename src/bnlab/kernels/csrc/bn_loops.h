@@ -98,9 +98,11 @@ inline void planes_dx(const Op op, int64_t S, int64_t p0, int64_t count, int64_t
 // and blended. Plane by plane, 3 of every 4 vectors of a 7x7 plane crossed a cache line and
 // each plane ended in an overlapping vector. Interleaved A/B runs at 2 threads (6 each):
 // inference on (32, 512, 7, 7), (32, 256, 14, 14) and (32, 2048, 7, 7) took 4-12% less time,
-// the cache-resident training forward 0-10% less. (Also tried, and slower or no better: the
-// backward's dx on the grid, within ±6%; the statistics on the grid, summed down the samples
-// with one accumulator per vector position, 6-25% slower on 7x7 and 14x14 planes.)
+// the cache-resident training forward 0-10% less. The backward's dx on the grid was within ±6%
+// while dx was written per channel block; in the one-sweep dx of cache-resident tensors
+// (backward in bn_ops.cpp) it took 0.90-0.99x the time on 7x7 planes, 0.99-1.00x on 14x14
+// (two in-process A/B runs). (Also tried, and slower: the statistics on the grid, summed down
+// the samples with one accumulator per vector position, 6-25% slower on 7x7 and 14x14 planes.)
 
 // Planes per group: the least G with G·S a multiple of W, or 0 where the plane walk is used.
 inline int64_t grid_group(int64_t S) {
@@ -136,6 +138,31 @@ inline void planes_normalize_grid(const T* x, T* y, int64_t S, int64_t p0, int64
     mu = mu2;
     sc = sc2;
     sh = sh2;
+  }
+}
+
+// planes_dx on the grid (same conditions as planes_normalize_grid); a straddling vector takes
+// each lane's parameters from its own plane.
+template <class Op>
+inline void planes_dx_grid(const Op op, int64_t S, int64_t p0, int64_t count, int64_t j0,
+                           int64_t nc, const float* mean, const float* A, const float* B,
+                           const float* Cc) {
+  int64_t j = j0, o = p0 * S;
+  vf mu = splat(mean[j]), va = splat(A[j]), vb_ = splat(B[j]), vc = splat(Cc[j]);
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t end = (p0 + k + 1) * S;
+    for (; o + W <= end; o += W) op.at(o, mu, va, vb_, vc);
+    if (++j == nc) j = 0;
+    const vf mu2 = splat(mean[j]), va2 = splat(A[j]), vb2 = splat(B[j]), vc2 = splat(Cc[j]);
+    if (o < end) {
+      const vi m = lanes_lt(static_cast<int>(end - o));
+      op.at(o, m ? mu : mu2, m ? va : va2, m ? vb_ : vb2, m ? vc : vc2);
+      o += W;
+    }
+    mu = mu2;
+    va = va2;
+    vb_ = vb2;
+    vc = vc2;
   }
 }
 
@@ -302,7 +329,13 @@ template <class Op>
 void dx_all(const Op& op, const Shape& s, const float* mean, const float* A, const float* B,
             const float* Cc) {
   if (!s.rows) {
-    at::parallel_for(0, s.N * s.C, grain_for(s.S), [&](int64_t i0, int64_t i1) {
+    // As normalize_all: whole groups of G planes on the grid, then the rest plane by plane.
+    const int64_t P = s.N * s.C, G = grid_group(s.S), ng = G > 0 ? P / G : 0;
+    at::parallel_for(0, ng, grain_for(G * s.S), [&](int64_t g0, int64_t g1) {
+      planes_dx_grid(op, s.S, g0 * G, (g1 - g0) * G, (g0 * G) % s.C, s.C, mean, A, B, Cc);
+      stream_fence();
+    });
+    at::parallel_for(ng * G, P, grain_for(s.S), [&](int64_t i0, int64_t i1) {
       planes_dx(op, s.S, i0, i1 - i0, i0 % s.C, s.C, mean, A, B, Cc);
       stream_fence();
     });
