@@ -300,22 +300,34 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
 inline std::vector<float> padded(int64_t C) { return std::vector<float>((C + W - 1) / W * W, 0.f); }
 
 // ---- the normalize / dx sweeps of both layouts (the rows layout's loops are in bn_rows.h) --
+// A planar sweep over all N·C planes: whole groups of G planes on the vector grid,
+// grid(p0, count), then the last P mod G planes (or, G = 0, all of them) plane by plane,
+// planes(p0, count); each thread's range ends with a store fence.
+template <class Grid, class Planes>
+void planar_sweep(const Shape& s, const Grid& grid, const Planes& planes) {
+  const int64_t P = s.N * s.C, G = grid_group(s.S), ng = G > 0 ? P / G : 0;
+  at::parallel_for(0, ng, grain_for(G * s.S), [&](int64_t g0, int64_t g1) {
+    grid(g0 * G, (g1 - g0) * G);
+    stream_fence();
+  });
+  at::parallel_for(ng * G, P, grain_for(s.S), [&](int64_t i0, int64_t i1) {
+    planes(i0, i1 - i0);
+    stream_fence();
+  });
+}
+
 template <typename T, class E>
 void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const float* scale,
                    const float* shift, const E& e) {
   if (!s.rows) {
-    // Whole groups of G planes on the grid, then the last P mod G planes (or, G = 0, all of
-    // them) plane by plane.
-    const int64_t P = s.N * s.C, G = grid_group(s.S), ng = G > 0 ? P / G : 0;
-    at::parallel_for(0, ng, grain_for(G * s.S), [&](int64_t g0, int64_t g1) {
-      planes_normalize_grid(x, y, s.S, g0 * G, (g1 - g0) * G, (g0 * G) % s.C, s.C, mean, scale,
-                            shift, e, s.nt);
-      stream_fence();
-    });
-    at::parallel_for(ng * G, P, grain_for(s.S), [&](int64_t i0, int64_t i1) {
-      planes_normalize(x, y, s.S, i0, i1 - i0, i0 % s.C, s.C, mean, scale, shift, e, s.nt);
-      stream_fence();
-    });
+    planar_sweep(
+        s,
+        [&](int64_t p0, int64_t n) {
+          planes_normalize_grid(x, y, s.S, p0, n, p0 % s.C, s.C, mean, scale, shift, e, s.nt);
+        },
+        [&](int64_t p0, int64_t n) {
+          planes_normalize(x, y, s.S, p0, n, p0 % s.C, s.C, mean, scale, shift, e, s.nt);
+        });
     return;
   }
   const bool runs = rows_runs_pay(s, sizeof(T), 1);
@@ -329,16 +341,12 @@ template <class Op>
 void dx_all(const Op& op, const Shape& s, const float* mean, const float* A, const float* B,
             const float* Cc) {
   if (!s.rows) {
-    // As normalize_all: whole groups of G planes on the grid, then the rest plane by plane.
-    const int64_t P = s.N * s.C, G = grid_group(s.S), ng = G > 0 ? P / G : 0;
-    at::parallel_for(0, ng, grain_for(G * s.S), [&](int64_t g0, int64_t g1) {
-      planes_dx_grid(op, s.S, g0 * G, (g1 - g0) * G, (g0 * G) % s.C, s.C, mean, A, B, Cc);
-      stream_fence();
-    });
-    at::parallel_for(ng * G, P, grain_for(s.S), [&](int64_t i0, int64_t i1) {
-      planes_dx(op, s.S, i0, i1 - i0, i0 % s.C, s.C, mean, A, B, Cc);
-      stream_fence();
-    });
+    planar_sweep(
+        s,
+        [&](int64_t p0, int64_t n) {
+          planes_dx_grid(op, s.S, p0, n, p0 % s.C, s.C, mean, A, B, Cc);
+        },
+        [&](int64_t p0, int64_t n) { planes_dx(op, s.S, p0, n, p0 % s.C, s.C, mean, A, B, Cc); });
     return;
   }
   const bool runs = rows_runs_pay(s, sizeof(typename Op::scalar), 2048);

@@ -161,9 +161,8 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
               return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr, vf{}};
             },
             mean + b0, sg.data(), sgd.data());
-        if (!fuse) {
-          coeffs(b0, nb, sg.data(), sgd.data(), A_all.data() + b0, B_all.data() + b0,
-                 C_all.data() + b0);
+        if (!fuse) {  // dx comes in dx_all, after every block
+          coeffs(b0, nb, sg.data(), sgd.data(), &A_all[b0], &B_all[b0], &C_all[b0]);
           continue;
         }
         coeffs(b0, nb, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
