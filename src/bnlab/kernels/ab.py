@@ -11,7 +11,7 @@ largest difference between the two versions' outputs is printed beside it.
 
 Command (from a git checkout; the first build of a baseline takes about a minute)::
 
-    python -m bnlab.kernels.ab --base HEAD~1 [--modes train,eval,bwd]
+    python -m bnlab.kernels.ab --base HEAD~1 [--modes train,eval,bwd,fwd_bwd]
         [--shapes 32x512x7x7,256x1024] [--formats nchw,channels_last] [--rounds 7]
 """
 
@@ -102,6 +102,11 @@ def _call(ns: str, mode: str, x: torch.Tensor) -> Callable[[], Any]:
     if mode == "eval":
         return lambda: ops.bn_eval_fwd(x, rm, rv, w, b, 1e-5, None, False, False)
     g = torch.randn(x.shape, generator=gen).contiguous(memory_format=_fmt(x))
+    if mode == "fwd_bwd":  # the layers' path: forward + running update, then autograd's backward
+        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+        update = ops.bn_train_fwd_update.default
+        return lambda: torch.autograd.grad(
+            update(xs, ws, bs, 1e-5, rm, rv, x.numel() // c, 0.1, None)[0], (xs, ws, bs), g)
     _, mean, var, _ = ops.bn_train_fwd(x, w, b, 1e-5, None, False, False)
     return lambda: ops.bn_bwd(g, x, mean, var, w, 1e-5, None, True, True, False)
 
@@ -151,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
-    if bad := sorted(set(modes) - {"train", "eval", "bwd"}):
-        parser.error(f"--modes: expected train, eval or bwd, got {', '.join(bad)}")
+    if bad := sorted(set(modes) - {"train", "eval", "bwd", "fwd_bwd"}):
+        parser.error(f"--modes: expected train, eval, bwd or fwd_bwd, got {', '.join(bad)}")
     shapes = (list(SHAPES.values()) if args.shapes == "all" else
               [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")])
     if not kernels.available():

@@ -135,13 +135,18 @@ variable_list finish(AutogradContext* ctx, const Tensor& grad_y, bool training) 
   if (at::GradMode::is_enabled()) {
     std::tie(dx, dw, db, dz) = reference_backward(g, x, weight, mask, mean, var, eps, training);
   } else {
+    // Below autograd: with grad mode off the autograd fallback of an op without an Autograd
+    // kernel still walks its arguments on every call.
+    at::AutoDispatchBelowADInplaceOrView guard;
     std::tie(dx, dw, db, dz) =
         call_bwd(g, x, mean, var, opt(weight), eps, opt(mask), training, need_x, need_z);
   }
+  // (Tensor::to is a dispatcher call even when the dtype already matches.)
+  auto as = [](const Tensor& t, at::ScalarType st) { return t.scalar_type() == st ? t : t.to(st); };
   variable_list out(training ? 7 : 9);
   if (need_x) out[0] = dx;
-  if (need_w) out[iw] = dw.to(weight.scalar_type());
-  if (need_b) out[ib] = db.to(bias_type);
+  if (need_w) out[iw] = as(dw, weight.scalar_type());
+  if (need_b) out[ib] = as(db, bias_type);
   if (need_z) out[iz] = dz;
   return out;
 }
