@@ -5,6 +5,11 @@ term of ∂ℓ/∂μ_B) and x̂ = (x − μ_B)/√(σ²_B + ε), collapse to::
 
     ∂ℓ/∂β = Σ g_i                       ∂ℓ/∂γ = Σ g_i x̂_i           (g = ∂ℓ/∂y)
     ∂ℓ/∂x_i = γ/√(σ²_B + ε) · (g_i − (1/m)Σ g_j − x̂_i · (1/m)Σ g_j x̂_j)
+
+The forward-mode derivative (a tangent ẋ, γ̇, β̇ pushed through the same transform) is the same
+projection, since the Jacobian of x ↦ x̂ is symmetric::
+
+    ẏ_i = γ/√(σ²_B + ε) · (ẋ_i − (1/m)Σ ẋ_j − x̂_i · (1/m)Σ ẋ_j x̂_j) + γ̇ x̂_i + β̇
 """
 
 from __future__ import annotations
@@ -39,12 +44,36 @@ def batch_norm_backward(
     return dx, dw, db
 
 
+def batch_norm_jvp(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+                   x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None) -> Tensor:
+    """ẏ, the tangent of the training-mode output for tangents ẋ, γ̇, β̇ (any may be None:
+    zero); computed in the statistics' dtype, returned in x's dtype (see the module's
+    docstring)."""
+    ct = F.compute_dtype(x.dtype)
+    dims = F.reduce_dims(x)
+    x_hat = (x.to(ct) - F.channel_view(mean, x)) * F.channel_view(invstd, x)
+    y_t = torch.zeros_like(x_hat)
+    if x_t is not None:
+        xt = x_t.to(ct)
+        scale = invstd if weight is None else invstd * weight.to(ct)
+        proj = xt - F.channel_view(xt.mean(dims), x) - x_hat * F.channel_view(
+            (xt * x_hat).mean(dims), x)
+        y_t = proj * F.channel_view(scale, x)
+    if w_t is not None:
+        y_t = y_t + x_hat * F.channel_view(w_t.to(ct), x)
+    if b_t is not None:
+        y_t = y_t + F.channel_view(b_t.to(ct), x)
+    return y_t.to(x.dtype)
+
+
 class BatchNormTrain(torch.autograd.Function):
     """y, μ_B, σ²_B = BN_train(x, γ, β, ε); μ_B and σ²_B are non-differentiable outputs.
 
     Saves x (not x̂) and recomputes x̂ in backward, as PyTorch does: one tensor of memory.
     Under `create_graph=True` the backward recomputes μ_B and σ²_B from x with differentiable
-    ops, so double backward (gradient penalties, Hessian-vector products) is exact.
+    ops, so double backward (gradient penalties, Hessian-vector products) is exact. Forward
+    mode (`torch.autograd.forward_ad`, `torch.func.jvp`) pushes tangents through `jvp`; μ_B and
+    σ²_B get none (they only feed the running statistics, which carry no tangent).
     """
 
     @staticmethod
@@ -60,7 +89,9 @@ class BatchNormTrain(torch.autograd.Function):
         _, mean, var = output
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_forward(x, weight, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
 
     @staticmethod
@@ -74,3 +105,9 @@ class BatchNormTrain(torch.autograd.Function):
         dx, dw, db = batch_norm_backward(grad_y, x, mean, invstd, weight,
                                          tuple(ctx.needs_input_grad[:3]), ctx.bias_dtype)
         return dx, dw, db, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None,
+            _eps_t: None) -> tuple[Tensor, None, None]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        return batch_norm_jvp(x, mean, invstd, weight, x_t, w_t, b_t), None, None

@@ -17,6 +17,7 @@ variants with PyTorch-style signatures.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from bnlab import functional as _F
@@ -58,7 +59,8 @@ def _require() -> None:
 def supports(x: Tensor) -> bool:
     """Whether the fast kernels handle this input: a dense CPU float32/bfloat16 tensor of rank
     >= 2, the kernels built, and ``BNLAB_FORCE_REFERENCE`` unset (or "0"). Inside torch.func
-    transforms and torch.export the reference path is used (standard ops only)."""
+    transforms, forward-mode AD and torch.export the reference path is used (standard ops
+    only)."""
     # Cheapest tests first: this runs on every BN call (`is_cpu`, not `device.type`, which
     # builds a device object).
     if not x.is_cpu or x.dtype not in _DTYPES or x.layout != torch.strided:
@@ -68,6 +70,10 @@ def supports(x: Tensor) -> bool:
     if _F._force_reference():
         return False
     if torch._C._are_functorch_transforms_active():  # C++ autograd.Functions cannot be vmapped
+        return False
+    if _forward_ad._current_level >= 0:
+        # Inside torch.autograd.forward_ad.dual_level: the C++ autograd node has no jvp (torch's
+        # C++ custom-Function API has none), the reference path's Function has.
         return False
     if torch.compiler.is_compiling():
         # Export (torch.export, ONNX) keeps standard ops so the program runs without this
