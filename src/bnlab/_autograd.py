@@ -73,8 +73,12 @@ class BatchNormTrain(torch.autograd.Function):
     Under `create_graph=True` the backward recomputes μ_B and σ²_B from x with differentiable
     ops, so double backward (gradient penalties, Hessian-vector products) is exact. Forward
     mode (`torch.autograd.forward_ad`, `torch.func.jvp`) pushes tangents through `jvp`; μ_B and
-    σ²_B get none (they only feed the running statistics, which carry no tangent).
+    σ²_B get none (they only feed the running statistics, which carry no tangent). Under
+    `torch.func.vmap` (model ensembles, per-sample gradients) functorch batches forward,
+    backward and jvp itself: they are written with batchable ops only.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
