@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call, grad, jacfwd, jacrev, stack_module_state, vmap
 
 import bnlab
+import bnlab.variants
 from bnlab import functional as F
 
 torch_bn = torch.nn.functional.batch_norm
@@ -82,3 +83,30 @@ def test_jacfwd_equals_jacrev_equals_torch(shape):
     j_fwd, j_rev, j_ref = jacfwd(ours)(x), jacrev(ours)(x), jacrev(ref)(x)
     torch.testing.assert_close(j_fwd, j_ref)
     torch.testing.assert_close(j_rev, j_ref)
+
+
+@pytest.mark.parametrize(("make", "buffer"), [
+    (lambda: bnlab.BatchNorm2d(4), "running_mean"),
+    (lambda: bnlab.variants.LpNorm(4, p=1), "running_mean"),
+    (lambda: bnlab.variants.GhostBatchNorm(4, virtual_batch_size=3), "running_mean"),
+])
+def test_vmap_over_unbatched_running_statistics_says_what_to_do(make, buffer):
+    """functorch's own error blames "inplace arithmetic" and asks for a bug report."""
+    with pytest.raises(RuntimeError, match=f"buffer {buffer} is not batched.*"
+                                           "track_running_stats=False"):
+        vmap(make())(torch.randn(3, 6, 4, 5, 5))
+
+
+def test_a_vmapped_ensemble_with_batched_running_statistics_updates_each_member():
+    members = [bnlab.BatchNorm2d(3) for _ in range(3)]
+    params, buffers = stack_module_state(members)
+    xs = torch.randn(3, 8, 3, 4, 4) + torch.arange(3.0).view(3, 1, 1, 1, 1)
+
+    def run(p, bufs, x):
+        return functional_call(members[0], (p, bufs), (x,))
+
+    out = vmap(run)(params, buffers, xs)
+    for i, m in enumerate(members):
+        torch.testing.assert_close(out[i], m(xs[i]), rtol=1e-5, atol=1e-6)
+        for k in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(buffers[k][i], getattr(m, k))

@@ -26,6 +26,8 @@ __all__ = [
     "check_args",
     "compute_dtype",
     "empty_batch",
+    "host_readable",
+    "lerp_buffer_",
     "normalize",
     "reduce_dims",
     "update_running_stats",
@@ -114,21 +116,46 @@ def update_running_stats(
     """
     finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
     unbiased = var * (count / (count - 1)) if count > 1 else var
-    for buf, stat in ((running_mean, mean), (running_var, unbiased)):
-        if buf is None:
-            continue
-        w = momentum.to(buf.dtype) if isinstance(momentum, Tensor) else momentum
-        # r + w·(s − r) = (1 − w)·r + w·s; torch.where keeps r when the batch was not finite.
-        buf.copy_(torch.where(finite, torch.lerp(buf, stat.to(buf.dtype), w), buf))
+    for name, buf, stat in (("running_mean", running_mean, mean),
+                            ("running_var", running_var, unbiased)):
+        if buf is not None:
+            lerp_buffer_(buf, stat, momentum, finite, name)
     _warn_once_if_nonfinite(finite)
     return finite
 
 
+def lerp_buffer_(buf: Tensor, stat: Tensor, momentum: float | Tensor, finite: Tensor,
+                 name: str) -> None:
+    """buf ← (1 − momentum)·buf + momentum·stat in place where ``finite``, else unchanged
+    (``name`` names the buffer in errors)."""
+    w = momentum.to(buf.dtype) if isinstance(momentum, Tensor) else momentum
+    try:
+        # r + w·(s − r) = (1 − w)·r + w·s; torch.where keeps r when the batch was not finite.
+        buf.copy_(torch.where(finite, torch.lerp(buf, stat.to(buf.dtype), w), buf))
+    except RuntimeError as e:
+        if "vmap" not in str(e):
+            raise
+        # functorch's own words blame "inplace arithmetic" and suggest filing a bug
+        raise RuntimeError(
+            f"bnlab: torch.func.vmap maps this training-mode normalization over a batched input, "
+            f"but its buffer {name} is not batched and is updated in place. Use "
+            "track_running_stats=False (as for torch's BatchNorm under vmap), eval mode, or "
+            "batched buffers (torch.func.stack_module_state with functional_call)") from e
+
+
+def host_readable(flag: Tensor) -> bool:
+    """Whether ``flag``'s value may be read on the host: on CPU (no device synchronisation),
+    outside torch.compile (no graph break) and outside torch.func transforms (where a tensor in
+    Python control flow is an error)."""
+    return (flag.is_cpu and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
 def _warn_once_if_nonfinite(finite: Tensor) -> None:
-    # Checking needs the value on the host: only done on CPU and outside torch.compile, so GPU
-    # training never synchronises for it (the counter in the layers still counts there).
+    # Checking needs the value on the host: only done where host_readable, so GPU training
+    # never synchronises for it (the counter in the layers still counts there).
     global _warned_nonfinite
-    if _warned_nonfinite or not finite.is_cpu or torch.compiler.is_compiling():
+    if _warned_nonfinite or not host_readable(finite):
         return
     if not bool(finite):
         _warned_nonfinite = True

@@ -178,7 +178,7 @@ class BatchNorm(FxLeaf, nn.Module):
             # A skipped batch does not count, so the cumulative average (momentum=None) stays
             # the exact mean of the batches it used.
             self.num_batches_tracked.add_(finite)  # bool adds as 0/1
-            if not finite.is_cpu or torch.compiler.is_compiling():  # no host sync / no branch
+            if not F.host_readable(finite):  # no host sync, graph break or transform error
                 self.num_nonfinite_batches.add_(finite.logical_not())
             elif not finite:  # on CPU in eager mode the value is at hand (the warning read it)
                 self.num_nonfinite_batches.add_(1)

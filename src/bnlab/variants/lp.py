@@ -21,7 +21,14 @@ from bnlab._checks import (
     check_num_features,
     no_torchscript,
 )
-from bnlab.functional import channel_view, check_args, compute_dtype, empty_batch, reduce_dims
+from bnlab.functional import (
+    channel_view,
+    check_args,
+    compute_dtype,
+    empty_batch,
+    lerp_buffer_,
+    reduce_dims,
+)
 
 __all__ = ["LpNorm", "lp_norm", "lp_stats"]
 
@@ -114,10 +121,10 @@ def lp_norm(
 def _update(running_mean: Tensor | None, running_scale: Tensor | None, mean: Tensor,
             scale: Tensor, momentum: float | Tensor) -> None:
     finite = torch.isfinite(mean).all() & torch.isfinite(scale).all()
-    for buf, stat in ((running_mean, mean), (running_scale, scale)):
+    for name, buf, stat in (("running_mean", running_mean, mean),
+                            ("running_scale", running_scale, scale)):
         if buf is not None:
-            w = momentum.to(buf.dtype) if isinstance(momentum, Tensor) else momentum
-            buf.copy_(torch.where(finite, torch.lerp(buf, stat.to(buf.dtype), w), buf))
+            lerp_buffer_(buf, stat, momentum, finite, name)
 
 
 class LpNorm(FxLeaf, nn.Module):
