@@ -137,7 +137,7 @@ def lerp_buffer_(buf: Tensor, stat: Tensor, momentum: float | Tensor, finite: Te
             raise
         # functorch's own words blame "inplace arithmetic" and suggest filing a bug
         raise RuntimeError(
-            f"bnlab: torch.func.vmap maps this training-mode normalization over a batched input, "
+            "bnlab: torch.func.vmap maps this training-mode normalization over a batched input, "
             f"but its buffer {name} is not batched and is updated in place. Use "
             "track_running_stats=False (as for torch's BatchNorm under vmap), eval mode, or "
             "batched buffers (torch.func.stack_module_state with functional_call)") from e

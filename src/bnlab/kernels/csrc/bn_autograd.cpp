@@ -142,7 +142,9 @@ variable_list finish(AutogradContext* ctx, const Tensor& grad_y, bool training) 
         call_bwd(g, x, mean, var, opt(weight), eps, opt(mask), training, need_x, need_z);
   }
   // (Tensor::to is a dispatcher call even when the dtype already matches.)
-  auto as = [](const Tensor& t, at::ScalarType st) { return t.scalar_type() == st ? t : t.to(st); };
+  auto as = [](const Tensor& t, at::ScalarType st) {
+    return t.scalar_type() == st ? t : t.to(st);
+  };
   variable_list out(training ? 7 : 9);
   if (need_x) out[0] = dx;
   if (need_w) out[iw] = as(dw, weight.scalar_type());
