@@ -35,16 +35,25 @@ def _net(norm=bnlab.BatchNorm2d) -> nn.Sequential:
                          nn.Linear(4 * 4 * 4, 3), bnlab.BatchNorm1d(3))
 
 
+@pytest.mark.parametrize("setting", ["kernels", "reference", "dynamic"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind", NORMS)
-def test_compile_fullgraph_matches_eager(kind: str, train: bool) -> None:
-    """fullgraph=True: any graph break (``.item()``, data-dependent Python) would raise."""
+def test_compile_fullgraph_matches_eager(kind: str, train: bool, setting: str,
+                                         monkeypatch) -> None:
+    """fullgraph=True: any graph break (``.item()``, data-dependent Python) would raise. Two
+    batch sizes, so the second call recompiles with a symbolic batch size; "reference" forces
+    the reference path (the path of a process whose kernels are not loaded yet, or failed to
+    build); "dynamic" compiles with dynamic=True, which also makes the layers' float attributes
+    (eps, momentum) symbolic."""
     torch._dynamo.reset()
+    if setting == "reference":
+        monkeypatch.setenv("BNLAB_FORCE_REFERENCE", "1")
     eager = _net(NORMS[kind]).train(train)
     model = copy.deepcopy(eager)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    for _ in range(2):
-        x = torch.randn(8, 2, 6, 6) * 2 + 1
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True,
+                             dynamic=True if setting == "dynamic" else None)
+    for n in (8, 5):
+        x = torch.randn(n, 2, 6, 6) * 2 + 1
         y, y_ref = compiled(x), eager(x)
         torch.testing.assert_close(y, y_ref)
         if train:

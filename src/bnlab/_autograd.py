@@ -71,14 +71,9 @@ class BatchNormTrain(torch.autograd.Function):
 
     Saves x (not x̂) and recomputes x̂ in backward, as PyTorch does: one tensor of memory.
     Under `create_graph=True` the backward recomputes μ_B and σ²_B from x with differentiable
-    ops, so double backward (gradient penalties, Hessian-vector products) is exact. Forward
-    mode (`torch.autograd.forward_ad`, `torch.func.jvp`) pushes tangents through `jvp`; μ_B and
-    σ²_B get none (they only feed the running statistics, which carry no tangent). Under
-    `torch.func.vmap` (model ensembles, per-sample gradients) functorch batches forward,
-    backward and jvp itself: they are written with batchable ops only.
+    ops, so double backward (gradient penalties, Hessian-vector products) is exact. This is the
+    class torch.compile traces (see `batch_norm_train`); eager code uses `BatchNormTrainJvp`.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -93,9 +88,7 @@ class BatchNormTrain(torch.autograd.Function):
         _, mean, var = output
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-        invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.save_for_forward(x, weight, mean, invstd)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
         ctx.mark_non_differentiable(mean, var)
 
     @staticmethod
@@ -110,8 +103,35 @@ class BatchNormTrain(torch.autograd.Function):
                                          tuple(ctx.needs_input_grad[:3]), ctx.bias_dtype)
         return dx, dw, db, None
 
+
+class BatchNormTrainJvp(BatchNormTrain):
+    """`BatchNormTrain` with forward mode and vmap. Forward mode (`torch.autograd.forward_ad`,
+    `torch.func.jvp`) pushes tangents through `jvp`; μ_B and σ²_B get none (they only feed the
+    running statistics, which carry no tangent). Under `torch.func.vmap` (model ensembles,
+    per-sample gradients) functorch batches forward, backward and jvp itself: they are written
+    with batchable ops only. (Dynamo cannot trace a Function with a custom jvp.)
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        BatchNormTrain.setup_context(ctx, inputs, output)
+        x, weight, _, eps = inputs
+        _, mean, var = output
+        ctx.save_for_forward(x, weight, mean, torch.rsqrt(var + eps))
+
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None,
             _eps_t: None) -> tuple[Tensor, None, None]:
         x, weight, mean, invstd = ctx.saved_tensors
         return batch_norm_jvp(x, mean, invstd, weight, x_t, w_t, b_t), None, None
+
+
+def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, μ_B, σ²_B) of Alg. 1 with the hand-written backward: `BatchNormTrainJvp` in eager
+    code, `BatchNormTrain` under torch.compile, which cannot trace a custom jvp (and
+    differentiates the compiled graph itself)."""
+    fn = BatchNormTrain if torch.compiler.is_compiling() else BatchNormTrainJvp
+    return fn.apply(x, weight, bias, eps)

@@ -36,7 +36,9 @@ def check_materialized(model: nn.Module, who: str) -> None:
 
 
 def check_eps(eps: float, who: str) -> None:
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    # Comparisons, not math.isfinite: torch.compile(dynamic=True) traces a module's float
+    # attributes as symbolic floats, which math.isfinite cannot take. NaN fails both.
+    if not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
         raise ValueError(f"{who}: eps must be a finite number > 0, got {eps!r}")
 
 

@@ -314,7 +314,7 @@ def batch_norm_with_flag(
         if _use_native(input):
             y, mean, var = native_train(input, weight, bias, eps)
         else:
-            y, mean, var = _autograd.BatchNormTrain.apply(input, weight, bias, eps)
+            y, mean, var = _autograd.batch_norm_train(input, weight, bias, eps)
         finite = None
         if running_mean is not None or running_var is not None:
             count = input.numel() // input.shape[1]

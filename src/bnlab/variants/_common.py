@@ -25,7 +25,7 @@ def train_transform(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         from bnlab import kernels
 
         return kernels.batch_norm_train(x, weight, bias, eps)
-    return _autograd.BatchNormTrain.apply(x, weight, bias, eps)
+    return _autograd.batch_norm_train(x, weight, bias, eps)
 
 
 def values_per_channel(x: Tensor) -> int:

@@ -24,7 +24,8 @@ def _check_noise_args(n_mu: float, n_sigma: float, r_mu: float, r_sigma: float,
                       who: str) -> None:
     for name, value, low in (("n_mu", n_mu, 0.0), ("n_sigma", n_sigma, 1.0),
                              ("r_mu", r_mu, 0.0), ("r_sigma", r_sigma, 0.0)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        # comparisons, not math.isfinite: see _checks.check_eps (symbolic floats)
+        if not isinstance(value, (int, float)) or not low <= value < math.inf:
             raise ValueError(f"{who}: {name} must be a finite number >= {low}, got {value!r}")
 
 
