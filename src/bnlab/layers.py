@@ -124,6 +124,9 @@ class BatchNorm(FxLeaf, nn.Module):
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
+        # The count belongs to the statistics it describes (and after to_empty() it holds
+        # whatever the memory held).
+        self.num_nonfinite_batches.zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -206,6 +209,12 @@ class BatchNorm(FxLeaf, nn.Module):
                                else torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+        # A module built on the meta device and loaded with assign=True gets every tensor of the
+        # state_dict; the non-persistent counter is not among them: start it at 0 beside them.
+        loaded = next((t for t in (self.running_mean, self.weight) if t is not None
+                       and not t.is_meta), None)
+        if self.num_nonfinite_batches.is_meta and loaded is not None:
+            self.num_nonfinite_batches = torch.zeros((), dtype=torch.long, device=loaded.device)
 
 
 class BatchNorm1d(BatchNorm):

@@ -58,6 +58,15 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
         self.register_buffer("num_batches_tracked",
                              torch.tensor(0, dtype=torch.long, device=device))
 
+    def reset_parameters(self) -> None:
+        """The identity transform's state (γ = 1, β = 0, μ = 0, σ² = 1), as built: what a
+        meta-device initialization calls after ``to_empty()``."""
+        self.weight.fill_(1)
+        self.bias.zero_()
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
     @classmethod
     @torch.no_grad()
     def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm:
@@ -97,8 +106,11 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
                               missing_keys, unexpected_keys, error_msgs):
-        # torchvision's FrozenBatchNorm2d checkpoints have no num_batches_tracked: default it.
-        state_dict.setdefault(prefix + "num_batches_tracked", self.num_batches_tracked)
+        # torchvision's FrozenBatchNorm2d checkpoints have no num_batches_tracked: default it
+        # (to 0 for a module on the meta device, which has no value to keep).
+        nbt = self.num_batches_tracked
+        state_dict.setdefault(prefix + "num_batches_tracked",
+                              torch.tensor(0, dtype=torch.long) if nbt.is_meta else nbt)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
