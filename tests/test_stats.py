@@ -108,3 +108,26 @@ def test_alg2_inference_beats_short_moving_average_on_shifted_stream():
     ema_mean = bn[0].running_mean.item()
     recalibrate(bn, batches)
     assert abs(bn[0].running_mean.item() - 0.5) < abs(ema_mean - 0.5)
+
+
+def test_recalibrate_equals_torchs_swa_update_bn():
+    """`torch.optim.swa_utils.update_bn` (momentum=None: the cumulative average of μ_B and the
+    unbiased σ²_B) leaves bnlab's layers alone; `recalibrate` gives what it gives torch's."""
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(0)
+    ours = _net()
+    theirs = bnlab.replace_norm(_net(), nn.BatchNorm2d)
+    theirs[5] = nn.BatchNorm1d(4).double()
+    theirs.load_state_dict(ours.state_dict())
+    assert type(theirs[1]) is nn.BatchNorm2d and type(theirs[5]) is nn.BatchNorm1d
+    batches = [torch.randn(8, 2, 5, 5, dtype=torch.float64) * 3 + 1 for _ in range(4)]
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    update_bn(batches, ours)  # finds no torch BN: nothing changes
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    update_bn(batches, theirs)
+    recalibrate(ours, batches)
+    for i in (1, 5):
+        torch.testing.assert_close(ours[i].running_mean, theirs[i].running_mean)
+        torch.testing.assert_close(ours[i].running_var, theirs[i].running_var)
