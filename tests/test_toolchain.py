@@ -82,6 +82,29 @@ def test_compile_respects_freeze_and_no_stats_update() -> None:
     torch.testing.assert_close(y, copy.deepcopy(model).eval()(x))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_compiled_graphs_use_the_kernels_for_training_and_fusable_ops_for_eval(
+        train: bool, fused: bool) -> None:
+    """torch.compile gets the kernels' op in training and the reference's pointwise ops in
+    eval, which inductor fuses with their neighbours (`functional._use_kernels_eval`)."""
+    from bnlab import kernels
+
+    if not kernels.available():
+        pytest.skip("bnlab CPU kernels not built here")
+    torch._dynamo.reset()
+    targets: list[str] = []
+
+    def capture(gm: fx.GraphModule, _inputs: list) -> fx.GraphModule:
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    norm = bnlab.BatchNormReLU2d if fused else bnlab.BatchNorm2d
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), norm(4)).train(train)
+    torch.compile(model, backend=capture, fullgraph=True)(torch.randn(8, 2, 6, 6))
+    assert any("bnlab." in t for t in targets) == train, targets
+
+
 def test_compile_inductor_eval() -> None:
     torch._dynamo.reset()
     model = _net()

@@ -31,7 +31,8 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
     if residual is not None and residual.shape != input.shape:
         raise ValueError(f"{who}: residual must have the input's shape {tuple(input.shape)}, "
                          f"got {tuple(residual.shape)}")
-    if (not kernels.supports(input) or (residual is not None and residual.dtype != input.dtype)
+    if (not (kernels.supports(input) if training else F._use_kernels_eval(input))
+            or (residual is not None and residual.dtype != input.dtype)
             or (training and input.numel() == 0)):  # an empty batch: no statistics to compute
         y, finite = F.batch_norm_with_flag(input, running_mean, running_var, weight, bias,
                                            training, momentum, eps, who)
