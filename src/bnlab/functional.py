@@ -204,8 +204,9 @@ def _use_kernels_eval(x: Tensor) -> bool:
     """`_use_kernels` for the inference transform, which torch.compile gets as the reference's
     few pointwise ops: inductor fuses them with their neighbours (ReLU, a residual add), which
     it cannot do with the kernels' opaque op. Compiled eval of BN-ReLU-conv-BN-ReLU, bnlab's
-    time over torch BN's (four runs, 2 threads): 0.93-1.02x this way, 1.08-1.27x through the
-    kernel. (Compiled training measured the same both ways, 0.98-0.99x: it keeps the kernels.)"""
+    time over torch BN's in the same process (2 threads): 0.93-1.02x this way (four runs),
+    1.08-1.27x through the kernel (three). (Compiled training measured the same both ways, one
+    run each, 0.98x and 0.99x: it keeps the kernels.)"""
     return _use_kernels(x) and not torch.compiler.is_compiling()
 
 
