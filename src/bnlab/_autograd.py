@@ -66,6 +66,17 @@ def batch_norm_jvp(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | Non
     return y_t.to(x.dtype)
 
 
+def _setup(ctx: Any, inputs: tuple, output: tuple) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """`BatchNormTrain`'s context (eps, β's dtype, μ_B and σ²_B non-differentiable) and the
+    tensors its backward and jvp read: x, γ, μ_B, 1/√(σ²_B + ε)."""
+    x, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.eps = eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(mean, var)
+    return x, weight, mean, torch.rsqrt(var + eps)
+
+
 class BatchNormTrain(torch.autograd.Function):
     """y, μ_B, σ²_B = BN_train(x, γ, β, ε); μ_B and σ²_B are non-differentiable outputs.
 
@@ -84,12 +95,7 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         # forward/setup_context split (not forward(ctx, ...)) so torch.func transforms work
-        x, weight, bias, eps = inputs
-        _, mean, var = output
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
-        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(*_setup(ctx, inputs, output))
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
@@ -116,10 +122,9 @@ class BatchNormTrainJvp(BatchNormTrain):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        BatchNormTrain.setup_context(ctx, inputs, output)
-        x, weight, _, eps = inputs
-        _, mean, var = output
-        ctx.save_for_forward(x, weight, mean, torch.rsqrt(var + eps))
+        saved = _setup(ctx, inputs, output)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
 
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None,
