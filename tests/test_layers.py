@@ -131,6 +131,11 @@ def test_functional_errors():
         bnlab.functional.batch_norm(x, None, None, training=False)
     with pytest.raises(ValueError, match="momentum must be"):
         bnlab.functional.batch_norm(x, None, None, training=True, momentum=2.0)
+    # (A meta-device weight with a CPU input used to run on whatever the kernel read.)
+    with pytest.raises(ValueError, match=r"weight must be on the input's device \(cpu\), got meta"):
+        bnlab.functional.batch_norm(x, None, None, torch.ones(3, device="meta"), training=True)
+    with pytest.raises(ValueError, match=r"running_var must be on the input's device"):
+        bnlab.functional.batch_norm(x, torch.zeros(3), torch.ones(3, device="meta"))
 
 
 def test_affine_without_bias_matches_torch():

@@ -81,8 +81,9 @@ def check_training_size(x: Tensor, who: str) -> None:
 def check_per_channel(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                       weight: Tensor | None, bias: Tensor | None, who: str,
                       var_name: str = "running_var") -> None:
-    """Input rank/dtype and the (C,) shape of every per-channel tensor (``var_name`` names the
-    second running statistic in errors: lp_norm's is ``running_scale``)."""
+    """Input rank/dtype, and the (C,) shape and the input's device for every per-channel tensor
+    (``var_name`` names the second running statistic in errors: lp_norm's is
+    ``running_scale``)."""
     if x.dim() < 2:
         raise ValueError(f"{who}: expected input of rank >= 2 (N, C, *), got shape "
                          f"{tuple(x.shape)}")
@@ -91,9 +92,14 @@ def check_per_channel(x: Tensor, running_mean: Tensor | None, running_var: Tenso
     c = x.shape[1]
     for name, t in (("running_mean", running_mean), (var_name, running_var),
                     ("weight", weight), ("bias", bias)):
-        if t is not None and t.shape != (c,):  # torch.Size compares as a tuple
+        if t is None:
+            continue
+        if t.shape != (c,):  # torch.Size compares as a tuple
             raise ValueError(f"{who}: {name} must have shape ({c},) to match the input's "
                              f"{c} channels, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{who}: {name} must be on the input's device ({x.device}), got "
+                             f"{t.device}")
 
 
 def no_torchscript(module: object, *, foldable: bool) -> NoReturn:

@@ -93,6 +93,8 @@ inline at::Tensor per_channel(const c10::optional<at::Tensor>& t, int64_t C, flo
   if (!t.has_value() || !t->defined()) return at::full({C}, fill, at::dtype(at::kFloat));
   TORCH_CHECK(t->numel() == C, "bnlab kernels: ", name, " must have ", C, " elements, got ",
               t->numel());
+  TORCH_CHECK(t->device().is_cpu(), "bnlab kernels: ", name, " must be on the CPU, got ",
+              t->device());
   return as_float32(*t);
 }
 
