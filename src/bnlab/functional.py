@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import warnings
 from types import ModuleType
+from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from bnlab import _autograd
@@ -154,18 +156,26 @@ def host_readable(flag: Tensor) -> bool:
 def _warn_once_if_nonfinite(finite: Tensor) -> None:
     # Checking needs the value on the host: only done where host_readable, so GPU training
     # never synchronises for it (the counter in the layers still counts there).
-    global _warned_nonfinite
     if _warned_nonfinite or not host_readable(finite):
         return
     if not bool(finite):
-        _warned_nonfinite = True
-        warnings.warn(
-            "bnlab: a training batch had non-finite batch statistics; the running statistics "
-            "were left unchanged (counted in each layer's `num_nonfinite_batches`). "
-            "This warning is shown once.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        _warn_nonfinite(stacklevel=5)
+
+
+def _warn_nonfinite(stacklevel: int) -> None:
+    """The once-per-process warning about a skipped running update (``stacklevel`` as
+    `warnings.warn` counts it, from this function: 3 names its caller's caller)."""
+    global _warned_nonfinite
+    if _warned_nonfinite:
+        return
+    _warned_nonfinite = True
+    warnings.warn(
+        "bnlab: a training batch had non-finite batch statistics; the running statistics "
+        "were left unchanged (counted in each layer's `num_nonfinite_batches`). "
+        "This warning is shown once.",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
 
 
 # os.environ.get of an unset variable costs ~0.6 µs (it raises and catches KeyError inside),
@@ -184,6 +194,15 @@ def _force_reference() -> bool:
 
 
 _kernels: ModuleType | None = None
+# `csrc/bn_fast.cpp`'s Python entry points, set by `bnlab.kernels` once the kernels load.
+_fast: Any = None
+
+
+def _fast_allowed() -> bool:
+    """What `bnlab.kernels.supports` asks of Python's state (the C++ entry points check the
+    tensors): not traced by torch.compile, no ``BNLAB_FORCE_REFERENCE``, no forward-AD level."""
+    return (not torch.compiler.is_compiling() and not _force_reference()
+            and _forward_ad._current_level < 0)
 
 
 def _kernels_module() -> ModuleType:
@@ -313,6 +332,21 @@ def batch_norm_with_flag(
     ``momentum`` may be a 0-d tensor (the layers' cumulative average 1/n uses one, which keeps
     their forward free of host synchronisation). ``who`` names the caller in error messages.
     """
+    if _fast is not None and _fast_allowed():
+        # The kernels' C++ entry points: the checks and routing below, for plain CPU float32 /
+        # bfloat16 tensors and valid arguments, then the same op with the same arguments; None
+        # for anything else, which the Python below then handles (and raises its errors).
+        if training:
+            got = _fast.train(input, weight, bias, running_mean, running_var, momentum, eps)
+            if got is not None:
+                y, finite, ok = got
+                if not ok:
+                    _warn_nonfinite(stacklevel=3)
+                return y, finite
+        else:
+            y = _fast.eval(input, running_mean, running_var, weight, bias, momentum, eps)
+            if y is not None:
+                return y, None
     check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, who)
     if training and input.numel() == 0:
         return empty_batch(input, weight, bias), None  # no statistics, nothing to count

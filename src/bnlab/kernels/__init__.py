@@ -10,8 +10,10 @@ work through them.
 
 `bnlab.functional` calls `supports(x)` and then `batch_norm_train` / `batch_norm_eval`; when
 `supports` says no (another device, another dtype, the build failed, or
-``BNLAB_FORCE_REFERENCE=1``) the reference path runs. `bn_relu` and `bn_add_relu` are the fused
-variants with PyTorch-style signatures.
+``BNLAB_FORCE_REFERENCE=1``) the reference path runs. In eager mode the common case skips that
+Python: the extension is also a Python module (`csrc/bn_fast.cpp`) whose entry points check the
+arguments and call the same op in C++, and hand anything unusual back (`functional._fast`).
+`bn_relu` and `bn_add_relu` are the fused variants with PyTorch-style signatures.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def available() -> bool:
             from bnlab.kernels import ops
 
             ops.register()
+            _F._fast = _build.module()  # the C++ entry points of the eager path
     return bool(ok)
 
 

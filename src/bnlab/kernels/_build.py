@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["build_error", "info", "load"]
+__all__ = ["build_error", "info", "load", "module"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _lock = threading.Lock()
@@ -119,13 +119,15 @@ def _do_load() -> ModuleType | None:
         extra_cflags=_flags(),
         extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(_CSRC)],
-        is_python_module=False,
+        # A Python module too: `csrc/bn_fast.cpp`'s entry points (the ops register either way).
+        is_python_module=True,
         verbose=os.environ.get("BNLAB_KERNELS_VERBOSE", "0") not in ("", "0"),
     )
 
 
 def load() -> bool:
-    """Build (first time) and load the kernels; True when `torch.ops.bnlab.*` are available."""
+    """Build (first time) and load the kernels; True when `torch.ops.bnlab.*` and the Python
+    module of `csrc/bn_fast.cpp` (`module()`) are available."""
     with _lock:
         if "ok" in _state:
             return bool(_state["ok"])
@@ -135,7 +137,7 @@ def load() -> bool:
                          "about a minute on 2 cores; cached in %s)",
                          so.parent if so else "torch's extensions directory")
         try:
-            _do_load()
+            _state["module"] = _do_load()
             _state["ok"] = True
         except Exception as exc:  # any failure means: use the reference path
             _state["ok"] = False
@@ -148,6 +150,12 @@ def load() -> bool:
                 stacklevel=3,
             )
         return bool(_state["ok"])
+
+
+def module() -> ModuleType | None:
+    """The loaded extension as a Python module (None before `load()` succeeds)."""
+    mod = _state.get("module")
+    return mod if isinstance(mod, ModuleType) else None
 
 
 def build_error() -> str | None:
