@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import bnlab
 from bnlab import functional as F
 from bnlab import kernels
+from bnlab.kernels import fused
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="bnlab CPU kernels could not be built here")
@@ -40,6 +41,11 @@ class Recorder:
         self.taken.append(got is not None)
         return got
 
+    def fused(self, *args: Any) -> Any:
+        got = self.module.fused(*args)
+        self.taken.append(got is not None)
+        return got
+
 
 @pytest.fixture
 def fast() -> Any:
@@ -54,9 +60,10 @@ def run(fn: Callable[[], Any], monkeypatch: pytest.MonkeyPatch, module: Any) -> 
 
 
 def case(shape: tuple[int, ...], dtype: torch.dtype, layout: str, affine: bool, buffers: str,
-         momentum: str, training: bool, seed: int) -> Callable[[], Any]:
-    """A fresh call of batch_norm_with_flag (new leaves and buffers each time) returning its
-    output, flag, buffers and gradients."""
+         momentum: str, training: bool, seed: int, kind: str = "bn") -> Callable[[], Any]:
+    """A fresh call (new leaves and buffers each time) of batch_norm_with_flag (``kind`` "bn"),
+    the fused relu(BN(x)) ("relu") or relu(BN(x) + z) ("add_relu"), returning its output,
+    flag, buffers and gradients."""
 
     def call() -> Any:
         gen = torch.Generator().manual_seed(seed)
@@ -72,28 +79,34 @@ def case(shape: tuple[int, ...], dtype: torch.dtype, layout: str, affine: bool, 
         rm = torch.randn(c, generator=gen) if buffers in ("both", "mean") else None
         rv = torch.rand(c, generator=gen) + 0.5 if buffers in ("both", "var") else None
         mom: float | torch.Tensor = 0.1 if momentum == "float" else torch.tensor(0.25)
-        y, finite = F.batch_norm_with_flag(x, rm, rv, w, b, training, mom, 1e-5, "test")
-        leaves = [t for t in (x, w, b) if t is not None]
+        z = None
+        if kind == "bn":
+            y, finite = F.batch_norm_with_flag(x, rm, rv, w, b, training, mom, 1e-5, "test")
+        else:
+            if kind == "add_relu":
+                z = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+            y, finite = fused._fused(x, z, rm, rv, w, b, training, mom, 1e-5, "test")
+        leaves = [t for t in (x, w, b, z) if t is not None]
         grads = torch.autograd.grad(y, leaves, torch.randn(y.shape, generator=gen).to(dtype))
         return y, finite, rm, rv, grads
 
     return call
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(rank=st.integers(2, 5), n=st.integers(2, 5), c=st.sampled_from([1, 3, 16, 33]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
        affine=st.booleans(), buffers=st.sampled_from(["both", "none", "mean", "var"]),
        momentum=st.sampled_from(["float", "tensor"]), training=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
+       seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["bn", "relu", "add_relu"]))
 def test_same_results_as_the_python_path(fast, monkeypatch, rank, n, c, dtype, layout, affine,
-                                         buffers, momentum, training, seed):
+                                         buffers, momentum, training, seed, kind):
     if not training and buffers != "both":
         buffers = "both"  # evaluation needs both buffers (without, it is an error: see below)
     shape = (n, c, *[2 + i for i in range(rank - 2)])
-    call = case(shape, dtype, layout, affine, buffers, momentum, training, seed)
+    call = case(shape, dtype, layout, affine, buffers, momentum, training, seed, kind)
     recorder = Recorder(fast)
     got, want = run(call, monkeypatch, recorder), run(call, monkeypatch, None)
     assert recorder.taken == [True]  # the entry point ran it
@@ -181,6 +194,60 @@ def test_declines_what_the_python_path_decides(fast, monkeypatch, name):
         with pytest.raises(error) as want:
             run(call, monkeypatch, None)
         assert str(got.value) == str(want.value)
+
+
+FUSED_DECLINED = {
+    "residual of another shape": ({"z": torch.randn(4, 3, 3)}, ValueError),
+    "residual of another dtype": ({"z": torch.randn(4, 3, 2, dtype=torch.float64)}, None),
+    "meta residual": ({"z": torch.randn(4, 3, 2, device="meta")}, ValueError),
+    "subclass residual": ({"z": torch.randn(4, 3, 2).as_subclass(Sub)}, None),
+    "training as 1": ({"training": 1}, None),
+    "eval without running_mean": ({"training": False, "rm": None}, ValueError),
+    "float64 input": ({"x": torch.randn(4, 3, 2, dtype=torch.float64)}, None),
+    "momentum 2": ({"momentum": 2.0}, ValueError),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_DECLINED))
+def test_fused_declines_what_the_python_path_decides(fast, monkeypatch, name):
+    change, error = FUSED_DECLINED[name]
+    a = {"x": torch.randn(4, 3, 2), "z": torch.randn(4, 3, 2), "rm": torch.zeros(3),
+         "rv": torch.ones(3), "w": torch.ones(3), "b": torch.zeros(3), "training": True,
+         "momentum": 0.1, **change}
+    args = (a["x"], a["z"], a["rm"], a["rv"], a["w"], a["b"], a["training"], a["momentum"], 1e-5)
+    assert fast.fused(*args) is None
+
+    def call() -> Any:
+        return fused._fused(*args, "test")
+    if error is None:
+        y, _ = run(call, monkeypatch, fast)
+        assert y.shape == a["x"].shape and bool((y >= 0).all())
+    else:
+        with pytest.raises(error) as got:
+            run(call, monkeypatch, fast)
+        with pytest.raises(error) as want:
+            run(call, monkeypatch, None)
+        assert str(got.value) == str(want.value)
+
+
+def test_fused_saves_the_mask_only_for_autograd(fast):
+    """The mask (the backward's input) is saved when a gradient will be wanted, as in Python:
+    a fused layer's output under no_grad carries no graph, and one with grad backpropagates."""
+    layer = bnlab.BatchNormReLU2d(3)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    x.requires_grad_()
+    (g,) = torch.autograd.grad(layer(x).sum(), x)
+    layer_ref = bnlab.BatchNormReLU2d(3)
+    x_ref = x.detach().clone().requires_grad_()
+    saved = F._fast
+    try:
+        F._fast = None
+        (g_ref,) = torch.autograd.grad(layer_ref(x_ref).sum(), x_ref)
+    finally:
+        F._fast = saved
+    assert torch.equal(g, g_ref)
 
 
 @pytest.mark.parametrize("mode", [FunctionMode, DispatchMode])

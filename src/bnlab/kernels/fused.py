@@ -27,10 +27,21 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
     """(output, finite flag of the running update or None), as `F.batch_norm_with_flag`."""
     from bnlab import kernels
 
+    if F._fast is not None and F._fast_allowed():  # the C++ checks and routing of what follows
+        got = F._fast.fused(input, residual, running_mean, running_var, weight, bias, training,
+                            momentum, eps)
+        if got is not None:
+            y, finite, ok = got
+            if not ok:
+                F._warn_nonfinite(stacklevel=3)
+            return y, finite
     F.check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, who)
     if residual is not None and residual.shape != input.shape:
         raise ValueError(f"{who}: residual must have the input's shape {tuple(input.shape)}, "
                          f"got {tuple(residual.shape)}")
+    if residual is not None and residual.device != input.device:
+        raise ValueError(f"{who}: residual must be on the input's device ({input.device}), got "
+                         f"{residual.device}")
     if (not (kernels.supports(input) if training else F._use_kernels_eval(input))
             or (residual is not None and residual.dtype != input.dtype)
             or (training and input.numel() == 0)):  # an empty batch: no statistics to compute

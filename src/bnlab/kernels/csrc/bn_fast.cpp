@@ -1,6 +1,8 @@
-// Python entry points for the eager CPU path of `bnlab.functional.batch_norm_with_flag`: the
-// argument checks and the kernels' routing of the Python code, done in C++ for the common
-// case, then one dispatcher call of `bnlab::bn_train_fwd_update` or `bnlab::bn_eval_fwd`.
+// Python entry points for the eager CPU path of `bnlab.functional.batch_norm_with_flag` and
+// of the fused `bnlab.kernels.bn_relu` / `bn_add_relu`: the argument checks and the kernels'
+// routing of the Python code, done in C++ for the common case, then the dispatcher calls of
+// the ops that code would make (`bnlab::bn_train_fwd_update`, `bn_train_fwd`, `bn_eval_fwd`,
+// `bn_update_running`).
 //
 // Why: on a small activation the Python around the op cost more than the op. For the paper's
 // MLP layer (60, 100), forward + backward took 67 µs through the Python path against 54 µs for
@@ -87,80 +89,161 @@ py::object wrap(Tensor t) {
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
 }
 
-// Training (Alg. 1 and the running update): (y, finite flag or None without buffers, finite
-// as a bool), or None. `momentum`: a float in [0, 1] or a plain tensor (the layers' 1/n).
-py::object train(py::handle x_, py::handle w, py::handle b, py::handle rm, py::handle rv,
-                 py::handle momentum, py::handle eps_) {
-  const Tensor* xp = input(x_.ptr());
-  double eps = 0.0, mom = 0.0;
-  OptT mom_t;
-  if (xp == nullptr || !eps_ok(eps_.ptr(), eps)) return py::none();
-  const Tensor& x = *xp;
-  const int64_t C = x.size(1), n = x.numel();
-  // n == 0: the empty-batch rule; n == C: one value per channel, an error. Both in Python.
-  if (n == 0 || n == C) return py::none();
-  if (!per_channel(w.ptr(), C, false) || !per_channel(b.ptr(), C, false) ||
-      !per_channel(rm.ptr(), C, true) || !per_channel(rv.ptr(), C, true))
-    return py::none();
-  if (!momentum_ok(momentum.ptr(), mom, mom_t)) return py::none();
-  if (rm.is_none() && rv.is_none()) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bnlab::bn_train_fwd", "")
-                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-                             const Tensor&, const OptT&, const OptT&, double, const OptT&, bool,
-                             bool)>();
-    Tensor y;
-    {
-      py::gil_scoped_release no_gil;
-      y = std::get<0>(op.call(x, opt(w.ptr()), opt(b.ptr()), eps, OptT(), false, false));
-    }
-    return py::make_tuple(wrap(std::move(y)), py::none(), true);
-  }
+// The ops, looked up once (schemas in bn_ops.cpp and bn_autograd.cpp).
+const auto& train_fwd_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnlab::bn_train_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                           const Tensor&, const OptT&, const OptT&, double, const OptT&, bool,
+                           bool)>();
+  return op;
+}
+
+const auto& train_fwd_update_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bnlab::bn_train_fwd_update", "")
                        .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
                            const Tensor&, const OptT&, const OptT&, double, const OptT&,
                            const OptT&, int64_t, double, const OptT&)>();
+  return op;
+}
+
+const auto& update_running_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnlab::bn_update_running", "")
+                       .typed<Tensor(const OptT&, const OptT&, const Tensor&, const Tensor&,
+                                     int64_t, double, const OptT&)>();
+  return op;
+}
+
+const auto& eval_fwd_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnlab::bn_eval_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                         const Tensor&, const OptT&, const OptT&,
+                                                         double, const OptT&, bool, bool)>();
+  return op;
+}
+
+// (y, finite flag, finite as a bool). No dispatch mode is set (see `input`), so the flag is
+// the kernel's own CPU bool scalar.
+py::object with_flag(Tensor y, Tensor finite) {
+  const bool ok = finite.const_data_ptr<bool>()[0];
+  return py::make_tuple(wrap(std::move(y)), wrap(std::move(finite)), ok);
+}
+
+// What every entry point checks: the input, eps, momentum, and weight and bias. Sets C.
+const Tensor* common(py::handle x_, py::handle w, py::handle b, py::handle momentum,
+                     py::handle eps_, double& eps, double& mom, OptT& mom_t, int64_t& C) {
+  const Tensor* xp = input(x_.ptr());
+  if (xp == nullptr || !eps_ok(eps_.ptr(), eps) || !momentum_ok(momentum.ptr(), mom, mom_t))
+    return nullptr;
+  C = xp->size(1);
+  if (!per_channel(w.ptr(), C, false) || !per_channel(b.ptr(), C, false)) return nullptr;
+  return xp;
+}
+
+// The training-mode conditions on the batch and the running statistics. n == 0 is the
+// empty-batch rule and n == C (one value per channel) an error, both in Python.
+bool train_ok(const Tensor& x, int64_t C, py::handle rm, py::handle rv) {
+  const int64_t n = x.numel();
+  return n != 0 && n != C && per_channel(rm.ptr(), C, true) && per_channel(rv.ptr(), C, true);
+}
+
+// The evaluation-mode condition: both running statistics, of shape (C,).
+bool eval_ok(int64_t C, py::handle rm, py::handle rv) {
+  return !rm.is_none() && !rv.is_none() && per_channel(rm.ptr(), C, false) &&
+         per_channel(rv.ptr(), C, false);
+}
+
+// Training (Alg. 1 and the running update): (y, finite flag or None without buffers, finite
+// as a bool), or None. `momentum`: a float in [0, 1] or a plain tensor (the layers' 1/n).
+py::object train(py::handle x_, py::handle w, py::handle b, py::handle rm, py::handle rv,
+                 py::handle momentum, py::handle eps_) {
+  double eps = 0.0, mom = 0.0;
+  OptT mom_t;
+  int64_t C = 0;
+  const Tensor* xp = common(x_, w, b, momentum, eps_, eps, mom, mom_t, C);
+  if (xp == nullptr || !train_ok(*xp, C, rm, rv)) return py::none();
+  const Tensor& x = *xp;
   Tensor y, finite;
+  if (rm.is_none() && rv.is_none()) {
+    {
+      py::gil_scoped_release no_gil;
+      y = std::get<0>(train_fwd_op().call(x, opt(w.ptr()), opt(b.ptr()), eps, OptT(), false,
+                                          false));
+    }
+    return py::make_tuple(wrap(std::move(y)), py::none(), true);
+  }
   {
     py::gil_scoped_release no_gil;
     std::tie(y, std::ignore, std::ignore, finite) =
-        op.call(x, opt(w.ptr()), opt(b.ptr()), eps, opt(rm.ptr()), opt(rv.ptr()), n / C, mom,
-                mom_t);
+        train_fwd_update_op().call(x, opt(w.ptr()), opt(b.ptr()), eps, opt(rm.ptr()),
+                                   opt(rv.ptr()), x.numel() / C, mom, mom_t);
   }
-  // (No dispatch mode is set, so the flag is the kernel's own CPU bool scalar.)
-  const bool ok = finite.const_data_ptr<bool>()[0];
-  return py::make_tuple(wrap(std::move(y)), wrap(std::move(finite)), ok);
+  return with_flag(std::move(y), std::move(finite));
 }
 
 // Evaluation (Alg. 2's inference transform with the running statistics): y, or None.
 // (`momentum` is only checked, as the Python path does.)
 py::object eval(py::handle x_, py::handle rm, py::handle rv, py::handle w, py::handle b,
                 py::handle momentum, py::handle eps_) {
-  const Tensor* xp = input(x_.ptr());
   double eps = 0.0, mom = 0.0;
   OptT mom_t;
-  if (xp == nullptr || !eps_ok(eps_.ptr(), eps) || !momentum_ok(momentum.ptr(), mom, mom_t) ||
-      rm.is_none() || rv.is_none()) {
-    return py::none();
-  }
-  const Tensor& x = *xp;
-  const int64_t C = x.size(1);
-  if (!per_channel(rm.ptr(), C, false) || !per_channel(rv.ptr(), C, false) ||
-      !per_channel(w.ptr(), C, false) || !per_channel(b.ptr(), C, false))
-    return py::none();
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bnlab::bn_eval_fwd", "")
-                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                         const Tensor&, const OptT&, const OptT&,
-                                                         double, const OptT&, bool, bool)>();
+  int64_t C = 0;
+  const Tensor* xp = common(x_, w, b, momentum, eps_, eps, mom, mom_t, C);
+  if (xp == nullptr || !eval_ok(C, rm, rv)) return py::none();
   Tensor y;
   {
     py::gil_scoped_release no_gil;
-    y = std::get<0>(op.call(x, THPVariable_Unpack(rm.ptr()), THPVariable_Unpack(rv.ptr()),
-                            opt(w.ptr()), opt(b.ptr()), eps, OptT(), false, false));
+    y = std::get<0>(eval_fwd_op().call(*xp, THPVariable_Unpack(rm.ptr()),
+                                       THPVariable_Unpack(rv.ptr()), opt(w.ptr()), opt(b.ptr()),
+                                       eps, OptT(), false, false));
   }
   return wrap(std::move(y));
+}
+
+// relu(BN(x) [+ residual]) (`bnlab.kernels.fused`): in training (y, finite flag or None, ok),
+// in evaluation (y, None, True); or None. The ReLU mask is saved when autograd will want it.
+py::object fused(py::handle x_, py::handle z_, py::handle rm, py::handle rv, py::handle w,
+                 py::handle b, py::handle training_, py::handle momentum, py::handle eps_) {
+  double eps = 0.0, mom = 0.0;
+  OptT mom_t;
+  int64_t C = 0;
+  const Tensor* xp = common(x_, w, b, momentum, eps_, eps, mom, mom_t, C);
+  if (xp == nullptr || (training_.ptr() != Py_True && training_.ptr() != Py_False))
+    return py::none();
+  const Tensor& x = *xp;
+  const bool training = training_.ptr() == Py_True;
+  if (training ? !train_ok(x, C, rm, rv) : !eval_ok(C, rm, rv)) return py::none();
+  OptT z;
+  if (!z_.is_none()) {  // a residual of x's shape, dtype and device (else: Python decides)
+    if (!plain(z_.ptr())) return py::none();
+    z = THPVariable_Unpack(z_.ptr());
+    if (z->sizes() != x.sizes() || z->scalar_type() != x.scalar_type() || !z->device().is_cpu())
+      return py::none();
+  }
+  // `fused._needs_grad`: the backward reads the mask.
+  const auto wants = [](const OptT& t) { return t.has_value() && t->requires_grad(); };
+  const bool save = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || wants(z) || wants(opt(w.ptr())) || wants(opt(b.ptr())));
+  Tensor y, mean, var, finite;
+  {
+    py::gil_scoped_release no_gil;
+    if (!training) {
+      y = std::get<0>(eval_fwd_op().call(x, THPVariable_Unpack(rm.ptr()),
+                                         THPVariable_Unpack(rv.ptr()), opt(w.ptr()),
+                                         opt(b.ptr()), eps, z, true, save));
+    } else {
+      std::tie(y, mean, var, std::ignore) =
+          train_fwd_op().call(x, opt(w.ptr()), opt(b.ptr()), eps, z, true, save);
+      if (!rm.is_none() || !rv.is_none())
+        finite = update_running_op().call(opt(rm.ptr()), opt(rv.ptr()), mean, var,
+                                          x.numel() / C, mom, mom_t);
+    }
+  }
+  if (!finite.defined()) return py::make_tuple(wrap(std::move(y)), py::none(), true);
+  return with_flag(std::move(y), std::move(finite));
 }
 
 }  // namespace
@@ -171,5 +254,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train", &bnk::train,
         "train(x, weight, bias, running_mean, running_var, momentum, eps) -> "
         "(y, finite, ok) or None");
-  m.def("eval", &bnk::eval, "eval(x, running_mean, running_var, weight, bias, momentum, eps) -> y or None");
+  m.def("eval", &bnk::eval,
+        "eval(x, running_mean, running_var, weight, bias, momentum, eps) -> y or None");
+  m.def("fused", &bnk::fused,
+        "fused(x, residual, running_mean, running_var, weight, bias, training, momentum, eps) "
+        "-> (y, finite, ok) or None");
 }
