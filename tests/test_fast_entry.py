@@ -46,6 +46,9 @@ class Recorder:
         self.taken.append(got is not None)
         return got
 
+    def count(self, *args: Any) -> bool:
+        return bool(self.module.count(*args))
+
 
 @pytest.fixture
 def fast() -> Any:
@@ -307,6 +310,39 @@ def test_nonfinite_batch_warns_and_counts_as_the_python_path_does(fast, monkeypa
     assert (got[0].filename, got[0].lineno) == (want[0].filename, want[0].lineno)
     assert got[1] == want[1] == 1
     assert torch.equal(got[2], torch.zeros(2)) and torch.equal(want[2], torch.zeros(2))
+
+
+def test_counters_as_the_python_path_counts(fast, monkeypatch):
+    """`count` does the layers' two adds (finite and non-finite batches) in C++, with their
+    version bumps, and declines where an add must be seen or cannot be done."""
+    def steps() -> list[tuple[int, int, int, int]]:
+        layer = bnlab.BatchNorm1d(2)
+        seen = []
+        for i in range(4):
+            x = torch.randn(8, 2)
+            if i == 2:
+                x[0, 0] = float("inf")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                layer(x)
+            seen.append((layer.num_batches_tracked.item(), layer.num_nonfinite_batches.item(),
+                         layer.num_batches_tracked._version,
+                         layer.num_nonfinite_batches._version))
+        return seen
+
+    got, want = run(steps, monkeypatch, fast), run(steps, monkeypatch, None)
+    assert got == want
+    assert [s[:2] for s in got] == [(1, 0), (2, 0), (2, 1), (3, 1)]
+    n, bad, flag = torch.tensor(0), torch.tensor(0), torch.tensor(True)
+    with DispatchMode():
+        assert not fast.count(n, bad, flag)
+    assert not fast.count(n.int(), bad, flag)  # int32: the add's promotion rules, in Python
+    assert not fast.count(n, bad, torch.tensor(1))
+    with torch.inference_mode():
+        inf_n = torch.tensor(0)
+    assert not fast.count(inf_n, bad, flag)
+    assert n.item() == 0 and bad.item() == 0
+    assert fast.count(n, bad, flag) and (n.item(), bad.item()) == (1, 0)
 
 
 def test_profilers_see_the_same_op(fast):

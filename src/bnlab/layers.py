@@ -180,6 +180,10 @@ class BatchNorm(FxLeaf, nn.Module):
         if finite is not None:
             # A skipped batch does not count, so the cumulative average (momentum=None) stays
             # the exact mean of the batches it used.
+            if (F._fast is not None and F._fast_allowed()
+                    and F._fast.count(self.num_batches_tracked, self.num_nonfinite_batches,
+                                      finite)):
+                return y  # the adds below, in C++ (CPU; see csrc/bn_fast.cpp)
             self.num_batches_tracked.add_(finite)  # bool adds as 0/1
             if not F.host_readable(finite):  # no host sync, graph break or transform error
                 self.num_nonfinite_batches.add_(finite.logical_not())
