@@ -62,6 +62,20 @@ def run(fn: Callable[[], Any], monkeypatch: pytest.MonkeyPatch, module: Any) -> 
         return fn()
 
 
+def same_outcome(call: Callable[[], Any], error: type[Exception] | None,
+                 monkeypatch: pytest.MonkeyPatch, fast: Any) -> torch.Tensor | None:
+    """With the entry points in place, ``call`` runs (returning its output) when ``error`` is
+    None, else raises it with the message the Python path alone gives (returning None)."""
+    if error is None:
+        return run(call, monkeypatch, fast)[0]
+    with pytest.raises(error) as got:
+        run(call, monkeypatch, fast)
+    with pytest.raises(error) as want:
+        run(call, monkeypatch, None)
+    assert str(got.value) == str(want.value)
+    return None
+
+
 def case(shape: tuple[int, ...], dtype: torch.dtype, layout: str, affine: bool, buffers: str,
          momentum: str, training: bool, seed: int, kind: str = "bn") -> Callable[[], Any]:
     """A fresh call (new leaves and buffers each time) of batch_norm_with_flag (``kind`` "bn"),
@@ -188,15 +202,8 @@ def test_declines_what_the_python_path_decides(fast, monkeypatch, name):
     def call() -> Any:
         return F.batch_norm_with_flag(x, rm, rv, w, b, args["training"], args["momentum"],
                                       args["eps"], "test")
-    if error is None:
-        y, _ = run(call, monkeypatch, fast)
-        assert y.shape == x.shape
-    else:
-        with pytest.raises(error) as got:
-            run(call, monkeypatch, fast)
-        with pytest.raises(error) as want:
-            run(call, monkeypatch, None)
-        assert str(got.value) == str(want.value)
+    y = same_outcome(call, error, monkeypatch, fast)
+    assert y is None or y.shape == x.shape
 
 
 FUSED_DECLINED = {
@@ -220,17 +227,8 @@ def test_fused_declines_what_the_python_path_decides(fast, monkeypatch, name):
     args = (a["x"], a["z"], a["rm"], a["rv"], a["w"], a["b"], a["training"], a["momentum"], 1e-5)
     assert fast.fused(*args) is None
 
-    def call() -> Any:
-        return fused._fused(*args, "test")
-    if error is None:
-        y, _ = run(call, monkeypatch, fast)
-        assert y.shape == a["x"].shape and bool((y >= 0).all())
-    else:
-        with pytest.raises(error) as got:
-            run(call, monkeypatch, fast)
-        with pytest.raises(error) as want:
-            run(call, monkeypatch, None)
-        assert str(got.value) == str(want.value)
+    y = same_outcome(lambda: fused._fused(*args, "test"), error, monkeypatch, fast)
+    assert y is None or (y.shape == a["x"].shape and bool((y >= 0).all()))
 
 
 def test_fused_saves_the_mask_only_for_autograd(fast):

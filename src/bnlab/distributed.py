@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 from bnlab import functional as F
 from bnlab._checks import check_materialized
 from bnlab.convert.freeze import is_frozen
-from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, count_batch
 from bnlab.variants import (
     BatchRenorm,
     BatchRenorm1d,
@@ -46,7 +46,6 @@ from bnlab.variants import (
     GhostBatchNorm,
 )
 from bnlab.variants._common import (
-    count_batch,
     store_running_stats,
     unbiased,
     values_per_channel,

@@ -40,6 +40,23 @@ __all__ = [
 ]
 
 
+def count_batch(module: nn.Module, finite: Tensor) -> None:
+    """Advance a layer's counters after a training step: ``num_batches_tracked += finite`` (a
+    skipped batch does not count, so the cumulative average of momentum=None stays the exact
+    mean of the batches it used) and ``num_nonfinite_batches += not finite``.
+
+    On the eager CPU path both adds run in C++ (`csrc/bn_fast.cpp`, ``count``): an in-place add
+    on a 0-d tensor costs 10–13 µs between a layer's forward and autograd's backward."""
+    tracked, nonfinite = module.num_batches_tracked, module.num_nonfinite_batches
+    if F._fast is not None and F._fast_allowed() and F._fast.count(tracked, nonfinite, finite):
+        return
+    tracked.add_(finite)  # bool adds as 0/1
+    if not F.host_readable(finite):  # no host sync, graph break or transform error
+        nonfinite.add_(finite.logical_not())
+    elif not finite:  # on CPU in eager mode the value is at hand (the warning read it)
+        nonfinite.add_(1)
+
+
 class BatchNorm(FxLeaf, nn.Module):
     """Batch normalization over dimension 1 of an (N, C, *) input (Ioffe & Szegedy 2015, Alg. 1).
 
@@ -178,17 +195,7 @@ class BatchNorm(FxLeaf, nn.Module):
         momentum = self._momentum() if update else 0.0
         y, finite = self._normalize(input, *buffers, use_batch_stats, momentum)
         if finite is not None:
-            # A skipped batch does not count, so the cumulative average (momentum=None) stays
-            # the exact mean of the batches it used.
-            if (F._fast is not None and F._fast_allowed()
-                    and F._fast.count(self.num_batches_tracked, self.num_nonfinite_batches,
-                                      finite)):
-                return y  # the adds below, in C++ (CPU; see csrc/bn_fast.cpp)
-            self.num_batches_tracked.add_(finite)  # bool adds as 0/1
-            if not F.host_readable(finite):  # no host sync, graph break or transform error
-                self.num_nonfinite_batches.add_(finite.logical_not())
-            elif not finite:  # on CPU in eager mode the value is at hand (the warning read it)
-                self.num_nonfinite_batches.add_(1)
+            count_batch(self, finite)
         return y
 
     def _normalize(self, input: Tensor, running_mean: Tensor | None,

@@ -54,7 +54,3 @@ def store_running_stats(running_mean: Tensor | None, running_var: Tensor | None,
     return F.update_running_stats(running_mean, running_var, mean, var_to_store, 1, momentum)
 
 
-def count_batch(module: torch.nn.Module, finite: Tensor) -> None:
-    """Advance ``num_batches_tracked`` (finite batches) and ``num_nonfinite_batches``."""
-    module.num_batches_tracked.add_(finite)  # bool adds as 0/1
-    module.num_nonfinite_batches.add_(finite.logical_not())

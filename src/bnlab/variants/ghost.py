@@ -30,9 +30,8 @@ from torch import Tensor
 
 from bnlab import functional as F
 from bnlab._checks import check_training_size
-from bnlab.layers import BatchNorm
+from bnlab.layers import BatchNorm, count_batch
 from bnlab.variants._common import (
-    count_batch,
     store_running_stats,
     train_transform,
     values_per_channel,

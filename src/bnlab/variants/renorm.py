@@ -28,8 +28,8 @@ from torch import Tensor
 
 from bnlab import functional as F
 from bnlab._checks import check_per_channel, check_training_size
-from bnlab.layers import BatchNorm
-from bnlab.variants._common import count_batch, train_transform, values_per_channel
+from bnlab.layers import BatchNorm, count_batch
+from bnlab.variants._common import train_transform, values_per_channel
 
 __all__ = [
     "BatchRenorm",

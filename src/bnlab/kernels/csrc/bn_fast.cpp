@@ -132,15 +132,22 @@ py::object with_flag(Tensor y, Tensor finite) {
   return py::make_tuple(wrap(std::move(y)), wrap(std::move(finite)), ok);
 }
 
-// What every entry point checks: the input, eps, momentum, and weight and bias. Sets C.
-const Tensor* common(py::handle x_, py::handle w, py::handle b, py::handle momentum,
-                     py::handle eps_, double& eps, double& mom, OptT& mom_t, int64_t& C) {
+// What every entry point checks: the input, eps, momentum, and weight and bias.
+struct Common {
+  const Tensor* x = nullptr;  // null: hand the call back to Python
+  double eps = 0.0, mom = 0.0;
+  OptT mom_t;
+  int64_t C = 0;
+};
+
+Common common(py::handle x_, py::handle w, py::handle b, py::handle momentum, py::handle eps_) {
+  Common a;
   const Tensor* xp = input(x_.ptr());
-  if (xp == nullptr || !eps_ok(eps_.ptr(), eps) || !momentum_ok(momentum.ptr(), mom, mom_t))
-    return nullptr;
-  C = xp->size(1);
-  if (!per_channel(w.ptr(), C, false) || !per_channel(b.ptr(), C, false)) return nullptr;
-  return xp;
+  if (xp == nullptr || !eps_ok(eps_.ptr(), a.eps) || !momentum_ok(momentum.ptr(), a.mom, a.mom_t))
+    return a;
+  a.C = xp->size(1);
+  if (per_channel(w.ptr(), a.C, false) && per_channel(b.ptr(), a.C, false)) a.x = xp;
+  return a;
 }
 
 // The training-mode conditions on the batch and the running statistics. n == 0 is the
@@ -160,17 +167,14 @@ bool eval_ok(int64_t C, py::handle rm, py::handle rv) {
 // as a bool), or None. `momentum`: a float in [0, 1] or a plain tensor (the layers' 1/n).
 py::object train(py::handle x_, py::handle w, py::handle b, py::handle rm, py::handle rv,
                  py::handle momentum, py::handle eps_) {
-  double eps = 0.0, mom = 0.0;
-  OptT mom_t;
-  int64_t C = 0;
-  const Tensor* xp = common(x_, w, b, momentum, eps_, eps, mom, mom_t, C);
-  if (xp == nullptr || !train_ok(*xp, C, rm, rv)) return py::none();
-  const Tensor& x = *xp;
+  const Common a = common(x_, w, b, momentum, eps_);
+  if (a.x == nullptr || !train_ok(*a.x, a.C, rm, rv)) return py::none();
+  const Tensor& x = *a.x;
   Tensor y, finite;
   if (rm.is_none() && rv.is_none()) {
     {
       py::gil_scoped_release no_gil;
-      y = std::get<0>(train_fwd_op().call(x, opt(w.ptr()), opt(b.ptr()), eps, OptT(), false,
+      y = std::get<0>(train_fwd_op().call(x, opt(w.ptr()), opt(b.ptr()), a.eps, OptT(), false,
                                           false));
     }
     return py::make_tuple(wrap(std::move(y)), py::none(), true);
@@ -178,8 +182,8 @@ py::object train(py::handle x_, py::handle w, py::handle b, py::handle rm, py::h
   {
     py::gil_scoped_release no_gil;
     std::tie(y, std::ignore, std::ignore, finite) =
-        train_fwd_update_op().call(x, opt(w.ptr()), opt(b.ptr()), eps, opt(rm.ptr()),
-                                   opt(rv.ptr()), x.numel() / C, mom, mom_t);
+        train_fwd_update_op().call(x, opt(w.ptr()), opt(b.ptr()), a.eps, opt(rm.ptr()),
+                                   opt(rv.ptr()), x.numel() / a.C, a.mom, a.mom_t);
   }
   return with_flag(std::move(y), std::move(finite));
 }
@@ -188,17 +192,14 @@ py::object train(py::handle x_, py::handle w, py::handle b, py::handle rm, py::h
 // (`momentum` is only checked, as the Python path does.)
 py::object eval(py::handle x_, py::handle rm, py::handle rv, py::handle w, py::handle b,
                 py::handle momentum, py::handle eps_) {
-  double eps = 0.0, mom = 0.0;
-  OptT mom_t;
-  int64_t C = 0;
-  const Tensor* xp = common(x_, w, b, momentum, eps_, eps, mom, mom_t, C);
-  if (xp == nullptr || !eval_ok(C, rm, rv)) return py::none();
+  const Common a = common(x_, w, b, momentum, eps_);
+  if (a.x == nullptr || !eval_ok(a.C, rm, rv)) return py::none();
   Tensor y;
   {
     py::gil_scoped_release no_gil;
-    y = std::get<0>(eval_fwd_op().call(*xp, THPVariable_Unpack(rm.ptr()),
+    y = std::get<0>(eval_fwd_op().call(*a.x, THPVariable_Unpack(rm.ptr()),
                                        THPVariable_Unpack(rv.ptr()), opt(w.ptr()), opt(b.ptr()),
-                                       eps, OptT(), false, false));
+                                       a.eps, OptT(), false, false));
   }
   return wrap(std::move(y));
 }
@@ -207,15 +208,12 @@ py::object eval(py::handle x_, py::handle rm, py::handle rv, py::handle w, py::h
 // in evaluation (y, None, True); or None. The ReLU mask is saved when autograd will want it.
 py::object fused(py::handle x_, py::handle z_, py::handle rm, py::handle rv, py::handle w,
                  py::handle b, py::handle training_, py::handle momentum, py::handle eps_) {
-  double eps = 0.0, mom = 0.0;
-  OptT mom_t;
-  int64_t C = 0;
-  const Tensor* xp = common(x_, w, b, momentum, eps_, eps, mom, mom_t, C);
-  if (xp == nullptr || (training_.ptr() != Py_True && training_.ptr() != Py_False))
+  const Common a = common(x_, w, b, momentum, eps_);
+  if (a.x == nullptr || (training_.ptr() != Py_True && training_.ptr() != Py_False))
     return py::none();
-  const Tensor& x = *xp;
+  const Tensor& x = *a.x;
   const bool training = training_.ptr() == Py_True;
-  if (training ? !train_ok(x, C, rm, rv) : !eval_ok(C, rm, rv)) return py::none();
+  if (training ? !train_ok(x, a.C, rm, rv) : !eval_ok(a.C, rm, rv)) return py::none();
   OptT z;
   if (!z_.is_none()) {  // a residual of x's shape, dtype and device (else: Python decides)
     if (!plain(z_.ptr())) return py::none();
@@ -233,13 +231,13 @@ py::object fused(py::handle x_, py::handle z_, py::handle rm, py::handle rv, py:
     if (!training) {
       y = std::get<0>(eval_fwd_op().call(x, THPVariable_Unpack(rm.ptr()),
                                          THPVariable_Unpack(rv.ptr()), opt(w.ptr()),
-                                         opt(b.ptr()), eps, z, true, save));
+                                         opt(b.ptr()), a.eps, z, true, save));
     } else {
       std::tie(y, mean, var, std::ignore) =
-          train_fwd_op().call(x, opt(w.ptr()), opt(b.ptr()), eps, z, true, save);
+          train_fwd_op().call(x, opt(w.ptr()), opt(b.ptr()), a.eps, z, true, save);
       if (!rm.is_none() || !rv.is_none())
         finite = update_running_op().call(opt(rm.ptr()), opt(rv.ptr()), mean, var,
-                                          x.numel() / C, mom, mom_t);
+                                          x.numel() / a.C, a.mom, a.mom_t);
     }
   }
   if (!finite.defined()) return py::make_tuple(wrap(std::move(y)), py::none(), true);
