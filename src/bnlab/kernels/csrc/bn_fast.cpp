@@ -69,14 +69,19 @@ bool momentum_ok(PyObject* o, double& mom, OptT& mom_t) {
   return true;
 }
 
-// The input: what `bnlab.kernels.supports` and check_per_channel ask of it, and no torch.func
-// transform, __torch_function__ mode or __torch_dispatch__ mode (FakeTensorMode, a
-// FlopCounterMode) in force.
+// Whether a torch.func transform, a __torch_function__ mode or a __torch_dispatch__ mode
+// (FakeTensorMode, a FlopCounterMode) is in force: each should see the Python path's calls.
+bool python_modes() {
+  return at::impl::torch_function_mode_enabled() ||
+         c10::impl::TorchDispatchModeTLS::any_modes_set() ||
+         c10::impl::tls_is_dispatch_key_included(
+             c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
+// The input: what `bnlab.kernels.supports` and check_per_channel ask of it, and no
+// `python_modes`.
 const Tensor* input(PyObject* o) {
-  if (!plain(o) || at::impl::torch_function_mode_enabled() ||
-      c10::impl::TorchDispatchModeTLS::any_modes_set() ||
-      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode))
-    return nullptr;
+  if (!plain(o) || python_modes()) return nullptr;
   const Tensor& x = THPVariable_Unpack(o);
   const auto st = x.scalar_type();
   if (x.dim() < 2 || !x.device().is_cpu() || x.layout() != at::kStrided || x.is_quantized() ||
@@ -250,9 +255,7 @@ py::object fused(py::handle x_, py::handle z_, py::handle rm, py::handle rv, py:
 // autograd's backward: TensorIterator's long path runs with cold caches.) True when done; False
 // (nothing changed) for anything else, e.g. a mode or transform that should see the add.
 bool count(py::handle tracked, py::handle nonfinite, py::handle finite_) {
-  if (at::impl::torch_function_mode_enabled() || c10::impl::TorchDispatchModeTLS::any_modes_set() ||
-      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode))
-    return false;
+  if (python_modes()) return false;
   const auto scalar = [](py::handle o, at::ScalarType st) {
     if (!plain(o.ptr())) return false;
     const Tensor& t = THPVariable_Unpack(o.ptr());
