@@ -67,3 +67,34 @@ def test_constant_channel_is_finite():
     x = torch.full((16, 2, 3, 3), 1e7)
     y = F.batch_norm(x, None, None, training=True)
     assert torch.isfinite(y).all() and y.abs().max() == 0
+
+
+def _bad_batch() -> torch.Tensor:
+    x = torch.randn(4, 3, 2, 2)
+    x[0, 1, 0, 0] = float("nan")
+    return x
+
+
+_NONFINITE_CALLS = {
+    "layer": lambda x: bnlab.BatchNorm2d(3)(x),
+    "functional": lambda x: F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True),
+    "fused": lambda x: bnlab.kernels.bn_relu(x, torch.zeros(3), torch.ones(3), training=True),
+    "fused layer": lambda x: bnlab.BatchNormReLU2d(3)(x),
+    "renorm": lambda x: bnlab.BatchRenorm2d(3)(x),
+    "ghost": lambda x: bnlab.GhostBatchNorm(3, virtual_batch_size=2)(x),
+}
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["kernels", "reference"])
+@pytest.mark.parametrize("call", list(_NONFINITE_CALLS))
+def test_nonfinite_warning_points_at_the_users_line(call, reference, monkeypatch):
+    """The warning names the line that called bnlab (here, the lambda in this file), not
+    bnlab's or torch's internals, whatever the depth of the path that raised it."""
+    if reference:
+        monkeypatch.setenv("BNLAB_FORCE_REFERENCE", "1")
+    monkeypatch.setattr(F, "_warned_nonfinite", False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _NONFINITE_CALLS[call](_bad_batch())
+    (w,) = [w for w in seen if "non-finite batch statistics" in str(w.message)]
+    assert w.filename == __file__, (w.filename, w.lineno)

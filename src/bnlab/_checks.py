@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
@@ -148,3 +151,28 @@ class FxLeaf:
         forward = cls.__dict__.get("forward")
         if forward is not None and not getattr(forward, "_bnlab_fx_leaf", False):
             cls.forward = _fx_leaf(forward)  # type: ignore[attr-defined]
+
+
+# Frames a warning skips to reach the user's line: bnlab's library (not its lab, whose lines are
+# worth pointing at) and torch's own (nn.Module.__call__, autograd.Function.apply, ...).
+_BNLAB_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_LAB_DIR = _BNLAB_DIR + "lab" + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _internal(filename: str) -> bool:
+    return (filename.startswith(_TORCH_DIR)
+            or (filename.startswith(_BNLAB_DIR) and not filename.startswith(_LAB_DIR)))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a `warnings.warn` made by this function's caller that names the
+    first frame outside bnlab's library and torch: the user's ``model(x)``, not bnlab's
+    functional.py (whose depth below the user differs between the layers, the functional API
+    and the fused ops). Python 3.12's ``skip_file_prefixes`` does this; we support 3.10."""
+    frame = sys._getframe(1)  # the caller, which warnings.warn counts as stacklevel 1
+    level = 1
+    while frame.f_back is not None and _internal(frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -18,7 +18,13 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from bnlab import _autograd
-from bnlab._checks import check_eps, check_momentum, check_per_channel, check_training_size
+from bnlab._checks import (
+    check_eps,
+    check_momentum,
+    check_per_channel,
+    check_training_size,
+    user_stacklevel,
+)
 
 __all__ = [
     "batch_norm",
@@ -159,12 +165,12 @@ def _warn_once_if_nonfinite(finite: Tensor) -> None:
     if _warned_nonfinite or not host_readable(finite):
         return
     if not bool(finite):
-        _warn_nonfinite(stacklevel=5)
+        _warn_nonfinite()
 
 
-def _warn_nonfinite(stacklevel: int) -> None:
-    """The once-per-process warning about a skipped running update (``stacklevel`` as
-    `warnings.warn` counts it, from this function: 3 names its caller's caller)."""
+def _warn_nonfinite() -> None:
+    """The once-per-process warning about a skipped running update, shown at the user's line
+    (`user_stacklevel`)."""
     global _warned_nonfinite
     if _warned_nonfinite:
         return
@@ -174,7 +180,7 @@ def _warn_nonfinite(stacklevel: int) -> None:
         "were left unchanged (counted in each layer's `num_nonfinite_batches`). "
         "This warning is shown once.",
         RuntimeWarning,
-        stacklevel=stacklevel,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -341,7 +347,7 @@ def batch_norm_with_flag(
             if got is not None:
                 y, finite, ok = got
                 if not ok:
-                    _warn_nonfinite(stacklevel=3)
+                    _warn_nonfinite()
                 return y, finite
         else:
             y = _fast.eval(input, running_mean, running_var, weight, bias, momentum, eps)

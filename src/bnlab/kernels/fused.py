@@ -33,7 +33,7 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
         if got is not None:
             y, finite, ok = got
             if not ok:
-                F._warn_nonfinite(stacklevel=3)
+                F._warn_nonfinite()
             return y, finite
     F.check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, who)
     if residual is not None and residual.shape != input.shape:
