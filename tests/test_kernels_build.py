@@ -32,6 +32,7 @@ _FAILING_BUILD = textwrap.dedent("""
             (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
     print(json.dumps({
         "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+        "where": [w.filename for w in caught if w.category is RuntimeWarning],
         "supports": kernels.supports(x.detach()),
         "y": (y - y_ref).abs().max().item(), "gx": (gx - gx_ref).abs().max().item(),
         "running": (ours.running_var - ref.running_var).abs().max().item(),
@@ -56,6 +57,7 @@ def test_failed_build_warns_once_and_everything_runs_on_the_reference_path(tmp_p
     msg = res["warnings"][0]
     assert "reference path" in msg and "no-such-c++" in msg and "not found" in msg, msg
     assert "-isystem" not in msg  # the compiler's command lines are left out
+    assert res["where"] == ["<string>"], res["where"]  # the user's line: this script's ours(x)
     assert not res["supports"]
     assert res["y"] < 1e-5 and res["gx"] < 1e-4 and res["running"] < 1e-6, res
     assert "compiling the CPU batch-norm kernels" in out.stderr  # the notice came first

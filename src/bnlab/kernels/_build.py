@@ -29,6 +29,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+from bnlab._checks import user_stacklevel
+
 __all__ = ["build_error", "info", "load", "module"]
 
 _CSRC = Path(__file__).with_name("csrc")
@@ -147,7 +149,7 @@ def load() -> bool:
                 "bnlab: building the CPU batch-norm kernels failed, so the (slower) reference "
                 f"path is used. Cause: {cause}. This warning is shown once.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),  # the user's line, e.g. the first model(x)
             )
         return bool(_state["ok"])
 
