@@ -1,5 +1,6 @@
 """Argument validation shared by the functional ops and the layers, and the layers' behaviour
-under torch's program capture (`FxLeaf` for torch.fx, `no_torchscript` for TorchScript).
+under torch's program capture (`FxLeaf` for torch.fx, `no_torchscript` for TorchScript), and
+where bnlab's warnings point (`user_stacklevel`: the user's line).
 
 Every error names the layer or function, the argument, the expected and the actual value:
 silent acceptance of a wrong shape is how BN bugs hide (peers.md, pain points 1 and 15).
