@@ -189,7 +189,7 @@ def test_deterministic_for_fixed_threads(shape, fmt) -> None:  # type: ignore[no
 
 def test_threads_split_and_fused_paths_agree() -> None:
     """C = 3 with 2 threads splits each channel over threads; with 1 thread it does not."""
-    x = torch.randn(64, 3, 30, 30) * 2 + 7
+    x = torch.randn(64, 3, 40, 40) * 2 + 7  # planes over 1024 values: no samples split
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -199,6 +199,41 @@ def test_threads_split_and_fused_paths_agree() -> None:
     finally:
         torch.set_num_threads(before)
     assert rel_err(m1, m2) <= 1e-6 and rel_err(v1, v2) <= 1e-6 and rel_err(y1, y2) <= 1e-6
+
+
+# The planar paths of the training forward and backward at 2 threads, each on a shape that
+# takes it: cache-resident planes of at most 1024 values and C ≤ 256 are summed over all
+# channels at once, each thread on its own samples; more channels, or fewer samples than
+# threads, in blocks of channels per thread; few channels with larger planes split each
+# channel over the threads. The outlier sits where the shift K is sampled (the first 16 values
+# of each channel's first plane), which sends every channel to the exact second pass.
+@pytest.mark.parametrize("shape", [(8, 20, 7, 7), (3, 256, 2, 2), (4, 300, 5, 5), (1, 40, 6, 6),
+                                   (16, 3, 40, 40)])
+@pytest.mark.parametrize("outlier", [False, True])
+def test_planar_paths_match_reference(shape, outlier) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen) * 2 + 1
+    if outlier:
+        x.view(shape[0], shape[1], -1)[0, :, :16] = 1e6
+    c = shape[1]
+    w = (torch.rand(c, generator=gen) + 0.5).requires_grad_(True)
+    b = torch.randn(c, generator=gen).requires_grad_(True)
+    g = torch.randn(shape, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        y, mean, var = kernels.batch_norm_train(xs[0], w, b, 1e-5)
+        grads = torch.autograd.grad(y, [xs[0], w, b], g)
+    finally:
+        torch.set_num_threads(before)
+    y_ref, mean_ref, var_ref = reference_train(xs[1], w, b, 1e-5)
+    grads_ref = torch.autograd.grad(y_ref, [xs[1], w, b], g)
+    assert rel_err(mean, mean_ref) <= RTOL and rel_err(var, var_ref) <= RTOL
+    assert rel_err(y, y_ref) <= RTOL
+    scales = [dx_scale(g, w, var_ref, 1e-5)] + [float(g.abs().sum(F.reduce_dims(x)).max())] * 2
+    for got, want, scale in zip(grads, grads_ref, scales, strict=True):
+        assert rel_err(got, want, scale) <= RTOL
 
 
 @pytest.mark.parametrize("shape, fmt", [

@@ -15,10 +15,11 @@
 // then normalize (or, backward, the two reductions, then dx) on the channel's N·S slab while it
 // is still in L2/L3 — 2T of DRAM traffic forward, 3T backward (a forward whose x and y fit in
 // the LLC together has no DRAM traffic to save and normalizes in one sweep after all blocks'
-// statistics, see train_fwd). Inputs with few channels split each channel over threads
-// (two-level reduction); rows inputs reduce over register tiles of rows x channel vectors, or
-// runs of whole rows when rows are wide, into per-thread sums, then normalize in a second
-// sweep. Outputs larger than the cache are written with streaming stores. All reductions
+// statistics, see train_fwd; with small planes and C ≤ 256 those statistics are summed over all
+// channels at once, each thread on its own samples). Inputs with few channels split each channel
+// over threads (two-level reduction); rows inputs reduce over register tiles of rows x channel
+// vectors, or runs of whole rows when rows are wide, into per-thread sums, then normalize in a
+// second sweep. Outputs larger than the cache are written with streaming stores. All reductions
 // combine in a fixed order, so results are deterministic for a fixed thread count.
 #pragma once
 

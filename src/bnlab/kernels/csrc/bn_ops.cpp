@@ -18,7 +18,10 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
   // Per-channel results, padded to whole vectors (the rows sweep loads them as vectors).
   std::vector<float> mean = padded(C), scale = padded(C), shift = padded(C);
   std::vector<double> var(C, 0.0);
-  if (!s.rows && channel_parallel(s)) {
+  // Cache-resident small planes with few enough channels: every channel's sums at once, each
+  // thread over its own samples (samples_reduce), then one normalize sweep.
+  const bool by_samples = s.resident && samples_split(s);
+  if (!by_samples && !s.rows && channel_parallel(s)) {
     // Statistics per block of channels, each thread on its own channels. A block is then
     // normalized at once, while it is still in L2/L3 (2T of DRAM traffic instead of 3T) —
     // unless x and y fit in the LLC together (s.resident): with no DRAM traffic to save, one
@@ -66,9 +69,24 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
     if (!fuse) normalize_all(x, y, s, mean.data(), scale.data(), shift.data(), e);
     return;
   }
-  // Few channels (planar, each channel split over threads) or rows: statistics, then one
-  // normalize sweep.
-  if (!s.rows) {
+  // Samples split, few channels (planar, each channel split over threads) or rows: statistics,
+  // then one normalize sweep.
+  if (by_samples) {
+    std::vector<float> k(C);
+    for (int64_t c = 0; c < C; ++c) k[c] = sample_mean(x + c * s.S, std::min<int64_t>(s.S, 16), 1);
+    const auto sums = [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; };
+    std::vector<double> s1(C, 0.0), s2(C, 0.0);
+    samples_reduce(s, sums, k.data(), s1.data(), s2.data());
+    std::vector<char> exact(C, 0);
+    if (from_shifted_n(C, k.data(), s1.data(), s2.data(), m, mean.data(), var.data(),
+                       exact.data())) {
+      for (int64_t c = 0; c < C; ++c)
+        if (exact[c]) s1[c] = s2[c] = 0.0;
+      samples_reduce(s, sums, mean.data(), s1.data(), s2.data(), exact.data());
+      for (int64_t c = 0; c < C; ++c)
+        if (exact[c]) from_centered(s1[c], s2[c], m, mean[c], var[c]);
+    }
+  } else if (!s.rows) {
     for (int64_t c = 0; c < C; ++c) {
       const float K = sample_mean(x + c * s.S, std::min<int64_t>(s.S, 16), 1);
       double s1 = 0.0, s2 = 0.0;
@@ -139,6 +157,33 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
     bwd_coeffs_n(n, sg, sgd, var + c0, w + c0, eps, m, training, A, B, Cc, dw + c0, db + c0);
   };
   const bool sweep = op.dx || op.dz;
+  if (s.resident && samples_split(s)) {
+    // As in train_fwd: every channel's sums at once, each thread over its own samples, then
+    // dx in one sweep (sample by sample where the gradient is a channel slice).
+    std::vector<double> sg(C, 0.0), sgd(C, 0.0);
+    samples_reduce(
+        s,
+        [&](int64_t p, int64_t n) {
+          return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr, vf{}};
+        },
+        mean, sg.data(), sgd.data());
+    std::vector<float> A = padded(C), B = padded(C), Cc = padded(C);
+    coeffs(0, C, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
+    if (!sweep) return;
+    if (g_gap == 0) {
+      dx_all(op, s, mean, A.data(), B.data(), Cc.data());
+      return;
+    }
+    at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        Op on = op;
+        on.g += n * g_gap;
+        planes_dx(on, s.S, n * C, C, 0, C, mean, A.data(), B.data(), Cc.data());
+      }
+      stream_fence();
+    });
+    return;
+  }
   if (!s.rows && channel_parallel(s)) {
     // As in train_fwd: dx per block of channels while the block is in cache, unless x, g and
     // dx fit in the LLC together (s.resident), where one sweep over each thread's contiguous
