@@ -205,10 +205,11 @@ def test_threads_split_and_fused_paths_agree() -> None:
 # takes it: cache-resident planes of at most 1024 values and C ≤ 256 are summed over all
 # channels at once, each thread on its own samples; more channels, or fewer samples than
 # threads, in blocks of channels per thread; few channels with larger planes split each
-# channel over the threads. The outlier sits where the shift K is sampled (the first 16 values
-# of each channel's first plane), which sends every channel to the exact second pass.
+# channel over the threads; channel blocks of at least 8 MB prefetch ahead, (64, 300, 11, 11).
+# The outlier sits where the shift K is sampled (the first 16 values of each channel's first
+# plane), which sends every channel to the exact second pass.
 @pytest.mark.parametrize("shape", [(8, 20, 7, 7), (3, 256, 2, 2), (4, 300, 5, 5), (1, 40, 6, 6),
-                                   (16, 3, 40, 40)])
+                                   (16, 3, 40, 40), (64, 300, 11, 11)])
 @pytest.mark.parametrize("outlier", [False, True])
 def test_planar_paths_match_reference(shape, outlier) -> None:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(0)
