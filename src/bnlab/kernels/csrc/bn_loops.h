@@ -333,11 +333,11 @@ inline void samples_reduce(const Shape& s, const MakeOp& make, const float* shif
   const int nt = at::get_num_threads();
   const int64_t C = s.C;
   std::vector<double> part(2 * static_cast<size_t>(nt) * C, 0.0);
-  Shape t = s;
-  t.prefetch = false;  // one stream per thread: the hardware prefetchers keep up
+  Shape walk = s;
+  walk.prefetch = false;  // one stream per thread: the hardware prefetchers keep up
   at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
     double* d1 = part.data() + 2 * static_cast<size_t>(at::get_thread_num()) * C;
-    block_reduce(t, 0, C, make, shift, d1, d1 + C, use, n0, n1);
+    block_reduce(walk, 0, C, make, shift, d1, d1 + C, use, n0, n1);
   });
   for (int t = 0; t < nt; ++t) {
     const double* d1 = part.data() + 2 * static_cast<size_t>(t) * C;

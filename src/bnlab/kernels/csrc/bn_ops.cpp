@@ -10,6 +10,27 @@
 namespace bnk {
 
 // ---- training forward: μ_B, σ²_B (biased), y = γ(x − μ_B)/√(σ²_B + ε) + β ----------------
+// μ and σ² of the n consecutive channels whose first plane starts at x0: shifted sums about each
+// channel's sample mean K (of its first ≤ 16 values), then, where the shift lost precision
+// (from_shifted_n), the exact Σ(x − μ)². reduce(shift, use, s1, s2) adds into s1[j], s2[j] the
+// sums about shift[j] of the channels j with use[j] (all of them when use is null).
+template <typename T, class Reduce>
+void planar_stats(const T* x0, int64_t S, int64_t n, double m, float* mean, double* var,
+                  const Reduce& reduce) {
+  std::vector<float> K(n);
+  for (int64_t j = 0; j < n; ++j) K[j] = sample_mean(x0 + j * S, std::min<int64_t>(S, 16), 1);
+  std::vector<double> s1(n, 0.0), s2(n, 0.0);
+  reduce(K.data(), nullptr, s1.data(), s2.data());
+  std::vector<char> exact(n);
+  if (!from_shifted_n(n, K.data(), s1.data(), s2.data(), m, mean, var, exact.data())) return;
+  // rare: the sample shift was poor for some channel
+  for (int64_t j = 0; j < n; ++j)
+    if (exact[j]) s1[j] = s2[j] = 0.0;
+  reduce(mean, exact.data(), s1.data(), s2.data());
+  for (int64_t j = 0; j < n; ++j)
+    if (exact[j]) from_centered(s1[j], s2[j], m, mean[j], var[j]);
+}
+
 template <typename T, class E>
 void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b, float eps,
                const E& e, float* mean_out, float* var_out) {
@@ -21,6 +42,8 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
   // Cache-resident small planes with few enough channels: every channel's sums at once, each
   // thread over its own samples (samples_reduce), then one normalize sweep.
   const bool by_samples = s.resident && samples_split(s);
+  // The planar statistics' reduction op at offset p; block_reduce sets each channel's shift.
+  const auto sums = [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; };
   if (!by_samples && !s.rows && channel_parallel(s)) {
     // Statistics per block of channels, each thread on its own channels. A block is then
     // normalized at once, while it is still in L2/L3 (2T of DRAM traffic instead of 3T) —
@@ -33,29 +56,15 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
     const bool fuse = !s.resident;
     const int nt = at::get_num_threads();
     const int64_t cb = channel_block(s, sizeof(T), (C + nt - 1) / nt);
-    // The statistics' reduction op at offset p; block_reduce sets each channel's shift.
-    const auto sums = [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; };
     at::parallel_for(0, C, grain_for(s.m()), [&](int64_t c0, int64_t c1) {
-      std::vector<double> s1(cb), s2(cb);
-      std::vector<float> K(cb);
-      std::vector<char> exact(cb);
       for (int64_t b0 = c0; b0 < c1; b0 += cb) {
         const int64_t nb = std::min(cb, c1 - b0);
         float* mu = mean.data() + b0;
         double* vr = var.data() + b0;
-        for (int64_t j = 0; j < nb; ++j) {
-          K[j] = sample_mean(x + (b0 + j) * s.S, std::min<int64_t>(s.S, 16), 1);
-          s1[j] = s2[j] = 0.0;
-        }
-        block_reduce(s, b0, nb, sums, K.data(), s1.data(), s2.data());
-        if (from_shifted_n(nb, K.data(), s1.data(), s2.data(), m, mu, vr, exact.data())) {
-          // rare: the sample shift was poor for some channel
-          for (int64_t j = 0; j < nb; ++j)
-            if (exact[j]) s1[j] = s2[j] = 0.0;
-          block_reduce(s, b0, nb, sums, mu, s1.data(), s2.data(), exact.data());
-          for (int64_t j = 0; j < nb; ++j)
-            if (exact[j]) from_centered(s1[j], s2[j], m, mu[j], vr[j]);
-        }
+        planar_stats(x + b0 * s.S, s.S, nb, m, mu, vr,
+                     [&](const float* k, const char* use, double* s1, double* s2) {
+                       block_reduce(s, b0, nb, sums, k, s1, s2, use);
+                     });
         scales_n(nb, vr, w + b0, eps, scale.data() + b0, var_out + b0);
         std::copy(b + b0, b + b0 + nb, shift.data() + b0);
         std::copy(mu, mu + nb, mean_out + b0);
@@ -72,20 +81,10 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
   // Samples split, few channels (planar, each channel split over threads) or rows: statistics,
   // then one normalize sweep.
   if (by_samples) {
-    std::vector<float> k(C);
-    for (int64_t c = 0; c < C; ++c) k[c] = sample_mean(x + c * s.S, std::min<int64_t>(s.S, 16), 1);
-    const auto sums = [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; };
-    std::vector<double> s1(C, 0.0), s2(C, 0.0);
-    samples_reduce(s, sums, k.data(), s1.data(), s2.data());
-    std::vector<char> exact(C, 0);
-    if (from_shifted_n(C, k.data(), s1.data(), s2.data(), m, mean.data(), var.data(),
-                       exact.data())) {
-      for (int64_t c = 0; c < C; ++c)
-        if (exact[c]) s1[c] = s2[c] = 0.0;
-      samples_reduce(s, sums, mean.data(), s1.data(), s2.data(), exact.data());
-      for (int64_t c = 0; c < C; ++c)
-        if (exact[c]) from_centered(s1[c], s2[c], m, mean[c], var[c]);
-    }
+    planar_stats(x, s.S, C, m, mean.data(), var.data(),
+                 [&](const float* k, const char* use, double* s1, double* s2) {
+                   samples_reduce(s, sums, k, s1, s2, use);
+                 });
   } else if (!s.rows) {
     for (int64_t c = 0; c < C; ++c) {
       const float K = sample_mean(x + c * s.S, std::min<int64_t>(s.S, 16), 1);
@@ -156,17 +155,24 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
                     float* B, float* Cc) {
     bwd_coeffs_n(n, sg, sgd, var + c0, w + c0, eps, m, training, A, B, Cc, dw + c0, db + c0);
   };
+  // dx of sample n's planes of channels [c0, c0 + nb) (mean, A, B, Cc indexed from c0), its
+  // gradient n·g_gap further on.
+  auto sample_dx = [&](int64_t n, int64_t c0, int64_t nb, const float* mu, const float* A,
+                       const float* B, const float* Cc) {
+    Op on = op;
+    on.g += n * g_gap;
+    planes_dx(on, s.S, n * C + c0, nb, 0, nb, mu, A, B, Cc);
+  };
+  // The planar sums' reduction op at offset p of sample n; block_reduce sets the shift (μ).
+  const auto sums = [&](int64_t p, int64_t n) {
+    return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr, vf{}};
+  };
   const bool sweep = op.dx || op.dz;
   if (s.resident && samples_split(s)) {
     // As in train_fwd: every channel's sums at once, each thread over its own samples, then
     // dx in one sweep (sample by sample where the gradient is a channel slice).
     std::vector<double> sg(C, 0.0), sgd(C, 0.0);
-    samples_reduce(
-        s,
-        [&](int64_t p, int64_t n) {
-          return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr, vf{}};
-        },
-        mean, sg.data(), sgd.data());
+    samples_reduce(s, sums, mean, sg.data(), sgd.data());
     std::vector<float> A = padded(C), B = padded(C), Cc = padded(C);
     coeffs(0, C, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
     if (!sweep) return;
@@ -175,11 +181,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
       return;
     }
     at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        Op on = op;
-        on.g += n * g_gap;
-        planes_dx(on, s.S, n * C, C, 0, C, mean, A.data(), B.data(), Cc.data());
-      }
+      for (int64_t n = n0; n < n1; ++n) sample_dx(n, 0, C, mean, A.data(), B.data(), Cc.data());
       stream_fence();
     });
     return;
@@ -200,23 +202,15 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
         const int64_t nb = std::min(cb, c1 - b0);
         std::fill(sg.begin(), sg.end(), 0.0);
         std::fill(sgd.begin(), sgd.end(), 0.0);
-        block_reduce(
-            s, b0, nb,
-            [&](int64_t p, int64_t n) {
-              return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr, vf{}};
-            },
-            mean + b0, sg.data(), sgd.data());
+        block_reduce(s, b0, nb, sums, mean + b0, sg.data(), sgd.data());
         if (!fuse) {  // dx comes in dx_all, after every block
           coeffs(b0, nb, sg.data(), sgd.data(), &A_all[b0], &B_all[b0], &C_all[b0]);
           continue;
         }
         coeffs(b0, nb, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
         if (!sweep) continue;
-        for (int64_t n = 0; n < s.N; ++n) {
-          Op on = op;
-          on.g += n * g_gap;
-          planes_dx(on, s.S, n * C + b0, nb, 0, nb, mean + b0, A.data(), B.data(), Cc.data());
-        }
+        for (int64_t n = 0; n < s.N; ++n)
+          sample_dx(n, b0, nb, mean + b0, A.data(), B.data(), Cc.data());
       }
       stream_fence();
     });
