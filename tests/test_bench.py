@@ -154,12 +154,12 @@ def test_ab_against_the_same_sources_builds_runs_and_agrees(capsys) -> None:  # 
     if not kernels.available():
         pytest.skip("bnlab CPU kernels could not be built here")
     base = str(Path(ab.__file__).with_name("csrc"))
-    assert ab.main(["--base", base, "--modes", "train,bwd,fwd_bwd", "--shapes", "4x16x7x7",
+    assert ab.main(["--base", base, "--modes", "train,update,bwd,fwd_bwd", "--shapes", "4x16x7x7",
                     "--formats", "nchw,channels_last", "--rounds", "1", "--repeats", "1",
                     "--threads", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
-    lines = [ln for ln in out if ln.startswith(("train", "bwd", "fwd_bwd"))]
-    assert len(lines) == 6
+    lines = [ln for ln in out if ln.startswith(("train", "update", "bwd", "fwd_bwd"))]
+    assert len(lines) == 8
     assert all(ln.endswith("max diff 0.0e+00") for ln in lines), lines
 
 

@@ -11,7 +11,7 @@ largest difference between the two versions' outputs is printed beside it.
 
 Command (from a git checkout; the first build of a baseline takes about a minute)::
 
-    python -m bnlab.kernels.ab --base HEAD~1 [--modes train,eval,bwd,fwd_bwd]
+    python -m bnlab.kernels.ab --base HEAD~1 [--modes train,update,eval,bwd,fwd_bwd]
         [--shapes 32x512x7x7,256x1024] [--formats nchw,channels_last] [--rounds 7]
 """
 
@@ -38,6 +38,7 @@ from bnlab.kernels.bench import _fmt
 __all__ = ["NAMESPACE", "main", "rename_namespace"]
 
 NAMESPACE = "bnlab_ab"
+MODES = ("train", "update", "eval", "bwd", "fwd_bwd")
 _CSRC = "src/bnlab/kernels/csrc"
 # The op namespace where the sources name it: schema lookups and the library macros.
 _NS = re.compile(r'("bnlab::|TORCH_LIBRARY(?:_FRAGMENT|_IMPL)?\(bnlab,)')
@@ -101,6 +102,12 @@ def _call(ns: str, mode: str, x: torch.Tensor) -> Callable[[], Any]:
         return lambda: ops.bn_train_fwd(x, w, b, 1e-5, None, False, False)
     if mode == "eval":
         return lambda: ops.bn_eval_fwd(x, rm, rv, w, b, 1e-5, None, False, False)
+    if mode == "update":  # the layers' eager forward: train plus the running-statistics update
+        def update() -> tuple[torch.Tensor, ...]:
+            y = ops.bn_train_fwd_update.default(x, w, b, 1e-5, rm, rv, x.numel() // c, 0.1,
+                                                None)[0]
+            return y, rm, rv
+        return update
     g = torch.randn(x.shape, generator=gen).contiguous(memory_format=_fmt(x))
     if mode == "fwd_bwd":  # the layers' path: forward + running update, then autograd's backward
         xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
@@ -148,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnlab.kernels.ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="git revision or directory of csrc")
-    parser.add_argument("--modes", default="train,eval,bwd")
+    parser.add_argument("--modes", default="train,eval,bwd",
+                        help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--shapes", default="all", help="'all' (bench's set) or e.g. 32x64x7x7")
     parser.add_argument("--formats", default="nchw,channels_last")
     parser.add_argument("--rounds", type=int, default=7)
@@ -156,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
-    if bad := sorted(set(modes) - {"train", "eval", "bwd", "fwd_bwd"}):
-        parser.error(f"--modes: expected train, eval, bwd or fwd_bwd, got {', '.join(bad)}")
+    if bad := sorted(set(modes) - set(MODES)):
+        parser.error(f"--modes: expected {', '.join(MODES)}, got {', '.join(bad)}")
     shapes = (list(SHAPES.values()) if args.shapes == "all" else
               [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")])
     if not kernels.available():
