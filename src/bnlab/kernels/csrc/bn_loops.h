@@ -102,7 +102,10 @@ inline void planes_dx(const Op op, int64_t S, int64_t p0, int64_t count, int64_t
 // while dx was written per channel block; in the one-sweep dx of cache-resident tensors
 // (backward in bn_ops.cpp) it took 0.90-0.99x the time on 7x7 planes, 0.99-1.00x on 14x14
 // (two in-process A/B runs). (Also tried, and slower: the statistics on the grid, summed down
-// the samples with one accumulator per vector position, 6-25% slower on 7x7 and 14x14 planes.)
+// the samples with one accumulator per vector position, 6-25% slower on 7x7 and 14x14 planes;
+// and no faster, plane by plane on the grid with each plane's own accumulators, a straddling
+// vector masked into both planes' sums: 0.97-1.00x the time in two A/B runs of the training
+// forward on 7x7 and 14x14 planes, so misaligned loads do not bound the statistics.)
 
 // Planes per group: the least G with G·S a multiple of W, or 0 where the plane walk is used.
 inline int64_t grid_group(int64_t S) {
