@@ -157,15 +157,19 @@ def test_running_statistics_match_reference(data, momentum, tensor_momentum) -> 
     torch.testing.assert_close(bufs[0][1], bufs[1][1], rtol=1e-6, atol=ulp_x**2)
 
 
-def test_nonfinite_batch_leaves_running_statistics(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("c", "bad", "value"), [(3, 1, float("nan")), (40, 17, float("inf")),
+                                                (40, 37, float("nan"))])
+def test_nonfinite_batch_leaves_running_statistics(monkeypatch, c, bad, value) -> None:  # type: ignore[no-untyped-def]
+    """A non-finite value in any channel, one the finite check reads in a whole vector (17 of
+    40) or in its scalar tail (37 of 40, 1 of 3), leaves every running statistic alone."""
     monkeypatch.setattr(F, "_warned_nonfinite", False)  # the warning is once per process
-    layer = bnlab.BatchNorm2d(3)
-    x = torch.randn(4, 3, 5, 5)
-    x[0, 1, 0, 0] = float("nan")
+    layer = bnlab.BatchNorm2d(c)
+    x = torch.randn(4, c, 5, 5)
+    x[0, bad, 0, 0] = value
     with pytest.warns(RuntimeWarning, match="non-finite"):
         layer(x)
-    assert torch.equal(layer.running_mean, torch.zeros(3))
-    assert torch.equal(layer.running_var, torch.ones(3))
+    assert torch.equal(layer.running_mean, torch.zeros(c))
+    assert torch.equal(layer.running_var, torch.ones(c))
 
 
 @pytest.mark.parametrize("shape", [(32, 64, 9, 9), (3, 5, 7, 7), (64, 17), (2, 3, 1, 2)])

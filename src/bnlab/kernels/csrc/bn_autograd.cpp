@@ -237,10 +237,27 @@ std::tuple<Tensor, Tensor> eval_fwd_autograd(const Tensor& x, const Tensor& rm, 
   return {r[0], r[1]};
 }
 
-// torch.lerp's formula (ATen's vectorized lerp: two FMAs chosen by |w| < 0.5).
-inline float lerp(float a, float b, float w) {
-  const float d = b - a;
-  return std::abs(w) < 0.5f ? std::fma(w, d, a) : std::fma(w - 1.0f, d, b);
+// r ← lerp(r, k·s, w) over n values with torch.lerp's formula (ATen's vectorized lerp: two
+// FMAs chosen by |w| < 0.5), in loops the compiler vectorizes: restrict parameters, the choice
+// outside the loop. (Per element, the choice inside, it ran scalar, and with all_finite's
+// short-circuit && form the layers' training forward took 1.36-1.51x the time on (2, 16384)
+// in two A/B runs, 1.15-1.23x on (2, 1024).)
+void lerp_into(float* __restrict__ r, const float* __restrict__ s, float k, float w, int64_t n) {
+  if (std::abs(w) < 0.5f) {
+    for (int64_t c = 0; c < n; ++c) r[c] = std::fma(w, s[c] * k - r[c], r[c]);
+  } else {
+    for (int64_t c = 0; c < n; ++c) {
+      const float b = s[c] * k;
+      r[c] = std::fma(w - 1.0f, b - r[c], b);
+    }
+  }
+}
+
+// Whether all n values of a and b are finite (one vectorizable pass, no early exit).
+bool all_finite(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  int bad = 0;
+  for (int64_t c = 0; c < n; ++c) bad |= !std::isfinite(a[c]) | !std::isfinite(b[c]);
+  return bad == 0;
 }
 
 // r ← lerp(r, s, momentum) for μ_B and the unbiased m/(m−1)·σ²_B, skipped (both) when a
@@ -251,23 +268,21 @@ Tensor update_running(const OptT& rm, const OptT& rv, const Tensor& mean_in, con
   const int64_t C = mean.numel();
   const float* mp = mean.data_ptr<float>();
   const float* vp = var.data_ptr<float>();
-  bool finite = true;
-  for (int64_t c = 0; c < C; ++c) finite = finite && std::isfinite(mp[c]) && std::isfinite(vp[c]);
+  const bool finite = all_finite(mp, vp, C);
   const float w = (momentum_t.has_value() && momentum_t->defined())
                       ? static_cast<float>(momentum_t->item<double>())
                       : static_cast<float>(momentum);
   const float ratio = count > 1 ? static_cast<float>(static_cast<double>(count) / (count - 1))
                                 : 1.0f;
-  auto upd = [&](const OptT& buf, bool unbiased) {
+  auto upd = [&](const OptT& buf, const float* s, bool unbiased) {
     if (!finite || !buf.has_value() || !buf->defined()) return;
     TORCH_CHECK(buf->scalar_type() == at::kFloat && buf->is_contiguous() && buf->numel() == C,
                 "bnlab: bn_update_running needs contiguous float32 buffers of ", C,
                 " elements");
-    float* r = buf->data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) r[c] = lerp(r[c], unbiased ? vp[c] * ratio : mp[c], w);
+    lerp_into(buf->data_ptr<float>(), s, unbiased ? ratio : 1.0f, w, C);  // (mean·1 is mean)
   };
-  upd(rm, false);
-  upd(rv, true);
+  upd(rm, mp, false);
+  upd(rv, vp, true);
   return at::scalar_tensor(finite, mean.options().dtype(at::kBool));
 }
 

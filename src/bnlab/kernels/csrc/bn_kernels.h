@@ -282,6 +282,21 @@ inline void scales_n(int64_t n, const double* __restrict__ var, const float* __r
   }
 }
 
+// Inference's per-channel parameters (Alg. 2, step 11) from the buffers: μ = E[x],
+// scale = γ/√(Var[x] + ε), shift = β, in one vectorizable loop. (Written inline with the
+// buffers' pointers not known apart, it ran scalar, a sqrt and a divide per channel: inference
+// on (2, 16384) took 2.15x the time, on (2, 1024) 1.27x; python -m bnlab.kernels.ab.)
+inline void eval_params_n(int64_t n, const float* __restrict__ rm, const float* __restrict__ rv,
+                          const float* __restrict__ w, const float* __restrict__ b, float eps,
+                          float* __restrict__ mean, float* __restrict__ scale,
+                          float* __restrict__ shift) {
+  for (int64_t c = 0; c < n; ++c) {
+    mean[c] = rm[c];
+    scale[c] = inv_std(rv[c], eps) * w[c];
+    shift[c] = b[c];
+  }
+}
+
 // The shift K of a channel: the mean of its first n values (any K is correct; one near μ keeps
 // the shifted sums from cancelling). A full vector is summed as a tree (4 dependent adds, not
 // 16: with thousands of channels the serial chain was a few percent of a small-plane call).

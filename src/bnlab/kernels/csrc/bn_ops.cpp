@@ -331,13 +331,9 @@ std::tuple<at::Tensor, at::Tensor> bn_eval_fwd(
   at::Tensor rv = per_channel(running_var, C, 1.f, "running_var");
   at::Tensor w = per_channel(weight, C, 1.f, "weight"), b = per_channel(bias, C, 0.f, "bias");
   std::vector<float> mu = padded(C), scale = padded(C), shift = padded(C);
-  const float *rmp = rm.data_ptr<float>(), *rvp = rv.data_ptr<float>();
-  const float *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
-  for (int64_t c = 0; c < C; ++c) {
-    mu[c] = rmp[c];
-    scale[c] = inv_std(rvp[c], static_cast<float>(eps)) * wp[c];
-    shift[c] = bp[c];
-  }
+  eval_params_n(C, rm.data_ptr<float>(), rv.data_ptr<float>(), w.data_ptr<float>(),
+                b.data_ptr<float>(), static_cast<float>(eps), mu.data(), scale.data(),
+                shift.data());
   dispatch(x, [&](auto tag) {
     using scalar_t = decltype(tag);
     with_epilogue<scalar_t>(z, relu, mask, [&](const auto& e) {
