@@ -239,9 +239,9 @@ std::tuple<Tensor, Tensor> eval_fwd_autograd(const Tensor& x, const Tensor& rm, 
 
 // r ← lerp(r, k·s, w) over n values with torch.lerp's formula (ATen's vectorized lerp: two
 // FMAs chosen by |w| < 0.5), in loops the compiler vectorizes: restrict parameters, the choice
-// outside the loop. (Per element, the choice inside, it ran scalar, and with all_finite's
-// short-circuit && form the layers' training forward took 1.36-1.51x the time on (2, 16384)
-// in two A/B runs, 1.15-1.23x on (2, 1024).)
+// outside the loop. (Written with the choice inside the loop, and all_finite as a short-circuit
+// &&, both ran scalar: the layers' training forward took 1.36-1.51x the time on (2, 16384) in
+// two A/B runs, 1.15-1.23x on (2, 1024).)
 void lerp_into(float* __restrict__ r, const float* __restrict__ s, float k, float w, int64_t n) {
   if (std::abs(w) < 0.5f) {
     for (int64_t c = 0; c < n; ++c) r[c] = std::fma(w, s[c] * k - r[c], r[c]);
