@@ -274,15 +274,15 @@ Tensor update_running(const OptT& rm, const OptT& rv, const Tensor& mean_in, con
                       : static_cast<float>(momentum);
   const float ratio = count > 1 ? static_cast<float>(static_cast<double>(count) / (count - 1))
                                 : 1.0f;
-  auto upd = [&](const OptT& buf, const float* s, bool unbiased) {
+  auto upd = [&](const OptT& buf, const float* s, float k) {
     if (!finite || !buf.has_value() || !buf->defined()) return;
     TORCH_CHECK(buf->scalar_type() == at::kFloat && buf->is_contiguous() && buf->numel() == C,
                 "bnlab: bn_update_running needs contiguous float32 buffers of ", C,
                 " elements");
-    lerp_into(buf->data_ptr<float>(), s, unbiased ? ratio : 1.0f, w, C);  // (mean·1 is mean)
+    lerp_into(buf->data_ptr<float>(), s, k, w, C);
   };
-  upd(rm, mp, false);
-  upd(rv, vp, true);
+  upd(rm, mp, 1.0f);  // (mean·1 is mean)
+  upd(rv, vp, ratio);
   return at::scalar_tensor(finite, mean.options().dtype(at::kBool));
 }
 

@@ -331,7 +331,7 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
 // and (32, 2048, 7, 7) measured 0.97-1.02x, so they keep the channel blocks.
 inline bool samples_split(const Shape& s) {
   constexpr int64_t L1D = 32 << 10;  // per core, this machine (Zen 4)
-  return !s.rows && s.S <= SMALL_PLANE && s.N >= at::get_num_threads() &&
+  return s.resident && !s.rows && s.S <= SMALL_PLANE && s.N >= at::get_num_threads() &&
          s.C * 2 * static_cast<int64_t>(sizeof(vf)) <= L1D;
 }
 template <class MakeOp>

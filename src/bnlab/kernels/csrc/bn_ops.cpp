@@ -41,7 +41,7 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
   std::vector<double> var(C, 0.0);
   // Cache-resident small planes with few enough channels: every channel's sums at once, each
   // thread over its own samples (samples_reduce), then one normalize sweep.
-  const bool by_samples = s.resident && samples_split(s);
+  const bool by_samples = samples_split(s);
   // The planar statistics' reduction op at offset p; block_reduce sets each channel's shift.
   const auto sums = [&](int64_t p, int64_t) { return SumsOp<T>{x + p, vf{}}; };
   if (!by_samples && !s.rows && channel_parallel(s)) {
@@ -168,7 +168,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
     return Sums{op.x + p, op.g + p + n * g_gap, op.mask ? op.mask + p : nullptr, vf{}};
   };
   const bool sweep = op.dx || op.dz;
-  if (s.resident && samples_split(s)) {
+  if (samples_split(s)) {
     // As in train_fwd: every channel's sums at once, each thread over its own samples, then
     // dx in one sweep (sample by sample where the gradient is a channel slice).
     std::vector<double> sg(C, 0.0), sgd(C, 0.0);
