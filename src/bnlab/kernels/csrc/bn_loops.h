@@ -183,7 +183,9 @@ inline bool channel_parallel(const Shape& s) {
 // channels keeps 42 KB of accumulators (block_reduce), more than L1 holds; capping blocks at
 // 128 channels (16 KB) cost the training forward 6% on (32, 2048, 7, 7), (128, 512, 7, 7) and
 // (64, 1024, 7, 7) in an A/B run (and saved 4% on (32, 512, 7, 7)), and RUN = 128 KB measured
-// 0.97-1.04x: both dropped.
+// 0.97-1.04x: both dropped. So was SLAB = 512 KB (L2-sized, runs ≥ 16 KB): the backward took
+// 1.10-1.18x the time on (32, 128, 28, 28) and 7x7 planes, and with it cache-resident forwards
+// normalized per block instead of in one sweep took 1.03-1.43x (docs/benchmarks.md).
 inline int64_t channel_block(const Shape& s, int64_t per_elem, int64_t c_per_thread) {
   constexpr int64_t RUN = 64 * 1024, SLAB = 4 * 1024 * 1024;
   const int64_t plane = std::max<int64_t>(1, s.S * per_elem);
@@ -203,7 +205,8 @@ constexpr int64_t SMALL_PLANE = 1024;
 // two accumulator pairs: with one, a 28x28 plane is a chain of 49 dependent FMAs, and the
 // statistics alone (a harness timing just this walk, 2 threads) took 0.52x a copy of the
 // tensor against 0.39x with two (x.sum(): 0.39x); the forward on (32, 128, 28, 28) took
-// 3-14% less time in four interleaved A/B runs (other shapes: within the ±6% noise).
+// 3-14% less time in four interleaved A/B runs (other shapes: within the ±6% noise). One pair
+// for 7x7 planes, which saves the two adds of the merge, measured 0.96-1.03x: dropped.
 //   With `pf`, each plane first prefetches the lines PF_AHEAD values ahead. Interleaved A/B
 // runs of the training forward at 2 threads (python -m bnlab.kernels.ab, 9-11 rounds), time
 // against no prefetch: (32, 2048, 7, 7) 0.88-0.98x in seven runs, (128, 512, 7, 7) 0.88-0.95x
