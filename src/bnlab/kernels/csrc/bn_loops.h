@@ -206,7 +206,11 @@ constexpr int64_t SMALL_PLANE = 1024;
 // statistics alone (a harness timing just this walk, 2 threads) took 0.52x a copy of the
 // tensor against 0.39x with two (x.sum(): 0.39x); the forward on (32, 128, 28, 28) took
 // 3-14% less time in four interleaved A/B runs (other shapes: within the ±6% noise). One pair
-// for 7x7 planes, which saves the two adds of the merge, measured 0.96-1.03x: dropped.
+// for 7x7 planes, which saves the two adds of the merge, measured 0.96-1.03x: dropped. So was
+// walking 8 channels at a time down the samples, their accumulators in registers and sample
+// n + 8 prefetched (no accumulator loads and stores per plane): 25% faster than this walk in a
+// scratch harness on (32, 2048, 7, 7), but 0.93-0.97x (runtime S) and 0.94-1.08x (S = 49 at
+// compile time) in the forward, 0.88-1.02x in the backward (A/B, 9-11 rounds).
 //   With `pf`, each plane first prefetches the lines PF_AHEAD values ahead. Interleaved A/B
 // runs of the training forward at 2 threads (python -m bnlab.kernels.ab, 9-11 rounds), time
 // against no prefetch: (32, 2048, 7, 7) 0.88-0.98x in seven runs, (128, 512, 7, 7) 0.88-0.95x
