@@ -214,20 +214,12 @@ struct DxOp {
 
 // ---- statistics from double sums -------------------------------------------------------
 inline float inv_std(float var, float eps) { return 1.0f / std::sqrt(var + eps); }
-// From shifted sums about K: μ and σ²; `exact` says whether a second pass about μ is needed.
-inline void from_shifted(double K, double s1, double s2, double m, float& mean, double& var,
-                         bool& exact) {
-  const double d = s1 / m;
-  const double v = s2 / m - d * d;
-  mean = static_cast<float>(K + d);
-  // More than 2 bits lost to cancellation (or a negative/NaN v) -> exact pass about μ.
-  exact = (s2 > 0.0) && !(v > 0.25 * (s2 / m));
-  var = v > 0.0 ? v : 0.0;
-}
-// from_shifted for channels [0, n); returns whether any channel needs the exact pass. One loop
-// of multiplications by 1/m that GCC vectorizes, as bwd_coeffs_n and scales_n below: called per
-// channel, with two double divisions each, these epilogues (on one thread, after the parallel
-// sums, in the rows layout) cost a visible share of small calls. Against the per-channel code,
+// From shifted sums s1 = Σ(x − K), s2 = Σ(x − K)² of channels [0, n): μ and σ², and in
+// exact[c] whether channel c needs a second pass about μ (more than 2 bits lost to cancellation,
+// or a negative/NaN σ²); returns whether any does. One loop of multiplications by 1/m that GCC
+// vectorizes, as bwd_coeffs_n and scales_n below: called per channel, with two double
+// divisions each, these epilogues (on one thread, after the parallel sums, in the rows layout)
+// cost a visible share of small calls. Against the per-channel code,
 // in one process (python -m bnlab.kernels.ab, 2 threads, two runs): the training forward took
 // 0.92-0.95x the time on (256, 1024) and (60, 100), the backward 0.90-0.95x on those,
 // (1024, 2048) and channels_last (32, 512, 7, 7); the other cases within noise.

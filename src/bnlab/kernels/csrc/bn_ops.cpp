@@ -86,30 +86,20 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
                    samples_reduce(s, sums, k, s1, s2, use);
                  });
   } else if (!s.rows) {
-    for (int64_t c = 0; c < C; ++c) {
-      const float K = sample_mean(x + c * s.S, std::min<int64_t>(s.S, 16), 1);
-      double s1 = 0.0, s2 = 0.0;
-      bool exact = false;
-      par_sums(
-          s.N, grain_for(s.S),
-          [&](int64_t n0, int64_t n1, double& a, double& b_) {
-            planar_reduce(s, c, n0, n1, [&](int64_t p) { return SumsOp<T>{x + p, splat(K)}; }, a,
-                          b_);
-          },
-          s1, s2);
-      from_shifted(K, s1, s2, m, mean[c], var[c], exact);
-      if (exact) {
-        const float mu = mean[c];
-        par_sums(
-            s.N, grain_for(s.S),
-            [&](int64_t n0, int64_t n1, double& a, double& b_) {
-              planar_reduce(s, c, n0, n1, [&](int64_t p) { return SumsOp<T>{x + p, splat(mu)}; },
-                            a, b_);
-            },
-            s1, s2);
-        from_centered(s1, s2, m, mean[c], var[c]);
-      }
-    }
+    // Each channel split over the threads by samples. (planar_stats of one channel asks for
+    // the second pass only when that channel needs it, so `use` is always set here.)
+    for (int64_t c = 0; c < C; ++c)
+      planar_stats(x + c * s.S, s.S, 1, m, mean.data() + c, var.data() + c,
+                   [&](const float* k, const char*, double* s1, double* s2) {
+                     const vf K = splat(*k);
+                     par_sums(
+                         s.N, grain_for(s.S),
+                         [&](int64_t n0, int64_t n1, double& a, double& b_) {
+                           planar_reduce(s, c, n0, n1,
+                                         [&](int64_t p) { return SumsOp<T>{x + p, K}; }, a, b_);
+                         },
+                         *s1, *s2);  // (par_sums sets them; planar_stats has zeroed them)
+                   });
   } else {
     const int64_t M = s.m();
     std::vector<float> k = padded(C);
