@@ -187,11 +187,36 @@ struct BwdSumsOp {
   void shift(float mu_) { mu = splat(mu_); }
 };
 
+// The elementwise sweeps as ops on one vector at offset i, given four per-channel parameter
+// vectors: at(i, ...) for a whole vector, at_n(i, n, ...) for its first n lanes. planes_map,
+// planes_map_grid and rows_map_params (bn_loops.h, bn_rows.h) walk them over either layout.
+// kRunsFromC: the least channel count from which the rows layout's sweep walks four runs
+// (rows_runs_pay).
+
+// y = (x − μ)·scale + shift, then the epilogue: Alg. 1's normalize + scale and shift, and
+// Alg. 2's inference transform with population statistics. The fourth parameter is unused.
+template <typename T, class E>
+struct NormOp {
+  using scalar = T;
+  static constexpr int64_t kRunsFromC = 1;
+  const T* x;
+  T* y;
+  E e;
+  bool nt;  // streaming stores for y
+  void at(int64_t i, vf mu, vf sc, vf sh, vf) const {
+    store_out(y + i, e.apply(fmadd(load(x + i) - mu, sc, sh), i), nt);
+  }
+  void at_n(int64_t i, int n, vf mu, vf sc, vf sh, vf) const {
+    store_n(y + i, e.template apply<0>(fmadd(load_n(x + i, n) - mu, sc, sh), i, n), n);
+  }
+};
+
 // dx = g'·A + (x − μ)·B + Cc, and dz = g' when asked (BN+add+ReLU).
 template <typename T, bool MASK, bool DZ, bool DX>
 struct DxOp {
   using scalar = T;
   static constexpr bool kMask = MASK;
+  static constexpr int64_t kRunsFromC = 2048;
   const T* x;
   const T* g;
   const uint8_t* mask;

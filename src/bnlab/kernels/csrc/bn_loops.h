@@ -56,30 +56,9 @@ inline void planar_reduce(const Shape& s, int64_t c, int64_t n0, int64_t n1, con
 // channel index is counted, not divided: with 7x7 planes the per-plane set-up is as long as the
 // plane's own loop, and a Shape read through a reference (reloaded after every store, which
 // might alias) or an i / C per plane made these passes 1.5-2x slower.
-template <typename T, class E>
-inline void planes_normalize(const T* x, T* y, int64_t S, int64_t p0, int64_t count, int64_t j0,
-                             int64_t nc, const float* mean, const float* scale,
-                             const float* shift, const E e, bool nt) {
-  int64_t j = j0;
-  for (int64_t k = 0; k < count; ++k) {
-    const vf mu = splat(mean[j]), sc = splat(scale[j]), sh = splat(shift[j]);
-    const int64_t p = (p0 + k) * S;
-    map_seg_pointwise(
-        S,
-        [&](int64_t i) {
-          store_out(y + p + i, e.apply(fmadd(load(x + p + i) - mu, sc, sh), p + i), nt);
-        },
-        [&](int64_t i, int n_) {
-          const vf yv = fmadd(load_n(x + p + i, n_) - mu, sc, sh);
-          store_n(y + p + i, e.template apply<0>(yv, p + i, n_), n_);
-        });
-    if (++j == nc) j = 0;
-  }
-}
-
 template <class Op>
-inline void planes_dx(const Op op, int64_t S, int64_t p0, int64_t count, int64_t j0, int64_t nc,
-                      const float* mean, const float* A, const float* B, const float* Cc) {
+inline void planes_map(const Op op, int64_t S, int64_t p0, int64_t count, int64_t j0, int64_t nc,
+                       const float* mean, const float* A, const float* B, const float* Cc) {
   int64_t j = j0;
   for (int64_t k = 0; k < count; ++k) {
     const vf mu = splat(mean[j]), va = splat(A[j]), vb_ = splat(B[j]), vc = splat(Cc[j]);
@@ -119,37 +98,12 @@ inline int64_t grid_group(int64_t S) {
   return W / a;
 }
 
-// planes_normalize on the grid: p0·S and count·S must be multiples of W.
-template <typename T, class E>
-inline void planes_normalize_grid(const T* x, T* y, int64_t S, int64_t p0, int64_t count,
-                                  int64_t j0, int64_t nc, const float* mean, const float* scale,
-                                  const float* shift, const E e, bool nt) {
-  int64_t j = j0, o = p0 * S;
-  vf mu = splat(mean[j]), sc = splat(scale[j]), sh = splat(shift[j]);
-  for (int64_t k = 0; k < count; ++k) {
-    const int64_t end = (p0 + k + 1) * S;
-    for (; o + W <= end; o += W)
-      store_out(y + o, e.apply(fmadd(load(x + o) - mu, sc, sh), o), nt);
-    if (++j == nc) j = 0;
-    const vf mu2 = splat(mean[j]), sc2 = splat(scale[j]), sh2 = splat(shift[j]);
-    if (o < end) {  // lanes [0, end − o) are this plane's, the rest the next one's
-      const vf xv = load(x + o);
-      const vf a = fmadd(xv - mu, sc, sh), b = fmadd(xv - mu2, sc2, sh2);
-      store_out(y + o, e.apply(lanes_lt(static_cast<int>(end - o)) ? a : b, o), nt);
-      o += W;
-    }
-    mu = mu2;
-    sc = sc2;
-    sh = sh2;
-  }
-}
-
-// planes_dx on the grid (same conditions as planes_normalize_grid); a straddling vector takes
-// each lane's parameters from its own plane.
+// planes_map on the grid: p0·S and count·S must be multiples of W. A vector that straddles two
+// planes takes each lane's parameters from its own plane.
 template <class Op>
-inline void planes_dx_grid(const Op op, int64_t S, int64_t p0, int64_t count, int64_t j0,
-                           int64_t nc, const float* mean, const float* A, const float* B,
-                           const float* Cc) {
+inline void planes_map_grid(const Op op, int64_t S, int64_t p0, int64_t count, int64_t j0,
+                            int64_t nc, const float* mean, const float* A, const float* B,
+                            const float* Cc) {
   int64_t j = j0, o = p0 * S;
   vf mu = splat(mean[j]), va = splat(A[j]), vb_ = splat(B[j]), vc = splat(Cc[j]);
   for (int64_t k = 0; k < count; ++k) {
@@ -382,44 +336,29 @@ void planar_sweep(const Shape& s, const Grid& grid, const Planes& planes) {
   });
 }
 
-template <typename T, class E>
-void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const float* scale,
-                   const float* shift, const E& e) {
+template <class Op>
+void map_all(const Op& op, const Shape& s, const float* mean, const float* A, const float* B,
+             const float* Cc) {
   if (!s.rows) {
     planar_sweep(
         s,
         [&](int64_t p0, int64_t n) {
-          planes_normalize_grid(x, y, s.S, p0, n, p0 % s.C, s.C, mean, scale, shift, e, s.nt);
+          planes_map_grid(op, s.S, p0, n, p0 % s.C, s.C, mean, A, B, Cc);
         },
-        [&](int64_t p0, int64_t n) {
-          planes_normalize(x, y, s.S, p0, n, p0 % s.C, s.C, mean, scale, shift, e, s.nt);
-        });
+        [&](int64_t p0, int64_t n) { planes_map(op, s.S, p0, n, p0 % s.C, s.C, mean, A, B, Cc); });
     return;
   }
-  const bool runs = rows_runs_pay(s, sizeof(T), 1);
+  const bool runs = rows_runs_pay(s, sizeof(typename Op::scalar), Op::kRunsFromC);
   at::parallel_for(0, s.m(), grain_for(s.C), [&](int64_t r0, int64_t r1) {
-    rows_normalize(x, y, s.C, r0, r1, mean, scale, shift, e, s.nt, runs);
+    rows_map_params(op, s.C, r0, r1, mean, A, B, Cc, runs);
     stream_fence();
   });
 }
 
-template <class Op>
-void dx_all(const Op& op, const Shape& s, const float* mean, const float* A, const float* B,
-            const float* Cc) {
-  if (!s.rows) {
-    planar_sweep(
-        s,
-        [&](int64_t p0, int64_t n) {
-          planes_dx_grid(op, s.S, p0, n, p0 % s.C, s.C, mean, A, B, Cc);
-        },
-        [&](int64_t p0, int64_t n) { planes_dx(op, s.S, p0, n, p0 % s.C, s.C, mean, A, B, Cc); });
-    return;
-  }
-  const bool runs = rows_runs_pay(s, sizeof(typename Op::scalar), 2048);
-  at::parallel_for(0, s.m(), grain_for(s.C), [&](int64_t r0, int64_t r1) {
-    rows_dx(op, s.C, r0, r1, mean, A, B, Cc, runs);
-    stream_fence();
-  });
+template <typename T, class E>
+void normalize_all(const T* x, T* y, const Shape& s, const float* mean, const float* scale,
+                   const float* shift, const E& e) {
+  map_all(NormOp<T, E>{x, y, e, s.nt}, s, mean, scale, shift, shift);
 }
 
 }  // namespace bnk

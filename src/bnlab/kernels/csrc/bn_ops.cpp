@@ -68,10 +68,11 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
         scales_n(nb, vr, w + b0, eps, scale.data() + b0, var_out + b0);
         std::copy(b + b0, b + b0 + nb, shift.data() + b0);
         std::copy(mu, mu + nb, mean_out + b0);
+        const float* sc = scale.data() + b0;
         if (fuse)
           for (int64_t n = 0; n < s.N; ++n)
-            planes_normalize(x, y, s.S, n * C + b0, nb, 0, nb, mu, scale.data() + b0, b + b0, e,
-                             s.nt);
+            planes_map(NormOp<T, E>{x, y, e, s.nt}, s.S, n * C + b0, nb, 0, nb, mu, sc, b + b0,
+                       b + b0);
       }
       if (fuse) stream_fence();
     });
@@ -151,7 +152,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
                        const float* B, const float* Cc) {
     Op on = op;
     on.g += n * g_gap;
-    planes_dx(on, s.S, n * C + c0, nb, 0, nb, mu, A, B, Cc);
+    planes_map(on, s.S, n * C + c0, nb, 0, nb, mu, A, B, Cc);
   };
   // The planar sums' reduction op at offset p of sample n; block_reduce sets the shift (μ).
   const auto sums = [&](int64_t p, int64_t n) {
@@ -167,7 +168,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
     coeffs(0, C, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
     if (!sweep) return;
     if (g_gap == 0) {
-      dx_all(op, s, mean, A.data(), B.data(), Cc.data());
+      map_all(op, s, mean, A.data(), B.data(), Cc.data());
       return;
     }
     at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
@@ -179,7 +180,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
   if (!s.rows && channel_parallel(s)) {
     // As in train_fwd: dx per block of channels while the block is in cache, unless x, g and
     // dx fit in the LLC together (s.resident), where one sweep over each thread's contiguous
-    // planes after all sums (dx_all) writes dx faster than the blocks' n-major runs.
+    // planes after all sums (map_all) writes dx faster than the blocks' n-major runs.
     const bool fuse = !(s.resident && g_gap == 0);
     std::vector<float> A_all, B_all, C_all;  // every channel's coefficients (no fusion)
     if (!fuse) A_all = padded(C), B_all = padded(C), C_all = padded(C);
@@ -193,7 +194,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
         std::fill(sg.begin(), sg.end(), 0.0);
         std::fill(sgd.begin(), sgd.end(), 0.0);
         block_reduce(s, b0, nb, sums, mean + b0, sg.data(), sgd.data());
-        if (!fuse) {  // dx comes in dx_all, after every block
+        if (!fuse) {  // dx comes in map_all, after every block
           coeffs(b0, nb, sg.data(), sgd.data(), &A_all[b0], &B_all[b0], &C_all[b0]);
           continue;
         }
@@ -204,7 +205,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
       }
       stream_fence();
     });
-    if (!fuse && sweep) dx_all(op, s, mean, A_all.data(), B_all.data(), C_all.data());
+    if (!fuse && sweep) map_all(op, s, mean, A_all.data(), B_all.data(), C_all.data());
     return;
   }
   TORCH_INTERNAL_ASSERT(g_gap == 0, "bnlab kernels: a strided gradient on the split path");
@@ -234,7 +235,7 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
         s.m(), C, [&](int64_t cv) { return Sums{op.x, op.g, op.mask, load(mp + cv)}; }, sg, sgd);
     coeffs(0, C, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
   }
-  if (sweep) dx_all(op, s, mu.data(), A.data(), B.data(), Cc.data());
+  if (sweep) map_all(op, s, mu.data(), A.data(), B.data(), Cc.data());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(

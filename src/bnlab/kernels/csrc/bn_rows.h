@@ -203,7 +203,7 @@ inline void rows_reduce(int64_t M, int64_t C, const MakeOp& make, std::vector<do
 // rows beat every blocking of the columns tried (python -m bnlab.kernels.ab, 2 threads):
 // interleaving 8 adjacent rows measured 1.4-1.7x slower for channels_last eval; blocks of 4 or
 // 8 channel vectors over tiles of 32 rows, their parameters held in registers, up to 1.4x
-// slower for eval and 1.1-1.27x for rows_dx when C > 64; chunks of 512 channels (parameters
+// slower for eval and 1.1-1.27x for the dx sweep when C > 64; chunks of 512 channels (parameters
 // kept in L1 for C = 2048) no faster. Four runs a quarter of the rows apart (rows_map_runs) load
 // each channel vector's parameters once per four rows and keep the prefetchers' streams long.
 // Against one row at a time, in one process: eval took 0.78-0.94x the time on channels_last
@@ -222,34 +222,9 @@ inline bool rows_runs_pay(const Shape& s, int64_t elem, int64_t min_c) {
   return s.rows && s.C > 4 * W && s.C >= min_c && s.m() * s.C * elem >= SWEEP_RUNS_FROM;
 }
 
-template <typename T, class E>
-void rows_normalize(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const float* mean,
-                    const float* scale, const float* shift, const E e, bool nt, bool runs) {
-  const int rem = static_cast<int>(C % W);
-  rows_map_runs(
-      C, r0, r1, runs,
-      [=](int64_t o0, int64_t d, int64_t cv, auto k) {
-        const vf mu = load(mean + cv), sc = load(scale + cv), sh = load(shift + cv);
-#pragma GCC unroll 4
-        for (int64_t j = 0; j < decltype(k)::value; ++j) {
-          const int64_t o = o0 + j * d;
-          store_out(y + o, e.apply(fmadd(load(x + o) - mu, sc, sh), o), nt);
-        }
-      },
-      [=](int64_t o0, int64_t d, int64_t cv, auto k) {
-        const vf mu = load(mean + cv), sc = load(scale + cv), sh = load(shift + cv);
-        for (int64_t j = 0; j < decltype(k)::value; ++j) {
-          const int64_t o = o0 + j * d;
-          const vf yv = fmadd(load_n(x + o, rem) - mu, sc, sh);
-          store_n(y + o, e.template apply<0>(yv, o, rem), rem);
-        }
-      },
-      no_op);
-}
-
 template <class Op>
-void rows_dx(const Op op, int64_t C, int64_t r0, int64_t r1, const float* mean, const float* A,
-             const float* B, const float* Cc, bool runs) {
+void rows_map_params(const Op op, int64_t C, int64_t r0, int64_t r1, const float* mean,
+                     const float* A, const float* B, const float* Cc, bool runs) {
   const int rem = static_cast<int>(C % W);
   rows_map_runs(
       C, r0, r1, runs,
