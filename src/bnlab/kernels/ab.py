@@ -102,7 +102,9 @@ def _call(ns: str, mode: str, x: torch.Tensor) -> Callable[[], Any]:
         return lambda: ops.bn_train_fwd(x, w, b, 1e-5, None, False, False)
     if mode == "eval":
         return lambda: ops.bn_eval_fwd(x, rm, rv, w, b, 1e-5, None, False, False)
-    if mode == "update":  # the layers' eager forward: train plus the running-statistics update
+    # update, fwd_bwd: the layers' eager forward (train plus the running-statistics update), called
+    # as bnlab.kernels calls it, through the overload (.default), which skips overload resolution
+    if mode == "update":
         def update() -> tuple[torch.Tensor, ...]:
             y = ops.bn_train_fwd_update.default(x, w, b, 1e-5, rm, rv, x.numel() // c, 0.1,
                                                 None)[0]
