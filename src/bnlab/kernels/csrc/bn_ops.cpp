@@ -10,25 +10,34 @@
 namespace bnk {
 
 // ---- training forward: μ_B, σ²_B (biased), y = γ(x − μ_B)/√(σ²_B + ε) + β ----------------
-// μ and σ² of the n consecutive channels whose first plane starts at x0: shifted sums about each
-// channel's sample mean K (of its first ≤ 16 values), then, where the shift lost precision
-// (from_shifted_n), the exact Σ(x − μ)². reduce(shift, use, s1, s2) adds into s1[j], s2[j] the
-// sums about shift[j] of the channels j with use[j] (all of them when use is null).
-template <typename T, class Reduce>
-void planar_stats(const T* x0, int64_t S, int64_t n, double m, float* mean, double* var,
-                  const Reduce& reduce) {
-  std::vector<float> K(n);
-  for (int64_t j = 0; j < n; ++j) K[j] = sample_mean(x0 + j * S, std::min<int64_t>(S, 16), 1);
+// μ and σ² of n channels from sums about a shift K[j] close to each channel's mean (a sample
+// mean of its first values) and, where the shift lost precision (from_shifted_n), the exact
+// Σ(x − μ)². reduce(shift, use, s1, s2) adds into s1[j], s2[j] the sums about shift[j] of the
+// channels j with use[j] (all of them when use is null); on the rows layout shift is read as
+// whole vectors, so K and mean are padded there.
+template <class Reduce>
+void stats_about(int64_t n, double m, const float* K, float* mean, double* var,
+                 const Reduce& reduce) {
   std::vector<double> s1(n, 0.0), s2(n, 0.0);
-  reduce(K.data(), nullptr, s1.data(), s2.data());
+  reduce(K, nullptr, s1.data(), s2.data());
   std::vector<char> exact(n);
-  if (!from_shifted_n(n, K.data(), s1.data(), s2.data(), m, mean, var, exact.data())) return;
+  if (!from_shifted_n(n, K, s1.data(), s2.data(), m, mean, var, exact.data())) return;
   // rare: the sample shift was poor for some channel
   for (int64_t j = 0; j < n; ++j)
     if (exact[j]) s1[j] = s2[j] = 0.0;
   reduce(mean, exact.data(), s1.data(), s2.data());
   for (int64_t j = 0; j < n; ++j)
     if (exact[j]) from_centered(s1[j], s2[j], m, mean[j], var[j]);
+}
+
+// stats_about for the n consecutive channels whose first plane starts at x0, each shifted by
+// the mean of its first ≤ 16 values.
+template <typename T, class Reduce>
+void planar_stats(const T* x0, int64_t S, int64_t n, double m, float* mean, double* var,
+                  const Reduce& reduce) {
+  std::vector<float> K(n);
+  for (int64_t j = 0; j < n; ++j) K[j] = sample_mean(x0 + j * S, std::min<int64_t>(S, 16), 1);
+  stats_about(n, m, K.data(), mean, var, reduce);
 }
 
 template <typename T, class E>
@@ -99,25 +108,23 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
                            planar_reduce(s, c, n0, n1,
                                          [&](int64_t p) { return SumsOp<T>{x + p, K}; }, a, b_);
                          },
-                         *s1, *s2);  // (par_sums sets them; planar_stats has zeroed them)
+                         *s1, *s2);  // (par_sums sets them; stats_about has zeroed them)
                    });
   } else {
     const int64_t M = s.m();
     std::vector<float> k = padded(C);
     rows_sample_means(x, M, C, k.data());
-    std::vector<double> s1, s2;
-    auto reduce_about = [&](const std::vector<float>& kk) {
-      const float* kp = kk.data();
-      rows_reduce(M, C, [&](int64_t cv) { return SumsOp<T>{x, load(kp + cv)}; }, s1, s2);
-    };
-    reduce_about(k);
-    std::vector<char> exact(C, 0);
-    if (from_shifted_n(C, k.data(), s1.data(), s2.data(), m, mean.data(), var.data(),
-                       exact.data())) {
-      reduce_about(mean);
-      for (int64_t c = 0; c < C; ++c)
-        if (exact[c]) from_centered(s1[c], s2[c], m, mean[c], var[c]);
-    }
+    std::vector<double> a, b_;
+    stats_about(C, m, k.data(), mean.data(), var.data(),
+                [&](const float* kp, const char* use, double* s1, double* s2) {
+                  rows_reduce(M, C, [&](int64_t cv) { return SumsOp<T>{x, load(kp + cv)}; }, a,
+                              b_);
+                  for (int64_t c = 0; c < C; ++c) {
+                    if (use && !use[c]) continue;
+                    s1[c] += a[c];
+                    s2[c] += b_[c];
+                  }
+                });
   }
   scales_n(C, var.data(), w, eps, scale.data(), var_out);
   std::copy(b, b + C, shift.data());
