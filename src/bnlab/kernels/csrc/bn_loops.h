@@ -165,6 +165,9 @@ constexpr int64_t SMALL_PLANE = 1024;
 // n + 8 prefetched (no accumulator loads and stores per plane): 25% faster than this walk in a
 // scratch harness on (32, 2048, 7, 7), but 0.93-0.97x (runtime S) and 0.94-1.08x (S = 49 at
 // compile time) in the forward, 0.88-1.02x in the backward (A/B, 9-11 rounds).
+// So was folding every 16 planes' vectors into one by shuffles (lane k: plane k's sum), which
+// moves one accumulator pair per 16 channels instead of per plane: 0.82-0.92x on 7x7 planes
+// in the forward, 0.78-0.99x in the backward (the shuffles cost more than the traffic saved).
 //   With `pf`, each plane first prefetches the lines PF_AHEAD values ahead. Interleaved A/B
 // runs of the training forward at 2 threads (python -m bnlab.kernels.ab, 9-11 rounds), time
 // against no prefetch: (32, 2048, 7, 7) 0.88-0.98x in seven runs, (128, 512, 7, 7) 0.88-0.95x
