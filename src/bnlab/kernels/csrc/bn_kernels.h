@@ -47,7 +47,6 @@ struct Shape {
   bool rows;
   bool nt = false;  // write outputs with streaming stores (see stream_outputs in bn_ops.cpp)
   bool resident = false;  // the pass's tensors fit in the LLC (cache_resident, bn_tensors.h)
-  bool prefetch = false;  // the small-plane sums prefetch ahead (small_planes_sums, bn_loops.h)
   int64_t m() const { return N * S; }  // values per channel
 };
 

@@ -151,66 +151,89 @@ inline int64_t channel_block(const Shape& s, int64_t per_elem, int64_t c_per_thr
 // Planes up to this size are summed with one accumulator pair per channel (block_reduce).
 constexpr int64_t SMALL_PLANE = 1024;
 
-// The nb consecutive planes of S ≤ SMALL_PLANE values that `op` starts at, plane j (shift
-// shift[j]) summed into va[j], vb[j] (see block_reduce). The op walks by value from plane to
-// plane (`advance`, `shift`): rebuilding it per plane through the caller's closure kept more
-// values live than there are registers, and GCC spilled them (the 7x7 backward sums ran 1.4x
-// slower than the same loop written out by hand). Within a plane the vectors alternate between
-// two accumulator pairs: with one, a 28x28 plane is a chain of 49 dependent FMAs, and the
-// statistics alone (a harness timing just this walk, 2 threads) took 0.52x a copy of the
-// tensor against 0.39x with two (x.sum(): 0.39x); the forward on (32, 128, 28, 28) took
-// 3-14% less time in four interleaved A/B runs (other shapes: within the ±6% noise). One pair
-// for 7x7 planes, which saves the two adds of the merge, measured 0.96-1.03x: dropped. So was
-// walking 8 channels at a time down the samples, their accumulators in registers and sample
-// n + 8 prefetched (no accumulator loads and stores per plane): 25% faster than this walk in a
-// scratch harness on (32, 2048, 7, 7), but 0.93-0.97x (runtime S) and 0.94-1.08x (S = 49 at
-// compile time) in the forward, 0.88-1.02x in the backward (A/B, 9-11 rounds).
-// So was folding every 16 planes' vectors into one by shuffles (lane k: plane k's sum), which
-// moves one accumulator pair per 16 channels instead of per plane: 0.82-0.92x on 7x7 planes
-// in the forward, 0.78-0.99x in the backward (the shuffles cost more than the traffic saved).
-//   With `pf`, each plane first prefetches the lines PF_AHEAD values ahead. Interleaved A/B
-// runs of the training forward at 2 threads (python -m bnlab.kernels.ab, 9-11 rounds), time
-// against no prefetch: (32, 2048, 7, 7) 0.88-0.98x in seven runs, (128, 512, 7, 7) 0.88-0.95x
-// in four, (64, 2048, 7, 7) 0.89-0.90x in three. Prefetching in every walk also cost: 1.04x on
-// (32, 512, 7, 7) (3.2 MB, mostly in the two L2s), 0.99x on (32, 1024, 7, 7), and where each
-// thread reads one stream (samples_reduce) and the hardware prefetchers keep up alone, 1.11-
-// 1.12x on (32, 256, 14, 14). So only train_fwd asks for it, for planar inputs of at least
-// LLC / 4 bytes, and samples_reduce turns it off. (The backward, x and g in two streams,
-// measured 0.97-1.01x with it on (32, 2048, 7, 7).)
-constexpr int64_t PF_AHEAD = 1024;
+// One plane of S = full·W + rem values at op's position, its vectors alternating between two
+// accumulator pairs: with one, a 28x28 plane is a chain of 49 dependent FMAs, and the statistics
+// alone (a harness timing just this walk, 2 threads) took 0.52x a copy of the tensor against
+// 0.39x with two (x.sum(): 0.39x); the forward on (32, 128, 28, 28) took 3-14% less time in
+// four interleaved A/B runs (other shapes: within the ±6% noise). One pair for 7x7 planes,
+// which saves the two adds of the merge, measured 0.96-1.03x: dropped.
 template <class Op>
-__attribute__((always_inline)) inline void small_planes_sums(Op op, const float* shift,
+__attribute__((always_inline)) inline void plane_sums(const Op& op, int64_t full, int64_t rem,
+                                                      int64_t S, vi last, vf& a, vf& b, vf& a1,
+                                                      vf& b1) {
+  int64_t v = 0;
+  for (; v + 2 <= full; v += 2) {
+    op.full(v * W, a, b);
+    op.full(v * W + W, a1, b1);
+  }
+  if (v < full) op.full(v * W, a1, b1);
+  if (rem && full) op.tail(S - W, last, a, b);
+  else if (rem) op.part(0, static_cast<int>(rem), a, b);
+}
+
+// Samples whose planes block_reduce walks side by side, for planes of up to
+// SIDE_BY_SIDE_PLANE values.
+constexpr int SAMPLES_AT_ONCE = 4;
+constexpr int64_t SIDE_BY_SIDE_PLANE = 256;
+
+// The nb consecutive planes of S ≤ SMALL_PLANE values that each of the K ops starts at (the
+// same channels in K consecutive samples), plane j of every op (shift shift[j]) summed into
+// va[j], vb[j] (see block_reduce). The ops walk by value from plane to plane (`advance`,
+// `shift`): rebuilding them per plane through the caller's closure kept more values live than
+// there are registers, and GCC spilled them (the 7x7 backward sums ran 1.4x slower than the
+// same loop written out by hand).
+//   K = 4 samples at a time loads and stores each channel's accumulator pair once per four
+// planes, and gives each thread four runs through memory at once. Against one sample at a time
+// (python -m bnlab.kernels.ab, 2 threads, 9-13 rounds, four runs), time of the new over the
+// old on 7x7 and 14x14 planes: the training forward 0.85-0.99x; the backward 0.84-0.94x on 7x7
+// planes, 0.84-1.03x on (32, 256, 14, 14); the BN+ReLU backward 0.93-0.97x. On 28x28 planes,
+// whose accumulator traffic is small beside the plane, it took 1.03-1.10x in the backward on
+// (32, 256, 28, 28), (64, 128, 28, 28) and (64, 64, 28, 28), so larger planes keep one sample
+// at a time (SIDE_BY_SIDE_PLANE). K = 2 gained less in the forward (0.89-1.08x); K = 8 took
+// 0.93-1.19x K = 4's time (the backward 1.02-1.19x). The software prefetch of the one-sample
+// walk (lines 1024 values ahead, 0.88-0.98x on 7x7 tensors of 12.8 MB or more) then measured
+// 0.96-1.03x in two runs: removed.
+//   Also tried, with one sample at a time, and dropped: walking 8 channels at a time down the
+// samples, their accumulators in registers (25% faster in a scratch harness on (32, 2048, 7,
+// 7), but 0.93-1.08x in the forward and 0.88-1.02x in the backward); folding every 16 planes'
+// vectors into one by shuffles (lane k: plane k's sum), so one accumulator pair serves 16
+// channels: 0.82-0.92x on 7x7 planes in the forward, 0.78-0.99x in the backward.
+template <int K, class Op>
+__attribute__((always_inline)) inline void small_planes_sums(const Op* ops, const float* shift,
                                                              int64_t nb, int64_t S, vi last,
-                                                             vf* va, vf* vb, const char* use,
-                                                             bool pf) {
+                                                             vf* va, vf* vb, const char* use) {
   const int64_t full = S / W, rem = S % W;
-  for (int64_t j = 0; j < nb; ++j, op.advance(S)) {
-    if (use && !use[j]) continue;
-    if (pf)
-      for (int64_t l = 0; l < S; l += Op::kLine) op.prefetch(PF_AHEAD + l);
-    op.shift(shift[j]);
-    vf a = va[j], b = vb[j], a1{}, b1{};
-    int64_t v = 0;
-    for (; v + 2 <= full; v += 2) {
-      op.full(v * W, a, b);
-      op.full(v * W + W, a1, b1);
+  Op op[K];
+  for (int k = 0; k < K; ++k) op[k] = ops[k];
+  for (int64_t j = 0; j < nb; ++j) {
+    if (!use || use[j]) {
+      vf a = va[j], b = vb[j], a1{}, b1{};
+      op[0].shift(shift[j]);
+      plane_sums(op[0], full, rem, S, last, a, b, a1, b1);
+#pragma GCC unroll 4
+      for (int k = 1; k < K; ++k) {
+        op[k].shift(shift[j]);
+        vf c{}, d{}, c1{}, d1{};
+        plane_sums(op[k], full, rem, S, last, c, d, c1, d1);
+        a1 += c + c1;
+        b1 += d + d1;
+      }
+      va[j] = a + a1;
+      vb[j] = b + b1;
     }
-    if (v < full) op.full(v * W, a1, b1);
-    if (rem && full) op.tail(S - W, last, a, b);
-    else if (rem) op.part(0, static_cast<int>(rem), a, b);
-    va[j] = a + a1;
-    vb[j] = b + b1;
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) op[k].advance(S);
   }
 }
 // The same, not inlined, for reductions that read a ReLU mask: inlined into the backward
 // driver, GCC kept one of their accumulators on the stack, a store-to-load chain per vector
 // that made the BN+ReLU backward 1.5x slower than the plain one on 28x28 planes. (Outlining the
 // plain reductions too cost them ~5%.)
-template <class Op>
-__attribute__((noinline)) void small_planes_sums_outlined(Op op, const float* shift, int64_t nb,
-                                                          int64_t S, vi last, vf* va, vf* vb,
-                                                          const char* use, bool pf) {
-  small_planes_sums(op, shift, nb, S, last, va, vb, use, pf);
+template <int K, class Op>
+__attribute__((noinline)) void small_planes_sums_outlined(const Op* ops, const float* shift,
+                                                          int64_t nb, int64_t S, vi last, vf* va,
+                                                          vf* vb, const char* use) {
+  small_planes_sums<K>(ops, shift, nb, S, last, va, vb, use);
 }
 
 // Σ over all planes of the channels [c0, c0 + nb), n-major; make(p, n) gives the reduction
@@ -226,7 +249,8 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
     // One accumulator pair per channel kept across planes (two within a plane, see
     // small_planes_sums): consecutive planes belong to different channels, so there is no
     // chain from plane to plane for the out-of-order core to wait on, and moving 2 instead
-    // of 8 vectors in and out per plane halves the work. A plane's partial last vector is
+    // of 8 vectors in and out per plane halved the work (now per SAMPLES_AT_ONCE planes).
+    // A plane's partial last vector is
     // read as the full vector that ends the plane, with the lanes of the vector before it
     // masked off (a masked partial load here measured 1.45x slower on 7x7 planes).
     std::vector<vf> va(nb), vb_(nb);
@@ -241,15 +265,24 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
       }
     };
     using Op = decltype(make(int64_t{0}, int64_t{0}));
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t p0 = (n * s.C + c0) * S;
+    // Samples [n, n + K) side by side (small_planes_sums).
+    auto walk = [&](int64_t n, auto k_) {
+      constexpr int K = decltype(k_)::value;
+      Op ops[K];
+      for (int k = 0; k < K; ++k) ops[k] = make(((n + k) * s.C + c0) * S, n + k);
       if constexpr (Op::kMasked)
-        small_planes_sums_outlined(make(p0, n), shift, nb, S, last, va.data(), vb_.data(), use,
-                                   s.prefetch);
+        small_planes_sums_outlined<K>(ops, shift, nb, S, last, va.data(), vb_.data(), use);
       else
-        small_planes_sums(make(p0, n), shift, nb, S, last, va.data(), vb_.data(), use,
-                          s.prefetch);
-      if ((cnt += S) >= BLOCK) {  // ≤ BLOCK / W + SMALL_PLANE / W terms per lane in float
+        small_planes_sums<K>(ops, shift, nb, S, last, va.data(), vb_.data(), use);
+    };
+    const int64_t at_once = S <= SIDE_BY_SIDE_PLANE ? SAMPLES_AT_ONCE : 1;
+    for (int64_t n = n_begin; n < n_end;) {
+      const int64_t k = n + at_once <= n_end ? at_once : 1;
+      if (k > 1) walk(n, std::integral_constant<int, SAMPLES_AT_ONCE>{});
+      else walk(n, std::integral_constant<int, 1>{});
+      n += k;
+      // ≤ (BLOCK + SAMPLES_AT_ONCE·SMALL_PLANE) / W terms per lane in float
+      if ((cnt += k * S) >= BLOCK) {
         flush();
         cnt = 0;
       }
@@ -286,7 +319,7 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
 // block_reduce over all C channels at once, each thread on its own contiguous range of samples,
 // into per-thread double sums added in thread order (deterministic for a fixed thread count).
 // For tensors that fit in the LLC, whose normalize or dx sweep comes after all the sums anyway:
-// each thread then reads one stream through x instead of a 64 KB run per block and sample.
+// each thread then reads its own samples whole instead of a 64 KB run per block and sample.
 // Where the C accumulator pairs fit in L1 (C ≤ 256 with 16 lanes), interleaved A/B runs in one
 // process at 2 threads (python -m bnlab.kernels.ab, 9 rounds, three runs) gave the training
 // forward on (32, 256, 14, 14) 6-7% less time, on (32, 128, 28, 28) 2-26% less, on
@@ -304,11 +337,9 @@ inline void samples_reduce(const Shape& s, const MakeOp& make, const float* shif
   const int nt = at::get_num_threads();
   const int64_t C = s.C;
   std::vector<double> part(2 * static_cast<size_t>(nt) * C, 0.0);
-  Shape walk = s;
-  walk.prefetch = false;  // one stream per thread: the hardware prefetchers keep up
   at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
     double* d1 = part.data() + 2 * static_cast<size_t>(at::get_thread_num()) * C;
-    block_reduce(walk, 0, C, make, shift, d1, d1 + C, use, n0, n1);
+    block_reduce(s, 0, C, make, shift, d1, d1 + C, use, n0, n1);
   });
   for (int t = 0; t < nt; ++t) {
     const double* d1 = part.data() + 2 * static_cast<size_t>(t) * C;

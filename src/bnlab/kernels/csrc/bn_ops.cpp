@@ -258,7 +258,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
   at::Tensor y = at::empty_like(x);
   at::Tensor z = (residual.has_value() && residual->defined()) ? like(*residual, x) : at::Tensor();
   p.s.resident = cache_resident(x, z.defined() ? 3 : 2);
-  p.s.prefetch = !p.s.rows && static_cast<int64_t>(x.nbytes()) >= LLC / 4;
   at::Tensor mask = (relu && save_mask) ? at::empty_like(x, x.options().dtype(at::kByte))
                                         : empty_bytes(x);
   at::Tensor mean = at::empty({C}, x.options().dtype(at::kFloat));
