@@ -184,8 +184,8 @@ constexpr int64_t SIDE_BY_SIDE_PLANE = 256;
 // same loop written out by hand).
 //   K = 4 samples at a time loads and stores each channel's accumulator pair once per four
 // planes, and gives each thread four runs through memory at once. Against one sample at a time
-// (python -m bnlab.kernels.ab, 2 threads, 9-13 rounds, four runs), time of the new over the
-// old on 7x7 and 14x14 planes: the training forward 0.85-0.99x; the backward 0.84-0.94x on 7x7
+// (python -m bnlab.kernels.ab, 2 threads, 9-13 rounds, five runs), time of the new over the
+// old on 7x7 and 14x14 planes: the training forward 0.85-1.02x; the backward 0.81-0.94x on 7x7
 // planes, 0.84-1.03x on (32, 256, 14, 14); the BN+ReLU backward 0.93-0.97x. On 28x28 planes,
 // whose accumulator traffic is small beside the plane, it took 1.03-1.10x in the backward on
 // (32, 256, 28, 28), (64, 128, 28, 28) and (64, 64, 28, 28), so larger planes keep one sample
