@@ -249,10 +249,10 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
     // One accumulator pair per channel kept across planes (two within a plane, see
     // small_planes_sums): consecutive planes belong to different channels, so there is no
     // chain from plane to plane for the out-of-order core to wait on, and moving 2 instead
-    // of 8 vectors in and out per plane halved the work (now per SAMPLES_AT_ONCE planes).
-    // A plane's partial last vector is
-    // read as the full vector that ends the plane, with the lanes of the vector before it
-    // masked off (a masked partial load here measured 1.45x slower on 7x7 planes).
+    // of 8 vectors in and out per plane halved the work (now per SAMPLES_AT_ONCE planes). A
+    // plane's partial last vector is read as the full vector that ends the plane, with the
+    // lanes of the vector before it masked off (a masked partial load here measured 1.45x
+    // slower on 7x7 planes).
     std::vector<vf> va(nb), vb_(nb);
     const int64_t S = s.S;
     const vi last = ~lanes_lt(static_cast<int>(W - S % W));

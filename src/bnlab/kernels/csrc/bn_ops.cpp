@@ -65,6 +65,7 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
     const bool fuse = !s.resident;
     const int nt = at::get_num_threads();
     const int64_t cb = channel_block(s, sizeof(T), (C + nt - 1) / nt);
+    const NormOp<T, E> norm{x, y, e, s.nt};
     at::parallel_for(0, C, grain_for(s.m()), [&](int64_t c0, int64_t c1) {
       for (int64_t b0 = c0; b0 < c1; b0 += cb) {
         const int64_t nb = std::min(cb, c1 - b0);
@@ -77,11 +78,10 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
         scales_n(nb, vr, w + b0, eps, scale.data() + b0, var_out + b0);
         std::copy(b + b0, b + b0 + nb, shift.data() + b0);
         std::copy(mu, mu + nb, mean_out + b0);
-        const float* sc = scale.data() + b0;
+        const float *sc = scale.data() + b0, *sh = shift.data() + b0;
         if (fuse)
           for (int64_t n = 0; n < s.N; ++n)
-            planes_map(NormOp<T, E>{x, y, e, s.nt}, s.S, n * C + b0, nb, 0, nb, mu, sc, b + b0,
-                       b + b0);
+            planes_map(norm, s.S, n * C + b0, nb, 0, nb, mu, sc, sh, sh);
       }
       if (fuse) stream_fence();
     });
