@@ -1,17 +1,16 @@
-"""batchnormify (Ioffe & Szegedy 2015, Sec. 3.2) and replace_norm."""
+"""batchnormify (Ioffe & Szegedy 2015, Sec. 3.2)."""
 
 from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 from torch import nn
 from torch.nn import functional as TF
 
 import bnlab
 from bnlab.convert.surgery import nonlinearity_pairs
-from bnlab.variants import BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm
+from bnlab.variants import GhostBatchNorm
 
 
 def _mlp() -> nn.Sequential:  # the paper's MNIST net shape: Linear → sigmoid, three times
@@ -73,34 +72,3 @@ def test_batchnormify_keeps_dtype_mode_and_state_keys() -> None:
     out.eval()
     x = torch.randn(3, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(bnlab.fold(out)(x), out(x))
-
-
-@pytest.mark.parametrize("factory", [
-    bnlab.BatchNorm2d, nn.BatchNorm2d, FrozenBatchNorm2d, bnlab.SyncBatchNorm,
-    functools.partial(BatchRenorm2d, r_max=2.0),
-    functools.partial(GhostBatchNorm, virtual_batch_size=4, stats_update="per_batch"),
-])
-def test_replace_norm_preserves_eval_outputs(factory) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, eps=1e-3), nn.ReLU(),
-                          nn.Conv2d(3, 3, 3), bnlab.BatchNorm2d(3), nn.ReLU())
-    model.train()(torch.randn(8, 2, 7, 7) * 2 + 1)
-    model.eval()
-    x = torch.randn(2, 2, 7, 7)
-    out = bnlab.replace_norm(model, factory)
-    assert out is not model and all(type(out[i]) is not nn.BatchNorm2d or factory is
-                                    nn.BatchNorm2d for i in (1, 4))
-    assert out[1].eps == 1e-3 and not out[1].training
-    torch.testing.assert_close(out(x), model(x))
-
-
-def test_replace_norm_match_root_and_frozen_flag() -> None:
-    model = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2))
-    out = bnlab.replace_norm(model, bnlab.BatchNorm1d, match=lambda name, _: name == "1")
-    assert type(out[0]) is nn.BatchNorm1d and type(out[1]) is bnlab.BatchNorm1d
-    frozen = bnlab.freeze(bnlab.BatchNorm1d(2))
-    new = bnlab.replace_norm(frozen, bnlab.BatchNorm1d)
-    assert new is not frozen and new.frozen
-    # A variant's own hyper-parameters come from the factory: eps only is copied.
-    renorm = bnlab.replace_norm(nn.BatchNorm2d(2, momentum=0.3), BatchRenorm2d)
-    assert renorm.momentum == 0.01

@@ -11,7 +11,8 @@ from bnlab.convert.conventions import (
 )
 from bnlab.convert.fold import ChannelAffine, fold, fold_pairs
 from bnlab.convert.freeze import freeze, is_frozen, no_stats_update, unfreeze
-from bnlab.convert.surgery import batchnormify, replace_norm
+from bnlab.convert.replace import replace_norm
+from bnlab.convert.surgery import batchnormify
 
 __all__ = [
     "ChannelAffine",

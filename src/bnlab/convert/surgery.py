@@ -1,16 +1,14 @@
-"""Model surgery: insert BN the paper's way (`batchnormify`) and swap norms (`replace_norm`).
+"""Model surgery: insert BN the paper's way (`batchnormify`; swapping norms is `replace.py`).
 
 `batchnormify` applies Ioffe & Szegedy 2015, Sec. 3.2 to a model without BN: z = g(Wu + b)
 becomes z = g(BN(Wu)), BN immediately before the nonlinearity and the bias b dropped ("its
-effect will be canceled by the subsequent mean subtraction"). `replace_norm` turns every BN
-into any variant (renorm, ghost, frozen, sync, a user factory), copying what carries over.
-Both keep the model's own classes (no fx.GraphModule comes back); torch.fx only finds pairs.
+effect will be canceled by the subsequent mean subtraction"). It keeps the model's own classes
+(no fx.GraphModule comes back); torch.fx only finds the pairs.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import torch
 from torch import fx, nn
@@ -18,14 +16,12 @@ from torch.nn import functional as TF
 
 from bnlab._checks import check_materialized
 from bnlab.convert import _pairs
-from bnlab.convert.freeze import is_frozen
-from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.convert.replace import NormFactory
+from bnlab.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.stats import is_batchnorm
-from bnlab.variants.frozen import FrozenBatchNorm
 
-__all__ = ["batchnormify", "nonlinearity_pairs", "replace_norm"]
+__all__ = ["batchnormify", "nonlinearity_pairs"]
 
-NormFactory = Callable[[int], nn.Module]
 
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU,
                 nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
@@ -105,55 +101,4 @@ def batchnormify(model: nn.Module, norm_layer: NormFactory | None = None, *,
         norm.to(device=layer.weight.device, dtype=layer.weight.dtype).train(layer.training)
         layer.bias = None  # subsumed by the norm's β
         _pairs.set_module(model, name, nn.Sequential(layer, norm))
-    return model
-
-
-def _is_norm(m: nn.Module) -> bool:
-    return is_batchnorm(m) or isinstance(m, FrozenBatchNorm)
-
-
-@torch.no_grad()
-def replace_norm(model: nn.Module, factory: NormFactory, *,
-                 match: Callable[[str, nn.Module], bool] | None = None, copy_eps: bool = True,
-                 inplace: bool = False) -> nn.Module:
-    """Replace every BN (bnlab's, torch's, variants, frozen) by ``factory(num_features)``.
-
-    Copies what applies: each state_dict entry the new module has with the same shape
-    (γ, β, running statistics, ``num_batches_tracked``), the train/eval mode, the device and
-    dtype, the frozen state (onto bnlab layers) and, with ``copy_eps``, ε (part of the inference
-    transform, so eval outputs are preserved between layers that share the inference
-    transform). Momentum and the variant's own arguments come from ``factory``.
-
-    Args:
-        model: any module, or a BN itself.
-        factory: ``(num_features) -> nn.Module``, e.g. ``bnlab.variants.FrozenBatchNorm2d`` or
-            ``functools.partial(bnlab.variants.GhostBatchNorm, virtual_batch_size=32)``.
-        match: ``(name, module) -> bool`` to choose which norms to replace (default: all).
-        copy_eps: copy ε from the old layer.
-        inplace: modify ``model`` instead of a deep copy.
-
-    Returns:
-        The converted model (the new module if ``model`` itself was a BN).
-    """
-    check_materialized(model, "replace_norm")
-    model = model if inplace else copy.deepcopy(model)
-    targets = [(n, m) for n, m in model.named_modules()
-               if _is_norm(m) and (match is None or match(n, m))]
-    for name, old in targets:
-        new = factory(old.num_features)
-        ref = next(iter([*old.parameters(), *old.buffers()]), None)
-        if ref is not None:
-            new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-        old_state, new_state = old.state_dict(), new.state_dict()
-        new.load_state_dict({k: (old_state[k] if k in old_state
-                                 and old_state[k].shape == v.shape else v)
-                             for k, v in new_state.items()})
-        if copy_eps and hasattr(new, "eps"):
-            new.eps = old.eps
-        if isinstance(new, BatchNorm) and is_frozen(old):
-            new.frozen = True
-        new.train(old.training)
-        if not name:
-            return new
-        _pairs.set_module(model, name, new)
     return model
