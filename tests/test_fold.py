@@ -93,7 +93,9 @@ class Untraceable(nn.Module):
 def test_fold_falls_back_to_sequential_when_fx_fails():
     model = _train_a_little(Untraceable(), (8, 2, 9))
     assert fold_pairs(model) == [("body.0", "body.1")]
-    folded = fold(model)
+    with pytest.warns(UserWarning, match=r"cannot trace the model \(TraceError.*assuming that "
+                      r"each layer's output feeds only its BN: body.0 -> body.1$"):
+        folded = fold(model)
     assert isinstance(folded.body[1], nn.Identity) and isinstance(folded.bn, ChannelAffine)
     x = torch.randn(5, 2, 9)
     assert _max_rel_err(folded(x), model(x)) <= 1e-5
@@ -156,3 +158,69 @@ def test_fold_a_bare_batchnorm_returns_its_affine(cls):  # type: ignore[no-untyp
     assert not folded.training and bn.training  # a copy, in eval mode; the original untouched
     x = torch.randn(4, 3, 5, 5)
     assert _max_rel_err(folded(x), bn.eval()(x)) <= 1e-5
+
+
+def _conv_bn(conv: nn.Module) -> nn.Sequential:
+    return _train_a_little(nn.Sequential(conv, bnlab.BatchNorm2d(4)), (6, 3, 5, 5))
+
+
+@pytest.mark.parametrize("wrap", [
+    pytest.param(lambda m: nn.utils.parametrizations.weight_norm(m), id="weight_norm"),
+    pytest.param(lambda m: nn.utils.parametrizations.spectral_norm(m), id="spectral_norm"),
+    pytest.param(lambda m: nn.utils.weight_norm(m), id="weight_norm_hook"),
+    pytest.param(lambda m: nn.utils.spectral_norm(m), id="spectral_norm_hook"),
+])
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")
+def test_a_parametrized_weight_is_folded_as_computed(wrap) -> None:
+    """The fold scales the weight the layer computes (W = g·v/‖v‖, W/σ), not a tensor that the
+    parametrization recomputes from its originals on the next call."""
+    model = _conv_bn(wrap(nn.Conv2d(3, 4, 3)))
+    x = torch.randn(2, 3, 5, 5)
+    want = model(x)
+    hooked = not nn.utils.parametrize.is_parametrized(model[0])
+    if hooked:  # torch cannot deep-copy these after a forward; fold says what to do instead
+        with pytest.raises(RuntimeError, match=r"fold: the model cannot be deep-copied.*inplace"):
+            fold(model)
+    else:
+        folded = fold(model)
+        assert isinstance(folded[1], nn.Identity)
+        assert _max_rel_err(folded(x), want) <= 1e-5
+        torch.testing.assert_close(model(x), want)  # the original still parametrized, intact
+    folded = fold(model, inplace=True)
+    assert folded is model and isinstance(folded[1], nn.Identity)
+    assert _max_rel_err(folded(x), want) <= 1e-5
+
+
+def test_a_layer_with_another_hook_is_not_folded() -> None:
+    conv = nn.Conv2d(3, 4, 3)
+    conv.register_forward_hook(lambda m, args, out: out.clamp(min=-0.5))  # not linear
+    model = _conv_bn(conv)
+    folded = fold(model)
+    assert isinstance(folded[1], ChannelAffine)
+    x = torch.randn(2, 3, 5, 5)
+    assert _max_rel_err(folded(x), model(x)) <= 1e-5
+
+
+def test_tied_weights_keep_their_other_users_and_sizes_must_match() -> None:
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+            self.b.weight = self.a.weight  # shared: folding into a must not change b
+            self.bn = bnlab.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.a(x)) + self.b(x)
+
+    model = _train_a_little(Tied(), (6, 3, 5, 5))
+    folded = fold(model)
+    assert isinstance(folded.bn, nn.Identity)
+    x = torch.randn(2, 3, 5, 5)
+    assert _max_rel_err(folded(x), model(x)) <= 1e-5
+    # A Linear on (N, C, L) maps L, while BN normalizes C: with L != C it is no pair (it was
+    # a broadcast error in the fold).
+    seq = _train_a_little(nn.Sequential(nn.Linear(6, 6), bnlab.BatchNorm1d(4)), (8, 4, 6))
+    folded = fold(seq)
+    assert isinstance(folded[1], ChannelAffine)
+    x = torch.randn(3, 4, 6)
+    assert _max_rel_err(folded(x), seq(x)) <= 1e-5

@@ -12,9 +12,11 @@ Arithmetic is in float64, then cast to the layer's dtype.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
 
 from bnlab._checks import FxLeaf, check_materialized
 from bnlab.convert import _pairs
@@ -79,16 +81,58 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer, bn) names such that bn's only input is layer's output and layer feeds only bn."""
+def _find_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], Exception | None]:
+    """fold_pairs, and the error that made it fall back to `nn.Sequential` neighbours."""
     try:
-        return _pairs_fx(model)
-    except Exception:  # not traceable (data-dependent control flow, ...): Sequential only
-        return _pairs.sequential_pairs(model, _pairs.is_layer, _is_norm)
+        return _pairs_fx(model), None
+    except Exception as e:  # not traceable (data-dependent control flow, ...): Sequential only
+        return _pairs.sequential_pairs(model, _pairs.is_layer, _is_norm), e
+
+
+def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(layer, bn) names such that bn's only input is layer's output and layer feeds only bn.
+
+    Found with torch.fx where the model traces; else adjacent children of `nn.Sequential`
+    containers, which assumes that each such layer's output feeds only the BN after it."""
+    return _find_pairs(model)[0]
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+# Hooks that only recompute the weight, which the fold can bake in first (torch's deprecated
+# weight_norm and spectral_norm; the parametrizations API is handled by `parametrize`).
+_WEIGHT_HOOKS = {"WeightNorm": nn.utils.remove_weight_norm,
+                 "SpectralNorm": nn.utils.remove_spectral_norm}
+
+
+def _plain(layer: nn.Module) -> bool:
+    """Make ``layer``'s weight and bias plain parameters holding the values its forward uses
+    now (eval mode): parametrizations (weight_norm, spectral_norm, ...) and the deprecated
+    weight hooks are removed, their current result left in place. False, with ``layer``
+    unchanged, if another hook could change what the layer computes: then it is not folded."""
+    hooks = [*layer._forward_pre_hooks.values(), *layer._forward_hooks.values()]
+    if any(type(h).__name__ not in _WEIGHT_HOOKS for h in hooks):
+        return False
+    for h in list(layer._forward_pre_hooks.values()):
+        _WEIGHT_HOOKS[type(h).__name__](layer, h.name)
+    if parametrize.is_parametrized(layer):
+        # The class torch made for the parametrized layer is shared with every deep copy of
+        # it (the caller's model, for fold(inplace=False)), and removing a parametrization
+        # deletes its property from that class: give this layer a class of its own first.
+        cls = type(layer)
+        layer.__class__ = type(cls.__name__, cls.__bases__, {
+            k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+        for name in list(layer.parametrizations.keys()):
+            parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
+    return True
 
 
 @torch.no_grad()
 def _fold_into(layer: nn.Module, s: Tensor, t: Tensor) -> None:
+    """W' = s·W, b' = s·b + t, as new parameters: the old ones may be shared with other modules
+    (tied weights), which must keep computing with them."""
     w = layer.weight.detach().to(torch.float64)
     transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
     # Output channels: dim 0 of a Linear/Conv weight (out, in/g, k...), dim 1 of a transposed
@@ -101,12 +145,9 @@ def _fold_into(layer: nn.Module, s: Tensor, t: Tensor) -> None:
     else:
         w = w * s.view(-1, *([1] * (w.dim() - 1)))
     b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros_like(s)
-    layer.weight.copy_(w.to(layer.weight.dtype))
-    new_bias = (s * b + t).to(layer.weight.dtype)
-    if layer.bias is None:
-        layer.bias = nn.Parameter(new_bias)
-    else:
-        layer.bias.copy_(new_bias)
+    dtype, grad = layer.weight.dtype, layer.weight.requires_grad
+    layer.weight = nn.Parameter(w.to(dtype), requires_grad=grad)
+    layer.bias = nn.Parameter((s * b + t).to(dtype), requires_grad=grad)
 
 
 def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -120,16 +161,41 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     ``model`` may be a BN itself; then the `ChannelAffine` (followed by a ReLU for a
     `BatchNormReLU`) is returned.
 
+    A layer under a weight parametrization (``torch.nn.utils.parametrizations.weight_norm``,
+    ``spectral_norm``, or their deprecated hook forms) is folded with the weight it computes
+    now, the parametrization removed; a layer with any other forward hook is not folded (its
+    BN becomes a `ChannelAffine`), nor is a layer whose output size is not the BN's C. A
+    Linear followed by a BN is folded on the assumption that it sees (N, F) input, as
+    `batchnormify` builds it. Where torch.fx cannot trace the model, pairs are adjacent
+    children of `nn.Sequential` containers, and a warning names the pairs folded on the
+    assumption that each such layer's output feeds nothing else.
+
     Raises:
         ValueError: a BN without running statistics (nothing defines its inference transform).
     """
     check_materialized(model, "fold")
-    model = model if inplace else copy.deepcopy(model)
+    if not inplace:
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as e:  # a computed weight (deprecated weight hooks) after a forward
+            raise RuntimeError(f"fold: the model cannot be deep-copied ({e}); fold it with "
+                               "inplace=True, or use torch.nn.utils.parametrizations.weight_norm"
+                               " / spectral_norm instead of the deprecated hook forms") from e
     model.eval()
     bns = {name: m for name, m in model.named_modules() if _is_norm(m)}
     affines = {name: _affine_of(bn, name) for name, bn in bns.items()}
     folded = set()
-    for layer_name, bn_name in fold_pairs(model):
+    pairs, untraced = _find_pairs(model)
+    pairs = [(a, b) for a, b in pairs
+             if _out_channels(model.get_submodule(a)) == bns[b].num_features
+             and _plain(model.get_submodule(a))]
+    if untraced is not None and pairs:
+        warnings.warn(f"fold: torch.fx cannot trace the model ({type(untraced).__name__}: "
+                      f"{str(untraced).splitlines()[0] if str(untraced) else ''}), so the "
+                      "pairs folded are adjacent children of nn.Sequential containers, "
+                      "assuming that each layer's output feeds only its BN: "
+                      + ", ".join(f"{a} -> {b}" for a, b in pairs), UserWarning, stacklevel=2)
+    for layer_name, bn_name in pairs:
         _fold_into(model.get_submodule(layer_name), *affines[bn_name])
         # A fused BN+ReLU leaves its ReLU behind.
         _pairs.set_module(model, bn_name,
