@@ -30,6 +30,32 @@ def test_layer_matches_torch(shape, momentum, affine, track):
     torch.testing.assert_close(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("cls", [bnlab.BatchNorm2d, bnlab.SyncBatchNorm,
+                                 bnlab.BatchNormReLU2d])
+def test_flag_and_buffers_changed_after_construction_follow_torch(cls):
+    """torch decides eval from the buffers (batch statistics only where they are None) and
+    updates from the flag: turning track_running_stats off on a trained layer, a fine-tuning
+    idiom, stops the updates and keeps eval on the running statistics."""
+    ours, ref = cls(3), torch.nn.BatchNorm2d(3)
+    relu = torch.relu if cls is bnlab.BatchNormReLU2d else (lambda y: y)
+    x = torch.randn(6, 3, 4, 4) * 2 + 1
+    ours(x), ref(x)
+    ours.track_running_stats = ref.track_running_stats = False
+    x = torch.randn(6, 3, 4, 4) * 5
+    torch.testing.assert_close(ours(x), relu(ref(x)))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    assert ours.num_batches_tracked == ref.num_batches_tracked == 1
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(ours(x), relu(ref(x)))
+    for m in (ours, ref):  # no buffers, flag on: batch statistics in eval and in training
+        m.running_mean = m.running_var = None
+        m.track_running_stats = True
+    for mode in (False, True):
+        ours.train(mode), ref.train(mode)
+        torch.testing.assert_close(ours(x), relu(ref(x)))
+
+
 def test_torch_state_dict_loads_and_matches_in_train_and_eval():
     ref = torch.nn.BatchNorm2d(5)
     x = torch.randn(8, 5, 6, 6) * 3 + 1

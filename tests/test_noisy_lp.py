@@ -191,6 +191,26 @@ def test_lp_norm_cumulative_momentum_and_eval_batch_independence():
     torch.testing.assert_close(layer(x[:1]), layer(x)[:1])  # one example works in eval
 
 
+def test_lp_norm_counts_only_the_batches_its_average_used():
+    """A rejected batch (one value per channel) and a non-finite one leave the cumulative
+    average the exact mean of the batches used (the count was taken before both)."""
+    layer = LpNorm(3, p=2, momentum=None)
+    with pytest.raises(ValueError, match=r"LpNorm\(3\): expected more than 1 value"):
+        layer(torch.randn(1, 3))
+    layer(torch.full((4, 3), float("nan")))
+    x = torch.randn(8, 3) + 5
+    layer(x)
+    assert layer.num_batches_tracked == 1
+    torch.testing.assert_close(layer.running_mean, x.mean(0))
+    # As BN: turning the flag off stops the updates and keeps eval on the running statistics.
+    layer.track_running_stats = False
+    layer(x * 3)
+    assert layer.num_batches_tracked == 1
+    layer.eval()
+    torch.testing.assert_close(layer(x), lp_norm(x, layer.running_mean, layer.running_scale,
+                                                 layer.weight, layer.bias, False))
+
+
 def test_lp_norm_without_running_stats_uses_batch_in_eval():
     layer = LpNorm(2, p=1, track_running_stats=False).eval()
     x = torch.randn(7, 2)

@@ -181,10 +181,16 @@ class BatchNorm(FxLeaf, nn.Module):
 
     def _mode(self) -> tuple[bool, bool]:
         """(use batch statistics, update the running statistics) for this forward."""
-        training = self.training and not (self.frozen and self.track_running_stats)
-        # PyTorch semantics: batch statistics in training, or whenever no running stats exist.
-        use_batch_stats = training or not self.track_running_stats
-        update = training and self.track_running_stats and not self._stats_update_blocked
+        # PyTorch's rule, which reads the buffers, not the flag, for eval: batch statistics in
+        # training or where no running statistics exist; the running statistics are updated
+        # in training where the flag asks for it and they exist. (So turning
+        # track_running_stats off on a trained layer stops the updates and keeps eval on the
+        # running statistics, as in torch; deleting the buffers makes eval use the batch's.)
+        has_stats = self.running_mean is not None and self.running_var is not None
+        training = self.training and not (self.frozen and has_stats)
+        use_batch_stats = training or not has_stats
+        update = (training and self.track_running_stats and has_stats
+                  and not self._stats_update_blocked)
         return use_batch_stats, update
 
     def forward(self, input: Tensor) -> Tensor:

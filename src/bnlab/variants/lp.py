@@ -95,16 +95,27 @@ def lp_norm(
     Shape:
         input: (N, C, *); running_mean, running_scale, weight, bias: (C,). Returns like input.
     """
-    who = "lp_norm"
+    return _lp_norm(input, running_mean, running_scale, weight, bias, training, momentum, eps,
+                    p)[0]
+
+
+def _lp_norm(input: Tensor, running_mean: Tensor | None, running_scale: Tensor | None,
+             weight: Tensor | None, bias: Tensor | None, training: bool,
+             momentum: float | Tensor, eps: float, p: float,
+             who: str = "lp_norm") -> tuple[Tensor, Tensor | None]:
+    """`lp_norm`, and whether the batch's statistics were finite (None: no update); ``who``
+    is named in errors."""
     p = _check_p(p, who)
     check_args(input, running_mean, running_scale, weight, bias, training, momentum, eps, who,
                var_name="running_scale")
     if training and input.numel() == 0:
-        return empty_batch(input, weight, bias)  # no statistics, as BN (no update)
+        return empty_batch(input, weight, bias), None  # no statistics, as BN (no update)
+    finite = None
     if training:
         mean, scale = lp_stats(input, p)
         if running_mean is not None or running_scale is not None:
-            _update(running_mean, running_scale, mean.detach(), scale.detach(), momentum)
+            finite = _update(running_mean, running_scale, mean.detach(), scale.detach(),
+                             momentum)
     else:
         mean, scale = running_mean, running_scale
     ct = compute_dtype(input.dtype)
@@ -114,17 +125,18 @@ def lp_norm(
     y = (input.to(ct) - channel_view(mean.to(ct), input)) * channel_view(inv, input)
     if bias is not None:
         y = y + channel_view(bias.to(ct), input)
-    return y.to(input.dtype)
+    return y.to(input.dtype), finite
 
 
 @torch.no_grad()
 def _update(running_mean: Tensor | None, running_scale: Tensor | None, mean: Tensor,
-            scale: Tensor, momentum: float | Tensor) -> None:
+            scale: Tensor, momentum: float | Tensor) -> Tensor:
     finite = torch.isfinite(mean).all() & torch.isfinite(scale).all()
     for name, buf, stat in (("running_mean", running_mean, mean),
                             ("running_scale", running_scale, scale)):
         if buf is not None:
             lerp_buffer_(buf, stat, momentum, finite, name)
+    return finite
 
 
 class LpNorm(FxLeaf, nn.Module):
@@ -192,17 +204,22 @@ class LpNorm(FxLeaf, nn.Module):
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}")
 
     def forward(self, input: Tensor) -> Tensor:
-        check_input(input, f"{type(self).__name__}({self.num_features})", (2, 3, 4, 5),
-                    self.num_features)
-        use_batch = self.training or not self.track_running_stats
+        who = f"{type(self).__name__}({self.num_features})"
+        check_input(input, who, (2, 3, 4, 5), self.num_features)
+        # BN's rule (`BatchNorm._mode`): eval reads the buffers, the flag decides updates.
+        has_stats = self.running_mean is not None and self.running_scale is not None
+        use_batch = self.training or not has_stats
         # An empty batch has no statistics: no update, and it does not count (as in BN).
-        update = self.training and self.track_running_stats and input.numel() > 0
+        update = (self.training and self.track_running_stats and has_stats
+                  and input.numel() > 0)
         momentum: float | Tensor = 0.0
         if update:
-            self.num_batches_tracked.add_(1)
             momentum = (self.momentum if self.momentum is not None
-                        else 1.0 / self.num_batches_tracked)  # 0-d tensor: no host sync
+                        else 1.0 / (self.num_batches_tracked + 1))  # 0-d tensor: no host sync
         bufs = (self.running_mean, self.running_scale) if (update or not use_batch) \
             else (None, None)
-        return lp_norm(input, *bufs, self.weight, self.bias, use_batch, momentum, self.eps,
-                       self.p)
+        y, finite = _lp_norm(input, *bufs, self.weight, self.bias, use_batch, momentum,
+                             self.eps, self.p, who)
+        if finite is not None:  # counted once it is done, and only if it was used (as BN)
+            self.num_batches_tracked.add_(finite)
+        return y
