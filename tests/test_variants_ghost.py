@@ -23,6 +23,29 @@ def test_ghost_splits_are_near_equal_and_bounded(n: int, v: int) -> None:
     assert max(sizes) <= v and max(sizes) - min(sizes) <= 1
 
 
+@given(n=st.integers(2, 500), v=st.integers(1, 64))
+def test_ghost_splits_with_a_least_size_keep_every_ghost_above_it(n: int, v: int) -> None:
+    sizes = ghost_splits(n, v, min_size=2)
+    assert sum(sizes) == n and min(sizes) >= 2 and max(sizes) - min(sizes) <= 1
+    assert len(sizes) == math.ceil(n / v) or max(sizes) < 4  # fewer ghosts, of 2 or 3
+    assert max(sizes) <= max(v, 3)
+
+
+def test_an_odd_batch_of_vectors_is_cut_into_ghosts_of_two_or_more() -> None:
+    """(5, C) with v = 2: ghosts of 3 and 2 samples (2, 2, 1 would leave one value per
+    channel, an error in the middle of an epoch); v = 1 on (N, C) cannot work, and says so."""
+    ghost = GhostBatchNorm(3, virtual_batch_size=2, dtype=F64)
+    ref = nn.BatchNorm1d(3, dtype=F64)
+    x = torch.randn(5, 3, dtype=F64)
+    expected = torch.cat([ref(chunk) for chunk in torch.split(x, [3, 2])])
+    torch.testing.assert_close(ghost(x), expected)
+    torch.testing.assert_close(ghost.running_var, ref.running_var)
+    with pytest.raises(ValueError, match=r"virtual_batch_size=1\): a ghost batch of one sample "
+                       r"of input of shape \(5, 3\) has 1 value per channel.*at least 2"):
+        GhostBatchNorm(3, virtual_batch_size=1)(x.float())
+    GhostBatchNorm(3, virtual_batch_size=1)(torch.randn(5, 3, 2))  # 2 values per channel: fine
+
+
 def _pair(v: int, c: int = 3, **kw) -> tuple[GhostBatchNorm, nn.BatchNorm2d]:
     ghost = GhostBatchNorm(c, virtual_batch_size=v, dtype=F64, **kw)
     ref = nn.BatchNorm2d(c, momentum=ghost.momentum, dtype=F64)

@@ -2,8 +2,12 @@
 
 A training batch of N samples is cut along dimension 0 into G = ⌈N / virtual_batch_size⌉
 ghost batches of near-equal size (all <= virtual_batch_size, sizes differing by at most one,
-so there is never a tiny trailing ghost), and each ghost is normalized by its own statistics
-with the core's Alg. 1 transform (Hoffer, Hubara & Soudry 2017, Alg. 1). Eval mode is BN's.
+so there is never a tiny trailing ghost; on (N, C) input, where a ghost of one sample would
+have no variance, G is at most ⌊N / 2⌋, so N = 5 with v = 2 gives ghosts of 3 and 2), and
+each ghost is normalized by its own statistics
+with the core's Alg. 1 transform (Hoffer, Hubara & Soudry 2017, Alg. 1). Eval mode with
+running statistics is BN's (Alg. 2); without them (``track_running_stats=False``) each ghost
+is normalized by its own statistics, as in training.
 
 Two running-statistics conventions (``stats_update``), both documented by the peers:
 
@@ -42,9 +46,11 @@ __all__ = ["GhostBatchNorm", "ghost_batch_norm", "ghost_splits"]
 StatsUpdate = Literal["per_ghost", "per_batch"]
 
 
-def ghost_splits(n: int, virtual_batch_size: int) -> list[int]:
-    """Sizes of the ⌈n / v⌉ near-equal ghost batches of a batch of ``n`` samples."""
-    g = max(1, math.ceil(n / virtual_batch_size))
+def ghost_splits(n: int, virtual_batch_size: int, min_size: int = 1) -> list[int]:
+    """Sizes of the ⌈n / v⌉ near-equal ghost batches of a batch of ``n`` samples, or of fewer
+    (⌊n / min_size⌋, each then below 2·min_size) where that many would leave a ghost below
+    ``min_size`` samples."""
+    g = max(1, min(math.ceil(n / virtual_batch_size), n // min_size))
     return [n // g + (1 if i < n % g else 0) for i in range(g)]
 
 
@@ -63,11 +69,19 @@ def ghost_batch_norm(
     """
     if input.numel() == 0:  # an empty batch: no ghosts, no statistics
         return F.empty_batch(input, weight, bias), []
-    sizes = ghost_splits(input.shape[0], virtual_batch_size)
+    who = f"GhostBatchNorm(virtual_batch_size={virtual_batch_size})"
+    n, per_sample = input.shape[0], values_per_channel(input[:1])
+    if per_sample == 1 and virtual_batch_size == 1 and n > 1:
+        raise ValueError(f"{who}: a ghost batch of one sample of input of shape "
+                         f"{tuple(input.shape)} has 1 value per channel, which has no variance; "
+                         "virtual_batch_size must be at least 2 for (N, C) input")
+    # On (N, C) input a ghost needs two samples: N = 5, v = 2 gives ghosts of 3 and 2, not
+    # 2, 2 and 1 (the odd last batch of an epoch would otherwise stop training).
+    sizes = ghost_splits(n, virtual_batch_size, min_size=2 if per_sample == 1 else 1)
     chunks = torch.split(input, sizes, dim=0) if len(sizes) > 1 else (input,)
     ys, stats = [], []
     for chunk in chunks:
-        check_training_size(chunk, f"GhostBatchNorm(virtual_batch_size={virtual_batch_size})")
+        check_training_size(chunk, who)
         y, mean, var = train_transform(chunk, weight, bias, eps)
         ys.append(y)
         stats.append((mean, var, values_per_channel(chunk)))
