@@ -78,7 +78,14 @@ def test_recalibrate_sets_buffers_restores_mode_and_never_changes_weights():
     torch.testing.assert_close(net[1].running_mean, stats["1"].mean)
     torch.testing.assert_close(net[5].running_var, stats["5"].var)
     assert stats["1"].batches == 2
-    assert net[1].num_batches_tracked.item() == 0
+    assert net[1].num_batches_tracked.item() == 2  # as torch's update_bn leaves it
+
+
+def test_num_batches_fetches_no_more_batches_than_it_uses():
+    """A one-shot iterator (a stream, a generator over files) loses no batch to the count."""
+    stream = iter([torch.randn(4, 2, 5, 5, dtype=torch.float64) for _ in range(3)])
+    population_statistics(_net(), stream, num_batches=2)
+    assert len(list(stream)) == 1
 
 
 def test_population_statistics_leaves_buffers_alone():
@@ -117,8 +124,7 @@ def test_recalibrate_equals_torchs_swa_update_bn():
 
     torch.manual_seed(0)
     ours = _net()
-    theirs = bnlab.replace_norm(_net(), nn.BatchNorm2d)
-    theirs[5] = nn.BatchNorm1d(4).double()
+    theirs = bnlab.replace_norm(_net(), "torch")
     theirs.load_state_dict(ours.state_dict())
     assert type(theirs[1]) is nn.BatchNorm2d and type(theirs[5]) is nn.BatchNorm1d
     batches = [torch.randn(8, 2, 5, 5, dtype=torch.float64) * 3 + 1 for _ in range(4)]
@@ -131,3 +137,4 @@ def test_recalibrate_equals_torchs_swa_update_bn():
     for i in (1, 5):
         torch.testing.assert_close(ours[i].running_mean, theirs[i].running_mean)
         torch.testing.assert_close(ours[i].running_var, theirs[i].running_var)
+        assert ours[i].num_batches_tracked == theirs[i].num_batches_tracked == len(batches)

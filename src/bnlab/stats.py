@@ -173,10 +173,10 @@ def population_statistics(
     try:
         model.train()
         for batch in batches:
-            if num_batches is not None and seen >= num_batches:
-                break
             (forward or _default_forward)(model, batch)
             seen += 1
+            if num_batches is not None and seen >= num_batches:
+                break  # before the next fetch: a one-shot iterator loses no batch
     finally:
         for h in hooks:
             h.remove()
@@ -205,6 +205,9 @@ def recalibrate(
 
     Same arguments as `population_statistics`. Afterwards eval mode performs Alg. 2's inference
     transform y = γ(x − E[x])/√(Var[x] + ε) + β. Layers without running statistics are skipped.
+    ``num_batches_tracked`` becomes the number of batches averaged, as after torch's
+    ``swa_utils.update_bn``: with ``momentum=None`` a later training batch then weighs as one
+    more batch of the average (left as it was, often 0, the next batch replaced it).
     """
     stats = population_statistics(model, batches, num_batches=num_batches,
                                   estimator=estimator, forward=forward)
@@ -214,4 +217,6 @@ def recalibrate(
         if bn.running_mean is not None:
             bn.running_mean.copy_(s.mean.to(bn.running_mean.dtype))
             bn.running_var.copy_(s.var.to(bn.running_var.dtype))
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.fill_(s.batches)
     return stats
