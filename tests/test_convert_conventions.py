@@ -89,6 +89,8 @@ def test_keras_mapping_names_and_missing_affine() -> None:
         load_keras_weights(bnlab.BatchNorm1d(C), [gamma, beta, mean, var[:2]])
     with pytest.raises(ValueError, match="affine=False"):
         load_keras_weights(bnlab.BatchNorm1d(C, affine=False), [gamma, beta, mean, var])
+    with pytest.raises(ValueError, match="has bias=False but the source has a non-trivial beta"):
+        load_keras_weights(bnlab.BatchNorm1d(C, bias=False), [gamma, beta, mean, var])
 
 
 def test_flax_round_trip_and_inference() -> None:

@@ -93,3 +93,24 @@ def test_property_matches_torch(n, c, spatial, training, dtype, offset):
     tol = 1e-4 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(rv, rv2, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_a_tensor_momentum_is_checked_like_a_number(layout):
+    """A 0-d tensor momentum (the layers' 1/n) in [0, 1] works on the kernels' path and the
+    reference path alike; anything else is an error naming momentum (a tensor of 5.0 moved the
+    running statistics outside the segment between them and the batch's)."""
+    x = torch.randn(4, 3, 2, 2)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    F.batch_norm(x, rm, rv, training=True, momentum=torch.tensor(1.0))
+    torch.testing.assert_close(rm, x.mean((0, 2, 3)))
+    for bad, match in [(torch.tensor(5.0), r"in \[0, 1\], got 5.0"),
+                       (torch.tensor(-0.5, dtype=torch.float64), r"in \[0, 1\], got -0.5"),
+                       (torch.full((3,), 0.5), r"a number in \[0, 1\] or a 0-d floating-point "
+                        r"tensor, got a tensor of shape \(3,\) and dtype torch.float32"),
+                       (torch.tensor(1), r"a number .* dtype torch.int64")]:
+        with pytest.raises(ValueError, match=f"batch_norm: momentum must be {match}"):
+            F.batch_norm(x, rm, rv, training=True, momentum=bad)
+    torch.testing.assert_close(rm, x.mean((0, 2, 3)))  # untouched by the rejected calls

@@ -311,6 +311,12 @@ def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     check_eps(eps, who)
     if not isinstance(momentum, Tensor):
         check_momentum(momentum, who, allow_none=False)
+    elif momentum.dim() != 0 or not momentum.is_floating_point():
+        raise ValueError(f"{who}: momentum must be a number in [0, 1] or a 0-d floating-point "
+                         f"tensor, got a tensor of shape {tuple(momentum.shape)} and dtype "
+                         f"{momentum.dtype}")
+    elif host_readable(momentum) and not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"{who}: momentum must be in [0, 1], got {float(momentum)!r}")
     check_per_channel(input, running_mean, running_var, weight, bias, who, var_name)
     if training:
         check_training_size(input, who)

@@ -94,7 +94,8 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
         param = getattr(bn, name, None)
         if param is None:
             if value is not None and not torch.all(torch.as_tensor(value) == default):
-                raise ValueError(f"{who}: {type(bn).__name__} has affine=False but the source "
+                why = "affine=False" if not getattr(bn, "affine", True) else "bias=False"
+                raise ValueError(f"{who}: {type(bn).__name__} has {why} but the source "
                                  f"has a non-trivial {'gamma' if name == 'weight' else 'beta'}")
             continue
         param.copy_(_vector(value, c, name, who, param) if value is not None

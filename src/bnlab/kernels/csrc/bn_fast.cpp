@@ -58,7 +58,9 @@ bool eps_ok(PyObject* o, double& eps) {
   return eps > 0.0 && eps < INFINITY;
 }
 
-// A float in [0, 1] (check_momentum) or a plain tensor (the layers' 1/n, not checked there).
+// A float in [0, 1] (check_momentum) or a plain 0-d floating tensor (the layers' 1/n), in
+// [0, 1] where its value is on the host; anything else takes the Python path, whose
+// check_args names what is wrong.
 bool momentum_ok(PyObject* o, double& mom, OptT& mom_t) {
   if (PyFloat_CheckExact(o)) {
     mom = PyFloat_AS_DOUBLE(o);
@@ -66,7 +68,13 @@ bool momentum_ok(PyObject* o, double& mom, OptT& mom_t) {
   }
   if (!plain(o)) return false;
   mom_t = THPVariable_Unpack(o);
-  return true;
+  const at::Tensor& t = *mom_t;
+  if (t.dim() != 0 || !t.is_cpu()) return t.dim() == 0 && at::isFloatingType(t.scalar_type());
+  double v;  // read in place: an item() call is a dispatcher round trip per forward
+  if (t.scalar_type() == at::kFloat) v = *t.const_data_ptr<float>();
+  else if (t.scalar_type() == at::kDouble) v = *t.const_data_ptr<double>();
+  else return false;
+  return v >= 0.0 && v <= 1.0;
 }
 
 // Whether a torch.func transform, a __torch_function__ mode or a __torch_dispatch__ mode
