@@ -1,4 +1,4 @@
-"""freeze / unfreeze / no_stats_update on bnlab's layers, its variants and torch's BN."""
+"""freeze / unfreeze / no_stats_update on bnlab's layers, its variants, LpNorm and torch's BN."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 import bnlab
 from bnlab.convert import is_frozen
-from bnlab.variants import BatchRenorm2d, GhostBatchNorm
+from bnlab.variants import BatchRenorm2d, GhostBatchNorm, LpNorm
 
 NORMS = {
     "bnlab": lambda c: bnlab.BatchNorm2d(c),
@@ -19,6 +19,7 @@ NORMS = {
     "renorm": lambda c: BatchRenorm2d(c),
     "ghost": lambda c: GhostBatchNorm(c, virtual_batch_size=2),
     "sync": lambda c: bnlab.SyncBatchNorm(c),
+    "lp": lambda c: LpNorm(c, p=1),  # not a BN, but running statistics to freeze all the same
 }
 
 

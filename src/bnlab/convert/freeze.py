@@ -6,12 +6,13 @@ undoes it: pytorch#86590). `no_stats_update(model)` keeps batch-statistics norma
 leaves the running statistics alone: probes, a second forward for a loss, the recomputation of
 activation checkpointing (pytorch#96136, fairscale#1035), which `torch.no_grad()` does not stop.
 
-Works on bnlab's layers and variants (flags checked in their forward) and on torch's BN layers:
-``freeze`` registers a forward pre-hook that runs them in eval mode for that call (restored
-after it, so ``module.training`` keeps reporting the model's mode); ``no_stats_update`` sets
-their momentum to 0 for the duration of the context (r ← 1·r + 0·s leaves r bit for bit) and
-restores ``num_batches_tracked`` (and, after a non-finite batch, the statistics) on exit. The
-forward itself is unchanged, so activation checkpointing sees the same saved tensors.
+Works on bnlab's layers, variants and `LpNorm` (flags checked in their forward) and on torch's
+BN layers: ``freeze`` registers a forward pre-hook that runs them in eval mode for that call
+(restored after it, so ``module.training`` keeps reporting the model's mode);
+``no_stats_update`` sets their momentum to 0 for the duration of the context (r ← 1·r + 0·s
+leaves r bit for bit) and restores ``num_batches_tracked`` (and, after a non-finite batch, the
+statistics) on exit. The forward itself is unchanged, so activation checkpointing sees the
+same saved tensors.
 `FrozenBatchNorm` modules are frozen by construction.
 """
 
@@ -27,6 +28,7 @@ from torch import nn
 from bnlab._checks import check_materialized
 from bnlab.layers import BatchNorm
 from bnlab.variants.frozen import FrozenBatchNorm
+from bnlab.variants.lp import LpNorm
 
 __all__ = ["freeze", "is_frozen", "no_stats_update", "unfreeze"]
 
@@ -34,8 +36,17 @@ _TorchBN = nn.modules.batchnorm._BatchNorm
 _HANDLES = "_bnlab_freeze_handles"
 
 
+# Layers whose forward reads the `frozen` and `_stats_update_blocked` flags.
+_FLAGGED = (BatchNorm, LpNorm)
+
+
 def _bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (BatchNorm, _TorchBN))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (*_FLAGGED, _TorchBN))]
+
+
+def _has_running_stats(m: nn.Module) -> bool:
+    second = m.running_scale if isinstance(m, LpNorm) else m.running_var
+    return m.running_mean is not None and second is not None
 
 
 def _eval_pre_hook(module: nn.Module, args: Any) -> None:
@@ -51,7 +62,7 @@ def is_frozen(module: nn.Module) -> bool:
     """Whether ``module`` normalizes with fixed running statistics whatever its mode."""
     if isinstance(module, FrozenBatchNorm):
         return True
-    if isinstance(module, BatchNorm):
+    if isinstance(module, _FLAGGED):
         return bool(module.frozen)
     return _HANDLES in module.__dict__
 
@@ -75,11 +86,11 @@ def freeze(model: nn.Module, *, stats: bool = True, affine: bool = True) -> nn.M
     check_materialized(model, "freeze")
     for name, m in _bn_modules(model):
         if stats:
-            if m.running_mean is None or m.running_var is None:
+            if not _has_running_stats(m):
                 raise ValueError(f"freeze: layer {name or type(m).__name__!r} has no running "
                                  "statistics (track_running_stats=False); pass stats=False or "
                                  "recalibrate it with running statistics first")
-            if isinstance(m, BatchNorm):
+            if isinstance(m, _FLAGGED):
                 m.frozen = True
             elif _HANDLES not in m.__dict__:
                 m.__dict__[_HANDLES] = (m.register_forward_pre_hook(_eval_pre_hook),
@@ -96,7 +107,7 @@ def unfreeze(model: nn.Module, *, stats: bool = True, affine: bool = True) -> nn
     check_materialized(model, "unfreeze")
     for _, m in _bn_modules(model):
         if stats:
-            if isinstance(m, BatchNorm):
+            if isinstance(m, _FLAGGED):
                 m.frozen = False
             for handle in m.__dict__.pop(_HANDLES, ()):
                 handle.remove()
@@ -123,9 +134,9 @@ def no_stats_update(model: nn.Module) -> Iterator[nn.Module]:
         with bnlab.no_stats_update(model):
             loss.backward()      # activation checkpointing recomputes the forward here
     """
-    ours = [m for _, m in _bn_modules(model) if isinstance(m, BatchNorm)]
+    ours = [m for _, m in _bn_modules(model) if isinstance(m, _FLAGGED)]
     theirs = [(m, m.momentum, [b.clone() for b in m.buffers()]) for _, m in _bn_modules(model)
-              if not isinstance(m, BatchNorm)]
+              if not isinstance(m, _FLAGGED)]
     for m in ours:
         m._stats_update_blocked = m._stats_update_blocked + 1
     for m, _, _ in theirs:

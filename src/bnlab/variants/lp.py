@@ -146,6 +146,8 @@ class LpNorm(FxLeaf, nn.Module):
     BN's. Buffers ``running_mean`` (init 0), ``running_scale`` (init 1) and
     ``num_batches_tracked``; ``momentum=None`` keeps the cumulative average. Eval mode uses the
     running statistics (or the batch's when ``track_running_stats=False``), as BN.
+    `bnlab.freeze` and `bnlab.no_stats_update` act on it as on BN (the ``frozen`` and
+    ``_stats_update_blocked`` attributes below).
 
     Args:
         num_features: C.
@@ -155,6 +157,10 @@ class LpNorm(FxLeaf, nn.Module):
         affine: learn γ (``weight``, init 1) and β (``bias``, init 0).
         track_running_stats: keep running statistics for eval mode.
     """
+
+    # Set by `bnlab.freeze` / `bnlab.no_stats_update`, as on `bnlab.BatchNorm`.
+    frozen: bool = False
+    _stats_update_blocked: int = 0
 
     def __init__(self, num_features: int, p: float = 2, eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
@@ -208,10 +214,11 @@ class LpNorm(FxLeaf, nn.Module):
         check_input(input, who, (2, 3, 4, 5), self.num_features)
         # BN's rule (`BatchNorm._mode`): eval reads the buffers, the flag decides updates.
         has_stats = self.running_mean is not None and self.running_scale is not None
-        use_batch = self.training or not has_stats
+        training = self.training and not (self.frozen and has_stats)
+        use_batch = training or not has_stats
         # An empty batch has no statistics: no update, and it does not count (as in BN).
-        update = (self.training and self.track_running_stats and has_stats
-                  and input.numel() > 0)
+        update = (training and self.track_running_stats and has_stats
+                  and not self._stats_update_blocked and input.numel() > 0)
         momentum: float | Tensor = 0.0
         if update:
             momentum = (self.momentum if self.momentum is not None
