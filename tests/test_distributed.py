@@ -145,6 +145,27 @@ def test_convert_sync_batchnorm_keeps_variants_and_state() -> None:
     assert model[2].running_mean.min() > 0
 
 
+def test_converting_again_and_the_labs_in_place_conversion_keep_the_modules() -> None:
+    """A layer already synchronized (same group) stays the same object, and
+    `bnlab.ddp.sync_in_place` converts bnlab's layers by class, so hooks and references that
+    the lab's probes took before training still see the layers that run."""
+    from bnlab.ddp import sync_in_place
+
+    model = nn.Sequential(bnlab.BatchNorm2d(3), BatchRenorm2d(3), nn.BatchNorm2d(3))
+    seen = []
+    model[0].register_forward_hook(lambda m, args, out: seen.append(type(m)))
+    bn, renorm = model[0], model[1]
+    assert sync_in_place(model) is model
+    assert model[0] is bn and model[1] is renorm and type(model[2]) is SyncBatchNorm
+    assert type(bn) is SyncBatchNorm and type(renorm) is SyncBatchRenorm
+    assert bn.process_group is None and renorm.r_max == 3.0
+    again = [*model]
+    convert_sync_batchnorm(model)
+    assert all(a is b for a, b in zip(again, model, strict=True))
+    model(torch.randn(4, 3, 2, 2))
+    assert seen == [SyncBatchNorm]
+
+
 def test_convert_sync_batchnorm_root_and_registry() -> None:
     bn = nn.BatchNorm1d(4).eval()
     sync = convert_sync_batchnorm(bn)

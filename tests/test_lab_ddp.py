@@ -1,8 +1,11 @@
 """Data-parallel lab runs: `bnlab run ... --sync-bn` under 2 gloo processes equals 1 process.
 
-Two processes on 127.0.0.1 (free port, hard deadline, always killed) train the smoke preset of
-ioffe2015.fig1 on the same global batches as a single process; with SyncBN the logged held-out
-metrics must agree to float32 reduction-order tolerance, and only rank 0 writes.
+Two processes on 127.0.0.1 (free port, hard deadline, always killed) train a smoke preset on the
+same global batches as a single process; with SyncBN the logged metrics must agree to float32
+reduction-order tolerance, and only rank 0 writes. ioffe2015.fig1 (a per-sample mean loss),
+santurkar2018.dln (a summed loss, which the ranks once combined as a mean: half the learning
+rate) and santurkar2018.fig1 (activation probes on BN layers, which the SyncBN
+conversion once replaced: the probes waited for layers no longer called).
 """
 
 from __future__ import annotations
@@ -52,9 +55,17 @@ def _metrics(out: Path) -> dict[str, list[dict]]:
     return found
 
 
-def test_two_process_sync_bn_run_equals_one_process(tmp_path: Path) -> None:
+# (experiment, runs, tolerance): the Santurkar VGG's training amplifies the rounding of another
+# summation order (one process at 1 and at 2 threads: held-out loss 1.90 and 2.10 after the
+# smoke run's 12 steps), so there the test checks that every run and probe completes with the
+# same records (tolerance None).
+@pytest.mark.parametrize(("name", "runs", "tol"), [("ioffe2015.fig1", 3, 1e-4),
+                                                   ("santurkar2018.dln", 2, 1e-4),
+                                                   ("santurkar2018.fig1", 4, None)])
+def test_two_process_sync_bn_run_equals_one_process(tmp_path: Path, name: str, runs: int,
+                                                    tol: float | None) -> None:
     data = write_dataset(tmp_path / "data")
-    common = ["run", "ioffe2015.fig1", "--preset", "smoke", "--data-dir", str(data),
+    common = ["run", name, "--preset", "smoke", "--data-dir", str(data),
               "--quiet", "--threads", "1", "--sync-bn"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -64,14 +75,15 @@ def test_two_process_sync_bn_run_equals_one_process(tmp_path: Path) -> None:
     _run([*common, "--out", str(tmp_path / "two")], env2,
          [tmp_path / "two0.log", tmp_path / "two1.log"])
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert one.keys() == two.keys() and len(one) == 3
+    assert one.keys() == two.keys() and len(one) == runs
     for run in one:
         a, b = one[run], two[run]
         assert [r["step"] for r in a] == [r["step"] for r in b]
         for ra, rb in zip(a, b):
-            for key in ("acc", "loss", "train_loss"):
+            assert ra.keys() == rb.keys()  # every probe ran
+            for key in ("acc", "loss", "train_loss") if tol is not None else ():
                 if ra.get(key) is not None:
-                    assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-4), (run, key)
+                    assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), (run, key)
         assert (tmp_path / "two" / run / "summary.json").exists()
     # rank 1 wrote nothing: the only files are rank 0's run directories
     files = {p.name for p in (tmp_path / "two").glob("**/*") if p.is_file()}

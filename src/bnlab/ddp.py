@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bnlab.distributed import convert_sync_batchnorm
+from bnlab.distributed import SyncBatchNorm, SyncBatchRenorm, convert_sync_batchnorm
+from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.variants import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __all__ = [
     "all_reduce_sum",
@@ -25,6 +27,7 @@ __all__ = [
     "is_main",
     "setup_from_env",
     "shard_batch",
+    "sync_in_place",
     "teardown",
     "unwrap",
     "world",
@@ -98,16 +101,38 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return out
 
 
+# bnlab's classes whose synchronized form is a subclass of a base they share (SyncBatchNorm of
+# BatchNorm, SyncBatchRenorm of BatchRenorm), with the same attributes plus process_group.
+_SYNC_IN_PLACE = {
+    **{c: SyncBatchNorm for c in (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)},
+    **{c: SyncBatchRenorm for c in (BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)},
+}
+
+
+def sync_in_place(model: nn.Module) -> nn.Module:
+    """``model`` with SyncBN, its bnlab BN layers converted by changing their class: the same
+    module objects, so hooks and references that probes took before training stay valid (a
+    new module, as `convert_sync_batchnorm` makes, left an activation probe waiting for a layer
+    that was no longer called). Other BN layers (torch's) go through `convert_sync_batchnorm`,
+    with its warnings for layers it keeps local."""
+    for m in model.modules():
+        sync_cls = _SYNC_IN_PLACE.get(type(m))
+        if sync_cls is not None:
+            m.__class__ = sync_cls
+            m.process_group = None
+    return convert_sync_batchnorm(model)
+
+
 def wrap_ddp(model: nn.Module, sync_bn: bool = False) -> nn.Module:
     """``model`` ready for data-parallel training (itself when single-process).
 
-    ``sync_bn`` first converts its BN layers with `bnlab.convert_sync_batchnorm` (variants
+    ``sync_bn`` first converts its BN layers to SyncBN in place (`sync_in_place`; variants
     kept). With SyncBN the running buffers are identical on all ranks by construction, so
     DDP's per-forward buffer broadcast is switched off (it also breaks two forwards before one
     backward, pytorch#22095); without it rank 0's buffers are broadcast as in PyTorch.
     """
     if sync_bn:
-        model = convert_sync_batchnorm(model)
+        model = sync_in_place(model)
     if world()[1] == 1:
         return model
     ref = next(iter(model.parameters()), None)

@@ -300,7 +300,9 @@ def _convert(m: nn.Module, group: Any, name: str, skipped: list[str]) -> nn.Modu
         if not known:
             skipped.append(f"{name or '<root>'} ({type(m).__name__})")
             return m
-        return m if sync_cls is None else _to_sync(m, sync_cls, group)
+        if sync_cls is None or (type(m) is sync_cls and m.process_group is group):
+            return m  # kept, or already what it would become: the same module, hooks and all
+        return _to_sync(m, sync_cls, group)
     for child_name, child in m.named_children():
         new = _convert(child, group, f"{name}.{child_name}" if name else child_name, skipped)
         if new is not child:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,7 @@ def fit(
     seed: int,
     probes: Sequence[Probe] = (),
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    loss_reduction: Literal["mean", "sum"] = "mean",
     progress: bool = True,
     desc: str = "",
     resume: bool = False,
@@ -139,6 +140,9 @@ def fit(
     and RNG states are restored, so the result equals an uninterrupted run's.
     ``evaluate_fn(model) -> dict`` replaces the held-out classification evaluation (e.g. the
     full-batch regression loss of a deep linear network); its dict is merged into the record.
+    ``loss_reduction`` says whether ``loss_fn`` averages or sums over the samples: under
+    torchrun the ranks' shards are combined accordingly, so that either loss (and its
+    gradient) is the single process's on the global batch.
 
     Returns:
         The summary: final/best accuracy, best step, steps done, diverged (and its step),
@@ -207,12 +211,16 @@ def fit(
                 loss = loss_fn(net(x), y)
                 loss.backward()
                 value = loss.item()
-            else:  # this rank's shard; the mean loss over the global batch (per-sample mean)
+            else:  # this rank's shard: Σ_shard ℓ, then the global batch's mean (or sum) loss
                 xs, ys = parallel.shard(x, y)
                 out = net(xs)
-                local = loss_fn(out, ys) * len(ys) if len(ys) else out.sum() * 0.0
-                ddp.global_mean(local, len(y)).backward()
-                value = float(ddp.all_reduce_sum(local.detach())) / len(y)
+                if not len(ys):
+                    local = out.sum() * 0.0
+                else:
+                    local = loss_fn(out, ys) * (len(ys) if loss_reduction == "mean" else 1)
+                per = len(y) if loss_reduction == "mean" else 1  # global_mean(·, 1): the sum
+                ddp.global_mean(local, per).backward()
+                value = float(ddp.all_reduce_sum(local.detach())) / per
             opt.step()
             done = step + 1
             bar.update(1)

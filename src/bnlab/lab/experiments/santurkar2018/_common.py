@@ -221,8 +221,8 @@ def run_dln(spec: DLNSpec, variant: str, ctx: RunContext,
     extra = list(probes(model, data)) if probes is not None else []
     summary = fit(model, data, ctx.run, train=spec.train_config(),
                   optim=OptimConfig(lr=lr, momentum=0.0), data_cfg=DataConfig(), seed=ctx.seed,
-                  probes=extra, loss_fn=dln_loss, progress=ctx.progress, desc=ctx.desc,
-                  resume=ctx.resume, evaluate_fn=_full_batch_loss(d.x, d.y))
+                  probes=extra, loss_fn=dln_loss, loss_reduction="sum", progress=ctx.progress,
+                  desc=ctx.desc, resume=ctx.resume, evaluate_fn=_full_batch_loss(d.x, d.y))
     losses = [m["loss"] for m in ctx.run.metrics() if isinstance(m.get("loss"), float)]
     summary["final_loss"] = losses[-1] if losses and not summary["diverged"] else None
     summary["min_loss"] = min(losses) if losses else None
