@@ -1,5 +1,6 @@
 """bnlab.diagnostics on closed forms: ICS (Santurkar Def. 2.1), landscape probes on a quadratic,
-activation statistics, layer Jacobians (Ioffe Sec. 3.3); and the promise of no side effects."""
+activation statistics (layer Jacobians: test_diagnostics_jacobian.py); and the promise of no
+side effects."""
 
 from __future__ import annotations
 
@@ -11,15 +12,11 @@ from torch import nn
 
 from bnlab.diagnostics import (
     ActivationTracker,
-    JacobianResult,
     default_layers,
     distribution_shift,
     gradient_ics,
     landscape_probe,
-    layer_jacobian_singular_values,
-    layer_jacobians,
     saturation_fraction,
-    spectrum_summary,
 )
 from bnlab.layers import BatchNorm
 from bnlab.variants import NoisyBatchNorm
@@ -301,98 +298,27 @@ def test_distribution_shift_closed_form():
                               reduce="none")["mean_step"].shape == (2, 2)
 
 
-# ----------------------------------------------------------------------------- Jacobians
+class _Counting(nn.Module):
+    """Buffers that the forward replaces instead of updating in place (a call counter, an EMA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2).to(D)
+        self.register_buffer("calls", torch.zeros((), dtype=D))
+        self.register_buffer("ema", torch.zeros(2, dtype=D))
+
+    def forward(self, x):
+        y = self.lin(x)
+        self.calls = self.calls + 1
+        self.ema = 0.9 * self.ema + 0.1 * y.detach().mean(0)
+        return y
 
 
-def test_jacobian_of_linear_layer_is_its_weight():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Identity(), nn.Linear(5, 4)).to(D)
-    x = torch.randn(3, 5, dtype=D)
-    pairs, jacs = layer_jacobians(model, x, [model[0], model[1]])
-    assert pairs == [("0", "1")]
-    torch.testing.assert_close(jacs[0], model[1].weight.detach().expand(3, 4, 5))
-    res = layer_jacobian_singular_values(model, x, ["0", "1"])
-    torch.testing.assert_close(res.singular_values[0][0], torch.linalg.svdvals(model[1].weight))
-
-
-def test_jacobian_of_bn_in_eval_mode_is_a_known_diagonal():
-    torch.manual_seed(0)
-    std = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=D)
-    bn = BatchNorm(4, momentum=None).to(D)
-    model = nn.Sequential(nn.Identity(), bn)
-    for _ in range(20):  # Gaussian input with per-channel std `std`
-        bn(torch.randn(256, 4, dtype=D) * std + 3)
-    with torch.no_grad():
-        bn.weight.copy_(torch.tensor([1.0, -2.0, 1.0, 0.5], dtype=D))
-    model.train()  # the probe's eval mode must not depend on the model's mode
-    _, jacs = layer_jacobians(model, torch.randn(6, 4, dtype=D), [model[0], bn])
-    diag = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    torch.testing.assert_close(jacs[0], torch.diag(diag).expand(6, 4, 4))
-    torch.testing.assert_close(diag.abs() * std / bn.weight.detach().abs(),
-                               torch.ones(4, dtype=D), rtol=0.05, atol=0)
-    assert model.training
-
-
-def test_jacobian_of_bn_in_train_mode_is_the_diagonal_block():
-    # ∂y_n/∂x_n = γ/√(σ²+ε)·(1 − 1/m − x̂_n²/m) per channel: the batch couples the examples.
-    torch.manual_seed(0)
-    bn = BatchNorm(3).to(D)
-    model = nn.Sequential(nn.Identity(), bn)
-    x = torch.randn(5, 3, dtype=D) * 2 + 1
-    _, jacs = layer_jacobians(model, x, [model[0], bn], train=True, max_examples=4)
-    var, mean = torch.var_mean(x, 0, correction=0)
-    xhat = (x - mean) / torch.sqrt(var + bn.eps)
-    d = (1 - 1 / 5 - xhat.square() / 5) / torch.sqrt(var + bn.eps)  # (N, C)
-    torch.testing.assert_close(jacs[0], torch.diag_embed(d[:4]))
-    assert torch.equal(bn.running_mean, torch.zeros(3, dtype=D))  # restored
-
-
-def test_jacobian_sigmoid_mlp_default_points():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), BatchNorm(5), nn.Sigmoid(), nn.Linear(5, 4),
-                          BatchNorm(4), nn.Sigmoid()).to(D)
-    x = torch.randn(7, 6, dtype=D)
-    res = layer_jacobian_singular_values(model, x)
-    assert [p for p in res.pairs] == [("1", "4")]
-    # Closed form in eval mode: J = diag(γ₄/√(v₄+ε)) · W₃ · diag(σ′(bn₁ output)).
-    with torch.no_grad():
-        model.eval()
-        s = torch.sigmoid(model[1](model[0](x)))
-        model.train()
-    scale = model[4].weight / torch.sqrt(model[4].running_var + 1e-5)
-    j = scale[:, None] * model[3].weight.detach() * (s * (1 - s))[:, None, :]
-    torch.testing.assert_close(res.singular_values[0], torch.linalg.svdvals(j).detach())
-    assert res.singular_values[0].shape == (7, 4)
-    plain = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4))
-    assert layer_jacobian_singular_values(plain, x.float()).pairs == [("0", "2")]
-
-
-def test_jacobian_through_inplace_relu_is_w_times_relu_mask():
-    # J between Linear outputs z1 -> z2 = W2 relu(z1): W2 · diag(1[z1 > 0]), with ReLU in place.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 4)).to(D)
-    x = torch.randn(7, 6, dtype=D)
-    _, jacs = layer_jacobians(model, x, [model[0], model[2]])
-    mask = (model[0](x) > 0).to(D)  # (N, 5)
-    expected = model[2].weight.detach()[None] * mask[:, None, :]
-    torch.testing.assert_close(jacs[0], expected)
-
-
-def test_spectrum_summary_closed_form():
-    s = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=D)
-    out = spectrum_summary(s)
-    assert out["median"] == pytest.approx(1.0)
-    assert out["within"] == pytest.approx(3 / 5)  # 0.5, 1 and 2 lie in [0.5, 2]
-    assert out["abslog"] == pytest.approx(math.log10(2.0))  # |log10| = 1, .30, 0, .30, 1
-    assert out["p10"] == pytest.approx(0.1 + 0.4 * 0.4)  # linear interpolation at 0.4
-    assert out["zero"] == 0.0 and out["median_nz"] == pytest.approx(1.0)
-    # A ReLU-like rank deficiency: zeros are counted apart and left out of the log statistics.
-    z = spectrum_summary(torch.tensor([0.0, 1e-12, 1.0, 4.0], dtype=D))
-    assert z["zero"] == 0.5 and z["median_nz"] == pytest.approx(2.5)
-    assert z["abslog"] == pytest.approx(math.log10(4.0) / 2) and z["within"] == 0.25
-    res = JacobianResult([("a", "b")], [torch.ones(3, 4, dtype=D)])
-    assert res.summary()["a->b"]["within"] == 1.0 and res.summary()["a->b"]["abslog"] == 0.0
-    with pytest.raises(ValueError, match="band"):
-        spectrum_summary(s, band=(2.0, 3.0))
-    with pytest.raises(ValueError, match="empty"):
-        spectrum_summary(torch.empty(0))
+def test_probes_restore_buffers_that_the_forward_replaces():
+    model = _Counting()
+    xb, yb = batch()
+    before, rng = snapshot(model), torch.get_rng_state()
+    gradient_ics(model, mse_sum, (xb, yb), lr=0.1, layers=["lin"])
+    landscape_probe(model, mse_sum, (xb, yb), [0.1, 0.2])
+    assert_untouched(model, before, rng)
+    assert "calls" in model.state_dict() and model.calls.item() == 0.0

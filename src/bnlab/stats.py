@@ -46,15 +46,20 @@ class BufferSnapshot:
 
     Only buffers that changed are written: an in-place copy bumps the version counter, and a
     forward may have saved an unchanged buffer for its backward (eval-mode BN kernels save
-    ``running_var``), which must stay usable afterwards.
+    ``running_var``), which must stay usable afterwards. A buffer that a forward replaced
+    (``self.calls = self.calls + 1``) or removed gets its original tensor back.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.saved = [(b, b.detach().clone()) for b in model.buffers()]
+        # (owning module, name, the buffer, a copy of its values)
+        self.saved = [(m, name, b, b.detach().clone()) for m in model.modules()
+                      for name, b in m._buffers.items() if b is not None]
 
     @torch.no_grad()
     def restore(self) -> None:
-        for b, copy in self.saved:
+        for m, name, b, copy in self.saved:
+            if m._buffers.get(name) is not b:
+                m._buffers[name] = b  # keeps its persistence: the set is by name
             if not torch.equal(b, copy):
                 b.copy_(copy)
 

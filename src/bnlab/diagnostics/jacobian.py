@@ -108,8 +108,8 @@ def layer_jacobians(
     Args:
         model: any module; ``model(*inputs)`` must work.
         inputs: a held-out batch (a tensor or a tuple of positional arguments).
-        modules: the watched modules (or names) in forward order; default: every BN/LpNorm
-            layer, or every Conv/Linear layer if there is none.
+        modules: the watched modules (or names), paired in the order the forward calls them;
+            default: every BN/LpNorm layer, or every Conv/Linear layer if there is none.
         train: the mode to run in (see above).
         max_examples: compute J for the first this-many examples only (all by default).
 
@@ -125,7 +125,7 @@ def layer_jacobians(
     for p in points:
         if p not in names:
             raise ValueError(f"modules: {type(p).__name__} is not a submodule of the model")
-    outs: dict[nn.Module, Tensor] = {}
+    outs: dict[nn.Module, Tensor] = {}  # in the order the forward calls the modules
     leaves: dict[nn.Module, Tensor] = {}
 
     def cut(mod: nn.Module, _args: Any, out: Tensor) -> Tensor:
@@ -146,8 +146,14 @@ def layer_jacobians(
             h.remove()
         for m, mode in modes.items():
             m.train(mode)
+    missed = [names[p] or "<root>" for p in points if p not in outs]
+    if missed:
+        raise ValueError(f"layer_jacobians: the forward did not call {', '.join(missed)}")
+    # Pairs follow the forward's order, not the modules' registration order (a model may
+    # define bn2 before bn1 and call bn1 first): stretches of network between modules that do
+    # not follow each other would have zero Jacobians.
     pairs, jacs = [], []
-    for a, b in itertools.pairwise(points):
+    for a, b in itertools.pairwise(outs):
         pairs.append((names[a], names[b]))
         jacs.append(_jacobian(outs[b], leaves[a], train, max_examples))
     return pairs, jacs
