@@ -82,6 +82,29 @@ def test_resume_equals_uninterrupted(tmp_path, data):
     assert s["final_acc"] == ref["final_acc"] and not s["diverged"]
 
 
+def test_an_interrupt_after_training_resumes_without_training_again(tmp_path, data):
+    """The experiment's own work after fit (a final evaluation, artefacts) may be interrupted:
+    fit's checkpoint of the finished training lets --resume go straight back to it."""
+    ref_model, ref = train(new_run(tmp_path / "a"), data)
+    run = new_run(tmp_path / "b")
+    train(run, data)  # the caller is "interrupted" before run.finish
+    state = torch.load(run.checkpoint_path, weights_only=False)
+    assert state["step"] == TRAIN.steps and state["done"]
+    again, action = runs.prepare(run.path, {"config": {"a": 1}}, resume=True)
+    assert action == "resume"
+    m, calls = model(), []
+    m.register_forward_hook(lambda *_: calls.append(1))
+    s = fit(m, data[1], again, train=TRAIN, optim=OPTIM, data_cfg=data[0], seed=0,
+            progress=False, resume=True)
+    assert not calls  # not a step, not an evaluation
+    for a, b in zip(ref_model.state_dict().values(), m.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert again.metrics() == runs.Run(tmp_path / "a").metrics()
+    assert s["final_acc"] == ref["final_acc"] and s["steps_done"] == TRAIN.steps
+    again.finish(s)
+    assert not again.checkpoint_path.exists()
+
+
 @pytest.mark.filterwarnings("ignore:bnlab. a training batch had non-finite")
 def test_divergence_is_detected_and_stops_cleanly(tmp_path, data):
     run = new_run(tmp_path / "d")
@@ -89,6 +112,10 @@ def test_divergence_is_detected_and_stops_cleanly(tmp_path, data):
     assert s["diverged"] and 1 <= s["diverged_step"] < TRAIN.steps
     last = run.metrics()[-1]
     assert last["diverged"] is True and last["step"] == s["diverged_step"]
+    # Resumed after its end, a diverged run stays diverged and is not trained further.
+    resumed = fit(model(), data[1], run, train=TRAIN, optim=OPTIM, data_cfg=data[0], seed=0,
+                  progress=False, resume=True)
+    assert resumed["diverged_step"] == s["diverged_step"] and run.metrics()[-1] == last
     _, ok = train(new_run(tmp_path / "ok"), data)
     assert not ok["diverged"] and ok["diverged_step"] is None and ok["steps_done"] == 24
 

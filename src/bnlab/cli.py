@@ -41,7 +41,8 @@ def _run(args: argparse.Namespace) -> int:
                        data_dir=args.data_dir, out=args.out, resume=args.resume,
                        force=args.force, progress=not args.quiet and par.main)
     except KeyboardInterrupt as e:
-        print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr)
+        print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted (the same command with "
+              "--resume continues from the last checkpoint)", file=sys.stderr)
         return 130
     finally:
         parallel.teardown()

@@ -161,23 +161,26 @@ def fit(
                       shards=data_cfg.shards)
     ex, ey = data.test_x[:data_cfg.eval_examples], data.test_y[:data_cfg.eval_examples]
     start, loss_sum, loss_n, elapsed = 0, 0.0, 0, 0.0
+    diverged_step: int | None = None
     state = run.load_checkpoint() if resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start, (loss_sum, loss_n), elapsed = state["step"], state["loss"], state["elapsed"]
+        diverged_step = state.get("diverged_step")
         for p, s in zip(probes, state["probes"], strict=True):
             if s is not None:
                 p.load_state_dict(s)  # type: ignore[attr-defined]
         run.truncate_metrics(start)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, *, done: bool = False) -> None:
         run.save_checkpoint({
             "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(), "loss": (loss_sum, loss_n),
             "elapsed": elapsed + time.perf_counter() - t0,
-            "probes": [p.state_dict() if hasattr(p, "state_dict") else None for p in probes]})
+            "probes": [p.state_dict() if hasattr(p, "state_dict") else None for p in probes],
+            "done": done, "diverged_step": diverged_step})
 
     def record(step: int, batch: tuple[Tensor, Tensor] | None, lr: float) -> dict[str, Any]:
         if evaluate_fn is None:
@@ -193,7 +196,10 @@ def fit(
         return rec
 
     t0 = time.perf_counter()
-    diverged_step: int | None = None
+    if state is not None and state.get("done"):
+        # Training had ended (the caller's evaluation after it was interrupted): not a step more.
+        return summarize(run.metrics(), diverged_step=diverged_step, wall_s=elapsed,
+                         steps=train.steps)
     bar = tqdm(total=train.steps, initial=start, desc=desc, leave=False, dynamic_ncols=True,
                disable=not (progress and sys.stderr.isatty()), mininterval=0.5)
     model.train()
@@ -246,6 +252,9 @@ def fit(
                 checkpoint(done)
                 raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved in "
                                         f"{run.path} (continue with --resume)")
+    # What the caller computes after training (a final evaluation of 20k examples, artefacts)
+    # may be interrupted too: this checkpoint lets --resume go straight to it.
+    checkpoint(train.steps if diverged_step is None else diverged_step, done=True)
     return summarize(run.metrics(), diverged_step=diverged_step,
                      wall_s=elapsed + time.perf_counter() - t0, steps=train.steps)
 
