@@ -28,13 +28,46 @@ def test_list_shows_every_experiment_with_claim_and_runtime(capsys):
     (["run", "ioffe2015.fig1", "--set", "optim.learning_rate=1"], "unknown key", "optim.lr"),
     (["run", "ioffe2015.fig1", "--set", "optim.lr=fast"], "expected float", "optim.lr"),
     (["run", "ioffe2015.fig1", "--set", "optim.lr"], "key=value", ""),
-    (["run", "ioffe2015.fig1", "--seeds", "0"], "--seeds", ""),
+    (["run", "ioffe2015.fig1", "--set", "train.steps=0"], "--set train.steps: steps must be "
+     "an integer >= 1, got 0", ""),
+    (["run", "ioffe2015.fig1", "--set", "optim.lr=-0.1"], "--set optim.lr: lr must be a finite "
+     "number > 0, got -0.1", ""),
+    (["run", "ioffe2015.fig1", "--set", "train.eval_every=0"], "eval_every must be", ""),
 ])
 def test_cli_errors_name_the_valid_choices(capsys, tmp_path, argv, needle, valid):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert needle in err and valid in err
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["run", "ioffe2015.fig1", "--seeds", "0"], "argument --seeds: expected an integer >= 1, "
+     "got 0"),
+    (["run", "ioffe2015.fig1", "--threads", "0"], "argument --threads: expected an integer"),
+    (["bench", "--rounds", "0"], "argument --rounds: expected an integer >= 1, got 0"),
+    (["bench", "--e2e-steps", "-1"], "argument --e2e-steps"),
+])
+def test_counts_must_be_positive(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_unusable_output_directories_are_named_before_any_work(capsys, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for argv, needle in [
+        (["run", "ioffe2015.fig1", "--out", str(a_file)], "exists and is not a directory"),
+        (["run", "ioffe2015.fig1", "--out", str(a_file / "runs")],
+         f"cannot create it: {a_file} is not a writable directory"),
+        (["report", "--runs", str(tmp_path / "none")], "--runs"),
+        (["report", "--runs", str(tmp_path), "--out", str(a_file)], "--out"),
+        (["bench", "--json", str(tmp_path / "no" / "x.json")], "--json"),
+    ]:
+        assert main(argv) == 2
+        assert needle in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_missing_data_set_prints_the_install_command(capsys, tmp_path):

@@ -75,3 +75,17 @@ def test_shard_shuffle_stays_within_shards():
     assert all(len(set(r)) == 1 for r in runs)  # one shard at a time
     with pytest.raises(ValueError, match="shuffle"):
         Batches(100, 10, seed=0, shuffle="sometimes")
+
+
+def test_images_and_labels_must_match_and_classes_count_both_splits(tmp_path):
+    """A directory whose label file is shorter than its image file failed mid-training with an
+    index error; a class missing from the training labels had no output for its test labels."""
+    d = write_dataset(tmp_path / "ok", n_train=50, n_test=20)
+    cfg = DataConfig(dir=str(d))
+    train_y = read_idx(d / "train-labels-idx1-ubyte.gz")
+    write_idx(d / "train-labels-idx1-ubyte", train_y[:40], gz=True)
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte has 50 images but "
+                       "train-labels-idx1-ubyte has 40 labels"):
+        load(cfg)
+    write_idx(d / "train-labels-idx1-ubyte", np.minimum(train_y, 8), gz=True)  # no class 9
+    assert load(cfg).num_classes == 10  # the held-out set has 9s

@@ -8,6 +8,7 @@ silent acceptance of a wrong shape is how BN bugs hide (peers.md, pain points 1 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import os
@@ -37,6 +38,18 @@ def check_materialized(model: nn.Module, who: str) -> None:
             raise ValueError(f"{who}: {name or 'the model'} ({type(m).__name__}) is not "
                              "initialized yet: run the model once on a batch (or load a "
                              "state_dict) first")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (seeds, threads, rounds): an integer >= 1; argparse names the
+    option in its error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def check_eps(eps: float, who: str) -> None:

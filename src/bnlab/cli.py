@@ -12,8 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from bnlab._checks import positive_int
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -29,6 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     from bnlab.lab.registry import get, run_experiment
 
     exp = get(args.name)
+    _writable_dir(args.out, "--out")
     if args.threads is not None:
         import torch
 
@@ -52,6 +57,10 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from bnlab.lab.report import write_report
 
+    if not Path(args.runs).is_dir():
+        raise ValueError(f"--runs {args.runs}: no such directory (where `bnlab run --out` "
+                         "wrote its runs; default: runs)")
+    _writable_dir(args.out, "--out")
     path = write_report(args.runs, args.out)
     print(f"report written: {path.resolve()} (and {path.with_name('report.md').resolve()})")
     return 0
@@ -87,6 +96,19 @@ def _kernels(args: argparse.Namespace) -> int:
     return 0 if info["available"] else 1
 
 
+def _writable_dir(path: str, option: str) -> None:
+    """Fail now, naming the option, if ``path`` cannot become an output directory (a file, or
+    under one, or under a directory this user cannot write), not after the work is done.
+    Nothing is created here: a run that stops on another error leaves no directory behind."""
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{option} {path}: exists and is not a directory")
+    base = next(a for a in (p, *p.parents) if a.exists())
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: cannot create it: {base} is not a writable "
+                         "directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bnlab", description="Batch normalization lab: "
                                      "reproduce Ioffe & Szegedy 2015 and Santurkar et al. 2018.")
@@ -95,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run an experiment (all variants, seeds 0..N-1)")
     p.add_argument("name", help="experiment, e.g. ioffe2015.fig1 (see `bnlab list`)")
     p.add_argument("--preset", default="quick", help="smoke | quick | paper (default: quick)")
-    p.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1 (default 1)")
+    p.add_argument("--seeds", type=positive_int, default=1,
+                   help="run seeds 0..N-1 (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=0.1 (repeatable)")
     p.add_argument("--data-dir", default=None, help="MNIST-format IDX directory "
@@ -104,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue unfinished runs")
     p.add_argument("--force", action="store_true", help="delete and redo existing runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
-                   "torch's; 1 is much faster on a machine shared with other jobs)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads "
+                   "(default: torch's; 1 is much faster on a machine shared with other jobs)")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: synchronize BN "
                    "statistics over the processes (bnlab.SyncBatchNorm)")
     p.set_defaults(func=_run)
@@ -127,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: FileNotFoundError and kin
         print(f"bnlab: error: {e}", file=sys.stderr)
         return 2
 

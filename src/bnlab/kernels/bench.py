@@ -32,9 +32,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from bnlab._checks import positive_int
 
 __all__ = ["SHAPES", "add_arguments", "main", "run"]
 
@@ -74,19 +77,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "time torch's BN then ReLU against bnlab's fused BN+ReLU)")
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help="subset of " + ",".join(FORMATS))
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls per round")
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--repeats", type=positive_int, default=15, help="timed calls per round")
+    parser.add_argument("--rounds", type=positive_int, default=5,
                         help="interleaved rounds (clone, torch, clone, bnlab); the median is "
                         "reported")
     parser.add_argument("--stat", choices=("median", "min"), default="median",
                         help="per-round statistic of the repeats (min resists a busy machine)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
     parser.add_argument("--no-malloc-tune", action="store_true",
                         help="keep glibc's default mmap threshold (large outputs page-fault)")
     parser.add_argument("--e2e", action="store_true",
                         help="time training steps of small VGG/Inception-style nets instead")
-    parser.add_argument("--e2e-steps", type=int, default=8, help="timed steps per round (e2e)")
+    parser.add_argument("--e2e-steps", type=positive_int, default=8,
+                        help="timed steps per round (e2e)")
     parser.add_argument("--e2e-format", choices=FORMATS, default="nchw",
                         help="memory format of the e2e nets and their input (the target's "
                         "figure is nchw; on CPU, channels_last runs torch's max-pool ~13x faster)")
@@ -263,6 +267,17 @@ def print_targets(targets: list[dict[str, Any]], full: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed `add_arguments` options; returns an exit code."""
+    if args.json is not None:  # can it be written? Asked before the minutes of timing
+        path, existed = Path(args.json), Path(args.json).exists()
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as e:
+            print(f"bnlab bench: --json {args.json}: cannot write it ({e.strerror or e})",
+                  file=sys.stderr)
+            return 2
+        if not existed:
+            path.unlink()
     torch.set_num_threads(args.threads)
     tuned = False if args.no_malloc_tune else tune_malloc()
     info = machine_info(args.threads, tuned)

@@ -25,6 +25,14 @@ __all__ = [
 ]
 
 
+def _at_least(obj: Any, names: str, low: int) -> None:
+    """Each named int field of ``obj`` must be >= ``low`` (the error names the field)."""
+    for name in names.split():
+        value = getattr(obj, name)
+        if not value >= low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which IDX data set and how its pixels are turned into inputs."""
@@ -35,6 +43,11 @@ class DataConfig:
     shuffle: str = "thorough"  # "thorough": a fresh global permutation every epoch; "shards"
     shards: int = 10  # contiguous shards for shuffle="shards" (within-shard shuffling)
     eval_examples: int = 10_000  # held-out examples used by the periodic evaluation
+
+    def __post_init__(self) -> None:
+        _at_least(self, "shards eval_examples", 1)
+        if self.shuffle not in ("thorough", "shards"):
+            raise ValueError(f"shuffle must be 'thorough' or 'shards', got {self.shuffle!r}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,16 @@ class OptimConfig:
     decay_rate: float = 1.0  # lr(t) = lr · decay_rate ** (t / decay_steps); 1.0: constant
     decay_steps: int = 1_000  # steps per factor of decay_rate (continuous, not staircase)
 
+    def __post_init__(self) -> None:
+        _at_least(self, "decay_steps", 1)
+        for name, ok, want in (("lr", self.lr > 0, "> 0"),
+                               ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("decay_rate", self.decay_rate > 0, "> 0")):
+            value = getattr(self, name)
+            if not ok or value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"{name} must be a finite number {want}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -57,6 +80,9 @@ class TrainConfig:
     eval_every: int = 100  # held-out evaluation (and probes) every this many steps
     checkpoint_every: int = 1_000  # also checkpoint at every eval step that is a multiple
     eval_batch_size: int = 1_000  # examples per forward during evaluation
+
+    def __post_init__(self) -> None:
+        _at_least(self, "steps batch_size eval_every checkpoint_every eval_batch_size", 1)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -125,8 +151,8 @@ def apply_overrides(cfg: Any, sets: list[str]) -> Any:
     of the value they replace.
 
     Raises:
-        ValueError: a malformed item, an unknown key (the message lists the valid keys) or a
-            value of the wrong type.
+        ValueError: a malformed item, an unknown key (the message lists the valid keys), a
+            value of the wrong type, or one its config refuses (``train.steps=0``).
     """
     valid = flat_keys(cfg)
     for item in sets:
@@ -137,6 +163,9 @@ def apply_overrides(cfg: Any, sets: list[str]) -> Any:
         if key not in valid:
             raise ValueError(f"--set: unknown key {key!r}; valid keys: {', '.join(sorted(valid))}")
         value = _coerce(key, _parse(text.strip()), valid[key])
-        cfg = _replace(cfg, key.split("."), value)
+        try:
+            cfg = _replace(cfg, key.split("."), value)
+        except ValueError as e:  # a dataclass's own check (e.g. steps >= 1): name the key
+            raise ValueError(f"--set {key}: {e}") from None
         valid[key] = value
     return cfg

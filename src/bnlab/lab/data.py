@@ -78,7 +78,8 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        return int(self.train_y.max()) + 1
+        # Both splits: a held-out label the training set lacks must still have an output.
+        return int(max(self.train_y.max(), self.test_y.max())) + 1
 
 
 def check(cfg: DataConfig) -> Path:
@@ -97,6 +98,7 @@ def load(cfg: DataConfig) -> Dataset:
 
     Raises:
         FileNotFoundError: the directory or a file is missing (the message says how to install).
+        ValueError: a file is not IDX, or images and labels do not match in number.
     """
     directory = check(cfg)
     arrays = {k: read_idx(_find(directory, stem)) for k, stem in _FILES.items()}
@@ -110,6 +112,13 @@ def load(cfg: DataConfig) -> Dataset:
         mean, std = xs["train"].mean(), xs["train"].std().clamp_min(1e-8)
         xs = {k: (v - mean) / std for k, v in xs.items()}
     ys = {s: torch.from_numpy(arrays[f"{s}_y"].astype(np.int64)) for s in ("train", "test")}
+    for split in ("train", "test"):  # else an index error in the middle of training
+        images, labels = _FILES[f"{split}_x"], _FILES[f"{split}_y"]
+        if len(ys[split]) != len(xs[split]):
+            raise ValueError(f"{directory}: {images} has {len(xs[split])} images but {labels} "
+                             f"has {len(ys[split])} labels")
+        if len(ys[split]) == 0 or ys[split].min() < 0:
+            raise ValueError(f"{directory}: {labels} must hold at least one label, all >= 0")
     return Dataset(xs["train"], ys["train"], xs["test"], ys["test"], str(directory))
 
 
