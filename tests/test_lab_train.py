@@ -168,3 +168,17 @@ def test_cumulative_batch_stats_average_only_training_batches():
     cum.load_into(twin)
     torch.testing.assert_close(twin[1].running_mean, torch.stack([a.mean(0) for a in z]).mean(0))
     torch.testing.assert_close(twin[1].running_var, torch.stack([a.var(0) for a in z]).mean(0))
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped_and_a_corrupt_one_named(tmp_path):
+    run = new_run(tmp_path / "k")
+    run.log({"step": 0, "acc": 0.1})
+    with open(run.path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "ac')  # SIGKILL in the middle of a write
+    assert run.metrics() == [{"step": 0, "acc": 0.1}]
+    run.truncate_metrics(0)  # what --resume does: the file is whole again
+    run.log({"step": 4, "acc": 0.2})
+    assert [r["step"] for r in run.metrics()] == [0, 4]
+    (run.path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 4, "ac\n{"step": 8}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
+        run.metrics()

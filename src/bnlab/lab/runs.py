@@ -102,7 +102,19 @@ class Run:
         p = self.path / "metrics.jsonl"
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        text = p.read_text()
+        lines = text.splitlines()
+        out = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1 and not text.endswith("\n"):
+                    break  # the last record, cut short by a kill mid-write: it is redone
+                raise ValueError(f"{p}: line {i + 1} is not a JSON record ({e.msg})") from None
+        return out
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
