@@ -114,3 +114,18 @@ def test_bench_hands_its_arguments_to_the_kernels_bench(monkeypatch):
     monkeypatch.setattr(bnlab.kernels, "bench", fake, raising=False)
     assert main(["bench", "--size", "7"]) == 0
     assert seen == {"size": 7}
+
+
+@pytest.mark.parametrize(("sets", "needle"), [
+    (["probe_unit=500"], "--set probe_unit: probe_unit must be an integer in [0, 99], got 500"),
+    (["sweep=(-1.0,)"], "sweep must be finite numbers > 0, got (-1.0,)"),
+    (["sweep=('a',)"], "--set sweep: expected a tuple of float, got str 'a'"),
+    (["optim.momentum=1.0"], "momentum must be a number in [0, 1), got 1.0"),
+])
+def test_experiment_settings_are_checked_when_set(sets, needle):
+    """A value the experiment cannot use is refused where it is set, not as an IndexError in
+    its report (probe_unit=500) or after the other variants trained (sweep=(-1.0,))."""
+    with pytest.raises(ValueError) as err:
+        apply_overrides(Fig1Config(), sets)
+    assert needle in str(err.value)
+    assert apply_overrides(Fig1Config(), ["sweep=(1, 2)"]).sweep == (1.0, 2.0)  # ints widen

@@ -11,6 +11,9 @@ import ast
 import dataclasses
 import hashlib
 import json
+import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -19,18 +22,47 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "apply_overrides",
+    "at_least",
     "config_hash",
     "flat_keys",
+    "fraction",
+    "positive",
     "to_dict",
+    "within",
 ]
 
 
-def _at_least(obj: Any, names: str, low: int) -> None:
-    """Each named int field of ``obj`` must be >= ``low`` (the error names the field)."""
+# Checks for a config's __post_init__, over named fields that hold a number or a tuple of
+# numbers; the error names the field (and `apply_overrides` the --set key). NaN fails them all.
+def _each(obj: Any, names: str, ok: Callable[[Any], bool], one: str, many: str) -> None:
     for name in names.split():
         value = getattr(obj, name)
-        if not value >= low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for v in value if isinstance(value, tuple) else (value,):
+            if not ok(v):
+                want = many if isinstance(value, tuple) else one
+                raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def at_least(obj: Any, names: str, low: int) -> None:
+    """Each named integer field (or tuple element) of ``obj`` is >= ``low``."""
+    _each(obj, names, lambda v: v >= low, f"an integer >= {low}", f"integers >= {low}")
+
+
+def positive(obj: Any, names: str) -> None:
+    """Each named number (or tuple element) of ``obj`` is finite and > 0 (rates, widths)."""
+    _each(obj, names, lambda v: 0 < v < math.inf, "a finite number > 0",
+          "finite numbers > 0")
+
+
+def fraction(obj: Any, names: str) -> None:
+    """Each named number (or tuple element) of ``obj`` is in [0, 1) (dropout rates)."""
+    _each(obj, names, lambda v: 0 <= v < 1, "a number in [0, 1)", "numbers in [0, 1)")
+
+
+def within(obj: Any, names: str, low: int, high: int) -> None:
+    """Each named integer (or tuple element) of ``obj`` is in [low, high] (layer numbers)."""
+    _each(obj, names, lambda v: low <= v <= high, f"an integer in [{low}, {high}]",
+          f"integers in [{low}, {high}]")
 
 
 @dataclass(frozen=True)
@@ -45,7 +77,7 @@ class DataConfig:
     eval_examples: int = 10_000  # held-out examples used by the periodic evaluation
 
     def __post_init__(self) -> None:
-        _at_least(self, "shards eval_examples", 1)
+        at_least(self, "shards eval_examples", 1)
         if self.shuffle not in ("thorough", "shards"):
             raise ValueError(f"shuffle must be 'thorough' or 'shards', got {self.shuffle!r}")
 
@@ -61,14 +93,10 @@ class OptimConfig:
     decay_steps: int = 1_000  # steps per factor of decay_rate (continuous, not staircase)
 
     def __post_init__(self) -> None:
-        _at_least(self, "decay_steps", 1)
-        for name, ok, want in (("lr", self.lr > 0, "> 0"),
-                               ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
-                               ("decay_rate", self.decay_rate > 0, "> 0")):
-            value = getattr(self, name)
-            if not ok or value != value or value in (float("inf"), float("-inf")):
-                raise ValueError(f"{name} must be a finite number {want}, got {value!r}")
+        at_least(self, "decay_steps", 1)
+        positive(self, "lr decay_rate")
+        fraction(self, "momentum")
+        _each(self, "weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0", "")
 
 
 @dataclass(frozen=True)
@@ -82,7 +110,7 @@ class TrainConfig:
     eval_batch_size: int = 1_000  # examples per forward during evaluation
 
     def __post_init__(self) -> None:
-        _at_least(self, "steps batch_size eval_every checkpoint_every eval_batch_size", 1)
+        at_least(self, "steps batch_size eval_every checkpoint_every eval_batch_size", 1)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -137,6 +165,32 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _element_type(cfg: Any, path: list[str]) -> type | None:
+    """The element type of the tuple field at ``path`` (``tuple[float, ...]`` -> float)."""
+    owner = cfg
+    for part in path[:-1]:
+        owner = getattr(owner, part)
+    hint = typing.get_type_hints(type(owner)).get(path[-1])
+    args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+    return args[0] if len(args) == 2 and args[1] is Ellipsis else None
+
+
+def _coerce_elements(key: str, value: tuple[Any, ...], kind: type | None) -> tuple[Any, ...]:
+    """A tuple's elements checked against its annotation; ints widen to floats."""
+    if kind is None:
+        return value
+    out = []
+    for v in value:
+        ok = isinstance(v, kind) and not (isinstance(v, bool) and kind is not bool)
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v, ok = float(v), True
+        if not ok:
+            raise ValueError(f"--set {key}: expected a tuple of {kind.__name__}, got "
+                             f"{type(v).__name__} {v!r} in {value!r}")
+        out.append(v)
+    return tuple(out)
+
+
 def _replace(cfg: Any, path: list[str], value: Any) -> Any:
     if len(path) == 1:
         return dataclasses.replace(cfg, **{path[0]: value})
@@ -163,6 +217,8 @@ def apply_overrides(cfg: Any, sets: list[str]) -> Any:
         if key not in valid:
             raise ValueError(f"--set: unknown key {key!r}; valid keys: {', '.join(sorted(valid))}")
         value = _coerce(key, _parse(text.strip()), valid[key])
+        if isinstance(value, tuple):
+            value = _coerce_elements(key, value, _element_type(cfg, key.split(".")))
         try:
             cfg = _replace(cfg, key.split("."), value)
         except ValueError as e:  # a dataclass's own check (e.g. steps >= 1): name the key

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
 from bnlab.lab.experiments.ioffe2015._inception import RECIPES, build, settings
 from bnlab.lab.models import MLP, norm_factory
@@ -53,6 +53,13 @@ class Alg2Config:
                                                checkpoint_every=1_000, eval_batch_size=500)
     inception_optim: OptimConfig = _X5_OPTIM  # BN-x5's (Fig. 2)
     alg2_batches: int = 100  # training mini-batches averaged by Alg. 2
+
+    def __post_init__(self) -> None:
+        at_least(self, "alg2_batches", 1)
+        unknown = [m for m in self.models if m not in ("mlp", "inception")]
+        if unknown or not self.models:
+            raise ValueError(f"models must be a non-empty tuple of 'mlp' and 'inception', got "
+                             f"{self.models!r}")
 
 
 PRESETS = {

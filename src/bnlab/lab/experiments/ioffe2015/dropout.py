@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, fraction, positive
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_IMAGENET
 from bnlab.lab.experiments.ioffe2015._claims import TrainAccuracy, subset
 from bnlab.lab.models import Inception, activation, norm_factory
@@ -53,6 +53,12 @@ class DropoutConfig:
     width: float = 1.0  # channel multiplier of the small Inception
     train_examples: int = 5_000  # training subset (None-like 0: all 60,000)
     train_probe: int = 1_000  # fixed examples of the subset for the training accuracy
+
+    def __post_init__(self) -> None:
+        fraction(self, "rates")
+        positive(self, "width")
+        at_least(self, "train_examples", 0)
+        at_least(self, "train_probe", 1)
 
 
 PRESETS = {

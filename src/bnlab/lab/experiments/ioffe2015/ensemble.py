@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, fraction
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_IMAGENET
 from bnlab.lab.experiments.ioffe2015._inception import RECIPES, build, settings
 from bnlab.lab.registry import Experiment, RunContext
@@ -41,6 +41,12 @@ class EnsembleConfig:
                                      decay_steps=300)  # Inception's; BN-x30 changes applied
     members: int = 6  # the paper's 6 networks
     dropouts: tuple[float, ...] = (0.0, 0.05, 0.1)  # member k: dropouts[k % len]
+
+    def __post_init__(self) -> None:
+        at_least(self, "members", 1)
+        fraction(self, "dropouts")
+        if not self.dropouts:
+            raise ValueError("dropouts must hold at least one rate, got ()")
     width: float = 1.0
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive, within
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
 from bnlab.lab.models import MLP, norm_factory
 from bnlab.lab.probes import InputPercentiles
@@ -56,6 +56,11 @@ class Fig1Config:
     sweep: tuple[float, ...] = ()  # extra no-BN learning rates, variants "nobn_lr<x>"
     probe_examples: int = 1_000  # fixed held-out batch for the percentiles (Fig. 1b, c)
     probe_unit: int = 0  # the "typical" sigmoid of the last hidden layer that is plotted
+
+    def __post_init__(self) -> None:
+        positive(self, "init_std sweep")
+        at_least(self, "probe_examples", 1)
+        within(self, "probe_unit", 0, 99)  # a unit of the last hidden layer of 100
 
 
 PRESETS = {

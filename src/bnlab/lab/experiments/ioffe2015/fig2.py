@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, fraction, positive
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_IMAGENET
 from bnlab.lab.experiments.ioffe2015._inception import RECIPES, build, settings
 from bnlab.lab.registry import Experiment, RunContext
@@ -63,6 +63,10 @@ class Fig2Config:
     dropout: float = 0.4  # Inception's dropout (removed by the Sec. 4.2.1 changes)
     sweep: tuple[float, ...] = (0.02, 0.04)  # extra Inception lrs, variants "inception_lr<x>"
     controls: bool = True  # also train inception_x5 and inception_sigmoid
+
+    def __post_init__(self) -> None:
+        positive(self, "width sweep")
+        fraction(self, "dropout")
 
 
 PRESETS = {

@@ -40,7 +40,7 @@ from typing import Any
 from matplotlib import colormaps
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
 from bnlab.lab.experiments.ioffe2015._claims import JacobianSpectrum, build_mlp, log10_edges
 from bnlab.lab.registry import Experiment, RunContext
@@ -61,6 +61,10 @@ class JacobianConfig:
     init_factor: float = 1.0  # × the LeCun/Kaiming std
     probe_examples: int = 200  # held-out examples whose Jacobians are computed
     calib_batches: int = 20  # training batches for the Alg. 2 statistics before each measurement
+
+    def __post_init__(self) -> None:
+        positive(self, "init_factor")
+        at_least(self, "probe_examples calib_batches", 1)
 
 
 PRESETS = {

@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, positive
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
 from bnlab.lab.experiments.ioffe2015._claims import build_mlp
 from bnlab.lab.experiments.ioffe2015._heatmap import Grid, grid_figure, region
@@ -57,6 +57,9 @@ class LrInitConfig:
     optim: OptimConfig = OptimConfig(lr=0.1, momentum=0.9)  # lr replaced by each cell's
     lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # 3 decades
     inits: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)  # × the fan-in std, 2 decades
+
+    def __post_init__(self) -> None:
+        positive(self, "lrs inits")
     acts: tuple[str, ...] = ACTS
     # The good region: within this of the panel's best accuracy. 1 point is the width asked
     # for; it is near the eval noise of one short run (binomial std on 5,000 images ≈ 0.6

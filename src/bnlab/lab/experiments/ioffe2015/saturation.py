@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
 from bnlab.lab.experiments.ioffe2015._claims import Saturation, build_mlp
 from bnlab.lab.registry import Experiment, RunContext
@@ -52,6 +52,10 @@ class SaturationConfig:
     init_std: float = 0.1  # fig1's N(0, 0.1²)
     threshold: float = 4.0  # |sigmoid input| above this counts as saturated
     probe_examples: int = 1_000  # the fixed held-out batch
+
+    def __post_init__(self) -> None:
+        positive(self, "lrs init_std threshold")
+        at_least(self, "probe_examples", 1)
 
 
 PRESETS = {

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive
 from bnlab.lab.data import Dataset
 from bnlab.lab.models import VGG, DeepLinearNetwork
 from bnlab.lab.models.dln import dln_loss, make_dln_data
@@ -115,6 +115,10 @@ class VGGSpec:
     train_acc_examples: int = 2_000  # fixed training subset for the training-accuracy curve
     final_examples: int = 10_000  # examples of the final train/test accuracy in the summary
 
+    def __post_init__(self) -> None:
+        positive(self, "width")
+        at_least(self, "train_acc_examples final_examples", 1)
+
 
 # The smoke presets' sizes, shared by the experiments that train the VGG (and the DLN below).
 SMOKE_DATA = DataConfig(eval_examples=120)
@@ -183,6 +187,9 @@ class DLNSpec:
     steps: int = 10_000
     eval_every: int = 50  # loss (and probes) every this many steps
     checkpoint_every: int = 2_000
+
+    def __post_init__(self) -> None:
+        at_least(self, "depth width samples steps eval_every checkpoint_every", 1)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.samples, eval_every=self.eval_every,

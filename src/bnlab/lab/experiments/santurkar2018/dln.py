@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig
+from bnlab.lab.config import DataConfig, positive
 from bnlab.lab.experiments.santurkar2018._common import (
     SMOKE_DLN,
     DLNSpec,
@@ -50,6 +50,9 @@ class DLNConfig:
     data: DataConfig = DataConfig()  # unused: the DLN's data is synthetic (kept for --data-dir)
     dln: DLNSpec = DLNSpec()
     lr: float = 1e-6
+
+    def __post_init__(self) -> None:
+        positive(self, "lr")
 
 
 PRESETS = {

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive, within
 from bnlab.lab.experiments.santurkar2018._common import (
     SMOKE_DATA,
     SMOKE_VGG,
@@ -63,6 +63,11 @@ class Fig1Config:
     lrs: tuple[float, ...] = (0.1, 0.5)
     layers: tuple[int, ...] = (3, 11)  # Fig. 1c
     dist_examples: int = 256
+
+    def __post_init__(self) -> None:
+        positive(self, "lrs")
+        within(self, "layers", 1, 13)  # VGG-13's convolutions
+        at_least(self, "dist_examples", 1)
 
 
 PRESETS = {

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, within
 from bnlab.lab.experiments.santurkar2018._common import (
     SMOKE_DATA,
     SMOKE_VGG,
@@ -71,6 +71,12 @@ class Fig2Config:
     layers: tuple[int, ...] = tuple(range(1, 14))  # all 13 for stability
     shown: tuple[int, ...] = (2, 9, 13)  # the layers of Fig. 2
     dist_examples: int = 256
+
+    def __post_init__(self) -> None:
+        within(self, "layers shown", 1, 13)  # VGG-13's convolutions
+        at_least(self, "dist_examples", 1)
+        if not set(self.shown) <= set(self.layers):
+            raise ValueError(f"shown must be among layers {self.layers}, got {self.shown}")
 
 
 PRESETS = {

@@ -35,7 +35,7 @@ from typing import Any
 import torch.nn.functional as F
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, positive, within
 from bnlab.lab.experiments.santurkar2018._common import (
     QUICK_DLN,
     SMOKE_DATA,
@@ -75,6 +75,11 @@ class Fig3Config:
     dln: DLNSpec = DLNSpec(steps=2_000, eval_every=100, checkpoint_every=1_000)
     dln_lrs: tuple[float, ...] = (1e-6, 1e-7)
     dln_layers: tuple[int, ...] = (9, 17)
+
+    def __post_init__(self) -> None:
+        positive(self, "vgg_lrs dln_lrs")
+        within(self, "vgg_layers", 1, 13)  # VGG-13's convolutions
+        within(self, "dln_layers", 1, self.dln.depth)
 
 
 PRESETS = {

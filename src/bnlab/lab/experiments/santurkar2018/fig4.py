@@ -36,7 +36,7 @@ from typing import Any
 import torch.nn.functional as F
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, positive
 from bnlab.lab.experiments.santurkar2018._common import (
     QUICK_DLN,
     SMOKE_DATA,
@@ -69,6 +69,9 @@ class Fig4Config:
     dln: DLNSpec = DLNSpec(steps=2_000, eval_every=100, checkpoint_every=1_000)
     dln_lr: float = 1e-6
     dln_multipliers: tuple[float, ...] = (0.01, 0.1, 1.0, 3.0, 10.0, 30.0)
+
+    def __post_init__(self) -> None:
+        positive(self, "vgg_multipliers dln_lr dln_multipliers")
 
 
 PRESETS = {

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, positive
 from bnlab.lab.experiments.santurkar2018._common import (
     QUICK_DLN,
     SMOKE_DATA,
@@ -64,6 +64,9 @@ class Fig5Config:
     vgg: VGGSpec = VGGSpec()
     dln: DLNSpec = DLNSpec(steps=2_000, eval_every=100, checkpoint_every=1_000)
     dln_lr: float = 1e-6
+
+    def __post_init__(self) -> None:
+        positive(self, "dln_lr")
 
 
 PRESETS = {
