@@ -143,6 +143,18 @@ def test_ics_bad_arguments():
         gradient_ics(model, mse_sum, batch(), lr=0.1, measure=[4])
     with pytest.raises(ValueError, match="pair"):
         gradient_ics(model, mse_sum, batch()[0], lr=0.1)
+    with pytest.raises(ValueError, match="measure: expected at least one layer number"):
+        gradient_ics(model, mse_sum, batch(), lr=0.1, measure=[])
+    with pytest.raises(ValueError, match=r"params: expected names .*got \['nosuch.weight'\]"):
+        landscape_probe(model, mse_sum, batch(), [0.1], params=["nosuch.weight"])
+
+
+def test_ics_default_layers_skip_frozen_ones():
+    """Fine-tuning: a frozen first layer is no W_i (nothing moves it), not an error."""
+    model = mlp_bn()
+    model[0].requires_grad_(False)
+    res = gradient_ics(model, mse_sum, batch(), lr=0.1)
+    assert res.names == ["3", "7"] and res.l2[0] == 0.0  # the first trainable layer: no ICS
 
 
 # ----------------------------------------------------------------------------- landscape
@@ -284,6 +296,17 @@ def test_tracker_capture_own_forward_and_errors():
         ActivationTracker(model, quantiles=(0.5, 1.5))
     with pytest.raises(ValueError, match="saturation_threshold"):
         saturation_fraction(tr.history())
+    with pytest.raises(ValueError, match="'nope' is not the name of a submodule"):
+        ActivationTracker(model, ["nope"])
+    with pytest.raises(ValueError, match=r"units: expected channel indices below 4"):
+        ActivationTracker(model, units=[7]).record(torch.randn(2, 3))
+    # A step where a watched module is not called stores nothing for any module.
+    two = ActivationTracker(model, [model[0], model[1]])
+    with pytest.raises(RuntimeError, match=r"'1'.* not called"), two.capture():
+        model[0](torch.randn(2, 3))
+    two.record(torch.randn(2, 3))
+    assert [len(h["steps"]) for h in two.history().values()] == [1, 1]
+    assert all(h["quantiles"].shape[0] == 1 for h in two.history().values())
 
 
 def test_distribution_shift_closed_form():

@@ -72,6 +72,11 @@ def current_params(model: nn.Module, names: Iterable[str] | None = None) -> dict
     params = dict(model.named_parameters())
     if names is None:
         return {n: p.detach() for n, p in params.items() if p.requires_grad}
+    names = list(names)
+    unknown = [n for n in names if n not in params]
+    if unknown or not names:
+        raise ValueError(f"params: expected names of the model's parameters (e.g. "
+                         f"{next(iter(params), 'none')!r}), got {unknown or names!r}")
     return {n: params[n].detach() for n in names}
 
 

@@ -102,6 +102,9 @@ class ActivationTracker:
         out = {}
         for m in modules:
             if isinstance(m, str):
+                if m not in dict(self.model.named_modules()):
+                    raise ValueError(f"modules: {m!r} is not the name of a submodule of the "
+                                     f"model (names: {', '.join(list(names.values())[1:6])}, ...)")
                 out[m] = self.model.get_submodule(m)
             elif m in names:
                 out[names[m]] = m
@@ -117,6 +120,13 @@ class ActivationTracker:
         def hook(name: str):
             def fn(_mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
                 x = args[0] if self.where == "input" else out
+                if x.dim() < 2:
+                    raise ValueError(f"ActivationTracker: the {self.where} of {name!r} has "
+                                     f"shape {tuple(x.shape)}; expected (N, C, *)")
+                if self.units is not None and not all(-x.shape[1] <= u < x.shape[1]
+                                                      for u in self.units):
+                    raise ValueError(f"units: expected channel indices below {x.shape[1]} "
+                                     f"(the {self.where} of {name!r}), got {self.units}")
                 # (N, C, *) -> (C, N·positions): a unit is a channel, as in conv BN.
                 seen[name].append(x.detach().transpose(0, 1).reshape(x.shape[1], -1).float())
             return fn
@@ -127,11 +137,15 @@ class ActivationTracker:
         finally:
             for h in handles:
                 h.remove()
+        missed = [name for name, chunks in seen.items() if not chunks]
+        if missed:  # checked before anything is stored: a failed step leaves no half record
+            raise RuntimeError(f"ActivationTracker: module(s) {', '.join(map(repr, missed))} "
+                               "were not called")
+        described = {name: self._describe(torch.cat(chunks, dim=1))
+                     for name, chunks in seen.items()}
         self.steps.append(len(self.steps) if step is None else int(step))
-        for name, chunks in seen.items():
-            if not chunks:
-                raise RuntimeError(f"ActivationTracker: module {name!r} was not called")
-            self._records[name].append(self._describe(torch.cat(chunks, dim=1)))
+        for name, rec in described.items():
+            self._records[name].append(rec)
 
     @torch.no_grad()
     def record(self, *inputs: Any, step: int | None = None) -> None:

@@ -130,8 +130,9 @@ def gradient_ics(
             e.g. to mimic SGD with momentum from the optimizer's buffers, without changing them.
         layers: W_1..W_k in forward order: modules, module names, or groups of them (a group's
             parameters form one W_i, e.g. ``[conv, bn]`` to count BN's γ, β with the conv).
-            Default: every Conv/Linear module in forward order (`default_layers`, one extra
-            no-grad forward per call: pass ``layers`` when probing often). Trainable
+            Default: every Conv/Linear module with trainable parameters, in forward order
+            (`default_layers`, one extra no-grad forward per call: pass ``layers`` when probing
+            often). Trainable
             parameters outside the layers (e.g. BN's γ, β by default) are never moved.
         measure: 1-based layer numbers to report (default all). Every layer before a measured
             one is still moved, as the definition requires.
@@ -144,11 +145,21 @@ def gradient_ics(
             raise ValueError("gradient_ics: give lr (plain SGD) or update, got neither")
         update = sgd_update(lr)
     with SideEffectGuard(model) as guard:
-        names = (list(layers) if layers is not None
-                 else default_layers(model, split_batch(batch)[0]))
+        if layers is None:  # frozen layers are no W_i: nothing would move them
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            names = [n for n in default_layers(model, split_batch(batch)[0])
+                     if any((f"{n}.{p}" if n else p) in trainable for p, _ in
+                            model.get_submodule(n).named_parameters())]
+            if not names:
+                raise ValueError("gradient_ics: the model has no Conv/Linear layer with "
+                                 "trainable parameters to measure")
+        else:
+            names = list(layers)
         shown, groups = _layer_params(model, names)
         k = len(groups)
         measure = list(range(1, k + 1)) if measure is None else list(measure)
+        if not measure:
+            raise ValueError("measure: expected at least one layer number, got none")
         for i in measure:
             if not isinstance(i, int) or not 1 <= i <= k:
                 raise ValueError(f"measure: layer numbers must be in 1..{k}, got {i!r}")
