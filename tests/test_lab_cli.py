@@ -129,3 +129,14 @@ def test_experiment_settings_are_checked_when_set(sets, needle):
         apply_overrides(Fig1Config(), sets)
     assert needle in str(err.value)
     assert apply_overrides(Fig1Config(), ["sweep=(1, 2)"]).sweep == (1.0, 2.0)  # ints widen
+
+
+def test_the_default_data_directory_named_explicitly_is_the_default():
+    """--data-dir /usr/share/datasets/fashion-mnist is the same config (and run directory) as
+    no --data-dir; any other directory is recorded, resolved."""
+    from bnlab.lab.data import DEFAULT_DIR
+    from bnlab.lab.registry import get
+
+    exp = get("ioffe2015.fig1")
+    assert exp.config("smoke", data_dir=DEFAULT_DIR) == exp.config("smoke")
+    assert exp.config("smoke", data_dir="rel/dir").data.dir.endswith("/rel/dir")

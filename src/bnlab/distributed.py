@@ -85,7 +85,10 @@ def sync_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, Tens
                        mean.to(f64), var.to(f64) * m])  # (1 + 2C,): m_r, μ_r, M2_r
     world = dist.get_world_size(group)
     gathered = torch.empty(world * local.numel(), dtype=f64, device=x.device)
-    dist.all_gather_into_tensor(gathered, local, group=group)  # flat: gloo wants (W·(1+2C),)
+    # all_gather_single is torch 2.13's name (all_gather_into_tensor warns that it is
+    # deprecated, on every rank and step); flat: gloo wants (W·(1+2C),).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, local, group=group)
     gathered = gathered.view(world, -1)  # (W, 1 + 2C)
     counts, means, m2 = gathered[:, :1], gathered[:, 1:1 + c], gathered[:, 1 + c:]
     total = counts.sum(0)  # (1,)

@@ -77,8 +77,10 @@ class Experiment:
             raise ValueError(f"{self.name}: unknown preset {preset!r}; valid presets: "
                              f"{', '.join(valid)}")
         cfg = apply_overrides(self.presets[preset], list(sets))
-        if data_dir is not None:
-            cfg = apply_overrides(cfg, [f"data.dir={str(Path(data_dir).resolve())!r}"])
+        # The default directory named explicitly stays None: the same config and run directory.
+        given = None if data_dir is None else Path(data_dir).resolve()
+        if given is not None and given != Path(data_mod.DEFAULT_DIR).resolve():
+            cfg = apply_overrides(cfg, [f"data.dir={str(given)!r}"])
         return cfg
 
 

@@ -250,7 +250,8 @@ def fit(
                 break
             if interrupt.requested:
                 checkpoint(done)
-                raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved in "
+                where = "saved" if par.main else "saved by rank 0"  # the others keep no files
+                raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint {where} in "
                                         f"{run.path} (continue with --resume)")
     # What the caller computes after training (a final evaluation of 20k examples, artefacts)
     # may be interrupted too: this checkpoint lets --resume go straight to it.
