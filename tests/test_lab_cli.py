@@ -140,3 +140,14 @@ def test_the_default_data_directory_named_explicitly_is_the_default():
     exp = get("ioffe2015.fig1")
     assert exp.config("smoke", data_dir=DEFAULT_DIR) == exp.config("smoke")
     assert exp.config("smoke", data_dir="rel/dir").data.dir.endswith("/rel/dir")
+
+
+def test_ctrl_c_outside_a_run_is_a_word_not_a_traceback(capsys, monkeypatch):
+    import bnlab.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_list", interrupted)
+    assert cli.main(["list"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

@@ -153,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:  # OSError: FileNotFoundError and kin
         print(f"bnlab: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a run's own handling (start-up, a kernel build, report)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
