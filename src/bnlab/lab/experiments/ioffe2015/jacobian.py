@@ -204,7 +204,8 @@ def report(inp: Inputs) -> Section:
     verdict = ("reproduced" if checks and held == len(checks) else
                "partly" if checks and 2 * held >= len(checks) else
                "not reproduced" if checks else "inconclusive")
-    why = (f"{held}/{len(checks)} checks hold: " + "; ".join(
+    why = ("Rule: every check must hold for 'reproduced', at least half for 'partly'. "
+           f"{held}/{len(checks)} checks hold: " + "; ".join(
         f"{k}: {'yes' if ok else 'no'}" for k, ok in checks.items())
         + ". 'Reproduced' means BN's spectrum is closer to 1, not that every value equals 1.")
     return Section(

@@ -150,7 +150,8 @@ def report(inp: Inputs) -> Section:
     held = sum(checks.values())
     verdict = ("reproduced" if held == len(checks) else "partly" if 2 * held >= len(checks)
                else "not reproduced")
-    why = (f"{held}/{len(checks)} checks hold: " + "; ".join(
+    why = ("Rule: every check must hold for 'reproduced', at least half for 'partly'. "
+           f"{held}/{len(checks)} checks hold: " + "; ".join(
         f"{k}: {'yes' if ok else 'no'}" for k, ok in checks.items()) + ".")
     steps, bs = cfg["train"]["steps"], cfg["train"]["batch_size"]
     return Section(

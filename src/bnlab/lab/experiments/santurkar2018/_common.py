@@ -38,8 +38,9 @@ SUBSTITUTION_VGG = (
     "no momentum, no weight decay, no augmentation, Glorot init, as the paper). Accuracies are "
     "not comparable in level with the paper's CIFAR-10 numbers; compare orderings and gaps.")
 SUBSTITUTION_DLN = (
-    "None for the data: synthetic Gaussian regression as in the paper (A 10×10 Gaussian, "
-    "x ~ N(0, I), {n} samples drawn from the run seed), 25 square 10×10 bias-free layers, "
+    "synthetic data, nothing to substitute: Gaussian regression as in the paper (A 10×10 "
+    "Gaussian, "
+    "x ~ N(0, I), {n} samples drawn from the run seed{fewer}), 25 square 10×10 bias-free layers, "
     "summed squared loss, full-batch gradient descent for {steps} steps. BN (or an ℓp norm) "
     "follows every linear layer but the last (the paper does not say where it sits).")
 
@@ -201,7 +202,9 @@ QUICK_DLN = DLNSpec(steps=600, eval_every=50, checkpoint_every=300)  # fig3-fig5
 
 
 def dln_substitution(spec: dict[str, Any]) -> str:
-    return SUBSTITUTION_DLN.format(n=spec["samples"], steps=spec["steps"])
+    fewer = "; the paper's 1,000" if spec["samples"] != 1_000 else ""
+    return SUBSTITUTION_DLN.format(n=f"{spec['samples']:,}", steps=f"{spec['steps']:,}",
+                                   fewer=fewer)
 
 
 def _full_batch_loss(x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module], dict[str, Any]]:

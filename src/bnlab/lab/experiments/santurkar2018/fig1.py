@@ -123,9 +123,10 @@ def report(inp: Inputs) -> Section:
     lo, hi = cfg["lrs"][0], cfg["lrs"][-1]
     names = variants(Fig1Config(lrs=tuple(cfg["lrs"])))
     figures = [("Figure 1(a, b) on Fashion-MNIST (not CIFAR-10): training accuracy (fixed "
-                "2k training images, eval mode) and test accuracy against steps, mean ± std over "
-                "seeds", curves_figure(inp, names, [("train_acc", "training accuracy"),
-                                                    ("acc", "test accuracy")], "Fig. 1"))]
+                f"{cfg['vgg']['train_acc_examples']:,} training images, eval mode) and test "
+                "accuracy against steps, mean ± std over seeds",
+                curves_figure(inp, names, [("train_acc", "training accuracy"),
+                                           ("acc", "test accuracy")], "Fig. 1"))]
     fig, axes = plots.figure(2 * len(cfg["layers"]), width=3.4)
     i = 0
     for layer in cfg["layers"]:
@@ -184,11 +185,13 @@ def report(inp: Inputs) -> Section:
             + "; ".join(text for _, text in checks) + ".",
         tables=[Table(["variant", "final training acc", "final test acc",
                        "mean training acc over the run", "diverged seeds"], rows,
-                      "Fashion-MNIST VGG, mean ± std over seeds (final accuracies on 10k images)"),
+                      "Fashion-MNIST VGG, mean ± std over seeds (final accuracies on "
+                      f"{cfg['vgg']['final_examples']:,} images)"),
                 Table(["layer", "Standard", "BN"], drift_rows,
                       f"Distribution drift at lr {lo:g}: mean |percentile, last 20% − first 20% "
                       "of training| / final 5–95% spread (not in the verdict: the paper's "
-                      "claim here is qualitative)")],
+                      "claim here is qualitative; –: fewer than 5 distribution records, as in "
+                      "a short run)")],
         figures=figures)
 
 

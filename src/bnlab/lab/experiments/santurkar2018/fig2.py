@@ -108,8 +108,9 @@ def report(inp: Inputs) -> Section:
     lr = cfg["optim"]["lr"]
     v = {n: variant_name("vgg", n, lr) for n in NORMS}
     shown = [str(k) for k in cfg["shown"]]
-    figures = [("Figure 2 on Fashion-MNIST (not CIFAR-10): training accuracy (fixed 2k training "
-                "images, eval mode) and test accuracy, mean ± std over seeds",
+    figures = [("Figure 2 on Fashion-MNIST (not CIFAR-10): training accuracy (fixed "
+                f"{cfg['vgg']['train_acc_examples']:,} training images, eval mode) and test "
+                "accuracy, mean ± std over seeds",
                 curves_figure(inp, list(v.values()), [("train_acc", "training accuracy"),
                                                       ("acc", "test accuracy")], "Fig. 2"))]
     fig, axes = grid(len(shown), len(NORMS))

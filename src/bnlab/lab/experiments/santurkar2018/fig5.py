@@ -147,7 +147,8 @@ def report(inp: Inputs) -> Section:
             + "; ".join(text for _, text in checks) + ".",
         tables=[Table(["norm", "VGG final training acc", "VGG final test acc",
                        "DLN final loss", "paper DLN loss (read from plot, 10k steps)"], rows,
-                      "Mean ± std over seeds (VGG accuracies on 10k images)")],
+                      "Mean ± std over seeds (VGG accuracies on "
+                      f"{cfg['vgg']['final_examples']:,} images)")],
         figures=figures)
 
 
