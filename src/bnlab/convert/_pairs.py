@@ -1,8 +1,9 @@
-"""What `fold` and `batchnormify` share: finding a Linear/Conv layer and the module after it.
+"""What `fold`, `batchnormify` and `replace_norm` share: finding a Linear/Conv layer and the
+module after it, what counts as a norm, a layer's output size, replacing a module by name.
 
-Both look for pairs with torch.fx where the model traces (stopping at the given leaf modules,
-e.g. BN, whose input checks are Python control flow) and fall back to adjacent children of
-`nn.Sequential` containers; both replace modules by dotted name.
+`fold` and `batchnormify` look for pairs with torch.fx where the model traces (stopping at the
+given leaf modules, e.g. BN, whose input checks are Python control flow) and fall back to
+adjacent children of `nn.Sequential` containers; all three replace modules by dotted name.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from collections.abc import Callable
 
 from torch import fx, nn
 
+from bnlab.stats import is_batchnorm
+from bnlab.variants.frozen import FrozenBatchNorm
+
 # The layers whose output BN may follow (Sec. 3.2) and into which it folds (Alg. 2, l. 11).
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
           nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -22,6 +26,16 @@ ModulePredicate = Callable[[nn.Module], bool]
 
 def is_layer(m: nn.Module) -> bool:
     return isinstance(m, LAYERS)
+
+
+def out_features(layer: nn.Module) -> int:
+    """The output size of a `LAYERS` layer (features, or channels of a convolution)."""
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def is_norm(m: nn.Module) -> bool:
+    """A module whose eval transform is BN's: bnlab/torch BN (and subclasses) or FrozenBatchNorm."""
+    return is_batchnorm(m) or isinstance(m, FrozenBatchNorm)
 
 
 class _LeafTracer(fx.Tracer):

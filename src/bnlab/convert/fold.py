@@ -21,15 +21,8 @@ from torch.nn.utils import parametrize
 from bnlab._checks import FxLeaf, check_materialized
 from bnlab.convert import _pairs
 from bnlab.layers import BatchNormReLU
-from bnlab.stats import is_batchnorm
-from bnlab.variants.frozen import FrozenBatchNorm
 
 __all__ = ["ChannelAffine", "fold", "fold_pairs"]
-
-
-def _is_norm(m: nn.Module) -> bool:
-    """A module whose eval transform is BN's: bnlab/torch BN (and subclasses) or FrozenBatchNorm."""
-    return is_batchnorm(m) or isinstance(m, FrozenBatchNorm)
 
 
 class ChannelAffine(FxLeaf, nn.Module):
@@ -68,10 +61,10 @@ def _affine_of(bn: nn.Module, name: str) -> tuple[Tensor, Tensor]:
 
 
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
-    graph, modules, calls = _pairs.trace(model, _is_norm)
+    graph, modules, calls = _pairs.trace(model, _pairs.is_norm)
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not _is_norm(modules[node.target]):
+        if node.op != "call_module" or not _pairs.is_norm(modules[node.target]):
             continue
         prev = node.args[0] if node.args else None
         if (isinstance(prev, fx.Node) and prev.op == "call_module"
@@ -86,7 +79,7 @@ def _find_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], Exception | No
     try:
         return _pairs_fx(model), None
     except Exception as e:  # not traceable (data-dependent control flow, ...): Sequential only
-        return _pairs.sequential_pairs(model, _pairs.is_layer, _is_norm), e
+        return _pairs.sequential_pairs(model, _pairs.is_layer, _pairs.is_norm), e
 
 
 def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -95,10 +88,6 @@ def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
     Found with torch.fx where the model traces; else adjacent children of `nn.Sequential`
     containers, which assumes that each such layer's output feeds only the BN after it."""
     return _find_pairs(model)[0]
-
-
-def _out_channels(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 # Hooks that only recompute the weight, which the fold can bake in first (torch's deprecated
@@ -182,12 +171,12 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                                "inplace=True, or use torch.nn.utils.parametrizations.weight_norm"
                                " / spectral_norm instead of the deprecated hook forms") from e
     model.eval()
-    bns = {name: m for name, m in model.named_modules() if _is_norm(m)}
+    bns = {name: m for name, m in model.named_modules() if _pairs.is_norm(m)}
     affines = {name: _affine_of(bn, name) for name, bn in bns.items()}
     folded = set()
     pairs, untraced = _find_pairs(model)
     pairs = [(a, b) for a, b in pairs
-             if _out_channels(model.get_submodule(a)) == bns[b].num_features
+             if _pairs.out_features(model.get_submodule(a)) == bns[b].num_features
              and _plain(model.get_submodule(a))]
     if untraced is not None and pairs:
         warnings.warn(f"fold: torch.fx cannot trace the model ({type(untraced).__name__}: "

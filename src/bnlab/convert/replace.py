@@ -36,10 +36,6 @@ NormFactory = Callable[[int], nn.Module]
 _STRUCTURE = ("affine", "track_running_stats")
 
 
-def _is_norm(m: nn.Module) -> bool:
-    return is_batchnorm(m) or isinstance(m, FrozenBatchNorm)
-
-
 def _same_kind(target: str) -> dict[type, type]:
     """Exact class → its counterpart of the same rank in the other library."""
     from bnlab.distributed import SyncBatchNorm  # imports bnlab.convert: not at module level
@@ -162,7 +158,7 @@ def replace_norm(model: nn.Module,
     changed: list[str] = []
     out = model
     for name, old in [(n, m) for n, m in model.named_modules()
-                      if _is_norm(m) and (match is None or match(n, m))]:
+                      if _pairs.is_norm(m) and (match is None or match(n, m))]:
         label = f"{name or '<root>'} ({type(old).__name__})"
         if isinstance(factory, str):
             cls = kinds.get(type(old))
@@ -176,7 +172,7 @@ def replace_norm(model: nn.Module,
         else:
             new = _build(old, factory)
             _carry_over(old, new, copy_eps)
-            if _is_norm(new) and _loses(old, new):
+            if _pairs.is_norm(new) and _loses(old, new):
                 changed.append(f"{label} -> {type(new).__name__}")
         if not name:
             out = new

@@ -70,10 +70,6 @@ def _default_norm(layer: nn.Module) -> NormFactory:
     return BatchNorm1d  # Linear on (N, F), Conv1d on (N, C, L)
 
 
-def _out_features(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
 def batchnormify(model: nn.Module, norm_layer: NormFactory | None = None, *,
                  inplace: bool = False) -> nn.Module:
     """Insert BN right before every nonlinearity that follows a Linear/Conv layer (Sec. 3.2).
@@ -97,7 +93,7 @@ def batchnormify(model: nn.Module, norm_layer: NormFactory | None = None, *,
     model = model if inplace else copy.deepcopy(model)
     for name in nonlinearity_pairs(model):
         layer = model.get_submodule(name)
-        norm = (norm_layer or _default_norm(layer))(_out_features(layer))
+        norm = (norm_layer or _default_norm(layer))(_pairs.out_features(layer))
         norm.to(device=layer.weight.device, dtype=layer.weight.dtype).train(layer.training)
         layer.bias = None  # subsumed by the norm's β
         _pairs.set_module(model, name, nn.Sequential(layer, norm))
