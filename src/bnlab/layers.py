@@ -57,6 +57,29 @@ def count_batch(module: nn.Module, finite: Tensor) -> None:
         nonfinite.add_(1)
 
 
+def stats_mode(m: nn.Module, has_stats: bool) -> tuple[bool, bool]:
+    """(use batch statistics, update the running statistics) for a forward of ``m``, a layer
+    with BN's flags (``training``, ``frozen``, ``track_running_stats``,
+    ``_stats_update_blocked``) whose running statistics exist iff ``has_stats``.
+
+    PyTorch's rule, which reads the buffers, not the flag, for eval: batch statistics in
+    training or where no running statistics exist; the running statistics are updated in
+    training where the flag asks for it and they exist. (So turning track_running_stats off on
+    a trained layer stops the updates and keeps eval on the running statistics, as in torch;
+    deleting the buffers makes eval use the batch's.)"""
+    training = m.training and not (m.frozen and has_stats)
+    update = training and m.track_running_stats and has_stats and not m._stats_update_blocked
+    return training or not has_stats, update
+
+
+def running_momentum(m: nn.Module) -> float | Tensor:
+    """The averaging factor of ``m``'s next update: ``m.momentum``, or 1/n for the cumulative
+    average (n counting this batch; a 0-d tensor: no host sync)."""
+    if m.momentum is not None:
+        return m.momentum
+    return 1.0 / (m.num_batches_tracked + 1)
+
+
 class BatchNorm(FxLeaf, nn.Module):
     """Batch normalization over dimension 1 of an (N, C, *) input (Ioffe & Szegedy 2015, Alg. 1).
 
@@ -174,24 +197,12 @@ class BatchNorm(FxLeaf, nn.Module):
         check_input(x, self._who(), self._ranks, self.num_features)
 
     def _momentum(self) -> float | Tensor:
-        """The averaging factor of this step: `momentum`, or 1/n for the cumulative average."""
-        if self.momentum is not None:
-            return self.momentum
-        return 1.0 / (self.num_batches_tracked + 1)  # 0-d tensor: no host sync
+        """The averaging factor of this step (`running_momentum`)."""
+        return running_momentum(self)
 
     def _mode(self) -> tuple[bool, bool]:
-        """(use batch statistics, update the running statistics) for this forward."""
-        # PyTorch's rule, which reads the buffers, not the flag, for eval: batch statistics in
-        # training or where no running statistics exist; the running statistics are updated
-        # in training where the flag asks for it and they exist. (So turning
-        # track_running_stats off on a trained layer stops the updates and keeps eval on the
-        # running statistics, as in torch; deleting the buffers makes eval use the batch's.)
-        has_stats = self.running_mean is not None and self.running_var is not None
-        training = self.training and not (self.frozen and has_stats)
-        use_batch_stats = training or not has_stats
-        update = (training and self.track_running_stats and has_stats
-                  and not self._stats_update_blocked)
-        return use_batch_stats, update
+        """(use batch statistics, update the running statistics) for this forward (`stats_mode`)."""
+        return stats_mode(self, self.running_mean is not None and self.running_var is not None)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

@@ -29,6 +29,7 @@ from bnlab.functional import (
     lerp_buffer_,
     reduce_dims,
 )
+from bnlab.layers import running_momentum, stats_mode
 
 __all__ = ["LpNorm", "lp_norm", "lp_stats"]
 
@@ -212,17 +213,11 @@ class LpNorm(FxLeaf, nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         who = f"{type(self).__name__}({self.num_features})"
         check_input(input, who, (2, 3, 4, 5), self.num_features)
-        # BN's rule (`BatchNorm._mode`): eval reads the buffers, the flag decides updates.
-        has_stats = self.running_mean is not None and self.running_scale is not None
-        training = self.training and not (self.frozen and has_stats)
-        use_batch = training or not has_stats
+        use_batch, update = stats_mode(
+            self, self.running_mean is not None and self.running_scale is not None)
         # An empty batch has no statistics: no update, and it does not count (as in BN).
-        update = (training and self.track_running_stats and has_stats
-                  and not self._stats_update_blocked and input.numel() > 0)
-        momentum: float | Tensor = 0.0
-        if update:
-            momentum = (self.momentum if self.momentum is not None
-                        else 1.0 / (self.num_batches_tracked + 1))  # 0-d tensor: no host sync
+        update = update and input.numel() > 0
+        momentum = running_momentum(self) if update else 0.0
         bufs = (self.running_mean, self.running_scale) if (update or not use_batch) \
             else (None, None)
         y, finite = _lp_norm(input, *bufs, self.weight, self.bias, use_batch, momentum,
