@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bnlab.distributed import SyncBatchNorm, SyncBatchRenorm, convert_sync_batchnorm
-from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
-from bnlab.variants import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from bnlab.distributed import _target as sync_target
+from bnlab.distributed import convert_sync_batchnorm
+from bnlab.layers import BatchNorm
 
 __all__ = [
     "all_reduce_sum",
@@ -101,23 +101,19 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return out
 
 
-# bnlab's classes whose synchronized form is a subclass of a base they share (SyncBatchNorm of
-# BatchNorm, SyncBatchRenorm of BatchRenorm), with the same attributes plus process_group.
-_SYNC_IN_PLACE = {
-    **{c: SyncBatchNorm for c in (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)},
-    **{c: SyncBatchRenorm for c in (BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)},
-}
-
-
 def sync_in_place(model: nn.Module) -> nn.Module:
     """``model`` with SyncBN, its bnlab BN layers converted by changing their class: the same
     module objects, so hooks and references that probes took before training stay valid (a
     new module, as `convert_sync_batchnorm` makes, left an activation probe waiting for a layer
-    that was no longer called). Other BN layers (torch's) go through `convert_sync_batchnorm`,
-    with its warnings for layers it keeps local."""
+    that was no longer called). A layer is converted so when its synchronized class (from
+    `convert_sync_batchnorm`'s registry) derives from one of its own bases, as SyncBatchNorm
+    from BatchNorm and SyncBatchRenorm from BatchRenorm: the same attributes, plus
+    ``process_group``. The rest (torch's layers) go through `convert_sync_batchnorm`, with its
+    warnings for layers it keeps local."""
     for m in model.modules():
-        sync_cls = _SYNC_IN_PLACE.get(type(m))
-        if sync_cls is not None:
+        known, sync_cls = sync_target(m)
+        if (known and sync_cls is not None and type(m) is not sync_cls
+                and isinstance(m, BatchNorm) and sync_cls.__bases__[0] in type(m).__mro__):
             m.__class__ = sync_cls
             m.process_group = None
     return convert_sync_batchnorm(model)
