@@ -268,7 +268,8 @@ def print_targets(targets: list[dict[str, Any]], full: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed `add_arguments` options; returns an exit code."""
     if args.json is not None:  # can it be written? Asked before the minutes of timing
-        path, existed = Path(args.json), Path(args.json).exists()
+        path = Path(args.json)
+        existed = path.exists()
         try:
             with open(path, "a"):
                 pass
