@@ -89,9 +89,10 @@ class ActivationTracker:
         self.steps: list[int] = []
 
     def _resolve(self, modules: Any) -> dict[str, nn.Module]:
-        names = {m: n for n, m in self.model.named_modules()}
+        by_name = dict(self.model.named_modules())
+        names = {m: n for n, m in by_name.items()}
         if modules is None:
-            found = {n: m for n, m in self.model.named_modules() if isinstance(m, NONLINEARITIES)}
+            found = {n: m for n, m in by_name.items() if isinstance(m, NONLINEARITIES)}
             if not found:
                 raise ValueError(f"ActivationTracker: {type(self.model).__name__} has no "
                                  "nonlinearity module; pass modules=... (e.g. its BN layers "
@@ -102,10 +103,10 @@ class ActivationTracker:
         out = {}
         for m in modules:
             if isinstance(m, str):
-                if m not in dict(self.model.named_modules()):
+                if m not in by_name:
                     raise ValueError(f"modules: {m!r} is not the name of a submodule of the "
-                                     f"model (names: {', '.join(list(names.values())[1:6])}, ...)")
-                out[m] = self.model.get_submodule(m)
+                                     f"model (names: {', '.join(list(by_name)[1:6])}, ...)")
+                out[m] = by_name[m]
             elif m in names:
                 out[names[m]] = m
             else:
