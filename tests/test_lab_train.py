@@ -14,6 +14,7 @@ from torch import nn
 from _lab_idx import write_dataset
 from bnlab import BatchNorm1d
 from bnlab.lab import runs
+from bnlab.lab import train as train_mod
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
 from bnlab.lab.data import load
 from bnlab.lab.train import fit, lr_at, seed_all
@@ -103,6 +104,24 @@ def test_an_interrupt_after_training_resumes_without_training_again(tmp_path, da
     assert s["final_acc"] == ref["final_acc"] and s["steps_done"] == TRAIN.steps
     again.finish(s)
     assert not again.checkpoint_path.exists()
+
+
+def test_progress_without_a_terminal_is_plain_lines(tmp_path, data, capsys, monkeypatch):
+    """Where stderr is not a terminal (a log file; pytest's capture) there is no bar, but a long
+    run still says how far it is: a line per evaluation, at most one per LOG_EVERY_S, and the
+    last one; nothing with progress off."""
+    cfg, ds = data
+    fit(model(), ds, new_run(tmp_path / "a"), train=TRAIN, optim=OPTIM, data_cfg=cfg, seed=0,
+        desc="exp bn seed0")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("exp bn seed0: step 24/24 train_loss=")
+    assert " loss=" in lines[0] and " acc=" in lines[0]
+    monkeypatch.setattr(train_mod, "LOG_EVERY_S", 0.0)
+    fit(model(), ds, new_run(tmp_path / "b"), train=TRAIN, optim=OPTIM, data_cfg=cfg, seed=0)
+    steps = [line.split()[2] for line in capsys.readouterr().err.splitlines()]
+    assert steps == [f"{s}/24" for s in range(4, 25, 4)]
+    train(new_run(tmp_path / "c"), data)  # progress=False
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.filterwarnings("ignore:bnlab. a training batch had non-finite")

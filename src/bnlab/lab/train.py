@@ -114,6 +114,28 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
+LOG_EVERY_S = 60.0  # the most often a progress line is written where there is no bar
+
+
+class _LogLines:
+    """Progress where stderr is not a terminal (a log file, nohup, a CI job), which gets no bar:
+    one plain line per held-out evaluation, at most one per LOG_EVERY_S seconds, and the last."""
+
+    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+        self.desc, self.total, self.enabled, self.every = desc, total, enabled, LOG_EVERY_S
+        self._last = time.perf_counter()
+
+    def __call__(self, step: int, rec: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self._last < self.every and step < self.total):
+            return
+        self._last = now
+        shown = {k: rec[k] for k in ("train_loss", "loss", "acc") if rec.get(k) is not None}
+        values = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        print(f"{self.desc or 'fit'}: step {step}/{self.total} {values}".rstrip(),
+              file=sys.stderr, flush=True)
+
+
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -200,8 +222,10 @@ def fit(
         # Training had ended (the caller's evaluation after it was interrupted): not a step more.
         return summarize(run.metrics(), diverged_step=diverged_step, wall_s=elapsed,
                          steps=train.steps)
+    tty = sys.stderr.isatty()
     bar = tqdm(total=train.steps, initial=start, desc=desc, leave=False, dynamic_ncols=True,
-               disable=not (progress and sys.stderr.isatty()), mininterval=0.5)
+               disable=not (progress and tty), mininterval=0.5)
+    lines = _LogLines(desc, train.steps, progress and not tty and par.main)
     model.train()
     with _Interrupt() as interrupt, bar:
         if start == 0:
@@ -241,6 +265,7 @@ def fit(
                     rec = record(done, (x, y), lr)
                     loss_sum, loss_n = 0.0, 0
                     run.log(rec)
+                    lines(done, rec)
                     bar.set_postfix(loss=f"{value:.3f}", acc=f"{rec.get('acc', float('nan')):.4f}",
                                     refresh=False)
                     if done % train.checkpoint_every == 0 and done < train.steps:
