@@ -241,6 +241,21 @@ def test_landscape_bad_step_sizes():
         landscape_probe(mlp_bn(), mse_sum, batch(), [0.1, -0.1])
 
 
+def test_landscape_zero_direction_is_an_error_not_nan():
+    """At a stationary point (w = 0 of a quadratic) no step moves w: beta would be 0 / 0."""
+    a, _, _ = spd(4)
+    with pytest.raises(ValueError, match=r"the gradient at w is zero"):
+        landscape_probe(Quadratic(torch.zeros(4, dtype=D)), quad_loss, (None, a), [0.1])
+    with pytest.raises(ValueError, match=r"direction is zero"):
+        landscape_probe(Quadratic(torch.ones(4, dtype=D)), quad_loss, (None, a), [0.1],
+                        direction={"w": torch.zeros(4, dtype=D)})
+    # Along a direction, a stationary point is fine: the gradient changes by η‖A d‖.
+    d = torch.ones(4, dtype=D)
+    res = landscape_probe(Quadratic(torch.zeros(4, dtype=D)), quad_loss, (None, a), [0.5],
+                          direction={"w": d})
+    torch.testing.assert_close(res.beta[0], torch.linalg.norm(a @ d) / torch.linalg.norm(d))
+
+
 # ----------------------------------------------------------------------------- activations
 
 

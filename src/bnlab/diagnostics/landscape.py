@@ -110,6 +110,10 @@ def landscape_probe(
                 raise ValueError(f"direction lacks parameters {sorted(missing)}")
             d = {n: direction[n].to(w[n]) for n in w}
         g_flat, d_norm = flat(g), torch.linalg.vector_norm(flat(d))
+        if float(d_norm) == 0:  # no step leaves w, and beta would be 0 / 0 (nan stays nan)
+            what = "the gradient at w" if direction is None else "direction"
+            raise ValueError(f"landscape_probe: {what} is zero, so no step size moves the "
+                             f"weights and beta is undefined; pass another direction=")
         losses, changes = [], []
         for eta in etas.tolist():
             moved = {n: w[n] - eta * d[n] for n in w}
