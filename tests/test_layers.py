@@ -169,3 +169,16 @@ def test_affine_without_bias_matches_torch():
     assert ours.bias is None and list(ours.state_dict()) == list(ref.state_dict())
     x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_cumulative_average_is_exact_in_float64() -> None:
+    """momentum=None in a float64 layer: 1/n in the buffers' dtype, as exact as torch's (a
+    float32 1/n put the average 1e-8 off)."""
+    torch.manual_seed(0)
+    ours = bnlab.BatchNorm1d(3, momentum=None, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(3, momentum=None, dtype=torch.float64)
+    for _ in range(7):
+        x = torch.randn(5, 3, dtype=torch.float64) * 3 + 1 / 3
+        ours(x), ref(x)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-14, atol=1e-15)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import bnlab
-from bnlab.variants import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d
+from bnlab.variants import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, LpNorm
 
 F64 = torch.float64
 
@@ -72,6 +72,8 @@ def test_bad_input_and_arguments_raise() -> None:
         FrozenBatchNorm(3)(torch.randn(2, 4))
     with pytest.raises(ValueError, match="track_running_stats"):
         FrozenBatchNorm.from_batchnorm(nn.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"expected a BatchNorm layer .* got LpNorm"):
+        FrozenBatchNorm.from_batchnorm(LpNorm(3))
 
 
 def test_replace_norm_to_frozen_and_back_preserves_eval_outputs() -> None:

@@ -104,6 +104,32 @@ def test_per_batch_update_is_pooled_alg2_of_the_ghosts() -> None:
     assert int(ghost.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("estimator", ["alg2", "population"])
+def test_population_statistics_average_over_the_ghosts(estimator: str) -> None:
+    """Alg. 2 with B the ghost batch, the mini-batch a training forward normalizes by: one
+    batch's alg2 statistics are the per_batch update's pooled ghost statistics (which ignore
+    the spread of the ghosts' means), and equal training's output; "population" stays the
+    variance of all values."""
+    torch.manual_seed(3)
+    ghost = GhostBatchNorm(3, momentum=None, stats_update="per_batch", virtual_batch_size=4,
+                           dtype=F64)
+    x = torch.randn(12, 3, dtype=F64) + torch.arange(12, dtype=F64)[:, None] // 4 * 3
+    y_train = ghost(x)  # ghosts of 4 with means 0, 3, 6: pooled variance ~1, overall ~7
+    stats = bnlab.population_statistics(ghost, [x], estimator=estimator)[""]
+    if estimator == "alg2":
+        torch.testing.assert_close(stats.mean, ghost.running_mean)
+        torch.testing.assert_close(stats.var, ghost.running_var)
+        assert stats.batches == 3 and stats.count == 12
+        ghost.running_var.fill_(1.0)
+        bnlab.recalibrate(ghost, [x])
+        torch.testing.assert_close(ghost.running_var, stats.var)
+    else:
+        torch.testing.assert_close(stats.var, x.var(0))
+    assert float(stats.var.max()) < 2 if estimator == "alg2" else float(stats.var.min()) > 5
+    x_hat = (x - ghost.running_mean) / torch.sqrt(ghost.running_var + ghost.eps)
+    assert (y_train - x_hat).abs().max() > 1  # per-ghost means: training is not eval here
+
+
 def test_gradcheck_training_mode() -> None:
     torch.manual_seed(3)
     x = torch.randn(7, 2, 3, dtype=F64, requires_grad=True)

@@ -75,6 +75,27 @@ def test_renorm_limits_follow_the_paper_schedule() -> None:
     assert (float(r), float(d)) == (2.0, 0.5)
 
 
+def test_the_schedule_advances_with_the_layers_steps_and_survives_recalibrate() -> None:
+    """The bounds follow the module's own training steps; `recalibrate` (which sets a BN's
+    num_batches_tracked to its batch count) must not send them back to the warm-up."""
+    kw = {"warmup_steps": 2, "r_max_steps": 6, "d_max_steps": 4}
+    bn = BatchRenorm1d(3, **kw)
+    seen = []
+    for _ in range(7):
+        seen.append(tuple(float(v) for v in bn.limits()))
+        bn(torch.randn(8, 3))
+    assert seen == [tuple(float(v) for v in renorm_limits(torch.tensor(k), **kw))
+                    for k in range(7)]
+    assert seen[0] == (1.0, 0.0) and seen[-1] == pytest.approx((3.0, 5.0))
+    before = bn.limits()
+    stats = bnlab.recalibrate(bn, [torch.randn(8, 3) for _ in range(2)])
+    assert int(bn.num_batches_tracked) == 7 and bn.limits() == before
+    torch.testing.assert_close(bn.running_var, stats[""].var.float())
+    plain = bnlab.BatchNorm1d(3)  # a BN's counter is the number of batches averaged (torch's)
+    bnlab.recalibrate(plain, [torch.randn(8, 3) for _ in range(2)])
+    assert int(plain.num_batches_tracked) == 2
+
+
 def _reference(x, w, b, rm, rv, eps, r_max, d_max):
     """Alg. 1 of Ioffe 2017 written out with autograd, r and d under stop_gradient."""
     dims = [0, *range(2, x.dim())]

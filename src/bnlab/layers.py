@@ -77,7 +77,9 @@ def running_momentum(m: nn.Module) -> float | Tensor:
     average (n counting this batch; a 0-d tensor: no host sync)."""
     if m.momentum is not None:
         return m.momentum
-    return 1.0 / (m.num_batches_tracked + 1)
+    # In the buffer's dtype: long / int gives float32, which would cap float64 layers' average
+    # at float32's precision (torch's own average is exact to float64).
+    return 1.0 / (m.num_batches_tracked + 1).to(m.running_mean.dtype)
 
 
 class BatchNorm(FxLeaf, nn.Module):
@@ -109,6 +111,9 @@ class BatchNorm(FxLeaf, nn.Module):
     # forwards (batch statistics) from touching the running statistics.
     frozen: bool = False
     _stats_update_blocked: int = 0
+    # True where num_batches_tracked also drives a schedule (Batch Renorm's r_max/d_max), so
+    # `bnlab.recalibrate` must not set it to its count of batches.
+    num_batches_is_clock: bool = False
 
     def __init__(
         self,
@@ -199,6 +204,12 @@ class BatchNorm(FxLeaf, nn.Module):
     def _momentum(self) -> float | Tensor:
         """The averaging factor of this step (`running_momentum`)."""
         return running_momentum(self)
+
+    def normalization_batches(self, input: Tensor) -> tuple[Tensor, ...]:
+        """The mini-batches B of Alg. 1 that a training forward of ``input`` normalizes by, each
+        with its own statistics: the whole input here (ghost batches in `GhostBatchNorm`);
+        `bnlab.population_statistics` averages over these (Alg. 2)."""
+        return (input,)
 
     def _mode(self) -> tuple[bool, bool]:
         """(use batch statistics, update the running statistics) for this forward (`stats_mode`)."""

@@ -172,7 +172,14 @@ def population_statistics(
     acc = {name: _Accumulator() for name in layers}
     modes = {m: m.training for m in model.modules()}
     snapshot = BufferSnapshot(model)  # the training-mode forwards move the running buffers
-    hooks = [m.register_forward_pre_hook(lambda _m, args, a=acc[n]: a.add(args[0]))
+
+    def observe(m: nn.Module, args: tuple[Any, ...], a: _Accumulator) -> None:
+        # Each mini-batch B the layer normalizes by: the input, or GhostBatchNorm's ghosts.
+        split = getattr(m, "normalization_batches", None)
+        for b in (split(args[0]) if split is not None else (args[0],)):
+            a.add(b)
+
+    hooks = [m.register_forward_pre_hook(lambda m, args, a=acc[n]: observe(m, args, a))
              for n, m in layers.items()]
     seen = 0
     try:
@@ -212,7 +219,9 @@ def recalibrate(
     transform y = γ(x − E[x])/√(Var[x] + ε) + β. Layers without running statistics are skipped.
     ``num_batches_tracked`` becomes the number of batches averaged, as after torch's
     ``swa_utils.update_bn``: with ``momentum=None`` a later training batch then weighs as one
-    more batch of the average (left as it was, often 0, the next batch replaced it).
+    more batch of the average (left as it was, often 0, the next batch replaced it). Batch
+    Renorm's is left as it is: it is also the step of its r_max/d_max schedule, which a reset
+    would send back to its warm-up (plain BN for another ``warmup_steps``).
     """
     stats = population_statistics(model, batches, num_batches=num_batches,
                                   estimator=estimator, forward=forward)
@@ -222,6 +231,7 @@ def recalibrate(
         if bn.running_mean is not None:
             bn.running_mean.copy_(s.mean.to(bn.running_mean.dtype))
             bn.running_var.copy_(s.var.to(bn.running_var.dtype))
-            if bn.num_batches_tracked is not None:
+            if bn.num_batches_tracked is not None and not getattr(bn, "num_batches_is_clock",
+                                                                  False):
                 bn.num_batches_tracked.fill_(s.batches)
     return stats

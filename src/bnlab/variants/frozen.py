@@ -73,9 +73,13 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
         """A frozen copy of any BN module (bnlab's or torch's) with its current statistics.
 
         Raises:
-            ValueError: ``bn`` has no running statistics (``track_running_stats=False``).
+            ValueError: ``bn`` is not a BN layer (e.g. an LpNorm: its scale is no variance) or
+                has no running statistics (``track_running_stats=False``).
         """
-        if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+        if not hasattr(bn, "running_var"):
+            raise ValueError(f"FrozenBatchNorm.from_batchnorm: expected a BatchNorm layer (with "
+                             f"running_mean and running_var), got {type(bn).__name__}")
+        if getattr(bn, "running_mean", None) is None or bn.running_var is None:
             raise ValueError(f"FrozenBatchNorm.from_batchnorm: {type(bn).__name__} has no "
                              "running statistics (track_running_stats=False); recalibrate "
                              "it with running statistics first")

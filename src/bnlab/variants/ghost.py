@@ -41,7 +41,7 @@ from bnlab.variants._common import (
     values_per_channel,
 )
 
-__all__ = ["GhostBatchNorm", "ghost_batch_norm", "ghost_splits"]
+__all__ = ["GhostBatchNorm", "ghost_batch_norm", "ghost_splits", "ghosts"]
 
 StatsUpdate = Literal["per_ghost", "per_batch"]
 
@@ -52,6 +52,24 @@ def ghost_splits(n: int, virtual_batch_size: int, min_size: int = 1) -> list[int
     ``min_size`` samples."""
     g = max(1, min(math.ceil(n / virtual_batch_size), n // min_size))
     return [n // g + (1 if i < n % g else 0) for i in range(g)]
+
+
+def ghosts(input: Tensor, virtual_batch_size: int) -> tuple[Tensor, ...]:
+    """The ghost batches of a non-empty (N, C, *) ``input`` along dimension 0 (views).
+
+    Raises:
+        ValueError: (N, C) input with ``virtual_batch_size`` 1: a ghost of one value per channel.
+    """
+    n, per_sample = input.shape[0], values_per_channel(input[:1])
+    if per_sample == 1 and virtual_batch_size == 1 and n > 1:
+        raise ValueError(f"GhostBatchNorm(virtual_batch_size={virtual_batch_size}): a ghost "
+                         f"batch of one sample of input of shape {tuple(input.shape)} has 1 "
+                         "value per channel, which has no variance; virtual_batch_size must be "
+                         "at least 2 for (N, C) input")
+    # On (N, C) input a ghost needs two samples: N = 5, v = 2 gives ghosts of 3 and 2, not
+    # 2, 2 and 1 (the odd last batch of an epoch would otherwise stop training).
+    sizes = ghost_splits(n, virtual_batch_size, min_size=2 if per_sample == 1 else 1)
+    return torch.split(input, sizes, dim=0) if len(sizes) > 1 else (input,)
 
 
 def ghost_batch_norm(
@@ -70,15 +88,7 @@ def ghost_batch_norm(
     if input.numel() == 0:  # an empty batch: no ghosts, no statistics
         return F.empty_batch(input, weight, bias), []
     who = f"GhostBatchNorm(virtual_batch_size={virtual_batch_size})"
-    n, per_sample = input.shape[0], values_per_channel(input[:1])
-    if per_sample == 1 and virtual_batch_size == 1 and n > 1:
-        raise ValueError(f"{who}: a ghost batch of one sample of input of shape "
-                         f"{tuple(input.shape)} has 1 value per channel, which has no variance; "
-                         "virtual_batch_size must be at least 2 for (N, C) input")
-    # On (N, C) input a ghost needs two samples: N = 5, v = 2 gives ghosts of 3 and 2, not
-    # 2, 2 and 1 (the odd last batch of an epoch would otherwise stop training).
-    sizes = ghost_splits(n, virtual_batch_size, min_size=2 if per_sample == 1 else 1)
-    chunks = torch.split(input, sizes, dim=0) if len(sizes) > 1 else (input,)
+    chunks = ghosts(input, virtual_batch_size)
     ys, stats = [], []
     for chunk in chunks:
         check_training_size(chunk, who)
@@ -121,6 +131,11 @@ class GhostBatchNorm(BatchNorm):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}, "
                 f"stats_update={self.stats_update!r}")
+
+    def normalization_batches(self, input: Tensor) -> tuple[Tensor, ...]:
+        """The ghost batches: the mini-batches B whose statistics a training forward uses, so
+        `bnlab.population_statistics` averages over them (Alg. 2 with B the ghost)."""
+        return ghosts(input, self.virtual_batch_size) if input.numel() else ()
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

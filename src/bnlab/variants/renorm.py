@@ -154,6 +154,8 @@ class BatchRenorm(BatchNorm):
             40000, 25000 steps); all 0 applies ``r_max``/``d_max`` from the first step.
     """
 
+    num_batches_is_clock = True  # the schedule's step: `recalibrate` leaves it as it is
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01,
                  affine: bool = True, track_running_stats: bool = True, device: Any = None,
                  dtype: Any = None, *, r_max: float = 3.0, d_max: float = 5.0,
