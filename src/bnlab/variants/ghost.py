@@ -2,10 +2,10 @@
 
 A training batch of N samples is cut along dimension 0 into G = ⌈N / virtual_batch_size⌉
 ghost batches of near-equal size (all <= virtual_batch_size, sizes differing by at most one,
-so there is never a tiny trailing ghost; on (N, C) input, where a ghost of one sample would
-have no variance, G is at most ⌊N / 2⌋, so N = 5 with v = 2 gives ghosts of 3 and 2), and
-each ghost is normalized by its own statistics with the core's Alg. 1 transform (Hoffer,
-Hubara & Soudry 2017, Alg. 1). Eval mode with
+so there is never a tiny trailing ghost), and each ghost is normalized by its own statistics
+with the core's Alg. 1 transform (Hoffer, Hubara & Soudry 2017, Alg. 1). One exception: on
+(N, C) input, where a ghost of one sample would have no variance, G is at most ⌊N / 2⌋, so
+N = 5 with v = 2 gives ghosts of 3 and 2, one above v. Eval mode with
 running statistics is BN's (Alg. 2); without them (``track_running_stats=False``) each ghost
 is normalized by its own statistics, as in training.
 

@@ -175,6 +175,12 @@ class NoisyBatchNorm(BatchNorm):
     exactly as in `BatchNorm`, whose arguments, buffers and state_dict keys it shares: a
     ``torch.nn.BatchNorm2d`` state_dict loads unchanged.
 
+    The noise follows the ``noise`` child's mode: `bnlab.freeze` fixes the statistics, not the
+    noise (a frozen layer in ``train()`` still adds it; ``layer.noise.eval()`` stops it), and
+    `bnlab.population_statistics` / `bnlab.recalibrate`, which run the network in training
+    mode, let it reach the statistics of the layers after this one and advance its generator
+    (as dropout does under torch's ``swa_utils.update_bn``).
+
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype: as `BatchNorm`.
         n_mu, n_sigma, r_mu, r_sigma, seed: as `ActivationNoise` (r_sigma is a std).
