@@ -73,6 +73,8 @@ def test_renorm_limits_follow_the_paper_schedule() -> None:
     assert at(10**6) == pytest.approx((3.0, 5.0))
     r, d = renorm_limits(0, 2.0, 0.5, **NO_WARMUP)
     assert (float(r), float(d)) == (2.0, 0.5)
+    r, d = renorm_limits(0, 1.3, 0.4, **NO_WARMUP)  # not float32 values: exact in float64
+    assert (float(r), float(d)) == (1.3, 0.4) and r.dtype == d.dtype == F64
 
 
 def test_the_schedule_advances_with_the_layers_steps_and_survives_recalibrate() -> None:

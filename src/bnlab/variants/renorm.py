@@ -61,7 +61,9 @@ def renorm_limits(step: Tensor | int, r_max: float = 3.0, d_max: float = 5.0, *,
 
     def ramp(start: float, end: float, at: int) -> Tensor:
         if at <= warmup_steps:
-            return torch.where(step_t >= warmup_steps, end, start).to(torch.float64)
+            # Tensors, not Python floats, which torch.where would round through float32.
+            return torch.where(step_t >= warmup_steps, step_t.new_tensor(end),
+                               step_t.new_tensor(start))
         frac = ((step_t - warmup_steps) / (at - warmup_steps)).clamp(0.0, 1.0)
         return start + (end - start) * frac
 
