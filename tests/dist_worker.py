@@ -17,8 +17,13 @@ import torch.distributed as dist
 from torch import nn
 
 from bnlab import BatchNorm2d, ddp
-from bnlab.distributed import SyncBatchNorm, SyncBatchRenorm
-from bnlab.variants import BatchRenorm2d
+from bnlab.distributed import (
+    SyncBatchNorm,
+    SyncBatchNormReLU,
+    SyncBatchRenorm,
+    SyncNoisyBatchNorm,
+)
+from bnlab.variants import BatchRenorm2d, GhostBatchNorm
 
 F64 = torch.float64
 C = 3
@@ -61,15 +66,16 @@ def compare(sync: nn.Module, ref: nn.Module, sizes: tuple[int, ...], rank: int,
         ys.backward(shard(gy, sizes, rank))
         out["y"] = max(out["y"], err(ys, shard(yr, sizes, rank)))
         out["dx"] = max(out["dx"], err(xs.grad, shard(xr.grad, sizes, rank)))
-        if sync.weight is not None:
-            dw, db = sync.weight.grad.clone(), sync.bias.grad.clone()
+        for name in ("weight", "bias"):
+            if getattr(sync, name) is None:
+                continue
+            grad = getattr(sync, name).grad.clone()
             if reduce:  # each rank holds its share; DDP would sum them
-                dist.all_reduce(dw)
-                dist.all_reduce(db)
-            out["dw"] = max(out["dw"], err(dw, ref.weight.grad))
-            out["db"] = max(out["db"], err(db, ref.bias.grad))
+                dist.all_reduce(grad)
+            key = "d" + name[0]
+            out[key] = max(out[key], err(grad, getattr(ref, name).grad))
             for m in (sync, ref):
-                m.weight.grad = m.bias.grad = None
+                getattr(m, name).grad = None
     if ref.running_mean is not None:
         out["running"] = max(err(sync.running_mean, ref.running_mean),
                              err(sync.running_var, ref.running_var),
@@ -89,6 +95,15 @@ def sync_bn_cases(rank: int) -> dict[str, dict[str, float]]:
         ref = nn.BatchNorm2d(C, dtype=F64, **kw)
         init_affine(sync, ref)
         res[name] = compare(sync, ref, sizes, rank)
+    # BN + ReLU (bnlab.BatchNormReLU's synchronized form), and BN without β (torch's bias=False).
+    sync, ref = SyncBatchNormReLU(C, dtype=F64), _BNReLU(C, dtype=F64)
+    init_affine(sync, ref)
+    res["relu"] = compare(sync, ref, (3, 4), rank)
+    sync, ref = SyncBatchNorm(C, dtype=F64, bias=False), nn.BatchNorm2d(C, dtype=F64, bias=False)
+    with torch.no_grad():
+        sync.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        ref.weight.copy_(sync.weight)
+    res["no_bias"] = compare(sync, ref, (4, 3), rank)
     # One value per channel on each rank: local BN would refuse, the global batch has two.
     sync, ref = SyncBatchNorm(C, dtype=F64), nn.BatchNorm1d(C, dtype=F64)
     init_affine(sync, ref)
@@ -104,6 +119,47 @@ def sync_bn_cases(rank: int) -> dict[str, dict[str, float]]:
     init_affine(sync, ref)
     res["singleton_groups"] = compare(sync, ref, (4,), 0, reduce=False)
     return res
+
+
+class _BNReLU(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def noisy_case(rank: int) -> dict[str, float]:
+    """SyncNoisyBatchNorm: the global batch's statistics (the noise is each rank's own)."""
+    sync, ref = SyncNoisyBatchNorm(C, dtype=F64, seed=5), nn.BatchNorm2d(C, dtype=F64)
+    g = torch.Generator().manual_seed(4)
+    running, noise = 0.0, 1.0
+    for _ in range(2):
+        x = torch.randn(7, C, 4, 5, generator=g, dtype=F64) * 2 + 3
+        y_ref = ref(x)
+        y = sync(shard(x, (3, 4), rank))
+        noise = min(noise, err(y, shard(y_ref, (3, 4), rank)))
+    running = max(err(sync.running_mean, ref.running_mean), err(sync.running_var, ref.running_var))
+    return {"running": running, "noise": noise}
+
+
+def ddp_local_layer(rank: int, world: int) -> dict[str, float]:
+    """DDP with sync_bn and a layer that stays local (Ghost BN): rank 0's running statistics
+    are broadcast at every forward, so every rank starts each step from the same buffers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), GhostBatchNorm(4, virtual_batch_size=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).to(F64)
+    par = ddp.wrap_ddp(model, sync_bn=True)
+    seen: list[torch.Tensor] = []
+    model[1].register_forward_pre_hook(lambda m, a: seen.append(m.running_mean.clone()))
+    opt = torch.optim.SGD(par.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(rank)  # each rank its own data: local statistics differ
+    for _ in range(3):
+        x, y = torch.randn(4, 1, 8, 8, generator=g, dtype=F64), torch.randint(3, (4,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(par(x), y).backward()
+        opt.step()
+    both = [torch.empty(3 * 4, dtype=F64) for _ in range(world)]
+    dist.all_gather(both, torch.cat(seen))
+    return {"start_of_step_diff": err(both[0], both[1]),
+            "moved": float(seen[-1].abs().max() > 0)}
 
 
 def renorm_case(rank: int) -> dict[str, float]:
@@ -209,7 +265,8 @@ def main(out_dir: str) -> None:
     assert world == 2, world
     res = {"sync_bn": sync_bn_cases(rank), "renorm": renorm_case(rank),
            "eval": eval_has_no_collective(rank), "all_empty": all_empty_case(rank),
-           "ddp": ddp_smoke(rank, world)}
+           "ddp": ddp_smoke(rank, world), "noisy": noisy_case(rank),
+           "ddp_local": ddp_local_layer(rank, world)}
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(res, f)
     ddp.teardown()

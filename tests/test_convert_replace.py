@@ -90,6 +90,8 @@ def test_torch_target_is_the_way_back() -> None:
     assert type(sync) is bnlab.SyncBatchNorm and sync.process_group is group
     torch_sync = bnlab.replace_norm(sync, "torch")
     assert type(torch_sync) is nn.SyncBatchNorm and torch_sync.process_group is group
+    no_beta = bnlab.replace_norm(nn.SyncBatchNorm(3, bias=False))  # γ only, both ways
+    assert no_beta.bias is None and bnlab.replace_norm(no_beta, "torch").bias is None
     frozen = bnlab.freeze(nn.BatchNorm2d(3), affine=True)
     ours = bnlab.replace_norm(frozen)
     assert ours.frozen and not ours.weight.requires_grad and not ours.bias.requires_grad

@@ -23,11 +23,13 @@ import bnlab
 from bnlab import ddp
 from bnlab.distributed import (
     SyncBatchNorm,
+    SyncBatchNormReLU,
     SyncBatchRenorm,
+    SyncNoisyBatchNorm,
     convert_sync_batchnorm,
     register_sync_conversion,
 )
-from bnlab.variants import BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm
+from bnlab.variants import BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm, NoisyBatchNorm
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,14 +70,14 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 CASES = ["even", "uneven", "one_empty", "empty_first", "single_sample_each",
          "one_value_per_rank", "no_running_stats", "momentum_none", "no_affine",
-         "process_group", "singleton_groups"]
+         "process_group", "singleton_groups", "relu", "no_bias"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_sync_bn_equals_bn_on_concatenated_batch(results: list[dict], case: str) -> None:
     for rank, res in enumerate(results):
         errors = res["sync_bn"][case]
-        assert set(errors) == {"y", "dx", "dw", "db", "running"}
+        assert set(errors) == {"y", "dx", "dw", "db", "running"}, errors
         assert max(errors.values()) < TOL, (rank, errors)
 
 
@@ -91,6 +93,19 @@ def test_an_all_empty_global_batch_gives_empty_outputs_and_moves_nothing(
         assert d == {"bn_shape_ok": 1.0, "bn_state_moved": 0.0, "bn_grad": 0.0,
                      "renorm_shape_ok": 1.0, "renorm_state_moved": 0.0, "renorm_grad": 0.0,
                      "one_value_refused": 1.0}, (rank, d)
+
+
+def test_sync_noisy_bn_has_the_global_statistics_and_its_noise(results: list[dict]) -> None:
+    for rank, res in enumerate(results):
+        assert res["noisy"]["running"] < TOL and res["noisy"]["noise"] > 1e-2, (rank, res)
+
+
+def test_ddp_broadcasts_the_buffers_of_layers_that_stay_local(results: list[dict]) -> None:
+    """With --sync-bn, a Ghost BN keeps its statistics per rank: without rank 0's broadcast
+    the ranks' running statistics drifted apart."""
+    for rank, res in enumerate(results):
+        d = res["ddp_local"]
+        assert d["start_of_step_diff"] == 0.0 and d["moved"] == 1.0, (rank, d)
 
 
 def test_eval_mode_does_no_collective(results: list[dict]) -> None:
@@ -225,3 +240,59 @@ def test_ddp_helpers_single_process() -> None:
     assert float(ddp.global_mean(loss, 3)) == 2.0
     assert ddp.all_reduce_sum(loss) is loss
     ddp.teardown()
+
+
+def test_conversion_keeps_none_bias_and_none_buffers() -> None:
+    """torch 2.13's bias=False BN (γ only) and a BN whose running buffers were deleted (batch
+    statistics in eval): the synchronized layer has no β and no buffers either, so checkpoints
+    load and outputs stay."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3, bias=False), nn.SyncBatchNorm(3, bias=False),
+                          nn.BatchNorm2d(3))
+    model[2].running_mean = model[2].running_var = None
+    state = model.state_dict()
+    x = torch.randn(4, 3, 2, 2)
+    want = model.eval()(x)
+    convert_sync_batchnorm(model)
+    assert [type(m) for m in model] == [SyncBatchNorm] * 3
+    assert model[0].bias is None and model[1].bias is None and "bias=False" in repr(model[0])
+    assert model[2].running_mean is None and model[2].running_var is None
+    model.load_state_dict(state)  # strict: the same keys
+    torch.testing.assert_close(model(x), want)
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "1.weight", "2.weight",
+                                                        "2.bias"]
+
+
+def test_in_place_conversion_keeps_synchronized_layers_and_their_groups() -> None:
+    from bnlab.ddp import local_running_stats, sync_in_place
+
+    class MySync(SyncBatchNorm):  # a user's subclass: already synchronized, no warning
+        pass
+
+    group = object()  # stored as given; never used without an initialized process group
+    model = nn.Sequential(SyncBatchNorm(3, process_group=group), MySync(3),
+                          bnlab.BatchNormReLU2d(3), NoisyBatchNorm(3, seed=7),
+                          GhostBatchNorm(3), bnlab.variants.LpNorm(3), FrozenBatchNorm2d(3))
+    kept = [*model]
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sync_in_place(model)
+    assert all(a is b for a, b in zip(kept, model, strict=True))  # same objects, hooks and all
+    assert model[0].process_group is group and type(model[1]) is MySync
+    assert type(model[2]) is SyncBatchNormReLU and type(model[3]) is SyncNoisyBatchNorm
+    assert model[3].noise.seed == 7 and torch.equal(torch.get_rng_state(), rng)
+    assert local_running_stats(model) == ["4", "5"]  # ghost and lp keep local statistics
+
+
+def test_converting_noisy_bn_keeps_its_noise_and_seed() -> None:
+    noisy = NoisyBatchNorm(3, seed=11, n_mu=0.2)
+    rng = torch.get_rng_state()
+    sync = convert_sync_batchnorm(nn.Sequential(noisy))[0]
+    assert type(sync) is SyncNoisyBatchNorm and sync.noise is noisy.noise
+    assert torch.equal(torch.get_rng_state(), rng)  # no seed drawn from the global generator
+    x = torch.randn(8, 3, 2, 2)
+    sync.noise.generator.manual_seed(0)
+    y = sync(x)
+    noisy.noise.generator.manual_seed(0)
+    torch.testing.assert_close(y, noisy(x))  # one process: NoisyBatchNorm, noise included

@@ -4,6 +4,8 @@ statistics."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -158,13 +160,24 @@ def test_fold_keeps_the_relu_of_batchnormrelu() -> None:
     assert rel_err(folded(x), model(x)) <= 1e-5
 
 
-def test_sync_conversion_leaves_batchnormrelu_with_a_warning() -> None:
+def test_sync_conversion_keeps_the_relu_and_the_fused_kernel_on_one_process() -> None:
     import bnlab
+    from bnlab.distributed import SyncBatchNormReLU
 
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnlab.BatchNormReLU2d(4))
-    with pytest.warns(UserWarning, match="BatchNormReLU2d"):
-        out = bnlab.convert_sync_batchnorm(model)
-    assert type(out[1]) is bnlab.BatchNormReLU2d
+    ref = copy.deepcopy(model)
+    out = bnlab.convert_sync_batchnorm(model)
+    assert type(out[1]) is SyncBatchNormReLU
+    x = torch.randn(6, 3, 7, 7)
+    ops, ys = [], []
+    for net in (ref, out):
+        with torch.profiler.profile() as prof:
+            ys.append(net(x))
+        ops.append([e.name for e in prof.events() if e.name.startswith("bnlab::")])
+    assert ops[0] == ops[1] and ops[0], ops  # not synchronizing: BatchNormReLU's own kernels
+    assert rel_err(ys[1], ys[0]) <= 1e-6 and bool((ys[1] >= 0).all())
+    assert rel_err(out[1].running_mean, ref[1].running_mean) <= 1e-6
 
 
 def test_e2e_nets_with_fused_layer_equal_bn_then_relu() -> None:

@@ -17,14 +17,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from bnlab.distributed import SyncBatchNorm, SyncBatchRenorm, convert_sync_batchnorm
 from bnlab.distributed import _target as sync_target
-from bnlab.distributed import convert_sync_batchnorm
 from bnlab.layers import BatchNorm
+from bnlab.variants import FrozenBatchNorm
 
 __all__ = [
     "all_reduce_sum",
     "global_mean",
     "is_main",
+    "local_running_stats",
     "setup_from_env",
     "shard_batch",
     "sync_in_place",
@@ -106,26 +108,38 @@ def sync_in_place(model: nn.Module) -> nn.Module:
     module objects, so hooks and references that probes took before training stay valid (a
     new module, as `convert_sync_batchnorm` makes, left an activation probe waiting for a layer
     that was no longer called). A layer is converted so when its synchronized class (from
-    `convert_sync_batchnorm`'s registry) derives from one of its own bases, as SyncBatchNorm
-    from BatchNorm and SyncBatchRenorm from BatchRenorm: the same attributes, plus
-    ``process_group``. The rest (torch's layers) go through `convert_sync_batchnorm`, with its
-    warnings for layers it keeps local."""
+    `convert_sync_batchnorm`'s registry) derives from the layer's own class or one of its
+    bases, as SyncBatchNorm from BatchNorm and SyncBatchNormReLU from BatchNormReLU: the same
+    attributes, plus ``process_group``. The rest (torch's layers) go through
+    `convert_sync_batchnorm`, with its warnings for layers it keeps local; layers that are
+    already synchronized stay as they are, process group included."""
     for m in model.modules():
         known, sync_cls = sync_target(m)
         if (known and sync_cls is not None and type(m) is not sync_cls
-                and isinstance(m, BatchNorm) and sync_cls.__bases__[0] in type(m).__mro__):
+                and isinstance(m, BatchNorm) and sync_cls.__bases__[-1] in type(m).__mro__):
             m.__class__ = sync_cls
             m.process_group = None
-    return convert_sync_batchnorm(model)
+    return convert_sync_batchnorm(model, keep_synced=True)
+
+
+def local_running_stats(model: nn.Module) -> list[str]:
+    """Names of the layers that keep running statistics of their own rank's batches only (Ghost
+    BN, LpNorm, BN subclasses `convert_sync_batchnorm` leaves alone): with them, the ranks'
+    running buffers drift apart unless DDP broadcasts rank 0's."""
+    synced = (SyncBatchNorm, SyncBatchRenorm, FrozenBatchNorm)
+    return [name for name, m in model.named_modules()
+            if getattr(m, "running_mean", None) is not None and not isinstance(m, synced)]
 
 
 def wrap_ddp(model: nn.Module, sync_bn: bool = False) -> nn.Module:
     """``model`` ready for data-parallel training (itself when single-process).
 
     ``sync_bn`` first converts its BN layers to SyncBN in place (`sync_in_place`; variants
-    kept). With SyncBN the running buffers are identical on all ranks by construction, so
-    DDP's per-forward buffer broadcast is switched off (it also breaks two forwards before one
-    backward, pytorch#22095); without it rank 0's buffers are broadcast as in PyTorch.
+    kept). Where every layer with running statistics is then synchronized, the buffers are
+    identical on all ranks by construction, so DDP's per-forward buffer broadcast is switched
+    off (it also breaks two forwards before one backward, pytorch#22095); otherwise
+    (`local_running_stats`, or without ``sync_bn``) rank 0's buffers are broadcast at every
+    forward, as in PyTorch, so that every rank evaluates the same model.
     """
     if sync_bn:
         model = sync_in_place(model)
@@ -135,8 +149,9 @@ def wrap_ddp(model: nn.Module, sync_bn: bool = False) -> nn.Module:
     device_ids = [ref.device] if ref is not None and ref.device.type == "cuda" else None
     # forward_sync_buffers is torch 2.13's name for broadcast_buffers (buffers still sync once
     # at construction, which is what we want: every rank starts from rank 0's state).
+    broadcast = not sync_bn or bool(local_running_stats(model))
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                               forward_sync_buffers=not sync_bn)
+                                               forward_sync_buffers=broadcast)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

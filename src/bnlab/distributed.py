@@ -18,9 +18,10 @@ Semantics, chosen and documented (peers.md 1.2, pain point 8):
   local batch statistics, as PyTorch);
 * without an initialized process group, or in a group of one, the layers are plain BN;
 * `convert_sync_batchnorm` keeps each variant's behaviour: BN → `SyncBatchNorm`, Batch Renorm
-  → `SyncBatchRenorm`, Ghost and Frozen BN stay as they are (their statistics are local by
-  definition), frozen flags carry over, and an unknown BN subclass is left alone with a warning
-  instead of being downgraded to a bare SyncBN (timm#1254, pytorch#187298).
+  → `SyncBatchRenorm`, BN+ReLU → `SyncBatchNormReLU`, noisy BN → `SyncNoisyBatchNorm`, Ghost
+  and Frozen BN stay as they are (their statistics are local by definition), frozen flags
+  carry over, and an unknown BN subclass is left alone with a warning instead of being
+  downgraded to a bare SyncBN (timm#1254, pytorch#187298).
 """
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ from torch.autograd.function import once_differentiable
 from bnlab import functional as F
 from bnlab._checks import check_materialized
 from bnlab.convert.freeze import is_frozen
-from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, count_batch
+from bnlab.layers import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormReLU,
+    BatchNormReLU1d,
+    BatchNormReLU2d,
+    BatchNormReLU3d,
+)
 from bnlab.variants import (
     BatchRenorm,
     BatchRenorm1d,
@@ -44,6 +54,7 @@ from bnlab.variants import (
     BatchRenorm3d,
     FrozenBatchNorm,
     GhostBatchNorm,
+    NoisyBatchNorm,
 )
 from bnlab.variants._common import (
     store_running_stats,
@@ -54,7 +65,9 @@ from bnlab.variants.renorm import renorm_affine, renorm_factors
 
 __all__ = [
     "SyncBatchNorm",
+    "SyncBatchNormReLU",
     "SyncBatchRenorm",
+    "SyncNoisyBatchNorm",
     "convert_sync_batchnorm",
     "register_sync_conversion",
     "sync_batch_stats",
@@ -168,8 +181,12 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device: Any = None,
-                 dtype: Any = None, *, process_group: Any = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 dtype: Any = None, *, bias: bool = True, process_group: Any = None,
+                 **kwargs: Any) -> None:
+        # kwargs: the keywords of the layer a subclass synchronizes (NoisyBatchNorm's noise),
+        # which may not take ``bias`` (so it is passed only when it says something)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **({} if bias else {"bias": False}), **kwargs)
         self.process_group = process_group
 
     @classmethod
@@ -179,18 +196,43 @@ class SyncBatchNorm(BatchNorm):
         it keeps working with ``bnlab.SyncBatchNorm`` in its place."""
         return convert_sync_batchnorm(module, process_group)
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        use_batch_stats, update = self._mode()
-        if not (use_batch_stats and self.training and _sync_active(self.process_group)):
-            return super().forward(input)  # eval, frozen, or nobody to sync with: plain BN
+    def _syncing(self, batch_stats: bool) -> bool:
+        # Training with batch statistics and someone to sync with; eval (which uses the batch's
+        # statistics only without running ones), frozen layers and one process are local BN.
+        return batch_stats and self.training and _sync_active(self.process_group)
+
+    def _normalize(self, input: Tensor, running_mean: Tensor | None,
+                   running_var: Tensor | None, training: bool,
+                   momentum: float | Tensor) -> tuple[Tensor, Tensor | None]:
+        # `BatchNorm.forward`'s transform step: the global batch's statistics where syncing,
+        # so subclasses of other BN layers (BatchNormReLU, NoisyBatchNorm) keep their own
+        # forward around it.
+        if not self._syncing(training):
+            return super()._normalize(input, running_mean, running_var, training, momentum)
         y, mean, var, count = sync_batch_norm_train(input, self.weight, self.bias, self.eps,
                                                     self.process_group)
-        if _has_stats(count, self._who()) and update:
-            finite = store_running_stats(self.running_mean, self.running_var, mean,
-                                         unbiased(var, count), self._momentum())
-            count_batch(self, finite)
-        return y
+        if not _has_stats(count, self._who()) or running_mean is None or running_var is None:
+            return y, None
+        return y, store_running_stats(running_mean, running_var, mean, unbiased(var, count),
+                                      momentum)
+
+
+class SyncBatchNormReLU(SyncBatchNorm, BatchNormReLU):
+    """`bnlab.BatchNormReLU` with `SyncBatchNorm`'s statistics: relu(SyncBatchNorm(x)) (the
+    fused kernel where nothing is synchronized)."""
+
+    def _normalize(self, input: Tensor, running_mean: Tensor | None,
+                   running_var: Tensor | None, training: bool,
+                   momentum: float | Tensor) -> tuple[Tensor, Tensor | None]:
+        y, finite = super()._normalize(input, running_mean, running_var, training, momentum)
+        return (torch.relu(y) if self._syncing(training) else y), finite
+
+
+class SyncNoisyBatchNorm(SyncBatchNorm, NoisyBatchNorm):
+    """`bnlab.variants.NoisyBatchNorm` with `SyncBatchNorm`'s statistics; each rank adds the
+    noise to its own shard from its own generator. Built identically on every rank (one seed),
+    the ranks draw the same per-channel distributions D_j^t as one process would, and the same
+    per-element draws for the i-th sample of every shard (one process draws them independently)."""
 
 
 class SyncBatchRenorm(BatchRenorm):
@@ -230,6 +272,10 @@ _SYNC: dict[type, type | None] = {
                                   nn.SyncBatchNorm, SyncBatchNorm)},
     **{c: SyncBatchRenorm for c in (BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
                                     SyncBatchRenorm)},
+    **{c: SyncBatchNormReLU for c in (BatchNormReLU, BatchNormReLU1d, BatchNormReLU2d,
+                                      BatchNormReLU3d, SyncBatchNormReLU)},
+    NoisyBatchNorm: SyncNoisyBatchNorm,
+    SyncNoisyBatchNorm: SyncNoisyBatchNorm,
     GhostBatchNorm: None,
     FrozenBatchNorm: None,
 }
@@ -256,16 +302,21 @@ def _to_sync(m: nn.Module, sync_cls: type, group: Any) -> nn.Module:
     if isinstance(m, BatchRenorm):
         kwargs = {k: getattr(m, k) for k in ("r_max", "d_max", "warmup_steps", "r_max_steps",
                                              "d_max_steps")}
+    elif isinstance(m, NoisyBatchNorm):  # its seed: no draw from the global generator
+        kwargs = {k: getattr(m.noise, k) for k in ("n_mu", "n_sigma", "r_mu", "r_sigma", "seed")}
+    else:  # BN's bias=False (affine γ only), as torch 2.13
+        kwargs = {"bias": not m.affine or m.bias is not None}
     ref = next(iter([*m.parameters(), *m.buffers()]), None)
     new = sync_cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                    device=None if ref is None else ref.device, process_group=group, **kwargs)
-    # The same Parameter and buffer objects (as torch does): optimizers keep working.
-    for name in ("weight", "bias"):
-        if getattr(m, name, None) is not None:
-            setattr(new, name, getattr(m, name))
-    for name in ("running_mean", "running_var", "num_batches_tracked", "num_nonfinite_batches"):
-        if getattr(m, name, None) is not None:
-            setattr(new, name, getattr(m, name))
+    # The same Parameter and buffer objects (as torch does): optimizers keep working. None
+    # stays None (no bias, running buffers deleted to use batch statistics in eval).
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(m, name, None))
+    if getattr(m, "num_nonfinite_batches", None) is not None:
+        new.num_nonfinite_batches = m.num_nonfinite_batches
+    for name, child in m.named_children():  # NoisyBatchNorm's noise (its generator)
+        setattr(new, name, child)
     new.train(m.training)
     new.frozen = is_frozen(m)
     new._stats_update_blocked = getattr(m, "_stats_update_blocked", 0)
@@ -274,22 +325,26 @@ def _to_sync(m: nn.Module, sync_cls: type, group: Any) -> nn.Module:
     return new
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None, *,
+                           keep_synced: bool = False) -> nn.Module:
     """Replace BN layers by their synchronized form, keeping each variant's behaviour.
 
     bnlab and torch ``BatchNorm{,1d,2d,3d}``/``nn.SyncBatchNorm`` → `SyncBatchNorm`; Batch
-    Renorm → `SyncBatchRenorm`; Ghost and Frozen BN are kept (local by definition); classes
-    added with `register_sync_conversion` as registered. Parameters and buffers are shared
-    with the originals, the train/eval mode and frozen flags are kept. Any other BN subclass
-    (e.g. a BN fused with an activation) is left unchanged and named in a warning: converting
-    it to a bare SyncBN would silently drop its extra behaviour.
+    Renorm → `SyncBatchRenorm`; `BatchNormReLU` → `SyncBatchNormReLU`; `NoisyBatchNorm` →
+    `SyncNoisyBatchNorm`; Ghost and Frozen BN are kept (local by definition); classes added
+    with `register_sync_conversion` as registered. Parameters, buffers (None included) and
+    child modules are shared with the originals, the train/eval mode and frozen flags are
+    kept. Any other BN subclass is left unchanged and named in a warning: converting it to a
+    bare SyncBN would silently drop its extra behaviour. A subclass of bnlab's synchronized
+    layers is kept as it is, as is, with ``keep_synced``, any of them whatever its process
+    group (otherwise one of another group is rebuilt with ``process_group``).
 
     Returns:
         ``module`` converted in place, or its replacement if ``module`` itself is a BN.
     """
     check_materialized(module, "convert_sync_batchnorm")
     skipped: list[str] = []
-    out = _convert(module, process_group, "", skipped)
+    out = _convert(module, process_group, "", skipped, keep_synced)
     if skipped:
         warnings.warn("convert_sync_batchnorm: left unsynchronized (unknown BN subclasses; "
                       "register them with bnlab.distributed.register_sync_conversion): "
@@ -297,9 +352,13 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     return out
 
 
-def _convert(m: nn.Module, group: Any, name: str, skipped: list[str]) -> nn.Module:
+def _convert(m: nn.Module, group: Any, name: str, skipped: list[str],
+             keep_synced: bool) -> nn.Module:
     if isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)):
         known, sync_cls = _target(m)
+        synced = isinstance(m, (SyncBatchNorm, SyncBatchRenorm))
+        if synced and (keep_synced or not known):
+            return m  # a user's subclass of a synchronized layer, or asked to keep them
         if not known:
             skipped.append(f"{name or '<root>'} ({type(m).__name__})")
             return m
@@ -307,7 +366,8 @@ def _convert(m: nn.Module, group: Any, name: str, skipped: list[str]) -> nn.Modu
             return m  # kept, or already what it would become: the same module, hooks and all
         return _to_sync(m, sync_cls, group)
     for child_name, child in m.named_children():
-        new = _convert(child, group, f"{name}.{child_name}" if name else child_name, skipped)
+        new = _convert(child, group, f"{name}.{child_name}" if name else child_name, skipped,
+                       keep_synced)
         if new is not child:
             setattr(m, child_name, new)
     return m

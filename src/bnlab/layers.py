@@ -281,8 +281,8 @@ class BatchNormReLU(BatchNorm):
 
     Same arguments, parameters, buffers and state_dict keys as `BatchNorm`, so a
     ``BatchNorm2d`` + ``ReLU`` pair's state loads into it. `bnlab.fold` turns it into the
-    folded layer followed by ``nn.ReLU``; `bnlab.convert_sync_batchnorm` leaves it local (with
-    a warning), as for any BN it cannot convert without dropping the activation.
+    folded layer followed by ``nn.ReLU``; `bnlab.convert_sync_batchnorm` turns it into
+    `bnlab.distributed.SyncBatchNormReLU` (global statistics, then the ReLU).
     """
 
     def _normalize(self, input: Tensor, running_mean: Tensor | None,

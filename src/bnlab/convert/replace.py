@@ -48,7 +48,7 @@ def _same_kind(target: str) -> dict[type, type]:
 def _same_config(old: nn.Module, cls: type) -> nn.Module:
     kwargs: dict[str, Any] = {"eps": old.eps, "momentum": old.momentum, "affine": old.affine,
                               "track_running_stats": old.track_running_stats}
-    if old.affine and _takes(cls, "bias"):  # (neither library's SyncBatchNorm takes it)
+    if old.affine and _takes(cls, "bias"):
         kwargs["bias"] = old.bias is not None
     if hasattr(old, "process_group"):
         kwargs["process_group"] = old.process_group

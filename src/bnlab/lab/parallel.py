@@ -2,8 +2,9 @@
 
 Every rank draws the same *global* batch (same seed and batch order), keeps its shard
 (`bnlab.ddp.shard_batch`) and scales its summed loss so that DDP's gradient average is the
-gradient of the global mean loss (`bnlab.ddp.global_mean`). With ``--sync-bn`` every BN becomes
-a `bnlab.SyncBatchNorm`, so the run equals one process on the same global batch. Evaluation
+gradient of the global mean loss (`bnlab.ddp.global_mean`). With ``--sync-bn`` every BN takes
+its synchronized form (`bnlab.ddp.sync_in_place`), so the run equals one process on the same
+global batch (but for noisy BN, whose ranks draw their own noise). Evaluation
 and probes run on every rank on identical parameters (no communication in eval mode); only
 rank 0 writes the run directory, the other ranks keep their run in memory (`MemoryRun`).
 """
