@@ -66,6 +66,25 @@ def test_compile_fullgraph_matches_eager(kind: str, train: bool, setting: str,
             torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("norm", [bnlab.BatchNorm2d, bnlab.BatchNormReLU2d])
+@pytest.mark.parametrize("force", ["0", "1"], ids=["kernels", "reference"])
+def test_compiled_training_is_not_specialized_to_each_batch_size(norm, force: str,
+                                                                 monkeypatch) -> None:
+    """Two graphs for ten batch sizes, as torch's BN (the static one, then a symbolic batch):
+    the running update's count m = N·H·W is a SymInt in the ops' schema, an int specialized
+    every batch size until Dynamo's recompile limit (fullgraph=True then raised)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("BNLAB_FORCE_REFERENCE", force)
+    norm(3)(torch.randn(2, 3, 2, 2))  # the kernels loaded before tracing (README)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(_net(norm), backend="aot_eager", fullgraph=True)
+    for n in range(2, 12):
+        compiled(torch.randn(n, 2, 6, 6)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_compile_respects_freeze_and_no_stats_update() -> None:
     torch._dynamo.reset()
     model = _net()

@@ -333,11 +333,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> train_fwd_update_autograd(
 TORCH_LIBRARY_FRAGMENT(bnlab, m) {
   m.def(
       "bn_train_fwd_update(Tensor input, Tensor? weight, Tensor? bias, float eps, "
-      "Tensor(a!)? running_mean, Tensor(b!)? running_var, int count, float momentum, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, SymInt count, float momentum, "
       "Tensor? momentum_tensor) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bn_update_running(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, "
-      "Tensor var, int count, float momentum, Tensor? momentum_tensor) -> Tensor");
+      "Tensor var, SymInt count, float momentum, Tensor? momentum_tensor) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
