@@ -277,6 +277,42 @@ def test_torchscript_names_the_layer_and_the_ways_that_work(name: str) -> None:
     assert ("bnlab.fold(model.eval())" in str(err.value)) == (name in FOLDABLE)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("norm", [bnlab.BatchNorm2d, bnlab.BatchNormReLU2d])
+def test_jit_trace_replays_the_running_update_and_traces_bn_relu(norm, momentum) -> None:
+    """torch.jit.trace records ATen ops only: traced on the reference path, a training-mode
+    module replays its running update and counter (the kernels' C++ count was not recorded,
+    so num_batches_tracked stayed 0), and an eval BN+ReLU passes the trace check (the kernels'
+    saved mask followed grad mode, which the check varies)."""
+    torch.manual_seed(0)
+    xs = [torch.randn(8, 4, 3, 3) * 2 + i for i in range(4)]
+    layer, ref = norm(4, momentum=momentum), nn.BatchNorm2d(4, momentum=momentum)
+    traced = torch.jit.trace(layer, xs[0], check_trace=False)
+    layer.load_state_dict(ref.state_dict())  # back to the initial statistics
+    for x in xs[1:]:
+        traced(x), ref(x)
+    assert int(layer.num_batches_tracked) == 3
+    torch.testing.assert_close(layer.running_mean, ref.running_mean)
+    torch.testing.assert_close(layer.running_var, ref.running_var)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), norm(4)).eval()
+    x = torch.randn(6, 3, 5, 5)
+    torch.testing.assert_close(torch.jit.trace(net, x)(x), net(x))  # check_trace on
+
+
+def test_training_under_fake_tensor_mode() -> None:
+    """Shape and memory estimation runs the model under FakeTensorMode, where no value can be
+    read: the layers' finite checks must not try."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for norm in (*NORMS.values(), bnlab.BatchNormReLU2d):
+        with FakeTensorMode():
+            model = _net(norm).train()
+            y = model(torch.randn(8, 2, 6, 6))
+            y.sum().backward()
+        assert y.shape == (8, 3)
+
+
 def test_type_matching_tools_work_after_replace_norm_to_torchs_layers() -> None:
     """Eager-mode quantization's fuse_modules looks modules up by type, so it refuses bnlab's
     BN; `bnlab.replace_norm(model, nn.BatchNorm2d)` (same state) makes the model fusable, and the

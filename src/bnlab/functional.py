@@ -152,11 +152,13 @@ def lerp_buffer_(buf: Tensor, stat: Tensor, momentum: float | Tensor, finite: Te
 
 
 def host_readable(flag: Tensor) -> bool:
-    """Whether ``flag``'s value may be read on the host: on CPU (no device synchronisation),
-    outside torch.compile (no graph break) and outside torch.func transforms (where a tensor in
-    Python control flow is an error)."""
-    return (flag.is_cpu and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
+    """Whether ``flag``'s value may be read on the host: a plain CPU tensor (no device
+    synchronisation; a FakeTensor has no value), outside torch.compile (no graph break), torch.func
+    transforms (where a tensor in Python control flow is an error) and dispatch modes such as
+    FakeTensorMode (memory and shape estimation)."""
+    return (type(flag) is Tensor and flag.is_cpu and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and not torch._C._len_torch_dispatch_stack())
 
 
 def _warn_once_if_nonfinite(finite: Tensor) -> None:
@@ -206,7 +208,8 @@ _fast: Any = None
 
 def _fast_allowed() -> bool:
     """What `bnlab.kernels.supports` asks of Python's state (the C++ entry points check the
-    tensors): not traced by torch.compile, no ``BNLAB_FORCE_REFERENCE``, no forward-AD level."""
+    tensors, modes and torch.jit.trace): not traced by torch.compile, no
+    ``BNLAB_FORCE_REFERENCE``, no forward-AD level."""
     return (not torch.compiler.is_compiling() and not _force_reference()
             and _forward_ad._current_level < 0)
 

@@ -63,7 +63,7 @@ def supports(x: Tensor) -> bool:
     """Whether the fast kernels handle this input: a dense CPU float32/bfloat16 tensor of rank
     >= 2, the kernels built, and ``BNLAB_FORCE_REFERENCE`` unset (or "0"). Inside torch.func
     transforms, forward-mode AD and torch.export the reference path is used (standard ops
-    only)."""
+    only), and so is torch.jit.trace."""
     # Cheapest tests first: this runs on every BN call (`is_cpu`, not `device.type`, which
     # builds a device object).
     if not x.is_cpu or x.dtype not in _DTYPES or x.layout != torch.strided:
@@ -73,6 +73,11 @@ def supports(x: Tensor) -> bool:
     if _F._force_reference():
         return False
     if torch._C._are_functorch_transforms_active():  # C++ autograd.Functions cannot be vmapped
+        return False
+    if torch.jit.is_tracing():
+        # The tracer records ATen ops only: the running update (and the counters' C++ add)
+        # would not replay, and BN+ReLU's saved mask follows grad mode, which the trace check
+        # varies. Standard ops also keep the traced module free of this extension.
         return False
     if _forward_ad._current_level >= 0:
         # Inside torch.autograd.forward_ad.dual_level: the C++ autograd node has no jvp (torch's

@@ -22,6 +22,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
 #include <cmath>
@@ -77,10 +78,11 @@ bool momentum_ok(PyObject* o, double& mom, OptT& mom_t) {
   return v >= 0.0 && v <= 1.0;
 }
 
-// Whether a torch.func transform, a __torch_function__ mode or a __torch_dispatch__ mode
-// (FakeTensorMode, a FlopCounterMode) is in force: each should see the Python path's calls.
+// Whether a torch.func transform, a __torch_function__ mode, a __torch_dispatch__ mode
+// (FakeTensorMode, a FlopCounterMode) or torch.jit.trace is in force: each should see the
+// Python path's calls.
 bool python_modes() {
-  return at::impl::torch_function_mode_enabled() ||
+  return at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing() ||
          c10::impl::TorchDispatchModeTLS::any_modes_set() ||
          c10::impl::tls_is_dispatch_key_included(
              c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
