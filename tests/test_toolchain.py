@@ -85,6 +85,25 @@ def test_compiled_training_is_not_specialized_to_each_batch_size(norm, force: st
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_loading_the_kernels_by_available_causes_no_recompile(monkeypatch) -> None:
+    """README's ways to load the kernels before tracing include `bnlab.kernels.available()`;
+    it must leave nothing for the first compiled call to change (Dynamo guards on globals)."""
+    from torch._dynamo.utils import counters
+
+    from bnlab import functional, kernels
+
+    monkeypatch.setattr(functional, "_kernels", None)  # as in a process with no BN call yet
+    if not kernels.available():
+        pytest.skip("bnlab CPU kernels not built here")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(bnlab.BatchNorm2d(4), backend="eager")
+    x = torch.randn(8, 4, 5, 5)
+    for _ in range(3):
+        compiled(x)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_compile_respects_freeze_and_no_stats_update() -> None:
     torch._dynamo.reset()
     model = _net()

@@ -18,6 +18,8 @@ arguments and call the same op in C++, and hand anything unusual back (`function
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
@@ -50,6 +52,9 @@ def available() -> bool:
 
             ops.register()
             _F._fast = _build.module()  # the C++ entry points of the eager path
+    # What `functional._kernels_module` would set on the first BN call: set here, a compiled
+    # model's first call would change a global that Dynamo guards on (one spurious recompile).
+    _F._kernels = sys.modules[__name__]
     return bool(ok)
 
 
