@@ -58,3 +58,19 @@ def test_load_state_dict_with_assign_leaves_nothing_on_meta(name):
     source.eval()
     x = _input(rank)
     torch.testing.assert_close(module(x), source(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_to_empty_then_load_state_dict_leaves_no_uninitialized_counter(name):
+    """The flow without reset_parameters: to_empty() (uninitialized memory), then a plain
+    load_state_dict, which brings every persistent tensor but not the non-finite counter."""
+    make, _ = MODULES[name]
+    state = make().state_dict()
+    with torch.device("meta"):
+        module = make()
+    module.to_empty(device="cpu")
+    if hasattr(module, "num_nonfinite_batches"):
+        module.num_nonfinite_batches.fill_(123456789)  # what to_empty's memory may hold
+    module.load_state_dict(state)
+    if hasattr(module, "num_nonfinite_batches"):
+        assert int(module.num_nonfinite_batches) == 0

@@ -254,6 +254,10 @@ class BatchNorm(FxLeaf, nn.Module):
                        and not t.is_meta), None)
         if self.num_nonfinite_batches.is_meta and loaded is not None:
             self.num_nonfinite_batches = torch.zeros((), dtype=torch.long, device=loaded.device)
+        elif prefix + "running_mean" in state_dict and not self.num_nonfinite_batches.is_meta:
+            # Loaded statistics start a new history; after meta -> to_empty() the counter is
+            # uninitialized memory that no load would otherwise overwrite (non-persistent).
+            self.num_nonfinite_batches.zero_()
 
 
 class BatchNorm1d(BatchNorm):
