@@ -182,3 +182,34 @@ def test_cumulative_average_is_exact_in_float64() -> None:
         ours(x), ref(x)
     torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-14, atol=1e-15)
+
+
+LAYOUTS = {  # input layouts whose output strides torch decides (suggest_memory_format)
+    "permuted": (4, lambda: torch.randn(2, 6, 5, 7).permute(0, 2, 1, 3)),
+    "channels_last": (4, lambda: torch.randn(2, 5, 6, 7).to(memory_format=torch.channels_last)),
+    "nhwc_swapped": (4, lambda: torch.randn(2, 7, 6, 5).permute(0, 3, 2, 1)),
+    "transposed_2d": (2, lambda: torch.randn(5, 8).t()),
+    "nlc_transposed": (3, lambda: torch.randn(4, 7, 5).transpose(1, 2)),
+    "channels_last_3d": (5, lambda: torch.randn(2, 5, 3, 4, 6).to(
+        memory_format=torch.channels_last_3d)),
+}
+
+
+@pytest.mark.parametrize("force", ["0", "1"], ids=["kernels", "reference"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_output_strides_are_torchs(layout: str, train: bool, force: str, monkeypatch) -> None:
+    """Contiguous output but for channels_last 4-D/5-D input, as torch's: a BN1d on
+    x.transpose(1, 2) returned the transposed layout, and a following .view() failed."""
+    monkeypatch.setenv("BNLAB_FORCE_REFERENCE", force)
+    rank, make = LAYOUTS[layout]
+    cls = {2: (torch.nn.BatchNorm1d, bnlab.BatchNorm1d), 3: (torch.nn.BatchNorm1d,
+           bnlab.BatchNorm1d), 4: (torch.nn.BatchNorm2d, bnlab.BatchNorm2d),
+           5: (torch.nn.BatchNorm3d, bnlab.BatchNorm3d)}[rank]
+    x = make()
+    ref, ours = cls[0](5).train(train), cls[1](5).train(train)
+    y_ref, y = ref(x), ours(x)
+    assert y.stride() == y_ref.stride()
+    torch.testing.assert_close(y, y_ref)
+    if y_ref.is_contiguous():
+        y.view(y.shape[0], -1)

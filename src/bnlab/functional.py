@@ -92,7 +92,19 @@ def normalize(
     y = (x.to(ct) - channel_view(mean.to(ct), x)) * channel_view(scale, x)
     if bias is not None:
         y = y + channel_view(bias.to(ct), x)
-    return y.to(x.dtype)
+    # Elementwise ops keep any dense permutation of x; torch's BN returns its suggested memory
+    # format (channels_last 4-D/5-D, else contiguous), which code after it may .view().
+    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """torch's suggest_memory_format: channels_last(_3d) where x is in it (and not also plainly
+    contiguous), else contiguous."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=cl):
+            return cl
+    return torch.contiguous_format
 
 
 def empty_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

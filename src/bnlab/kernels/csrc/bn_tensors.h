@@ -17,7 +17,9 @@ struct Prepared {
 };
 
 // The layout the loops read: contiguous NCHW (planar), channels-last-like (rows), or a
-// contiguous copy for anything else.
+// contiguous copy for anything else. Outputs take the layout read, so rows are kept only where
+// torch's BN keeps them too (channels_last 4-D and 5-D, and (N, C) itself): a (N, L, C)
+// transposed to (N, C, L) gets a contiguous output from torch, which code then .view()s.
 inline Prepared prepare(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 2, "bnlab kernels: input must have at least 2 dimensions, got ",
               x.dim());
@@ -28,7 +30,8 @@ inline Prepared prepare(const at::Tensor& x) {
   std::vector<int64_t> perm{0};
   for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
   perm.push_back(1);
-  if (x.permute(perm).is_contiguous()) return {x, {N, C, S, true}};
+  if ((x.dim() == 4 || x.dim() == 5) && x.permute(perm).is_contiguous())
+    return {x, {N, C, S, true}};
   return {x.contiguous(), {N, C, S, false}};
 }
 
