@@ -170,6 +170,23 @@ def test_torch_export(folded: bool) -> None:
         assert not any("rsqrt" in op or "batch_norm" in op for op in ops), ops
 
 
+def test_strict_export_in_a_fresh_process_finds_no_side_effects() -> None:
+    """The layers write nothing while traced, even on a process's first BN call (the kernels'
+    module reference was set then, and the layer's name cached: strict export warned)."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch, bnlab\n"
+            "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnlab.BatchNorm2d(4)).eval()\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    torch.export.export(m, (torch.randn(2, 3, 6, 6),), strict=True)\n"
+            "print([str(x.message) for x in w if 'side effects' in str(x.message)])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("folded", [False, True], ids=["eval", "folded"])
 def test_onnx_export_runs_under_onnxruntime(folded: bool, tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")

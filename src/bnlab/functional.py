@@ -399,3 +399,10 @@ def batch_norm_with_flag(
         return torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,
                                        eps)[0], None
     return normalize(input, running_mean, running_var, weight, bias, eps), None
+
+
+# `bnlab.kernels` (which imports this module, and builds nothing until asked) is imported here,
+# not on the first BN call: an import there would set a global while torch.export or
+# torch.compile traces that call (a side effect strict export warns about, and a guard change
+# that costs a compiled model a recompile).
+_kernels_module()

@@ -135,6 +135,7 @@ class BatchNorm(FxLeaf, nn.Module):
         check_momentum(momentum, who)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
+        self._who()  # cached now, not by the first forward (torch.export flags that write)
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
