@@ -12,8 +12,8 @@ Uneven shards and empty shards (m_r = 0) are exact: an empty rank still joins bo
 collectives, so no rank hangs; when every shard is empty the outputs are empty and the running
 statistics stay as they are, as in single-process BN (under torch.compile or on GPU, where the
 global count is not read on the host, such a batch is also counted in
-``num_nonfinite_batches``, and a global count of 1 gives β instead of an error). Works with gloo (CPU) and NCCL (GPU), and
-with process groups.
+``num_nonfinite_batches``, and a global count of 1 gives β instead of an error). Works with
+gloo (CPU) and NCCL (GPU), and with process groups.
 
 Semantics, chosen and documented (peers.md 1.2, pain point 8):
 * eval mode never communicates (running statistics, or with ``track_running_stats=False`` the
