@@ -324,6 +324,48 @@ def test_tracker_capture_own_forward_and_errors():
     assert all(h["quantiles"].shape[0] == 1 for h in two.history().values())
 
 
+def test_tracker_records_are_taken_before_in_place_ops():
+    """A ReLU(inplace=True) overwrote a watched sigmoid-free layer's input before a forward hook
+    read it, and the record of an output was a view that the next in-place op changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Hardtanh(inplace=True))
+    x = torch.randn(40, 3)
+    z = model[0](x).detach()  # the pre-activation, negatives included
+    inputs = ActivationTracker(model, [model[1]], where="input", units=[0])
+    outputs = ActivationTracker(model, [model[0]], where="output", units=[0])
+    inputs.record(x)
+    outputs.record(x)
+    want = torch.quantile(z[:, 0], torch.tensor([0.15, 0.5, 0.85]))
+    for tr in (inputs, outputs):
+        (h,) = tr.history().values()
+        torch.testing.assert_close(h["quantiles"][0, 0], want)
+        torch.testing.assert_close(h["channel_mean"][0], z.mean(0).double())
+
+
+def test_tracker_keeps_float64_and_names_a_module_shared_by_widths():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).double()
+    x = torch.randn(30, 3, dtype=D) * 1e-4
+    tr = ActivationTracker(model)
+    tr.record(x)
+    z = model[0](x).detach()
+    torch.testing.assert_close(tr.history()["1"]["channel_var"][0], z.var(0, correction=0),
+                               rtol=1e-12, atol=0)  # not through float32
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(3, 6), nn.Linear(6, 5), nn.Tanh()
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.act(self.b(self.act(self.a(t))))
+
+    shared = Shared()
+    tr = ActivationTracker(shared)
+    with pytest.raises(RuntimeError, match=r"'act' was called with \[5, 6\] channels"):
+        tr.record(torch.randn(8, 3))
+    assert tr.steps == []
+
+
 def test_distribution_shift_closed_form():
     mu = torch.tensor([[0.0, 1.0], [1.0, 1.0], [3.0, 0.0]], dtype=D)  # (T=3, C=2)
     var = torch.tensor([[1.0, 1.0], [2.0, 1.0], [2.0, 5.0]], dtype=D)

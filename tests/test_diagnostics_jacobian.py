@@ -62,6 +62,37 @@ def test_jacobian_of_bn_in_train_mode_is_the_diagonal_block():
     assert torch.equal(bn.running_mean, torch.zeros(3, dtype=D))  # restored
 
 
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, BatchNorm])
+def test_jacobian_in_train_mode_works_on_torchs_bn_too(norm):
+    """torch's BN saves its running buffers for backward: the Jacobians are taken before the
+    buffers are restored (restoring them first made autograd refuse)."""
+    torch.manual_seed(0)
+    bn = norm(3, momentum=None).to(D)
+    model = nn.Sequential(nn.Identity(), bn)
+    x = torch.randn(5, 3, dtype=D) * 2 + 1
+    _, jacs = layer_jacobians(model, x, [model[0], bn], train=True)
+    var, mean = torch.var_mean(x, 0, correction=0)
+    xhat = (x - mean) / torch.sqrt(var + bn.eps)
+    d = (1 - 1 / 5 - xhat.square() / 5) / torch.sqrt(var + bn.eps)
+    torch.testing.assert_close(jacs[0], torch.diag_embed(d))
+    assert torch.equal(bn.running_mean, torch.zeros(3, dtype=D))
+    assert int(bn.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, BatchNorm])
+def test_eval_jacobian_of_a_bn_without_running_statistics_is_coupled(norm):
+    """Without running statistics eval mode normalizes by the batch: the per-example blocks of
+    the batch Jacobian, as in train mode (a summed backward gave exactly 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3).to(D), norm(3, track_running_stats=False).to(D))
+    x = torch.randn(6, 4, dtype=D)
+    _, jacs = layer_jacobians(model, x, [model[0], model[1]])
+    h = model[0](x).detach()
+    full = torch.autograd.functional.jacobian(lambda t: model[1](t), h)  # (N, 3, N, 3)
+    torch.testing.assert_close(jacs[0], torch.stack([full[n, :, n] for n in range(6)]))
+    assert jacs[0].abs().max() > 0.1
+
+
 def test_jacobian_sigmoid_mlp_default_points():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), BatchNorm(5), nn.Sigmoid(), nn.Linear(5, 4),

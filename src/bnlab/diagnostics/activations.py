@@ -49,12 +49,16 @@ class ActivationTracker:
         bins, hist_range: a fixed histogram grid, the same at every step (ridge plots); values
             outside the range are not binned but counted in ``outside``.
         units: channel indices (dimension 1) to describe one by one; None pools every value of
-            the layer (over batch, channels and positions) into one distribution.
+            the layer (over batch, channels and positions) into one distribution. (Ioffe's
+            Fig. 1b/c shows one typical unit of the last hidden layer: ``units=[k]``.)
         saturation_threshold: if given, also record the fraction of values with |x| > threshold
             (e.g. 4 for a sigmoid: σ′(4) < 0.018), over all units.
 
     Use `record` on a fixed batch (no gradients, buffers and RNG untouched), or `capture` around
-    one of your own forward passes.
+    one of your own forward passes. Every call of a watched module inside a step is pooled into
+    that step's record (several batches; a module that serves several layers of one width too,
+    while widths that differ are an error). Records are copies, taken before an in-place op
+    can change them (a ``ReLU(inplace=True)`` after or, for ``where="input"``, at the module).
     """
 
     def __init__(
@@ -119,7 +123,9 @@ class ActivationTracker:
         seen: dict[str, list[Tensor]] = {n: [] for n in self.modules}
 
         def hook(name: str):
-            def fn(_mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            # The input is read before the module runs (a pre-hook), and every record is a copy:
+            # an in-place op (ReLU(inplace=True) here or after) would otherwise change it.
+            def fn(_mod: nn.Module, args: tuple[Any, ...], out: Any = None) -> None:
                 x = args[0] if self.where == "input" else out
                 if x.dim() < 2:
                     raise ValueError(f"ActivationTracker: the {self.where} of {name!r} has "
@@ -128,11 +134,14 @@ class ActivationTracker:
                                                       for u in self.units):
                     raise ValueError(f"units: expected channel indices below {x.shape[1]} "
                                      f"(the {self.where} of {name!r}), got {self.units}")
+                dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
                 # (N, C, *) -> (C, N·positions): a unit is a channel, as in conv BN.
-                seen[name].append(x.detach().transpose(0, 1).reshape(x.shape[1], -1).float())
+                v = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
+                seen[name].append(v.to(dtype, copy=True))
             return fn
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
+        handles = [m.register_forward_pre_hook(hook(n)) if self.where == "input"
+                   else m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
         try:
             yield
         finally:
@@ -142,6 +151,13 @@ class ActivationTracker:
         if missed:  # checked before anything is stored: a failed step leaves no half record
             raise RuntimeError(f"ActivationTracker: module(s) {', '.join(map(repr, missed))} "
                                "were not called")
+        for name, chunks in seen.items():
+            widths = sorted({c.shape[0] for c in chunks})
+            if len(widths) > 1:
+                raise RuntimeError(f"ActivationTracker: module {name!r} was called with "
+                                   f"{widths} channels in one step (one module shared by "
+                                   "layers of different widths?); watch modules that each "
+                                   "serve one layer")
         described = {name: self._describe(torch.cat(chunks, dim=1))
                      for name, chunks in seen.items()}
         self.steps.append(len(self.steps) if step is None else int(step))

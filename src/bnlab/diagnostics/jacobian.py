@@ -99,7 +99,9 @@ def layer_jacobians(
     along one path (a sequential network, as Ioffe's MLP).
 
     Modes: ``train=False`` (default) runs the model in eval mode: BN uses its running statistics,
-    examples are independent and J_k[n] is exact at one backward pass per output value.
+    examples are independent and J_k[n] is exact at one backward pass per output value (a BN
+    or LpNorm without running statistics normalizes by the batch in eval mode too, which
+    couples the examples: J_k[n] is then computed as for ``train=True``).
     ``train=True`` uses batch statistics, which couple the examples; J_k[n] is then the exact
     diagonal block ∂ẑ_{k+1}[n]/∂ẑ_k[n] of the batch Jacobian (including the 1/m terms through
     μ_B and σ²_B), at one backward pass per output value *and* example (use ``max_examples``).
@@ -135,27 +137,31 @@ def layer_jacobians(
         # that follows (ReLU(inplace=True)) is legal and leaves the leaf itself intact.
         return leaves[mod].clone()
 
+    # A BN without running statistics uses the batch's in eval mode too: examples coupled.
+    coupled = train or any((is_batchnorm(m) or isinstance(m, LpNorm))
+                           and getattr(m, "running_mean", None) is None for m in model.modules())
     modes = {m: m.training for m in model.modules()}
     handles = [p.register_forward_hook(cut) for p in points]
     try:
         with SideEffectGuard(model), torch.enable_grad():
             model.train(train)
             model(*inputs)
+            missed = [names[p] or "<root>" for p in points if p not in outs]
+            if missed:
+                raise ValueError(f"layer_jacobians: the forward did not call {', '.join(missed)}")
+            # Pairs follow the forward's order, not the modules' registration order (a model
+            # may define bn2 before bn1 and call bn1 first): stretches of network between
+            # modules that do not follow each other would have zero Jacobians. Computed before
+            # the guard restores the running buffers, which torch's BN saved for its backward.
+            pairs, jacs = [], []
+            for a, b in itertools.pairwise(outs):
+                pairs.append((names[a], names[b]))
+                jacs.append(_jacobian(outs[b], leaves[a], coupled, max_examples))
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes.items():
             m.train(mode)
-    missed = [names[p] or "<root>" for p in points if p not in outs]
-    if missed:
-        raise ValueError(f"layer_jacobians: the forward did not call {', '.join(missed)}")
-    # Pairs follow the forward's order, not the modules' registration order (a model may
-    # define bn2 before bn1 and call bn1 first): stretches of network between modules that do
-    # not follow each other would have zero Jacobians.
-    pairs, jacs = [], []
-    for a, b in itertools.pairwise(outs):
-        pairs.append((names[a], names[b]))
-        jacs.append(_jacobian(outs[b], leaves[a], train, max_examples))
     return pairs, jacs
 
 
