@@ -60,7 +60,7 @@ def test_ics_single_layer_is_zero_even_with_noise():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), NoisyBatchNorm(3, seed=2)).to(D)
     res = gradient_ics(model, mse_sum, batch(d_out=3), lr=0.5)
-    assert res.layers == [1] and res.names == ["0"]
+    assert res.layers == [1] and res.names == ["0+1"]  # the layer with its BN's γ, β
     assert res.l2.item() == 0.0
     assert math.isclose(res.cosine.item(), 1.0, rel_tol=1e-12)
     assert res.grad_norm.item() > 0
@@ -69,7 +69,7 @@ def test_ics_single_layer_is_zero_even_with_noise():
 def test_ics_first_layer_zero_later_layers_not():
     model = mlp_bn()
     res = gradient_ics(model, mse_sum, batch(), lr=0.1)
-    assert res.names == ["0", "3", "7"]
+    assert res.names == ["0+1", "3+4", "7"]
     assert res.l2[0] == 0 and (res.l2[1:] > 0).all()
     assert (res.cosine[1:] < 1).all() and (res.cosine[1:] > -1).all()
 
@@ -116,10 +116,13 @@ def test_ics_measure_subset_and_groups():
     full = gradient_ics(model, mse_sum, batch(), lr=0.1)
     part = gradient_ics(model, mse_sum, batch(), lr=0.1, measure=[3])
     torch.testing.assert_close(part.l2, full.l2[2:])
-    # Grouping BN's γ, β with the preceding linear layer moves them too: a different G′.
+    # By default BN's γ, β belong to the layer before them (Def. 2.1's "previous layers" move
+    # as in a training step); layers given without them leave γ, β where they are.
     grouped = gradient_ics(model, mse_sum, batch(), lr=0.1,
                            layers=[[model[0], model[1]], [model[3], model[4]], model[7]])
-    assert grouped.names[0] == "0+1" and not torch.allclose(grouped.l2[2], full.l2[2])
+    torch.testing.assert_close(grouped.l2, full.l2)
+    bare = gradient_ics(model, mse_sum, batch(), lr=0.1, layers=[model[0], model[3], model[7]])
+    assert bare.names == ["0", "3", "7"] and not torch.allclose(bare.l2[2], full.l2[2])
 
 
 def test_default_layers_follow_forward_order():
@@ -133,6 +136,9 @@ def test_default_layers_follow_forward_order():
             return self.late(torch.tanh(self.early(x)))
 
     assert default_layers(Net(), (torch.randn(2, 4),)) == ["early", "late"]
+    model = mlp_bn()
+    assert default_layers(model, (batch()[0],), with_norms=True) == [["0", "1"], ["3", "4"],
+                                                                     ["7"]]
 
 
 def test_ics_bad_arguments():
@@ -154,7 +160,10 @@ def test_ics_default_layers_skip_frozen_ones():
     model = mlp_bn()
     model[0].requires_grad_(False)
     res = gradient_ics(model, mse_sum, batch(), lr=0.1)
-    assert res.names == ["3", "7"] and res.l2[0] == 0.0  # the first trainable layer: no ICS
+    assert res.names == ["0+1", "3+4", "7"] and res.l2[0] == 0.0  # BN 1 still trains: a W_1
+    model[1].requires_grad_(False)
+    res = gradient_ics(model, mse_sum, batch(), lr=0.1)
+    assert res.names == ["3+4", "7"] and res.l2[0] == 0.0  # the first trainable layer: no ICS
 
 
 # ----------------------------------------------------------------------------- landscape

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bnlab.diagnostics import default_layers
+from bnlab.lab.experiments.santurkar2018._probes import layer_groups
 from bnlab.lab.models.dln import DeepLinearNetwork, dln_loss, make_dln_data
 from bnlab.lab.models.vgg import VGG, vgg
 from bnlab.layers import BatchNorm
@@ -27,6 +28,11 @@ def test_vgg_shapes_and_paper_layer_numbering(in_channels, size):
     assert [type(m) for m in layers] == [nn.Conv2d] * 10 + [nn.Linear] * 3
     names = {m: n for n, m in model.named_modules()}
     assert default_layers(model, (x,)) == [names[m] for m in layers]  # = forward order
+    # Def. 2.1's layers: each with its BN (γ, β move with "the previous layers"), the last alone.
+    groups = layer_groups(model)
+    assert [[names[m] for m in g] for g in groups] == default_layers(model, (x,),
+                                                                      with_norms=True)
+    assert [len(g) for g in groups] == [2] * 12 + [1]
     assert len(model.norms()) == 12 and len(model.activations()) == 12
     assert all(isinstance(n, BatchNorm) for n in model.norms())
     assert [n.num_features for n in model.norms()[:3]] == [8, 8, 16]  # 64·⅛, 64·⅛, 128·⅛

@@ -28,6 +28,8 @@ from bnlab.diagnostics._common import (
     loss_and_grad,
     split_batch,
 )
+from bnlab.stats import is_batchnorm
+from bnlab.variants import LpNorm
 
 __all__ = ["ICSResult", "default_layers", "gradient_ics", "sgd_update"]
 
@@ -60,23 +62,37 @@ def sgd_update(lr: float) -> UpdateFn:
     return lambda params, grads: {n: p - lr * grads[n] for n, p in params.items()}
 
 
-def default_layers(model: nn.Module, example_inputs: Sequence[Any]) -> list[str]:
-    """Names of every Conv/Linear module in the order the forward pass calls them.
+def default_layers(model: nn.Module, example_inputs: Sequence[Any], *,
+                   with_norms: bool = False) -> list[str] | list[list[str]]:
+    """Names of every Conv/Linear module in the order the forward pass calls them; with
+    ``with_norms``, each as a group with the normalization layers (BN, LpNorm) called after it
+    and before the next Conv/Linear: a layer's parameters W_i, γ_i and β_i included.
 
     Forward order is recorded with hooks (registration order can differ from it).
     """
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     order: list[str] = []
     names = {m: n for n, m in model.named_modules()}
+    watched = [m for m in model.modules() if isinstance(m, kinds)
+               or (with_norms and (is_batchnorm(m) or isinstance(m, LpNorm)))]
     hooks = [m.register_forward_pre_hook(lambda mod, _a: order.append(names[mod]))
-             for m in model.modules() if isinstance(m, kinds)]
+             for m in watched]
     try:
         with SideEffectGuard(model), torch.no_grad():
             model(*example_inputs)
     finally:
         for h in hooks:
             h.remove()
-    return list(dict.fromkeys(order))  # first call of each module
+    order = list(dict.fromkeys(order))  # first call of each module
+    if not with_norms:
+        return order
+    groups: list[list[str]] = []
+    for name in order:
+        if isinstance(model.get_submodule(name), kinds) or not groups:
+            groups.append([name])
+        else:
+            groups[-1].append(name)  # a norm layer joins the layer before it
+    return groups
 
 
 def _layer_params(model: nn.Module, layers: Sequence[str | nn.Module | Sequence[Any]]
@@ -130,10 +146,11 @@ def gradient_ics(
             e.g. to mimic SGD with momentum from the optimizer's buffers, without changing them.
         layers: W_1..W_k in forward order: modules, module names, or groups of them (a group's
             parameters form one W_i, e.g. ``[conv, bn]`` to count BN's γ, β with the conv).
-            Default: every Conv/Linear module with trainable parameters, in forward order
-            (`default_layers`, one extra no-grad forward per call: pass ``layers`` when probing
-            often). Trainable
-            parameters outside the layers (e.g. BN's γ, β by default) are never moved.
+            Default: every Conv/Linear module with trainable parameters, in forward order, each
+            grouped with the BN/LpNorm layers after it (`default_layers` with ``with_norms``;
+            one extra no-grad forward per call: pass ``layers`` when probing often), so that
+            "the previous layers" move with their γ, β as in a training step. Trainable
+            parameters outside the layers are never moved.
         measure: 1-based layer numbers to report (default all). Every layer before a measured
             one is still moved, as the definition requires.
 
@@ -147,9 +164,9 @@ def gradient_ics(
     with SideEffectGuard(model) as guard:
         if layers is None:  # frozen layers are no W_i: nothing would move them
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            names = [n for n in default_layers(model, split_batch(batch)[0])
-                     if any((f"{n}.{p}" if n else p) in trainable for p, _ in
-                            model.get_submodule(n).named_parameters())]
+            names = [g for g in default_layers(model, split_batch(batch)[0], with_norms=True)
+                     if any((f"{n}.{p}" if n else p) in trainable for n in g
+                            for p, _ in model.get_submodule(n).named_parameters())]
             if not names:
                 raise ValueError("gradient_ics: the model has no Conv/Linear layer with "
                                  "trainable parameters to measure")

@@ -60,14 +60,21 @@ class LayerDistributions:
         return {"dist": out}
 
 
+def layer_groups(model: nn.Module) -> list[list[nn.Module]]:
+    """The lab models' layers for Def. 2.1: each conv/linear layer with the normalization
+    module after it (Identity in a standard network), so that W_i holds a BN network's γ_i,
+    β_i too and "the previous layers" move with them, as in the training step."""
+    layers, norms = model.layers(), model.norms()  # type: ignore[operator]
+    return [[layer, *norms[k:k + 1]] for k, layer in enumerate(layers)]
+
+
 class ICSProbe:
     """Gradient ICS (Def. 2.1) at the paper's layers on the step's training batch, with the
     plain SGD step of the current lr: ``{"ics": {"layer_<k>": {"l2", "cosine", "grad_norm"}}}``.
-    W_i are the conv/linear weights and biases (BN's γ, β stay put, as `gradient_ics`'s
-    default)."""
+    ``layers`` are modules or groups of them (`layer_groups`: a layer with its BN)."""
 
-    def __init__(self, layers: Sequence[nn.Module], measure: Sequence[int], loss_fn: LossFn, *,
-                 every: int = 1) -> None:
+    def __init__(self, layers: Sequence[nn.Module | Sequence[nn.Module]], measure: Sequence[int],
+                 loss_fn: LossFn, *, every: int = 1) -> None:
         self.layers, self.measure, self.loss_fn, self.every = list(layers), list(measure), \
             loss_fn, every
 

@@ -16,7 +16,8 @@ width 0.125, plain SGD, batch 128) for 600 steps (paper preset) instead of 15,00
 in the paper (25 layers of 10×10, 1000 Gaussian samples, full-batch GD) for 2,000 steps instead
 of 10,000 (BN's DLN step costs ≈30–60 ms here). ICS every 30 VGG steps / 100 DLN steps on the
 step's own training batch, with the plain SGD update of the current lr; W_i = a conv/linear
-layer's weight and bias (BN's γ, β are not moved). Step 0 is not probed (no batch yet).
+layer's weight and bias and, with BN, the γ, β of its BN (so the earlier layers' BN parameters
+move as in the training step). Step 0 is not probed (no batch yet).
 
 Runtime here (2 shared cores, ``--threads 1``): paper ≈6–14 min (4 VGG runs × 600 steps + 4 DLN
 runs × 2,000 steps; quiet vs loaded machine), quick ≈2–4 min, smoke seconds. With ``--threads 2``
@@ -50,7 +51,7 @@ from bnlab.lab.experiments.santurkar2018._common import (
     variant_name,
     vgg_substitution,
 )
-from bnlab.lab.experiments.santurkar2018._probes import ICSProbe
+from bnlab.lab.experiments.santurkar2018._probes import ICSProbe, layer_groups
 from bnlab.lab.experiments.santurkar2018._report import (
     grid,
     mean_curve,
@@ -103,10 +104,11 @@ def variants(cfg: Fig3Config) -> list[str]:
 def run(cfg: Fig3Config, variant: str, ctx: RunContext) -> dict[str, Any]:
     if parse_variant(variant)[0] == "vgg":
         return run_vgg(cfg.data, cfg.train, cfg.optim, cfg.vgg, variant, ctx,
-                       lambda model, _data: [ICSProbe(model.layers(), cfg.vgg_layers,
+                       lambda model, _data: [ICSProbe(layer_groups(model), cfg.vgg_layers,
                                                       F.cross_entropy)])
     return run_dln(cfg.dln, variant, ctx,
-                   lambda model, _data: [ICSProbe(model.layers(), cfg.dln_layers, dln_loss)])
+                   lambda model, _data: [ICSProbe(layer_groups(model), cfg.dln_layers,
+                                                  dln_loss)])
 
 
 def _settings(cfg: dict[str, Any]) -> list[tuple[str, float, list[int]]]:
