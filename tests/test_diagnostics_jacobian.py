@@ -40,12 +40,63 @@ def test_jacobian_of_bn_in_eval_mode_is_a_known_diagonal():
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([1.0, -2.0, 1.0, 0.5], dtype=D))
     model.train()  # the probe's eval mode must not depend on the model's mode
-    _, jacs = layer_jacobians(model, torch.randn(6, 4, dtype=D), [model[0], bn])
+    x = torch.randn(6, 4, dtype=D)
+    _, jacs = layer_jacobians(model, x, [model[0], bn], normalized=False)
     diag = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
     torch.testing.assert_close(jacs[0], torch.diag(diag).expand(6, 4, 4))
+    _, jacs = layer_jacobians(model, x, [model[0], bn])  # to x̂ = (y − β)/γ: no γ
+    torch.testing.assert_close(jacs[0], torch.diag(diag / bn.weight.detach()).expand(6, 4, 4))
     torch.testing.assert_close(diag.abs() * std / bn.weight.detach().abs(),
                                torch.ones(4, dtype=D), rtol=0.05, atol=0)
     assert model.training
+
+
+def test_jacobian_between_normalized_values_closed_form():
+    """Sec. 3.3's ẑ = F(x̂) between normalized vectors: for BN_a -> Linear W -> BN_b in eval,
+    J_x̂ = diag(1/σ_b) W diag(γ_a), whatever γ_b; between outputs diag(γ_b/σ_b) W."""
+    torch.manual_seed(0)
+    model = nn.Sequential(BatchNorm(3), nn.Linear(3, 4, bias=False), BatchNorm(4)).to(D)
+    model.train()(torch.randn(64, 3, dtype=D) * 2 + 1)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([0.5, -2.0, 3.0]))
+        model[2].weight.copy_(torch.tensor([4.0, 1.0, -0.5, 2.0]))
+    x = torch.randn(5, 3, dtype=D)
+    w = model[1].weight.detach()
+    inv_sigma = torch.rsqrt(model[2].running_var + model[2].eps)
+    _, (jac,) = layer_jacobians(model, x, [model[0], model[2]])
+    torch.testing.assert_close(jac, (inv_sigma[:, None] * w * model[0].weight.detach())
+                               .expand(5, 4, 3))
+    _, (jac,) = layer_jacobians(model, x, [model[0], model[2]], normalized=False)
+    torch.testing.assert_close(jac, ((model[2].weight.detach() * inv_sigma)[:, None] * w)
+                               .expand(5, 4, 3))
+    with torch.no_grad():
+        model[2].weight[1] = 0.0
+    with pytest.raises(ValueError, match=r"'2' has γ = 0 .*normalized=False"):
+        layer_jacobians(model, x, [model[0], model[2]])
+
+
+def test_jacobian_between_normalized_conv_maps_equals_autograd():
+    """γ is per channel and repeated over the positions of each map (channel-major order)."""
+    torch.manual_seed(0)
+    bn_a, conv, bn_b = BatchNorm(2), nn.Conv2d(2, 3, 2, bias=False), BatchNorm(3)
+    model = nn.Sequential(bn_a, conv, bn_b).to(D)
+    model.train()(torch.randn(16, 2, 3, 3, dtype=D))
+    with torch.no_grad():
+        bn_a.weight.copy_(torch.tensor([0.5, -2.0]))
+        bn_b.weight.copy_(torch.tensor([3.0, 1.0, -0.25]))
+    model.eval()
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+    _, (jac,) = layer_jacobians(model, x, [bn_a, bn_b])
+
+    def f(xhat_a):  # (2, 3, 3) -> (3, 2, 2): one example, between normalized values
+        y_a = bn_a.weight.view(-1, 1, 1) * xhat_a + bn_a.bias.view(-1, 1, 1)
+        y_b = bn_b(conv(y_a[None]))[0]
+        return (y_b - bn_b.bias.view(-1, 1, 1)) / bn_b.weight.view(-1, 1, 1)
+
+    xhat0 = ((x[0] - bn_a.running_mean.view(-1, 1, 1))
+             / torch.sqrt(bn_a.running_var.view(-1, 1, 1) + bn_a.eps))
+    want = torch.autograd.functional.jacobian(f, xhat0).reshape(12, 18)
+    torch.testing.assert_close(jac[0], want)
 
 
 def test_jacobian_of_bn_in_train_mode_is_the_diagonal_block():

@@ -91,8 +91,13 @@ def layer_jacobians(
     *,
     train: bool = False,
     max_examples: int | None = None,
+    normalized: bool = True,
 ) -> tuple[list[tuple[str, str]], list[Tensor]]:
     """Per-example Jacobians J_k[n] = ∂ẑ_{k+1}[n]/∂ẑ_k[n] of consecutive watched modules.
+
+    Where a watched module is a BN (or LpNorm) layer with γ, ẑ is its normalized value
+    x̂ = (y − β)/γ, the vectors of Sec. 3.3's ẑ = F(x̂) (``normalized=False``: its output y):
+    J_x̂ = diag(1/γ_{k+1}) J_y diag(γ_k), with γ repeated over each channel's positions.
 
     Every watched output is cut from the graph (replaced by a leaf), so J_k is the derivative of
     the stretch of network between M_k and M_{k+1} alone; this assumes they follow each other
@@ -114,9 +119,13 @@ def layer_jacobians(
             default: every BN/LpNorm layer, or every Conv/Linear layer if there is none.
         train: the mode to run in (see above).
         max_examples: compute J for the first this-many examples only (all by default).
+        normalized: between BN layers' normalized values x̂ (default) or their outputs.
 
     Returns:
         (pairs of module names, list of (N′, D_{k+1}, D_k) Jacobians, float64).
+
+    Raises:
+        ValueError: ``normalized`` and a γ of exactly 0 at M_{k+1} (x̂ is not determined there).
     """
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     names = {m: n for n, m in model.named_modules()}
@@ -156,13 +165,39 @@ def layer_jacobians(
             pairs, jacs = [], []
             for a, b in itertools.pairwise(outs):
                 pairs.append((names[a], names[b]))
-                jacs.append(_jacobian(outs[b], leaves[a], coupled, max_examples))
+                jac = _jacobian(outs[b], leaves[a], coupled, max_examples)
+                if normalized:
+                    jac = _between_normalized(jac, (a, outs[a]), (b, outs[b]), names[b])
+                jacs.append(jac)
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes.items():
             m.train(mode)
     return pairs, jacs
+
+
+def _gamma(m: nn.Module, out: Tensor) -> Tensor | None:
+    """γ of a BN/LpNorm module repeated over each channel's positions, (D,) in the order of
+    ``out[n].reshape(-1)`` (channel-major); None for other modules or without γ."""
+    w = getattr(m, "weight", None)
+    if not (is_batchnorm(m) or isinstance(m, LpNorm)) or w is None:
+        return None
+    return w.detach().to(torch.float64).repeat_interleave(out[0].numel() // out.shape[1])
+
+
+def _between_normalized(jac: Tensor, a: tuple[nn.Module, Tensor], b: tuple[nn.Module, Tensor],
+                        name_b: str) -> Tensor:
+    """J_y (N′, D_b, D_a) -> J_x̂ = diag(1/γ_b) J_y diag(γ_a) where a or b is a BN with γ."""
+    ga, gb = _gamma(*a), _gamma(*b)
+    if ga is not None:
+        jac = jac * ga.to(jac.device)  # columns: ∂/∂x̂_a = ∂/∂y_a · γ_a
+    if gb is not None:
+        if bool((gb == 0).any()):
+            raise ValueError(f"layer_jacobians: {name_b!r} has γ = 0 in some channel, where "
+                             "its normalized value x̂ is not determined; pass normalized=False")
+        jac = jac / gb.to(jac.device)[:, None]  # rows: x̂_b = (y_b − β_b)/γ_b
+    return jac
 
 
 def _jacobian(z: Tensor, x: Tensor, coupled: bool, max_examples: int | None) -> Tensor:
@@ -192,6 +227,7 @@ def layer_jacobian_singular_values(
     *,
     train: bool = False,
     max_examples: int | None = None,
+    normalized: bool = True,
 ) -> JacobianResult:
     """Singular values of J_k[n] for each consecutive pair and example (Ioffe & Szegedy 2015,
     Sec. 3.3: all equal to 1 if ẑ_k, ẑ_{k+1} were Gaussian, uncorrelated and F linear).
@@ -199,6 +235,7 @@ def layer_jacobian_singular_values(
     Same arguments as `layer_jacobians`. Compare a BN network with the same network without
     BN (watching its Linear layers) on held-out batches.
     """
-    pairs, jacs = layer_jacobians(model, inputs, modules, train=train, max_examples=max_examples)
+    pairs, jacs = layer_jacobians(model, inputs, modules, train=train, max_examples=max_examples,
+                                  normalized=normalized)
     return JacobianResult(pairs=pairs,
                           singular_values=[torch.linalg.svdvals(j).cpu() for j in jacs])

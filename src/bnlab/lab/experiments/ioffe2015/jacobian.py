@@ -10,8 +10,9 @@ It gives no measurement.
 We measure it on the Sec. 4.1 MLP (784-100-100-100-10; sigmoid and ReLU; weights at the usual
 fan-in std: LeCun for sigmoid, Kaiming for ReLU) with and without BN, with
 `bnlab.diagnostics.layer_jacobian_singular_values`: per held-out example, the singular values of
-J = ∂ẑ_{k+1}/∂ẑ_k between consecutive BN outputs (BN network: pairs BN1→BN2, BN2→BN3) or between
-consecutive hidden pre-activations (no-BN network: Linear1→Linear2, Linear2→Linear3), every
+J = ∂ẑ_{k+1}/∂ẑ_k between consecutive BN layers' normalized values x̂ = (y − β)/γ, the paper's
+vectors (BN network: pairs BN1→BN2, BN2→BN3), or between consecutive hidden pre-activations
+(no-BN network: Linear1→Linear2, Linear2→Linear3), every
 ``eval_every`` steps. Mode: eval, on a copy whose BN statistics are first set to Alg. 2's
 population statistics over 20 training batches, so J is the inference network's exact
 per-example Jacobian, also at step 0. We report the distributions: median, 10th/90th
