@@ -119,3 +119,57 @@ def test_momentum_decay_conversions() -> None:
         momentum_to_decay(None)
     with pytest.raises(ValueError, match="decay"):
         decay_to_momentum(1.5)
+
+
+def test_a_failed_load_leaves_the_layer_as_it_was() -> None:
+    gamma, beta, mean, var = _keras_arrays(5)
+    bn = bnlab.BatchNorm1d(C, dtype=F64)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        load_keras_weights(bn, [gamma, beta[:3], mean, var], momentum=0.9, epsilon=0.1)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert bn.eps == 1e-5 and bn.momentum == 0.1
+
+
+def test_mapping_loaders_reject_unknown_and_missing_keys() -> None:
+    """A typo ('gama') silently loaded γ = 1; Flax's nesting gave a bare KeyError."""
+    gamma, beta, mean, var = _keras_arrays(6)
+    bn = bnlab.BatchNorm1d(C, dtype=F64)
+    with pytest.raises(ValueError, match=r"weights .* must have keys .* got \['beta', 'gama'"):
+        load_keras_weights(bn, {"gama": gamma, "beta": beta, "moving_mean": mean,
+                                "moving_variance": var})
+    with pytest.raises(ValueError, match=r"must have keys \['beta', 'moving_mean'"):
+        load_keras_weights(bn, {"gamma": gamma, "beta": beta, "moving_mean": mean,
+                                "moving_variance": var}, scale=False)  # scale=False: no gamma
+    with pytest.raises(ValueError, match=r"variables\['params'\] must have keys"):
+        load_flax_variables(bn, {"params": {"weight": gamma},
+                                 "batch_stats": {"mean": mean, "var": var}})
+    with pytest.raises(ValueError, match=r"variables\['batch_stats'\] must have keys .*got \[\]"):
+        load_flax_variables(bn, {"batch_stats": {}})
+    with pytest.raises(ValueError, match=r"variables \(one layer's\) must have keys"):
+        load_flax_variables(bn, {"params": {"BatchNorm_0": {}}, "batch_stats": {},
+                                 "extra": {}})
+
+
+def test_numpy_scalars_are_numbers_as_in_torch() -> None:
+    """np.float32 eps/momentum/decay and an np.int64 batch size (np.prod's) are accepted, as
+    torch accepts them, and stored as Python numbers."""
+    np = pytest.importorskip("numpy")
+    bn = bnlab.BatchNorm1d(C, eps=np.float32(1e-3), momentum=np.float64(0.2))
+    assert type(bn.eps) is float and type(bn.momentum) is float and bn.momentum == 0.2
+    gamma, beta, mean, var = _keras_arrays(7)
+    load_keras_weights(bn, [gamma, beta, mean, var], momentum=np.float32(0.5),
+                       epsilon=np.float64(1e-3), batch_values=np.int64(4))
+    assert bn.momentum == pytest.approx(0.5)
+    torch.testing.assert_close(bn.running_var, (var * 4 / 3).float())
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got np.float32"):
+        bnlab.BatchNorm1d(C, eps=np.float32(0))
+    with pytest.raises(ValueError, match="batch_values must be an integer"):
+        load_keras_weights(bn, [gamma, beta, mean, var], batch_values=np.float64(4))
+
+
+def test_loading_into_an_unmaterialized_lazy_layer_is_named() -> None:
+    gamma, beta, mean, var = _keras_arrays(8)
+    with pytest.raises(ValueError, match="LazyBatchNorm1d"):
+        load_keras_weights(bnlab.LazyBatchNorm1d(), [gamma, beta, mean, var])

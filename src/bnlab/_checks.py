@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import numbers
 import os
 import sys
 from collections.abc import Callable
@@ -52,10 +53,31 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _numpy_scalar(x: Any, kind: type) -> bool:
+    # NumPy's scalars (np.float32(1e-3), the np.int64 of np.prod) are numbers.Real/Integral;
+    # checked by module so that the core needs no NumPy, and only after the int/float test.
+    return type(x).__module__ == "numpy" and isinstance(x, kind)
+
+
+def is_real(x: Any) -> bool:
+    """An int or float, or a NumPy scalar of either (torch takes those too)."""
+    return isinstance(x, (int, float)) or _numpy_scalar(x, numbers.Real)
+
+
+def is_integer(x: Any) -> bool:
+    """An int (not a bool) or a NumPy integer scalar."""
+    return (isinstance(x, int) and not isinstance(x, bool)) or _numpy_scalar(x, numbers.Integral)
+
+
+def plain(x: Any) -> Any:
+    """A NumPy scalar as the Python number it holds (what a layer stores); anything else as is."""
+    return x.item() if type(x).__module__ == "numpy" else x
+
+
 def check_eps(eps: float, who: str) -> None:
     # Comparisons, not math.isfinite: torch.compile(dynamic=True) traces a module's float
     # attributes as symbolic floats, which math.isfinite cannot take. NaN fails both.
-    if not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+    if not is_real(eps) or not 0 < eps < math.inf:
         raise ValueError(f"{who}: eps must be a finite number > 0, got {eps!r}")
 
 
@@ -64,7 +86,7 @@ def check_momentum(momentum: float | None, who: str, *, allow_none: bool = True)
         if allow_none:
             return
         raise ValueError(f"{who}: momentum must be a number in [0, 1], got None")
-    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+    if not is_real(momentum) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{who}: momentum must be in [0, 1] (or None), got {momentum!r}")
 
 

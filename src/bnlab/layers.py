@@ -23,6 +23,7 @@ from bnlab._checks import (
     check_momentum,
     check_num_features,
     no_torchscript,
+    plain,
 )
 
 __all__ = [
@@ -136,8 +137,8 @@ class BatchNorm(FxLeaf, nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self._who()  # cached now, not by the first forward (torch.export flags that write)
-        self.eps = eps
-        self.momentum = momentum
+        self.eps = plain(eps)  # a NumPy scalar as a Python float, as torch stores it
+        self.momentum = plain(momentum)
         self.affine = affine
         self.track_running_stats = track_running_stats
         if affine:

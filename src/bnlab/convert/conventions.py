@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlab._checks import check_eps
+from bnlab._checks import check_eps, check_materialized, is_integer, is_real
 
 __all__ = [
     "FlaxBN",
@@ -48,9 +48,9 @@ __all__ = [
 
 def decay_to_momentum(decay: float) -> float:
     """Keras/Flax ``momentum`` (decay d of the old value) → PyTorch momentum m = 1 − d."""
-    if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+    if not is_real(decay) or not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay_to_momentum: decay must be in [0, 1], got {decay!r}")
-    return 1.0 - decay
+    return 1.0 - float(decay)
 
 
 def momentum_to_decay(momentum: float | None) -> float:
@@ -65,10 +65,10 @@ def momentum_to_decay(momentum: float | None) -> float:
 def _bessel(batch_values: int | None, who: str) -> float:
     if batch_values is None:
         return 1.0
-    if not isinstance(batch_values, int) or batch_values < 2:
+    if not is_integer(batch_values) or batch_values < 2:
         raise ValueError(f"{who}: batch_values must be an integer >= 2 (values per channel "
                          f"of a training batch) or None, got {batch_values!r}")
-    return batch_values / (batch_values - 1)
+    return int(batch_values) / (int(batch_values) - 1)
 
 
 def _vector(value: Any, c: int, name: str, who: str, like: Tensor) -> Tensor:
@@ -81,6 +81,7 @@ def _vector(value: Any, c: int, name: str, who: str, like: Tensor) -> Tensor:
 @torch.no_grad()
 def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: float,
           eps: float, factor: float, who: str) -> nn.Module:
+    check_materialized(bn, who)
     check_eps(eps, who)
     momentum = decay_to_momentum(decay)
     if bn.running_mean is None:
@@ -88,8 +89,10 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
                          "(track_running_stats=False) to load into")
     c = bn.num_features
     rm = bn.running_mean
-    bn.running_mean.copy_(_vector(mean, c, "mean", who, rm))
-    bn.running_var.copy_(_vector(var, c, "variance", who, rm) * factor)
+    # Everything is converted and checked before anything is copied: a bad array leaves the
+    # layer as it was, not half loaded.
+    new = {"running_mean": _vector(mean, c, "mean", who, rm),
+           "running_var": _vector(var, c, "variance", who, rm) * factor}
     for name, value, default in (("weight", gamma, 1.0), ("bias", beta, 0.0)):
         param = getattr(bn, name, None)
         if param is None:
@@ -98,10 +101,23 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
                 raise ValueError(f"{who}: {type(bn).__name__} has {why} but the source "
                                  f"has a non-trivial {'gamma' if name == 'weight' else 'beta'}")
             continue
-        param.copy_(_vector(value, c, name, who, param) if value is not None
-                    else torch.full_like(param, default))
+        new[name] = (_vector(value, c, name, who, param) if value is not None
+                     else torch.full_like(param, default))
+    for name, t in new.items():
+        getattr(bn, name).copy_(t)
     bn.eps, bn.momentum = float(eps), momentum
     return bn
+
+
+def _keys(given: Mapping[str, Any], allowed: Sequence[str], required: Sequence[str],
+          what: str, who: str) -> None:
+    """Unknown keys (a typo such as 'gama' would silently load γ = 1) and missing ones are
+    errors naming both."""
+    unknown = sorted(set(given) - set(allowed))
+    missing = [k for k in required if k not in given]
+    if unknown or missing:
+        raise ValueError(f"{who}: {what} must have keys {list(allowed)} ({list(required)} "
+                         f"required), got {sorted(given)}")
 
 
 def _export(bn: nn.Module, batch_values: int | None, who: str) -> tuple[Tensor, ...]:
@@ -151,9 +167,9 @@ def load_keras_weights(bn: nn.Module, weights: Sequence[Any] | Mapping[str, Any]
     who = "load_keras_weights"
     if isinstance(weights, Mapping):
         w = {k.split("/")[-1].split(":")[0]: v for k, v in weights.items()}
-        missing = [k for k in ("moving_mean", "moving_variance") if k not in w]
-        if missing:
-            raise ValueError(f"{who}: weights lack {missing}, got keys {sorted(weights)}")
+        needed = [*(["gamma"] if scale else []), *(["beta"] if center else []),
+                  "moving_mean", "moving_variance"]
+        _keys(w, needed, needed, "weights (scale and center as given)", who)
         gamma, beta = w.get("gamma"), w.get("beta")
         mean, var = w["moving_mean"], w["moving_variance"]
     else:
@@ -183,10 +199,10 @@ def load_flax_variables(bn: nn.Module, variables: Mapping[str, Mapping[str, Any]
     """Load a Flax ``BatchNorm``'s variables (``{"params": ..., "batch_stats": ...}``) into
     ``bn`` in place; ``momentum`` and ``epsilon`` are the Flax layer's (Flax defaults)."""
     who = "load_flax_variables"
-    if "batch_stats" not in variables:
-        raise ValueError(f"{who}: variables need a 'batch_stats' collection, got "
-                         f"{sorted(variables)}")
+    _keys(variables, ("params", "batch_stats"), ("batch_stats",), "variables (one layer's)", who)
     params, stats = variables.get("params", {}), variables["batch_stats"]
+    _keys(params, ("scale", "bias"), (), "variables['params']", who)
+    _keys(stats, ("mean", "var"), ("mean", "var"), "variables['batch_stats']", who)
     return _load(bn, params.get("scale"), params.get("bias"), stats["mean"], stats["var"],
                  decay=momentum, eps=epsilon, factor=_bessel(batch_values, who), who=who)
 

@@ -24,6 +24,7 @@ from bnlab._checks import (
     check_input,
     check_num_features,
     no_torchscript,
+    plain,
 )
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
@@ -50,7 +51,7 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
         check_eps(eps, who)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
-        self.eps = eps
+        self.eps = plain(eps)
         self.register_buffer("weight", torch.ones(num_features, **factory))
         self.register_buffer("bias", torch.zeros(num_features, **factory))
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))

@@ -20,6 +20,7 @@ from bnlab._checks import (
     check_momentum,
     check_num_features,
     no_torchscript,
+    plain,
 )
 from bnlab.functional import (
     channel_view,
@@ -173,7 +174,7 @@ class LpNorm(FxLeaf, nn.Module):
         check_eps(eps, who)
         check_momentum(momentum, who)
         self.p = _check_p(p, who)
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.num_features, self.eps, self.momentum = num_features, plain(eps), plain(momentum)
         self.affine, self.track_running_stats = affine, track_running_stats
         factory = {"device": device, "dtype": dtype}
         if affine:
