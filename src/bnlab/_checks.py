@@ -212,3 +212,41 @@ def user_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def host_readable(flag: Tensor) -> bool:
+    """Whether ``flag``'s value may be read on the host: a plain CPU tensor (no device
+    synchronisation; a FakeTensor has no value), outside torch.compile (no graph break), torch.func
+    transforms (where a tensor in Python control flow is an error) and dispatch modes such as
+    FakeTensorMode (memory and shape estimation)."""
+    return (type(flag) is Tensor and flag.is_cpu and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and not torch._C._len_torch_dispatch_stack())
+
+
+def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None, bias: Tensor | None, training: bool,
+               momentum: float | Tensor, eps: float, who: str,
+               var_name: str = "running_var") -> None:
+    """The argument checks of `batch_norm` (and the fused `bnlab.kernels.bn_relu`, and
+    `lp_norm` with ``var_name="running_scale"``): ε, momentum (a number in [0, 1] or a 0-d
+    tensor), per-channel shapes, more than one value per channel when training, running
+    statistics when not."""
+    check_eps(eps, who)
+    if not isinstance(momentum, Tensor):
+        check_momentum(momentum, who, allow_none=False)
+    elif momentum.dim() != 0 or not momentum.is_floating_point():
+        raise ValueError(f"{who}: momentum must be a number in [0, 1] or a 0-d floating-point "
+                         f"tensor, got a tensor of shape {tuple(momentum.shape)} and dtype "
+                         f"{momentum.dtype}")
+    elif host_readable(momentum) and not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"{who}: momentum must be in [0, 1], got {float(momentum)!r}")
+    check_per_channel(input, running_mean, running_var, weight, bias, who, var_name)
+    if training:
+        check_training_size(input, who)
+    elif running_mean is None or running_var is None:
+        raise ValueError(
+            f"{who}: running_mean and {var_name} are required when training=False, "
+            f"got running_mean={type(running_mean).__name__}, "
+            f"{var_name}={type(running_var).__name__}"
+        )

@@ -18,11 +18,9 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from bnlab import _autograd
-from bnlab._checks import (
-    check_eps,
-    check_momentum,
-    check_per_channel,
-    check_training_size,
+from bnlab._checks import (  # check_args, host_readable: part of this module's API
+    check_args,
+    host_readable,
     user_stacklevel,
 )
 
@@ -161,16 +159,6 @@ def lerp_buffer_(buf: Tensor, stat: Tensor, momentum: float | Tensor, finite: Te
             f"but its buffer {name} is not batched and is updated in place. Use "
             "track_running_stats=False (as for torch's BatchNorm under vmap), eval mode, or "
             "batched buffers (torch.func.stack_module_state with functional_call)") from e
-
-
-def host_readable(flag: Tensor) -> bool:
-    """Whether ``flag``'s value may be read on the host: a plain CPU tensor (no device
-    synchronisation; a FakeTensor has no value), outside torch.compile (no graph break), torch.func
-    transforms (where a tensor in Python control flow is an error) and dispatch modes such as
-    FakeTensorMode (memory and shape estimation)."""
-    return (type(flag) is Tensor and flag.is_cpu and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()
-            and not torch._C._len_torch_dispatch_stack())
 
 
 def _warn_once_if_nonfinite(finite: Tensor) -> None:
@@ -313,34 +301,6 @@ def batch_norm(
     y, _ = batch_norm_with_flag(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, "batch_norm")
     return y
-
-
-def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-               weight: Tensor | None, bias: Tensor | None, training: bool,
-               momentum: float | Tensor, eps: float, who: str,
-               var_name: str = "running_var") -> None:
-    """The argument checks of `batch_norm` (and the fused `bnlab.kernels.bn_relu`, and
-    `lp_norm` with ``var_name="running_scale"``): ε, momentum (a number in [0, 1] or a 0-d
-    tensor), per-channel shapes, more than one value per channel when training, running
-    statistics when not."""
-    check_eps(eps, who)
-    if not isinstance(momentum, Tensor):
-        check_momentum(momentum, who, allow_none=False)
-    elif momentum.dim() != 0 or not momentum.is_floating_point():
-        raise ValueError(f"{who}: momentum must be a number in [0, 1] or a 0-d floating-point "
-                         f"tensor, got a tensor of shape {tuple(momentum.shape)} and dtype "
-                         f"{momentum.dtype}")
-    elif host_readable(momentum) and not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"{who}: momentum must be in [0, 1], got {float(momentum)!r}")
-    check_per_channel(input, running_mean, running_var, weight, bias, who, var_name)
-    if training:
-        check_training_size(input, who)
-    elif running_mean is None or running_var is None:
-        raise ValueError(
-            f"{who}: running_mean and {var_name} are required when training=False, "
-            f"got running_mean={type(running_mean).__name__}, "
-            f"{var_name}={type(running_var).__name__}"
-        )
 
 
 def batch_norm_with_flag(
