@@ -10,7 +10,8 @@ We compare, at every evaluation step, held-out accuracy with (1) the moving aver
 0.1, PyTorch's default), (2) Alg. 2's exact population statistics over 100 training batches,
 (3) the cumulative average since step 0 (``momentum=None``), and (4) no inference transform
 (each held-out batch of the training size normalized by its own statistics: the train/eval gap).
-Models: the Fig. 1 BN MLP (sigmoid) and the BN-x5 Inception of Fig. 2.
+Models: the Fig. 1 BN MLP (sigmoid; here on normalized greyscale pixels, not binarized ones, for
+20,000 steps) and the BN-x5 Inception of Fig. 2.
 
 Runtime here (2 shared cores): paper ≈6–10 min, quick ≈2–3 min (505 s for 3 seeds with
 ``--threads 1``, 2026-11-22, with one or two other jobs beside it), smoke ≈10 s.

@@ -66,7 +66,7 @@ class Fig1Config:
 
     def __post_init__(self) -> None:
         positive(self, "lrs")
-        within(self, "layers", 1, 13)  # VGG-13's convolutions
+        within(self, "layers", 1, 13)  # the VGG's 13 layers: 10 conv, 3 linear
         at_least(self, "dist_examples", 1)
 
 

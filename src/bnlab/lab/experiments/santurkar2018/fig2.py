@@ -73,7 +73,7 @@ class Fig2Config:
     dist_examples: int = 256
 
     def __post_init__(self) -> None:
-        within(self, "layers shown", 1, 13)  # VGG-13's convolutions
+        within(self, "layers shown", 1, 13)  # the VGG's 13 layers: 10 conv, 3 linear
         at_least(self, "dist_examples", 1)
         if not set(self.shown) <= set(self.layers):
             raise ValueError(f"shown must be among layers {self.layers}, got {self.shown}")

@@ -79,7 +79,7 @@ class Fig3Config:
 
     def __post_init__(self) -> None:
         positive(self, "vgg_lrs dln_lrs")
-        within(self, "vgg_layers", 1, 13)  # VGG-13's convolutions
+        within(self, "vgg_layers", 1, 13)  # the VGG's 13 layers: 10 conv, 3 linear
         within(self, "dln_layers", 1, self.dln.depth)
 
 

@@ -15,7 +15,10 @@ width 0.125, plain SGD lr 0.1, batch 128) for 1,000 steps (paper preset) instead
 DLN as in the paper (lr 1e-6, full-batch GD, 1000 Gaussian samples) for 2,000 steps instead of
 10,000 (a normalized DLN step costs 20–60 ms here), so its losses are higher than the paper's
 10k-step values. The ℓp layers learn γ, β as BN does and use
-running statistics in eval mode (the paper does not say).
+running statistics in eval mode (the paper does not say). The VGG keeps its conv/linear biases in
+every variant; BN's mean subtraction cancels them (Sec. 3.1 drops b), but the ℓp layers divide
+by the uncentred ‖x‖_p, so there a bias is a learned shift inside the norm (the paper does not
+say whether its ℓp networks keep b).
 
 Runtime here (2 shared cores, ``--threads 1``): paper ≈10–25 min (5 VGG runs × 1,000 steps + 5
 DLN runs × 2,000 steps; quiet vs loaded machine), quick ≈3–6 min, smoke seconds. With
