@@ -173,3 +173,21 @@ def test_loading_into_an_unmaterialized_lazy_layer_is_named() -> None:
     gamma, beta, mean, var = _keras_arrays(8)
     with pytest.raises(ValueError, match="LazyBatchNorm1d"):
         load_keras_weights(bnlab.LazyBatchNorm1d(), [gamma, beta, mean, var])
+
+
+def test_non_finite_or_negative_statistics_are_refused_and_bf16_exports_as_float32() -> None:
+    gamma, beta, mean, var = _keras_arrays(9)
+    bad = var.clone()
+    bad[1] = -0.5
+    with pytest.raises(ValueError, match=r"variance must be finite and >= 0, got \[.*-0.5"):
+        load_keras_weights(bnlab.BatchNorm1d(C, dtype=F64), [gamma, beta, mean, bad])
+    nan_mean = mean.clone()
+    nan_mean[0] = float("nan")
+    with pytest.raises(ValueError, match="mean must be finite"):
+        load_flax_variables(bnlab.BatchNorm1d(C, dtype=F64),
+                            {"batch_stats": {"mean": nan_mean, "var": var}})
+    bn = bnlab.BatchNorm1d(C, dtype=torch.bfloat16)
+    out = keras_weights(bn)
+    assert all(w.dtype == torch.float32 for w in out.weights)
+    assert flax_variables(bn).variables["params"]["scale"].dtype == torch.float32
+    assert keras_weights(bnlab.BatchNorm1d(C, dtype=F64)).weights[0].dtype == F64

@@ -93,6 +93,11 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
     # layer as it was, not half loaded.
     new = {"running_mean": _vector(mean, c, "mean", who, rm),
            "running_var": _vector(var, c, "variance", who, rm) * factor}
+    if not bool(torch.isfinite(new["running_mean"]).all()):
+        raise ValueError(f"{who}: mean must be finite, got {new['running_mean'].tolist()}")
+    v = new["running_var"]
+    if not bool((torch.isfinite(v) & (v >= 0)).all()):
+        raise ValueError(f"{who}: variance must be finite and >= 0, got {v.tolist()}")
     for name, value, default in (("weight", gamma, 1.0), ("bias", beta, 0.0)):
         param = getattr(bn, name, None)
         if param is None:
@@ -127,8 +132,11 @@ def _export(bn: nn.Module, batch_values: int | None, who: str) -> tuple[Tensor, 
     c, like = bn.num_features, bn.running_mean
     w = bn.weight if bn.weight is not None else torch.ones(c, dtype=like.dtype)
     b = bn.bias if bn.bias is not None else torch.zeros(c, dtype=like.dtype)
-    return tuple(t.detach().cpu().clone() for t in (w, b, bn.running_mean,
-                                                    bn.running_var / factor))
+    # bfloat16 has no NumPy dtype: such a layer's arrays come as float32 (exact), so that
+    # `.numpy()` works as for the others.
+    return tuple(t.detach().cpu().to(torch.float32 if t.dtype == torch.bfloat16 else t.dtype,
+                                     copy=True)
+                 for t in (w, b, bn.running_mean, bn.running_var / factor))
 
 
 @dataclass
