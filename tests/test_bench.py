@@ -170,3 +170,20 @@ def test_ab_names_a_bad_base() -> None:  # type: ignore[no-untyped-def]
         pytest.skip("bnlab CPU kernels could not be built here")
     with pytest.raises(SystemExit, match="--base: expected a directory"):
         ab.main(["--base", "no-such-revision-xyz", "--shapes", "4x16x7x7"])
+
+
+@pytest.mark.parametrize(("args", "option", "got"), [
+    (["--rounds", "0"], "--rounds", "got 0"),
+    (["--threads", "-2"], "--threads", "got -2"),
+    (["--shapes", "32x0x7x7"], "--shapes", "'32x0x7x7'"),
+    (["--shapes", "32xabc"], "--shapes", "'32xabc'"),
+    (["--shapes", "7"], "--shapes", "'7'"),
+    (["--formats", "nhwc"], "--formats", "nhwc"),
+])
+def test_ab_bad_options_name_the_option_and_value_before_any_build(args, option, got,
+                                                                    capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as exc:
+        ab.main(["--base", "no-such-revision-xyz", *args])
+    assert exc.value.code == 2  # argparse's usage error, raised before the baseline's build
+    err = capsys.readouterr().err
+    assert option in err and got in err, err

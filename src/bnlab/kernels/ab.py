@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from bnlab._checks import positive_int
 from bnlab.kernels.bench import _fmt
 
 __all__ = ["NAMESPACE", "main", "rename_namespace"]
@@ -150,6 +151,21 @@ def compare(shape: tuple[int, ...], fmt: str, mode: str, rounds: int,
     return {"A": a, "B": b, "B/A": b / a, "max_diff": diff}
 
 
+def _shapes(text: str, parser: argparse.ArgumentParser) -> list[tuple[int, ...]]:
+    """``--shapes`` as tuples: each N x C [x spatial...], every size >= 1 (e.g. 32x64x7x7)."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            shape = tuple(int(d) for d in item.split("x"))
+        except ValueError:
+            shape = ()
+        if not 2 <= len(shape) <= 5 or min(shape) < 1:
+            parser.error(f"--shapes: expected sizes >= 1 joined by x, 2 to 5 of them "
+                         f"(e.g. 32x64x7x7), got {item!r}")
+        shapes.append(shape)
+    return shapes
+
+
 def main(argv: list[str] | None = None) -> int:
     from bnlab import kernels
     from bnlab.kernels.bench import SHAPES, tune_malloc
@@ -161,15 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--shapes", default="all", help="'all' (bench's set) or e.g. 32x64x7x7")
     parser.add_argument("--formats", default="nchw,channels_last")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
     if bad := sorted(set(modes) - set(MODES)):
         parser.error(f"--modes: expected {', '.join(MODES)}, got {', '.join(bad)}")
-    shapes = (list(SHAPES.values()) if args.shapes == "all" else
-              [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")])
+    shapes = list(SHAPES.values()) if args.shapes == "all" else _shapes(args.shapes, parser)
+    if bad := sorted(set(args.formats.split(",")) - {"nchw", "channels_last"}):
+        parser.error(f"--formats: expected nchw, channels_last, got {', '.join(bad)}")
     if not kernels.available():
         raise SystemExit("bnlab's kernels are not available here: nothing to compare")
     torch.set_num_threads(args.threads)
