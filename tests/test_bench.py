@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from bnlab.cli import main
 from bnlab.kernels import ab, bench
@@ -115,7 +116,8 @@ def test_e2e_nets_train_in_the_asked_memory_format(memory_format: str) -> None:
     fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     outs: list[torch.Tensor] = []
     for name, norm in e2e._norms().items():
-        model, x = e2e._build(e2e.InceptionNet, norm, 4, (1, 28, 28), memory_format)
+        model, x = e2e._build(lambda norm=norm: e2e.InceptionNet(norm), 4, (1, 28, 28),
+                              memory_format)
         assert x.is_contiguous(memory_format=fmt), name
         outs.clear()
         hook = model.blocks[0].b3.register_forward_hook(lambda m, i, o: outs.append(o))
@@ -187,3 +189,57 @@ def test_ab_bad_options_name_the_option_and_value_before_any_build(args, option,
     assert exc.value.code == 2  # argparse's usage error, raised before the baseline's build
     err = capsys.readouterr().err
     assert option in err and got in err, err
+
+
+@pytest.mark.parametrize("name", ["lab_vgg_b128_32x32", "lab_inception_b32_28x28"])
+def test_e2e_lab_nets_are_the_labs_models_with_each_norm_kind(name: str) -> None:
+    """`bnlab bench --e2e` times the lab's own nets (the issue's target names them): each kind
+    builds the lab's model with that norm after every conv and hidden linear layer (none: no
+    norm layer at all), the fused kind drops the ReLUs it fuses, and one step trains."""
+    import bnlab
+    from bnlab.kernels import e2e
+    from bnlab.lab.models import VGG, Inception, e2e_nets
+
+    build, batch, image = e2e_nets()[name]
+    counts = {}
+    for kind, layer in (("none", None), ("torch_bn", e2e.TorchBatchNorm),
+                        ("bnlab_bn", bnlab.BatchNorm), ("bnlab_bn_relu", bnlab.BatchNormReLU)):
+        model, x = e2e._build(lambda k=kind: build(k), 4, image)
+        assert isinstance(model, VGG if "vgg" in name else Inception)
+        norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, bnlab.BatchNorm))]
+        assert all(type(m) is layer for m in norms), kind
+        relus = sum(isinstance(m, nn.ReLU) for m in model.modules())
+        counts[kind] = (len(norms), relus)
+        before = [p.detach().clone() for p in model.parameters()]
+        e2e._train_step(model, x)()
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), kind
+    assert counts["none"][0] == 0 and counts["torch_bn"] == counts["bnlab_bn"]
+    n_norms, n_relus = counts["bnlab_bn"]
+    assert n_norms > 0 and counts["bnlab_bn_relu"] == (n_norms, n_relus - n_norms)
+    assert batch == (128 if "vgg" in name else 32)
+
+
+def test_torch_batch_norm_of_e2e_takes_any_rank_with_torchs_result() -> None:
+    from bnlab.kernels import e2e
+
+    for shape in ((6, 4), (6, 4, 5), (6, 4, 3, 3), (6, 4, 2, 2, 2)):
+        x = torch.randn(shape)
+        ref = nn.functional.batch_norm(x, None, None, training=True)
+        assert torch.allclose(e2e.TorchBatchNorm(4)(x), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="expected 2-D to 5-D input, got 1-D"):
+        e2e.TorchBatchNorm(4)(torch.randn(4))
+
+
+def test_cli_bench_e2e_times_the_stand_ins_and_the_labs_nets(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from bnlab.kernels import e2e
+
+    seen: dict[str, object] = {}
+
+    def fake_run(args, e2e_nets=None):  # type: ignore[no-untyped-def]
+        seen["nets"] = e2e_nets
+        return 0
+    monkeypatch.setattr(bench, "run", fake_run)
+    assert main(["bench", "--e2e"]) == 0
+    assert list(seen["nets"]) == [*e2e.STAND_INS, "lab_vgg_b128_32x32",  # type: ignore[arg-type]
+                                  "lab_inception_b32_28x28"]
+    assert main(["bench", "--modes", "eval"]) == 0 and seen["nets"] is None

@@ -206,7 +206,7 @@ def test_e2e_bn_op_time_counts_batch_norm_ops_only() -> None:
                              nn.Flatten(), nn.Linear(8, 10))
 
     norms = e2e._norms()
-    steppers = {k: e2e._train_step(*e2e._build(tiny, norms[k], 4, (1, 12, 12)))
+    steppers = {k: e2e._train_step(*e2e._build(lambda k=k: tiny(norms[k]), 4, (1, 12, 12)))
                 for k in ("none", "torch_bn", "bnlab_bn")}
     ms = {k: e2e.bn_op_ms(e2e.profile_steps(s, steps=1)) for k, s in steppers.items()}
     assert ms["none"] == 0.0

@@ -76,7 +76,14 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     parser = argparse.ArgumentParser(prog="bnlab bench", description="Benchmark the kernels.")
     bench.add_arguments(parser)
-    return int(bench.run(parser.parse_args(args.rest)))
+    ns = parser.parse_args(args.rest)
+    nets = None
+    if ns.e2e:  # the stand-ins and the lab's own nets (the kernels' package cannot import them)
+        from bnlab.kernels.e2e import STAND_INS
+        from bnlab.lab.models import e2e_nets
+
+        nets = {**STAND_INS, **e2e_nets()}
+    return int(bench.run(ns, nets))
 
 
 def _kernels(args: argparse.Namespace) -> int:

@@ -265,8 +265,9 @@ def print_targets(targets: list[dict[str, Any]], full: bool) -> None:
               f"{'met' if t['met'] else 'missed'}")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by parsed `add_arguments` options; returns an exit code."""
+def run(args: argparse.Namespace, e2e_nets: dict[str, Any] | None = None) -> int:
+    """Run the benchmark described by parsed `add_arguments` options; returns an exit code.
+    ``e2e_nets``: the nets ``--e2e`` times (default `bnlab.kernels.e2e.STAND_INS`)."""
     if args.json is not None:  # can it be written? Asked before the minutes of timing
         path = Path(args.json)
         existed = path.exists()
@@ -292,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
     if args.e2e:
         from bnlab.kernels import e2e
 
-        result = e2e.run_e2e(args.e2e_steps, args.rounds, args.e2e_format)
+        result = e2e.run_e2e(args.e2e_steps, args.rounds, args.e2e_format, e2e_nets)
         e2e.print_e2e(result, args.e2e_format)
         payload: dict[str, Any] = {"machine": info, "e2e": result, "e2e_format": args.e2e_format}
     else:

@@ -1,20 +1,25 @@
 """End-to-end cost of BN in a training step (`bnlab bench --e2e`).
 
-Small stand-ins for the lab's nets, each taking ``norm_layer`` (a factory ``C -> nn.Module``):
-a VGG-style conv-BN-ReLU stack on 32x32 inputs (batch 128) and an Inception-style block net on
-28x28 inputs (batch 32). A step (forward, cross-entropy, backward, SGD update) is timed with no
-normalization (``nn.Identity``), ``torch.nn.BatchNorm2d``, ``bnlab.BatchNorm2d`` and
-``bnlab.BatchNormReLU2d`` (BN and the ReLU after it fused), interleaved step by step in a
-balanced order (`step_orders`); the figure of merit is the step time relative to the net
-without BN. The nets run in NCHW (the target's figure) or channels_last: on CPU, torch's NCHW
-max-pool is scalar and branches on the data (the 3x3 stride-1 pool of (32, 112, 28, 28) takes
-~27 ms against ~2 ms in channels_last), so the memory format changes both the step and how much
-of it BN is.
+Two nets of this module, each taking ``norm_layer`` (a factory ``C -> nn.Module``): a VGG-style
+conv-BN-ReLU stack on 32x32 inputs (batch 128) and an Inception-style block net on 28x28 inputs
+(batch 32), wider than the lab's (`STAND_INS`). `bnlab bench --e2e` adds the lab's own VGG and
+Inception at the widths and batch sizes of their experiments (`bnlab.lab.models.e2e_nets`: the
+core may not import the lab). Those are narrow (8 to 64 channels in the VGG), so a layer's
+fixed cost (module call, dispatch, autograd node, allocation) weighs more there.
+
+A step (forward, cross-entropy, backward, SGD update) is timed with no normalization
+(``nn.Identity``; the lab's nets: no norm layer), torch's BN, bnlab's BN and bnlab's BN+ReLU (the
+ReLU after it fused), interleaved step by step in a balanced order (`step_orders`); the figure of
+merit is the step time relative to the net without BN. The nets run in NCHW (the target's figure)
+or channels_last: on CPU, torch's NCHW max-pool is scalar and branches on the data (the 3x3
+stride-1 pool of (32, 112, 28, 28) takes ~27 ms against ~2 ms in channels_last), so the memory
+format changes both the step and how much of it BN is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -25,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TARGET_OVERHEAD", "InceptionNet", "VGGNet", "meets_target", "print_e2e", "run_e2e",
-           "step_orders"]
+__all__ = ["STAND_INS", "TARGET_OVERHEAD", "InceptionNet", "Net", "TorchBatchNorm", "VGGNet",
+           "any_rank_norms", "meets_target", "print_e2e", "run_e2e", "step_orders"]
 
 NormLayer = Callable[[int], nn.Module]
 # A training step with bnlab's BN may cost at most this much more than without BN (median).
@@ -122,6 +127,34 @@ def _norms() -> dict[str, NormLayer]:
             "bnlab_bn": bnlab.BatchNorm2d, "bnlab_bn_relu": bnlab.BatchNormReLU2d}
 
 
+class TorchBatchNorm(nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d``'s computation on (N, C) to (N, C, D, H, W) input: torch's
+    counterpart of ``bnlab.BatchNorm`` for nets that normalize after both convs and linear
+    layers (the lab's VGG)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if not 2 <= input.dim() <= 5:
+            raise ValueError(f"TorchBatchNorm: expected 2-D to 5-D input, got {input.dim()}-D")
+
+
+def any_rank_norms() -> dict[str, NormLayer]:
+    """`_norms`'s four kinds as layers that take input of any rank (for nets built elsewhere,
+    e.g. the lab's, whose norms follow linear layers too)."""
+    import bnlab
+
+    return {"none": lambda c: nn.Identity(), "torch_bn": TorchBatchNorm,
+            "bnlab_bn": bnlab.BatchNorm, "bnlab_bn_relu": bnlab.BatchNormReLU}
+
+
+# The nets timed: name -> (build(norm kind) -> net, batch size, image (C, H, W)); a norm kind is
+# a key of `_norms`. "bnlab_bn_relu" must give a net without the ReLU that the layer fuses.
+Net = tuple[Callable[[str], nn.Module], int, tuple[int, int, int]]
+STAND_INS: dict[str, Net] = {
+    "vgg_b128_32x32": (lambda kind: VGGNet(_norms()[kind]), 128, (3, 32, 32)),
+    "inception_b32_28x28": (lambda kind: InceptionNet(_norms()[kind]), 32, (1, 28, 28)),
+}
+
+
 def _memory_format(name: str) -> torch.memory_format:
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
     if name not in formats:
@@ -129,13 +162,13 @@ def _memory_format(name: str) -> torch.memory_format:
     return formats[name]
 
 
-def _build(net_cls: Callable[[NormLayer], nn.Module], norm: NormLayer, batch: int,
-           image: tuple[int, int, int], memory_format: str = "nchw") -> tuple[nn.Module, Tensor]:
-    """A freshly built net (seed 0) and a random input batch, both in ``memory_format``
-    ("nchw" or "channels_last")."""
+def _build(make: Callable[[], nn.Module], batch: int, image: tuple[int, int, int],
+           memory_format: str = "nchw") -> tuple[nn.Module, Tensor]:
+    """A freshly built net ``make()`` (seed 0) and a random input batch, both in
+    ``memory_format`` ("nchw" or "channels_last")."""
     fmt = _memory_format(memory_format)
     torch.manual_seed(0)
-    model = net_cls(norm).to(memory_format=fmt)
+    model = make().to(memory_format=fmt)
     return model, torch.randn(batch, *image).contiguous(memory_format=fmt)
 
 
@@ -235,16 +268,17 @@ def step_orders(keys: list[str], n_steps: int) -> list[list[str]]:
     return [[keys[j] for j in rows[s % len(rows)]] for s in range(n_steps)]
 
 
-def run_e2e(steps: int = 8, rounds: int = 3, memory_format: str = "nchw") -> dict[str, Any]:
+def run_e2e(steps: int = 8, rounds: int = 3, memory_format: str = "nchw",
+            nets: dict[str, Net] | None = None) -> dict[str, Any]:
     """Median step time (ms) per net and norm, the overhead of BN over no normalization, and
-    the profiled time of BN's own ops per step; nets and inputs in ``memory_format``."""
+    the profiled time of BN's own ops per step; nets and inputs in ``memory_format``. ``nets``
+    (default `STAND_INS`; `bnlab bench --e2e` adds the lab's own nets) as in `STAND_INS`."""
     _memory_format(memory_format)  # a bad name fails before minutes of timing
-    nets = {"vgg_b128_32x32": (VGGNet, 128, (3, 32, 32)),
-            "inception_b32_28x28": (InceptionNet, 32, (1, 28, 28))}
     out: dict[str, Any] = {}
-    for net_name, (cls, batch, image) in nets.items():
-        steppers = {k: _train_step(*_build(cls, norm, batch, image, memory_format))
-                    for k, norm in _norms().items()}
+    for net_name, (build, batch, image) in (STAND_INS if nets is None else nets).items():
+        steppers = {k: _train_step(*_build(functools.partial(build, k), batch, image,
+                                            memory_format))
+                    for k in _norms()}
         for s in steppers.values():  # warm-up
             s()
             s()

@@ -23,6 +23,7 @@ __all__ = [
     "Inception",
     "NormFactory",
     "activation",
+    "e2e_nets",
     "norm_factory",
 ]
 
@@ -52,3 +53,26 @@ def norm_factory(name: str, *, conv: bool) -> NormFactory | None:
     if name == "none":
         return None
     raise ValueError(f"norm must be one of ['bn', 'none'], got {name!r}")
+
+
+def e2e_nets() -> dict[str, tuple[Callable[[str], nn.Module], int, tuple[int, int, int]]]:
+    """The lab's VGG (santurkar2018: width 0.125, batch 128, 1x32x32) and Inception (ioffe2015
+    fig2: width 1, batch 32, 1x28x28) for `bnlab.kernels.e2e.run_e2e`: name -> (build(norm kind),
+    batch, image). Norms after the VGG's linear layers too, as in its experiments; the fused
+    kind ("bnlab_bn_relu") replaces the ReLU after each norm."""
+    from bnlab.kernels.e2e import any_rank_norms
+    from bnlab.lab.models.vgg import vgg
+
+    def act(kind: str, relu: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        return nn.Identity if kind == "bnlab_bn_relu" else relu
+
+    def norm(kind: str) -> NormFactory | None:
+        return None if kind == "none" else any_rank_norms()[kind]
+
+    return {
+        # each with its experiments' ReLU: the VGG's nn.ReLU, the Inception's in-place one
+        "lab_vgg_b128_32x32": (lambda kind: vgg(norm_layer=norm(kind),
+                                                activation=act(kind, nn.ReLU)), 128, (1, 32, 32)),
+        "lab_inception_b32_28x28": (lambda kind: Inception(
+            norm_layer=norm(kind), activation=act(kind, ACTIVATIONS["relu"])), 32, (1, 28, 28)),
+    }
