@@ -106,8 +106,12 @@ def test_bench_hands_its_arguments_to_the_kernels_bench(monkeypatch):
 
     seen = {}
     fake = types.ModuleType("bnlab.kernels.bench")
-    fake.add_arguments = lambda p: p.add_argument("--size", type=int, default=1)
-    fake.run = lambda args: seen.setdefault("size", args.size) and 0
+
+    def add_arguments(p):
+        p.add_argument("--size", type=int, default=1)
+        p.add_argument("--e2e", action="store_true")
+    fake.add_arguments = add_arguments
+    fake.run = lambda args, e2e_nets=None: seen.setdefault("size", args.size) and 0
     import bnlab.kernels
 
     monkeypatch.setitem(sys.modules, "bnlab.kernels.bench", fake)
