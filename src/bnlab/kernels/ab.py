@@ -168,7 +168,7 @@ def _shapes(text: str, parser: argparse.ArgumentParser) -> list[tuple[int, ...]]
 
 def main(argv: list[str] | None = None) -> int:
     from bnlab import kernels
-    from bnlab.kernels.bench import SHAPES, tune_malloc
+    from bnlab.kernels.bench import FORMATS, SHAPES, tune_malloc
 
     parser = argparse.ArgumentParser(prog="python -m bnlab.kernels.ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad := sorted(set(modes) - set(MODES)):
         parser.error(f"--modes: expected {', '.join(MODES)}, got {', '.join(bad)}")
     shapes = list(SHAPES.values()) if args.shapes == "all" else _shapes(args.shapes, parser)
-    if bad := sorted(set(args.formats.split(",")) - {"nchw", "channels_last"}):
-        parser.error(f"--formats: expected nchw, channels_last, got {', '.join(bad)}")
+    if bad := sorted(set(args.formats.split(",")) - set(FORMATS)):
+        parser.error(f"--formats: expected {', '.join(FORMATS)}, got {', '.join(bad)}")
     if not kernels.available():
         raise SystemExit("bnlab's kernels are not available here: nothing to compare")
     torch.set_num_threads(args.threads)

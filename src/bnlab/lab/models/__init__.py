@@ -6,14 +6,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from bnlab.lab.models.dln import DeepLinearNetwork
 from bnlab.lab.models.inception import Inception
 from bnlab.lab.models.mlp import MLP
-from bnlab.lab.models.vgg import VGG
+from bnlab.lab.models.vgg import VGG, vgg
 from bnlab.layers import BatchNorm1d, BatchNorm2d
+
+if TYPE_CHECKING:
+    from bnlab.kernels.e2e import Net
 
 __all__ = [
     "ACTIVATIONS",
@@ -55,13 +59,12 @@ def norm_factory(name: str, *, conv: bool) -> NormFactory | None:
     raise ValueError(f"norm must be one of ['bn', 'none'], got {name!r}")
 
 
-def e2e_nets() -> dict[str, tuple[Callable[[str], nn.Module], int, tuple[int, int, int]]]:
+def e2e_nets() -> dict[str, Net]:
     """The lab's VGG (santurkar2018: width 0.125, batch 128, 1x32x32) and Inception (ioffe2015
     fig2: width 1, batch 32, 1x28x28) for `bnlab.kernels.e2e.run_e2e`: name -> (build(norm kind),
     batch, image). Norms after the VGG's linear layers too, as in its experiments; the fused
     kind ("bnlab_bn_relu") replaces the ReLU after each norm."""
-    from bnlab.kernels.e2e import any_rank_norms
-    from bnlab.lab.models.vgg import vgg
+    from bnlab.kernels.e2e import any_rank_norms  # only `bnlab bench --e2e` needs it
 
     def act(kind: str, relu: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         return nn.Identity if kind == "bnlab_bn_relu" else relu
