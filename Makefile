@@ -39,6 +39,7 @@ demo: setup data
 
 lint: setup
 	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 
 test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

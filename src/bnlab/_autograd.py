@@ -98,7 +98,8 @@ class BatchNormTrain(torch.autograd.Function):
         ctx.save_for_backward(*_setup(ctx, inputs, output))
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor, _gm: Tensor,
+                 _gv: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: make μ_B and σ²_B functions of x again
             mean, var = F.batch_stats(x)

@@ -15,7 +15,7 @@ import numbers
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -35,7 +35,9 @@ def check_materialized(model: nn.Module, who: str) -> None:
     first forward, and would fail deep inside torch ("Attempted to use an uninitialized
     parameter") or, for SyncBN conversion, silently stay local."""
     for name, m in model.named_modules():
-        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        # torch types the mixin's self as a Protocol that LazyModuleMixin itself does not
+        # satisfy (torch's own lazy modules ignore this error too)
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():  # type: ignore[misc]
             raise ValueError(f"{who}: {name or 'the model'} ({type(m).__name__}) is not "
                              "initialized yet: run the model once on a batch (or load a "
                              "state_dict) first")
@@ -162,7 +164,9 @@ def _fx_leaf(forward: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(forward)
     def wrapper(self: Any, input: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(input, fx.Proxy):
-            tracer = input.tracer
+            # A proxy that reaches a module's forward comes from an fx.Tracer (symbolic_trace),
+            # which defines path_of_module; the attribute is typed as the TracerBase base.
+            tracer = cast(fx.Tracer, input.tracer)
             return tracer.create_proxy("call_module", tracer.path_of_module(self),
                                        (input, *args), kwargs)
         return forward(self, input, *args, **kwargs)

@@ -118,7 +118,8 @@ def sync_in_place(model: nn.Module) -> nn.Module:
         if (known and sync_cls is not None and type(m) is not sync_cls
                 and isinstance(m, BatchNorm) and sync_cls.__bases__[-1] in type(m).__mro__):
             m.__class__ = sync_cls
-            m.process_group = None
+            # torch types Module.__setattr__'s value Tensor | Module, but any value is accepted
+            m.process_group = None  # type: ignore[assignment]
     return convert_sync_batchnorm(model, keep_synced=True)
 
 

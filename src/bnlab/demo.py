@@ -33,7 +33,7 @@ def main() -> None:
     ours.eval()
     ref.eval()
     x = torch.randn(4, 8, 12, 12)
-    var_diff = (ours.running_var - ref.running_var).abs().max()
+    var_diff = (ours.state_dict()["running_var"] - ref.state_dict()["running_var"]).abs().max()
     print(f"1. drop-in: max |bnlab - torch| over 5 training steps {max(diffs):.2e}, "
           f"running_var diff {var_diff:.2e}, eval diff {(ours(x) - ref(x)).abs().max():.2e}")
 
@@ -42,11 +42,13 @@ def main() -> None:
     with torch.no_grad():
         for b in batches:  # a few "training" forwards fill the moving averages
             net(b)
-    ema = net[1].running_var.clone()
+    bn1 = net.get_submodule("1")
+    assert isinstance(bn1, bnlab.BatchNorm) and bn1.running_var is not None  # as _net builds it
+    ema = bn1.running_var.clone()
     stats = bnlab.recalibrate(net, batches)
     print(f"2. Alg. 2: layer 1 Var[x] = m/(m-1)·E_B[σ²_B] over {stats['1'].batches} batches "
           f"of m' = {stats['1'].count // stats['1'].batches} values; mean |EMA - Alg.2| of "
-          f"running_var = {(ema - net[1].running_var).abs().mean():.3e}")
+          f"running_var = {(ema - bn1.running_var).abs().mean():.3e}")
 
     net.eval()
     folded = bnlab.fold(net)

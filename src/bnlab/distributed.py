@@ -141,7 +141,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_y: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor):
         x, weight, mean, invstd, count = ctx.saved_tensors
         ct = F.compute_dtype(x.dtype)
         dims = F.reduce_dims(x)
@@ -257,6 +257,8 @@ class SyncBatchRenorm(BatchRenorm):
         mean, var, count = sync_batch_stats(input, self.process_group)
         if not _has_stats(count, self._who()):  # every shard empty: no r, d, no update
             return F.empty_batch(input, self.weight, self.bias), None
+        # BatchRenorm.__init__ requires track_running_stats, which registers the buffers
+        assert self.running_mean is not None and self.running_var is not None
         r, d = renorm_factors(mean, var, self.running_mean, self.running_var, self.eps,
                               r_max, d_max)
         w, b = renorm_affine(self.weight, self.bias, r, d)

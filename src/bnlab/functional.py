@@ -351,6 +351,7 @@ def batch_norm_with_flag(
             count = input.numel() // input.shape[1]
             finite = update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return y, finite
+    assert running_mean is not None and running_var is not None  # check_args: eval needs both
     if _use_kernels_eval(input):
         return (_kernels_module().batch_norm_eval(input, running_mean, running_var, weight, bias,
                                                   eps), None)

@@ -8,7 +8,7 @@ PyTorch's, so a `torch.nn.BatchNorm2d` state_dict loads unchanged and gives the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, fx, nn
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-def count_batch(module: nn.Module, finite: Tensor) -> None:
+def count_batch(module: BatchNorm, finite: Tensor) -> None:
     """Advance a layer's counters after a training step: ``num_batches_tracked += finite`` (a
     skipped batch does not count, so the cumulative average of momentum=None stays the exact
     mean of the batches it used) and ``num_nonfinite_batches += not finite``.
@@ -49,6 +49,7 @@ def count_batch(module: nn.Module, finite: Tensor) -> None:
     On the eager CPU path both adds run in C++ (`csrc/bn_fast.cpp`, ``count``): an in-place add
     on a 0-d tensor costs 10–13 µs between a layer's forward and autograd's backward."""
     tracked, nonfinite = module.num_batches_tracked, module.num_nonfinite_batches
+    assert tracked is not None  # only layers that update running statistics count batches
     if F._fast is not None and F._fast_allowed() and F._fast.count(tracked, nonfinite, finite):
         return
     tracked.add_(finite)  # bool adds as 0/1
@@ -58,7 +59,20 @@ def count_batch(module: nn.Module, finite: Tensor) -> None:
         nonfinite.add_(1)
 
 
-def stats_mode(m: nn.Module, has_stats: bool) -> tuple[bool, bool]:
+class StatsLayer(Protocol):
+    """What `stats_mode` and `running_momentum` read of a layer: BN's flags and counter (BN's
+    layers and `bnlab.LpNorm`, which is not a BatchNorm)."""
+
+    training: bool
+    frozen: bool
+    track_running_stats: bool
+    _stats_update_blocked: int
+    momentum: float | None
+    running_mean: Tensor | None
+    num_batches_tracked: Tensor | None
+
+
+def stats_mode(m: StatsLayer, has_stats: bool) -> tuple[bool, bool]:
     """(use batch statistics, update the running statistics) for a forward of ``m``, a layer
     with BN's flags (``training``, ``frozen``, ``track_running_stats``,
     ``_stats_update_blocked``) whose running statistics exist iff ``has_stats``.
@@ -73,13 +87,14 @@ def stats_mode(m: nn.Module, has_stats: bool) -> tuple[bool, bool]:
     return training or not has_stats, update
 
 
-def running_momentum(m: nn.Module) -> float | Tensor:
+def running_momentum(m: StatsLayer) -> float | Tensor:
     """The averaging factor of ``m``'s next update: ``m.momentum``, or 1/n for the cumulative
     average (n counting this batch; a 0-d tensor: no host sync)."""
     if m.momentum is not None:
         return m.momentum
     # In the buffer's dtype: long / int gives float32, which would cap float64 layers' average
     # at float32's precision (torch's own average is exact to float64).
+    assert m.num_batches_tracked is not None and m.running_mean is not None  # (as torch's)
     return 1.0 / (m.num_batches_tracked + 1).to(m.running_mean.dtype)
 
 
@@ -115,6 +130,14 @@ class BatchNorm(FxLeaf, nn.Module):
     # True where num_batches_tracked also drives a schedule (Batch Renorm's r_max/d_max), so
     # `bnlab.recalibrate` must not set it to its count of batches.
     num_batches_is_clock: bool = False
+    # Declared for type checkers, as torch's _NormBase does (nn.Module's __getattr__ types
+    # every parameter and buffer Tensor | Module): None where affine / tracking is off.
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    num_nonfinite_batches: Tensor
 
     def __init__(
         self,
@@ -168,6 +191,8 @@ class BatchNorm(FxLeaf, nn.Module):
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
@@ -177,8 +202,9 @@ class BatchNorm(FxLeaf, nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
+        if self.affine:  # (as torch: a layer given γ after affine=False is not reset)
+            if self.weight is not None:
+                nn.init.ones_(self.weight)
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
 
@@ -239,9 +265,11 @@ class BatchNorm(FxLeaf, nn.Module):
         """Alg. 2's inference transform with the running statistics (the variants' eval mode)."""
         return self._normalize(input, self.running_mean, self.running_var, False, 0.0)[0]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
-                              missing_keys, unexpected_keys, error_msgs):
-        version = local_metadata.get("version", None)
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        version = local_metadata.get("version")
         key = prefix + "num_batches_tracked"
         # Checkpoints older than PyTorch's version 2 have no num_batches_tracked: default it to 0.
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
@@ -351,7 +379,7 @@ class _LazyBatchNorm(LazyModuleMixin, BatchNorm):
     def _who(self) -> str:
         return f"{type(self).__name__}(uninitialized)"
 
-    def _infer_parameters(self, module: nn.Module, args: tuple[Any, ...],  # type: ignore[override]
+    def _infer_parameters(self, module: nn.Module, args: tuple[Any, ...],
                           kwargs: dict[str, Any] | None = None) -> None:
         # torch.fx: the module is recorded as one call_module node (FxLeaf) and initializes
         # when the graph first runs on a tensor, as torch's lazy BN (an fx leaf) does.
@@ -360,7 +388,7 @@ class _LazyBatchNorm(LazyModuleMixin, BatchNorm):
         super()._infer_parameters(module, args, kwargs)
 
     @torch.no_grad()
-    def initialize_parameters(self, input: Tensor) -> None:  # type: ignore[override]
+    def initialize_parameters(self, input: Tensor) -> None:
         """C from ``input`` (checked like any input first, so a wrong rank or dtype
         materializes nothing), or from a state_dict loaded earlier; then γ = 1, β = 0, μ = 0,
         σ² = 1 for the tensors still uninitialized."""

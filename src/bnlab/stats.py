@@ -35,9 +35,13 @@ __all__ = [
 Estimator = Literal["alg2", "population"]
 
 
+# What `is_batchnorm` accepts, as a tuple that isinstance narrows with.
+_BN_TYPES = (BatchNorm, nn.modules.batchnorm._BatchNorm)
+
+
 def is_batchnorm(module: nn.Module) -> bool:
     """True for bnlab's `BatchNorm*` and torch's `_BatchNorm` subclasses (incl. SyncBatchNorm)."""
-    return isinstance(module, (BatchNorm, nn.modules.batchnorm._BatchNorm))
+    return isinstance(module, _BN_TYPES)
 
 
 class BufferSnapshot:
@@ -103,6 +107,9 @@ class _Accumulator:
             self.sum_mean, self.sum_m2_within = m * mu, m * var
             self.mean, self.m2, self.n = mu, m * var, m
         else:
+            # All four are set together, by the first batch.
+            assert self.m2 is not None and self.sum_mean is not None
+            assert self.sum_m2_within is not None
             n = self.n + m
             delta = mu - self.mean
             self.m2 = self.m2 + m * var + delta**2 * (self.n * m / n)
@@ -113,7 +120,9 @@ class _Accumulator:
         self.batches += 1
 
     def result(self, estimator: Estimator) -> PopulationStats:
-        assert self.mean is not None
+        # Called only for layers that saw a batch, which sets all four.
+        assert self.mean is not None and self.m2 is not None
+        assert self.sum_mean is not None and self.sum_m2_within is not None
         if estimator == "alg2":
             mean = self.sum_mean / self.n
             var = self.sum_m2_within / (self.n - self.batches)
@@ -225,10 +234,12 @@ def recalibrate(
     """
     stats = population_statistics(model, batches, num_batches=num_batches,
                                   estimator=estimator, forward=forward)
-    modules = dict(model.named_modules())
+    # The layers population_statistics found (`is_batchnorm`; stats has their names).
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, _BN_TYPES)}
     for name, s in stats.items():
         bn = modules[name]
         if bn.running_mean is not None:
+            assert bn.running_var is not None  # registered together (track_running_stats)
             bn.running_mean.copy_(s.mean.to(bn.running_mean.dtype))
             bn.running_var.copy_(s.var.to(bn.running_var.dtype))
             if bn.num_batches_tracked is not None and not getattr(bn, "num_batches_is_clock",

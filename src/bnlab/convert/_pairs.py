@@ -11,9 +11,13 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Callable
+from typing import TypeGuard
 
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
+from bnlab.layers import BatchNorm
 from bnlab.stats import is_batchnorm
 from bnlab.variants.frozen import FrozenBatchNorm
 
@@ -21,19 +25,31 @@ from bnlab.variants.frozen import FrozenBatchNorm
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
           nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
+# For type checkers: the classes `is_layer` and `is_norm` accept, which declare the attributes
+# read of them (nn.Module types any other attribute Tensor | Module).
+Layer = nn.Linear | _ConvNd
+Norm = BatchNorm | _BatchNorm | FrozenBatchNorm
+
 ModulePredicate = Callable[[nn.Module], bool]
 
 
-def is_layer(m: nn.Module) -> bool:
+def is_layer(m: nn.Module) -> TypeGuard[Layer]:
     return isinstance(m, LAYERS)
 
 
-def out_features(layer: nn.Module) -> int:
+def layer_at(model: nn.Module, name: str) -> Layer:
+    """The `LAYERS` layer at dotted ``name``, a name that a pair search returned."""
+    layer = model.get_submodule(name)
+    assert is_layer(layer)  # the searches return the names of such layers only
+    return layer
+
+
+def out_features(layer: Layer) -> int:
     """The output size of a `LAYERS` layer (features, or channels of a convolution)."""
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
-def is_norm(m: nn.Module) -> bool:
+def is_norm(m: nn.Module) -> TypeGuard[Norm]:
     """A module whose eval transform is BN's: bnlab/torch BN (and subclasses) or FrozenBatchNorm."""
     return is_batchnorm(m) or isinstance(m, FrozenBatchNorm)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,25 @@ __all__ = [
     "load_keras_weights",
     "momentum_to_decay",
 ]
+
+
+class _BNLike(Protocol):
+    """What the conversions read and set of ``bn``. bnlab's and torch's BN layers (and
+    FrozenBatchNorm) have these, but the functions take any nn.Module with them, whose
+    attributes nn.Module's __getattr__ types Tensor | Module."""
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+
+
+def _bn_like(bn: nn.Module) -> _BNLike:
+    # No check: a module without one of these raises AttributeError where it is read.
+    return cast(_BNLike, bn)
 
 
 def decay_to_momentum(decay: float) -> float:
@@ -84,11 +103,12 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
     check_materialized(bn, who)
     check_eps(eps, who)
     momentum = decay_to_momentum(decay)
-    if bn.running_mean is None:
+    layer = _bn_like(bn)
+    if layer.running_mean is None:
         raise ValueError(f"{who}: {type(bn).__name__} has no running statistics "
                          "(track_running_stats=False) to load into")
-    c = bn.num_features
-    rm = bn.running_mean
+    c = layer.num_features
+    rm = layer.running_mean
     # Everything is converted and checked before anything is copied: a bad array leaves the
     # layer as it was, not half loaded.
     new = {"running_mean": _vector(mean, c, "mean", who, rm),
@@ -110,7 +130,7 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
                      else torch.full_like(param, default))
     for name, t in new.items():
         getattr(bn, name).copy_(t)
-    bn.eps, bn.momentum = float(eps), momentum
+    layer.eps, layer.momentum = float(eps), momentum
     return bn
 
 
@@ -126,17 +146,19 @@ def _keys(given: Mapping[str, Any], allowed: Sequence[str], required: Sequence[s
 
 
 def _export(bn: nn.Module, batch_values: int | None, who: str) -> tuple[Tensor, ...]:
-    if bn.running_mean is None:
+    layer = _bn_like(bn)
+    if layer.running_mean is None:
         raise ValueError(f"{who}: {type(bn).__name__} has no running statistics to export")
     factor = _bessel(batch_values, who)
-    c, like = bn.num_features, bn.running_mean
-    w = bn.weight if bn.weight is not None else torch.ones(c, dtype=like.dtype)
-    b = bn.bias if bn.bias is not None else torch.zeros(c, dtype=like.dtype)
+    assert layer.running_var is not None  # registered with running_mean (track_running_stats)
+    c, like = layer.num_features, layer.running_mean
+    w = layer.weight if layer.weight is not None else torch.ones(c, dtype=like.dtype)
+    b = layer.bias if layer.bias is not None else torch.zeros(c, dtype=like.dtype)
     # bfloat16 has no NumPy dtype: such a layer's arrays come as float32 (exact), so that
     # `.numpy()` works as for the others.
     return tuple(t.detach().cpu().to(torch.float32 if t.dtype == torch.bfloat16 else t.dtype,
                                      copy=True)
-                 for t in (w, b, bn.running_mean, bn.running_var / factor))
+                 for t in (w, b, layer.running_mean, layer.running_var / factor))
 
 
 @dataclass
@@ -196,7 +218,8 @@ def load_keras_weights(bn: nn.Module, weights: Sequence[Any] | Mapping[str, Any]
 def keras_weights(bn: nn.Module, *, batch_values: int | None = None) -> KerasBN:
     """``bn`` (bnlab or torch BN) as Keras ``BatchNormalization`` weights and arguments."""
     gamma, beta, mean, var = _export(bn, batch_values, "keras_weights")
-    config = {"momentum": momentum_to_decay(bn.momentum), "epsilon": float(bn.eps),
+    layer = _bn_like(bn)
+    config = {"momentum": momentum_to_decay(layer.momentum), "epsilon": float(layer.eps),
               "center": True, "scale": True}
     return KerasBN(weights=[gamma, beta, mean, var], config=config)
 
@@ -218,7 +241,8 @@ def load_flax_variables(bn: nn.Module, variables: Mapping[str, Mapping[str, Any]
 def flax_variables(bn: nn.Module, *, batch_values: int | None = None) -> FlaxBN:
     """``bn`` (bnlab or torch BN) as Flax ``BatchNorm`` variables and arguments."""
     scale, bias, mean, var = _export(bn, batch_values, "flax_variables")
-    config = {"momentum": momentum_to_decay(bn.momentum), "epsilon": float(bn.eps),
+    layer = _bn_like(bn)
+    config = {"momentum": momentum_to_decay(layer.momentum), "epsilon": float(layer.eps),
               "use_scale": True, "use_bias": True}
     return FlaxBN(variables={"params": {"scale": scale, "bias": bias},
                              "batch_stats": {"mean": mean, "var": var}}, config=config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -27,6 +28,10 @@ __all__ = ["ChannelAffine", "fold", "fold_pairs"]
 
 class ChannelAffine(FxLeaf, nn.Module):
     """y = scale·x + shift per channel (dimension 1): an eval-mode BN with nothing to fold into."""
+
+    # Buffers, declared for type checkers (nn.Module types them Tensor | Module).
+    scale: Tensor
+    shift: Tensor
 
     def __init__(self, scale: Tensor, shift: Tensor) -> None:
         super().__init__()
@@ -44,7 +49,7 @@ class ChannelAffine(FxLeaf, nn.Module):
         return f"{self.scale.numel()}"
 
 
-def _affine_of(bn: nn.Module, name: str) -> tuple[Tensor, Tensor]:
+def _affine_of(bn: _pairs.Norm, name: str) -> tuple[Tensor, Tensor]:
     """(s, t) in float64 with BN_eval(x) = s·x + t."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"fold: layer {name!r} has no running statistics "
@@ -62,12 +67,13 @@ def _affine_of(bn: nn.Module, name: str) -> tuple[Tensor, Tensor]:
 
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
     graph, modules, calls = _pairs.trace(model, _pairs.is_norm)
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for node in graph.nodes:
         if node.op != "call_module" or not _pairs.is_norm(modules[node.target]):
             continue
         prev = node.args[0] if node.args else None
-        if (isinstance(prev, fx.Node) and prev.op == "call_module"
+        # fx types a node's target str | callable; a call_module node's is the module's name.
+        if (isinstance(prev, fx.Node) and prev.op == "call_module" and isinstance(prev.target, str)
                 and _pairs.is_layer(modules[prev.target])
                 and len(prev.users) == 1 and calls[prev.target] == 1 and calls[node.target] == 1):
             pairs.append((prev.target, node.target))
@@ -105,7 +111,9 @@ def _plain(layer: nn.Module) -> bool:
     if any(type(h).__name__ not in _WEIGHT_HOOKS for h in hooks):
         return False
     for h in list(layer._forward_pre_hooks.values()):
-        _WEIGHT_HOOKS[type(h).__name__](layer, h.name)
+        # A WeightNorm / SpectralNorm (checked above), whose `name` is the weight it computes;
+        # torch types the hooks as plain callables.
+        _WEIGHT_HOOKS[type(h).__name__](layer, cast(Any, h).name)
     if parametrize.is_parametrized(layer):
         # The class torch made for the parametrized layer is shared with every deep copy of
         # it (the caller's model, for fold(inplace=False)), and removing a parametrization
@@ -113,20 +121,21 @@ def _plain(layer: nn.Module) -> bool:
         cls = type(layer)
         layer.__class__ = type(cls.__name__, cls.__bases__, {
             k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
-        for name in list(layer.parametrizations.keys()):
+        parametrizations = layer.parametrizations
+        assert isinstance(parametrizations, nn.ModuleDict)  # as is_parametrized found it
+        for name in list(parametrizations.keys()):
             parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
     return True
 
 
 @torch.no_grad()
-def _fold_into(layer: nn.Module, s: Tensor, t: Tensor) -> None:
+def _fold_into(layer: _pairs.Layer, s: Tensor, t: Tensor) -> None:
     """W' = s·W, b' = s·b + t, as new parameters: the old ones may be shared with other modules
     (tied weights), which must keep computing with them."""
     w = layer.weight.detach().to(torch.float64)
-    transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
     # Output channels: dim 0 of a Linear/Conv weight (out, in/g, k...), dim 1 of a transposed
     # conv's (in, out/g, k...); with groups > 1 the latter repeats per group.
-    if transposed:
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
         g = layer.groups
         w = w.view(g, w.shape[0] // g, *w.shape[1:])  # (in, out/g, k...) -> (g, in/g, out/g, k...)
         s_g = s.view(g, 1, -1, *([1] * (w.dim() - 3)))  # (out,) -> (g, 1, out/g, 1...)
@@ -176,7 +185,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     folded = set()
     pairs, untraced = _find_pairs(model)
     pairs = [(a, b) for a, b in pairs
-             if _pairs.out_features(model.get_submodule(a)) == bns[b].num_features
+             if _pairs.out_features(_pairs.layer_at(model, a)) == bns[b].num_features
              and _plain(model.get_submodule(a))]
     if untraced is not None and pairs:
         warnings.warn(f"fold: torch.fx cannot trace the model ({type(untraced).__name__}: "
@@ -185,7 +194,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                       "assuming that each layer's output feeds only its BN: "
                       + ", ".join(f"{a} -> {b}" for a, b in pairs), UserWarning, stacklevel=2)
     for layer_name, bn_name in pairs:
-        _fold_into(model.get_submodule(layer_name), *affines[bn_name])
+        _fold_into(_pairs.layer_at(model, layer_name), *affines[bn_name])
         # A fused BN+ReLU leaves its ReLU behind.
         _pairs.set_module(model, bn_name,
                           nn.ReLU() if isinstance(bns[bn_name], BatchNormReLU) else nn.Identity())
@@ -193,6 +202,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for name, bn in bns.items():
         if name not in folded:
             s, t = affines[name]
+            assert bn.running_mean is not None  # _affine_of raised for a layer without
             dtype = bn.running_mean.dtype
             affine = ChannelAffine(s.to(dtype), t.to(dtype))
             new = nn.Sequential(affine, nn.ReLU()) if isinstance(bn, BatchNormReLU) else affine

@@ -40,7 +40,7 @@ _HANDLES = "_bnlab_freeze_handles"
 _FLAGGED = (BatchNorm, LpNorm)
 
 
-def _bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _bn_modules(model: nn.Module) -> list[tuple[str, BatchNorm | LpNorm | _TorchBN]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (*_FLAGGED, _TorchBN))]
 
 
@@ -139,16 +139,16 @@ def no_stats_update(model: nn.Module) -> Iterator[nn.Module]:
               if not isinstance(m, _FLAGGED)]
     for m in ours:
         m._stats_update_blocked = m._stats_update_blocked + 1
-    for m, _, _ in theirs:
-        m.momentum = 0.0  # torch's update (1 − 0)·r + 0·s is r exactly for finite s
+    for bn, _, _ in theirs:
+        bn.momentum = 0.0  # torch's update (1 − 0)·r + 0·s is r exactly for finite s
     try:
         yield model
     finally:
         for m in ours:
             m._stats_update_blocked = m._stats_update_blocked - 1
-        for m, momentum, saved in theirs:
-            m.momentum = momentum
+        for bn, momentum, saved in theirs:
+            bn.momentum = momentum
             with torch.no_grad():
-                for b, old in zip(m.buffers(), saved, strict=True):
+                for b, old in zip(bn.buffers(), saved, strict=True):
                     if not torch.equal(b, old):  # num_batches_tracked; statistics after a NaN
                         b.copy_(old)

@@ -82,7 +82,7 @@ def _loses(old: nn.Module, new: nn.Module) -> bool:
             or (had["affine"] and not has["affine"]))
 
 
-def _build(old: nn.Module, factory: NormFactory) -> nn.Module:
+def _build(old: _pairs.Norm, factory: NormFactory) -> nn.Module:
     had = _structure(old)
     return factory(old.num_features, **{k: had[k] for k in _STRUCTURE if _takes(factory, k)})
 

@@ -35,6 +35,7 @@ _ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 
 def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
+        assert isinstance(node.target, str)  # the module's name (fx types it str | callable)
         return isinstance(modules[node.target], _ACT_MODULES)
     if node.op == "call_function":
         return node.target in _ACT_FUNCTIONS
@@ -92,7 +93,7 @@ def batchnormify(model: nn.Module, norm_layer: NormFactory | None = None, *,
     check_materialized(model, "batchnormify")
     model = model if inplace else copy.deepcopy(model)
     for name in nonlinearity_pairs(model):
-        layer = model.get_submodule(name)
+        layer = _pairs.layer_at(model, name)
         norm = (norm_layer or _default_norm(layer))(_pairs.out_features(layer))
         norm.to(device=layer.weight.device, dtype=layer.weight.dtype).train(layer.training)
         layer.bias = None  # subsumed by the norm's β

@@ -164,9 +164,10 @@ def gradient_ics(
     with SideEffectGuard(model) as guard:
         if layers is None:  # frozen layers are no W_i: nothing would move them
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            names = [g for g in default_layers(model, split_batch(batch)[0], with_norms=True)
-                     if any((f"{n}.{p}" if n else p) in trainable for n in g
-                            for p, _ in model.get_submodule(n).named_parameters())]
+            names: list[str | nn.Module | Sequence[Any]] = [
+                g for g in default_layers(model, split_batch(batch)[0], with_norms=True)
+                if any((f"{n}.{p}" if n else p) in trainable for n in g
+                       for p, _ in model.get_submodule(n).named_parameters())]
             if not names:
                 raise ValueError("gradient_ics: the model has no Conv/Linear layer with "
                                  "trainable parameters to measure")

@@ -114,9 +114,9 @@ def _call(ns: str, mode: str, x: torch.Tensor) -> Callable[[], Any]:
     g = torch.randn(x.shape, generator=gen).contiguous(memory_format=_fmt(x))
     if mode == "fwd_bwd":  # the layers' path: forward + running update, then autograd's backward
         xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
-        update = ops.bn_train_fwd_update.default
+        fwd_update = ops.bn_train_fwd_update.default
         return lambda: torch.autograd.grad(
-            update(xs, ws, bs, 1e-5, rm, rv, x.numel() // c, 0.1, None)[0], (xs, ws, bs), g)
+            fwd_update(xs, ws, bs, 1e-5, rm, rv, x.numel() // c, 0.1, None)[0], (xs, ws, bs), g)
     _, mean, var, _ = ops.bn_train_fwd(x, w, b, 1e-5, None, False, False)
     return lambda: ops.bn_bwd(g, x, mean, var, w, 1e-5, None, True, True, False)
 

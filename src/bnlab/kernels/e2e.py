@@ -168,7 +168,8 @@ def _build(make: Callable[[], nn.Module], batch: int, image: tuple[int, int, int
     ``memory_format`` ("nchw" or "channels_last")."""
     fmt = _memory_format(memory_format)
     torch.manual_seed(0)
-    model = make().to(memory_format=fmt)
+    # (torch's stubs omit Module.to's memory_format, which it takes)
+    model = make().to(memory_format=fmt)  # type: ignore[call-overload]
     return model, torch.randn(batch, *image).contiguous(memory_format=fmt)
 
 

@@ -36,14 +36,18 @@ def _empty_mask(x: Tensor, wanted: bool) -> Tensor:
     return x.new_empty((0,), dtype=torch.uint8)
 
 
-def _fake_train_fwd(input, weight, bias, eps, residual, relu, save_mask):  # type: ignore[no-untyped-def]
+def _fake_train_fwd(input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                    residual: Tensor | None, relu: bool,
+                    save_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     c = input.shape[1]
     stat = input.new_empty((c,), dtype=torch.float32)
     return (torch.empty_like(input), stat, torch.empty_like(stat),
             _empty_mask(input, relu and save_mask))
 
 
-def _fake_bwd(grad_y, input, mean, var, weight, eps, mask, training, need_dx, need_dz):  # type: ignore[no-untyped-def]
+def _fake_bwd(grad_y: Tensor, input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+              eps: float, mask: Tensor | None, training: bool, need_dx: bool,
+              need_dz: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     c = input.shape[1]
     stat = input.new_empty((c,), dtype=torch.float32)
     empty = input.new_empty((0,))
@@ -51,18 +55,21 @@ def _fake_bwd(grad_y, input, mean, var, weight, eps, mask, training, need_dx, ne
             torch.empty_like(input) if need_dz else empty.clone())
 
 
-def _fake_eval_fwd(input, running_mean, running_var, weight, bias, eps, residual, relu,  # type: ignore[no-untyped-def]
-                   save_mask):
+def _fake_eval_fwd(input: Tensor, running_mean: Tensor, running_var: Tensor,
+                   weight: Tensor | None, bias: Tensor | None, eps: float,
+                   residual: Tensor | None, relu: bool, save_mask: bool) -> tuple[Tensor, Tensor]:
     return torch.empty_like(input), _empty_mask(input, relu and save_mask)
 
 
-def _fake_update_running(running_mean, running_var, mean, var, count, momentum,  # type: ignore[no-untyped-def]
-                         momentum_tensor):
+def _fake_update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: int, momentum: float, momentum_tensor: Tensor | None) -> Tensor:
     return mean.new_empty((), dtype=torch.bool)
 
 
-def _fake_train_fwd_update(input, weight, bias, eps, running_mean, running_var, count,  # type: ignore[no-untyped-def]
-                           momentum, momentum_tensor):
+def _fake_train_fwd_update(input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                           running_mean: Tensor, running_var: Tensor, count: int,
+                           momentum: float,
+                           momentum_tensor: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y, mean, var, _ = _fake_train_fwd(input, weight, bias, eps, None, False, False)
     return y, mean, var, mean.new_empty((), dtype=torch.bool)
 

@@ -12,7 +12,7 @@ so BN checkpoints load into it and its checkpoints load back into BN.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,15 @@ from bnlab._checks import (
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
+class _BatchNormLike(Protocol):
+    """What `FrozenBatchNorm.from_batchnorm` reads of every BN layer (bnlab's or torch's, or a
+    FrozenBatchNorm): it takes any module with BN's attributes, not one class."""
+
+    num_features: int
+    eps: float
+    running_var: Tensor | None
+
+
 class FrozenBatchNorm(FxLeaf, nn.Module):
     """BN's eval transform with γ, β and the statistics as buffers; (N, C, *) input.
 
@@ -42,6 +51,13 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
     """
 
     _ranks: tuple[int, ...] = (2, 3, 4, 5)
+    # Declared for type checkers (nn.Module's __getattr__ types every buffer Tensor | Module):
+    # all five are buffers that __init__ registers, never None.
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None,
                  dtype: Any = None) -> None:
@@ -80,20 +96,21 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
         if not hasattr(bn, "running_var"):
             raise ValueError(f"FrozenBatchNorm.from_batchnorm: expected a BatchNorm layer (with "
                              f"running_mean and running_var), got {type(bn).__name__}")
-        if getattr(bn, "running_mean", None) is None or bn.running_var is None:
+        src = cast(_BatchNormLike, bn)  # duck-typed: a BN layer of any class
+        rm, rv = getattr(bn, "running_mean", None), src.running_var
+        if rm is None or rv is None:
             raise ValueError(f"FrozenBatchNorm.from_batchnorm: {type(bn).__name__} has no "
                              "running statistics (track_running_stats=False); recalibrate "
                              "it with running statistics first")
-        rm = bn.running_mean
-        frozen = cls(bn.num_features, bn.eps, device=rm.device, dtype=rm.dtype)
+        frozen = cls(src.num_features, src.eps, device=rm.device, dtype=rm.dtype)
         frozen.running_mean.copy_(rm)
-        frozen.running_var.copy_(bn.running_var)
-        if getattr(bn, "weight", None) is not None:
-            frozen.weight.copy_(bn.weight)
-        if getattr(bn, "bias", None) is not None:
-            frozen.bias.copy_(bn.bias)
-        if getattr(bn, "num_batches_tracked", None) is not None:
-            frozen.num_batches_tracked.copy_(bn.num_batches_tracked)
+        frozen.running_var.copy_(rv)
+        if (weight := getattr(bn, "weight", None)) is not None:
+            frozen.weight.copy_(weight)
+        if (bias := getattr(bn, "bias", None)) is not None:
+            frozen.bias.copy_(bias)
+        if (nbt := getattr(bn, "num_batches_tracked", None)) is not None:
+            frozen.num_batches_tracked.copy_(nbt)
         frozen.train(bn.training)
         return frozen
 
@@ -109,7 +126,7 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
         return F.normalize(input, self.running_mean, self.running_var, self.weight, self.bias,
                            self.eps)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         # torchvision's FrozenBatchNorm2d checkpoints have no num_batches_tracked: default it
         # (to 0 for a module on the meta device, which has no value to keep).

@@ -27,7 +27,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -158,9 +158,10 @@ class GhostBatchNorm(BatchNorm):
                 count_batch(self, finite)
             return
         # Alg. 2 pooled over the ghosts: Σ m_g μ_g / Σ m_g and Σ m_g σ²_g / Σ (m_g − 1).
+        # stats is not empty (forward's test), so each sum is a Tensor, not sum's start value 0.
         total = sum(m for _, _, m in stats)
-        mean = sum(m * mu for mu, _, m in stats) / total
-        var = sum(m * v for _, v, m in stats) / (total - len(stats))
+        mean = cast(Tensor, sum(m * mu for mu, _, m in stats)) / total
+        var = cast(Tensor, sum(m * v for _, v, m in stats)) / (total - len(stats))
         finite = store_running_stats(self.running_mean, self.running_var, mean, var,
                                      self._momentum())
         count_batch(self, finite)

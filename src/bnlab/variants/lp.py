@@ -119,6 +119,8 @@ def _lp_norm(input: Tensor, running_mean: Tensor | None, running_scale: Tensor |
             finite = _update(running_mean, running_scale, mean.detach(), scale.detach(),
                              momentum)
     else:
+        # check_args raised above if either is None when not training
+        assert running_mean is not None and running_scale is not None
         mean, scale = running_mean, running_scale
     ct = compute_dtype(input.dtype)
     inv = 1.0 / (scale.to(ct) + eps)
@@ -163,6 +165,14 @@ class LpNorm(FxLeaf, nn.Module):
     # Set by `bnlab.freeze` / `bnlab.no_stats_update`, as on `bnlab.BatchNorm`.
     frozen: bool = False
     _stats_update_blocked: int = 0
+    # Declared for type checkers, as on `bnlab.BatchNorm` (nn.Module's __getattr__ types every
+    # parameter and buffer Tensor | Module), which also makes this layer a `StatsLayer`: None
+    # where affine / track_running_stats is off.
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_scale: Tensor | None
+    num_batches_tracked: Tensor | None
 
     def __init__(self, num_features: int, p: float = 2, eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
@@ -194,6 +204,9 @@ class LpNorm(FxLeaf, nn.Module):
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
+            # registered by __init__ with track_running_stats (as in BatchNorm)
+            assert self.running_mean is not None and self.running_scale is not None
+            assert self.num_batches_tracked is not None
             self.running_mean.zero_()
             self.running_scale.fill_(1)
             self.num_batches_tracked.zero_()
@@ -201,6 +214,7 @@ class LpNorm(FxLeaf, nn.Module):
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         if self.affine:
+            assert self.weight is not None and self.bias is not None  # registered by __init__
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
@@ -224,5 +238,7 @@ class LpNorm(FxLeaf, nn.Module):
         y, finite = _lp_norm(input, *bufs, self.weight, self.bias, use_batch, momentum,
                              self.eps, self.p, who)
         if finite is not None:  # counted once it is done, and only if it was used (as BN)
+            # an update ran, so the layer tracks statistics (as `bnlab.layers.count_batch`)
+            assert self.num_batches_tracked is not None
             self.num_batches_tracked.add_(finite)
         return y

@@ -190,6 +190,8 @@ class BatchRenorm(BatchNorm):
 
     def limits(self) -> tuple[Tensor, Tensor]:
         """The current (r_max, d_max) of the warm-up schedule at step ``num_batches_tracked``."""
+        # __init__ requires track_running_stats, which registers the buffer
+        assert self.num_batches_tracked is not None
         return renorm_limits(self.num_batches_tracked, self.r_max, self.d_max,
                              warmup_steps=self.warmup_steps, r_max_steps=self.r_max_steps,
                              d_max_steps=self.d_max_steps)
@@ -210,6 +212,8 @@ class BatchRenorm(BatchNorm):
         """The training transform and running update; `bnlab.SyncBatchRenorm` syncs it."""
         check_training_size(input, self._who())
         momentum = self._momentum() if update else 0.0
+        # __init__ requires track_running_stats, which registers the buffers
+        assert self.running_mean is not None and self.running_var is not None
         return batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
                             True, momentum, self.eps, r_max, d_max, update=update)
 

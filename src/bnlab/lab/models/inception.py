@@ -6,6 +6,7 @@ modules that halve the grid, global average pooling, optional LRN and dropout.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,8 +87,9 @@ class Inception(nn.Module):
         def c(n: int) -> int:
             return max(1, round(n * width))
 
-        unit = {"norm_layer": norm_layer, "activation": activation}
-        stem = [ConvUnit(in_channels, c(32), 3, stride=2, **unit)]  # 28×28 -> 14×14
+        unit: dict[str, Any] = {"norm_layer": norm_layer, "activation": activation}
+        # 28×28 -> 14×14
+        stem: list[nn.Module] = [ConvUnit(in_channels, c(32), 3, stride=2, **unit)]
         if lrn:
             stem.append(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0))
         self.stem = nn.Sequential(*stem)
@@ -107,9 +109,9 @@ class Inception(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mixed(self.stem(x))

@@ -108,18 +108,18 @@ class VGG(nn.Module):
         x = self.features(x)
         return self.classifier(torch.flatten(x, 1))  # (N, C, s, s) -> (N, C·s·s)
 
-    def layers(self) -> list[nn.Module]:
+    def layers(self) -> list[nn.Conv2d | nn.Linear]:
         """Conv/linear layers in forward order: the paper's "layer #k" is ``layers()[k − 1]``."""
         return [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
     def norms(self) -> list[nn.Module]:
         """The normalization module after each layer but the last (Identity where none)."""
-        return [b.norm for b in self._blocks()]
+        return [b.get_submodule("norm") for b in self._blocks()]
 
     def activations(self) -> list[nn.Module]:
         """The nonlinearity after each layer but the last; its input is the layer's
         pre-activation (the distributions of Santurkar et al. Figs. 1c, 2)."""
-        return [b.act for b in self._blocks()]
+        return [b.get_submodule("act") for b in self._blocks()]
 
     def _blocks(self) -> list[nn.Sequential]:
         return [m for m in self.modules() if isinstance(m, nn.Sequential) and hasattr(m, "act")]

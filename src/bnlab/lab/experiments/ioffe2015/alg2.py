@@ -36,9 +36,9 @@ from bnlab.lab.registry import Experiment, RunContext
 from bnlab.lab.report import Inputs, Section, Table, curve, mean_std
 from bnlab.lab.train import fit, seed_all
 
-_X5_OPTIM, _, _, _ = settings(RECIPES["bn_x5"], OptimConfig(lr=0.01, momentum=0.9,
+_X5_OPTIM = settings(RECIPES["bn_x5"], OptimConfig(lr=0.01, momentum=0.9,
                               weight_decay=4e-5, decay_rate=0.96, decay_steps=300),
-                              DataConfig(), dropout=0.0)
+                              DataConfig(), dropout=0.0)[0]
 ESTIMATORS = {"acc_ema": "moving average (momentum 0.1)", "acc_alg2": "Alg. 2 population",
               "acc_cumulative": "cumulative average", "acc_train_mode": "batch statistics"}
 

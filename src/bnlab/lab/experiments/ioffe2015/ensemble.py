@@ -93,7 +93,7 @@ def _errors(inp: Inputs) -> list[tuple[float, float, float, int]]:
     seeds = sorted({r.meta["seed"] for runs in inp.runs.values() for r in runs})
     for seed in seeds:
         members = [r for runs in inp.runs.values() for r in runs if r.meta["seed"] == seed
-                   and not r.summary.get("diverged")]
+                   and not (r.summary or {}).get("diverged")]
         if not members:
             continue
         arts = [r.load_artifact("probs") for r in members]

@@ -116,8 +116,8 @@ def grid(inp: Inputs, norm: str, act: str, chance: float) -> Grid:
     for i, f in enumerate(inits):
         for j, lr in enumerate(lrs):
             sums = inp.summaries(cell(norm, act, lr, f))
-            vals = [chance if s.get("diverged") else s.get("final_acc") for s in sums]
-            vals = [v for v in vals if v is not None]
+            got = [chance if s.get("diverged") else s.get("final_acc") for s in sums]
+            vals = [v for v in got if v is not None]
             if vals:
                 acc[i][j] = sum(vals) / len(vals)
                 div[i][j] = sum(bool(s.get("diverged")) for s in sums)

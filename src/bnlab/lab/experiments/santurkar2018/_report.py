@@ -68,8 +68,8 @@ def median_of(path: Sequence[str], *, skip_first: bool = True
     """A `per_run` function: the median of the metric at ``path`` over the logged steps."""
 
     def fn(metrics: list[dict[str, Any]]) -> float | None:
-        vals = [_num(get(m, path)) for m in metrics if not (skip_first and m["step"] == 0)]
-        vals = [v for v in vals if v is not None]
+        got = [_num(get(m, path)) for m in metrics if not (skip_first and m["step"] == 0)]
+        vals = [v for v in got if v is not None]
         return statistics.median(vals) if vals else None
 
     return fn

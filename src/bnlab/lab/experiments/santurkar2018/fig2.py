@@ -159,12 +159,12 @@ def report(inp: Inputs) -> Section:
         ok = min(mean(tr["bn"]), mean(tr["noisy_bn"])) > mean(tr["none"])
         checks.append((ok, f"BN and noisy BN {'both beat' if ok else 'do not both beat'} the "
                        f"standard net ({mean_std(tr['none'])})"))
-    a = {n: avg(stab, n) for n in NORMS}
-    if None not in (a["noisy_bn"], a["bn"], a["none"]):
-        ok = a["noisy_bn"] > max(a["bn"], a["none"])  # type: ignore[type-var]
+    a_noisy, a_bn, a_none = (avg(stab, n) for n in ("noisy_bn", "bn", "none"))
+    if a_noisy is not None and a_bn is not None and a_none is not None:
+        ok = a_noisy > max(a_bn, a_none)
         checks.append((ok, f"noisy BN's distributions are {'less' if ok else 'not less'} stable "
                        f"than both others' (mean |Δμ| over layers {cfg['shown']}: "
-                       f"{a['noisy_bn']:.4f} vs BN {a['bn']:.4f}, standard {a['none']:.4f})"))
+                       f"{a_noisy:.4f} vs BN {a_bn:.4f}, standard {a_none:.4f})"))
     if tr["noise"] or div["noise"]:
         ok = div["noise"] > 0 or mean(tr["noise"]) < 0.3
         checks.append((ok, f"the standard net with the same noise {'does not' if ok else 'does'}"
