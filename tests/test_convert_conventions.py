@@ -132,6 +132,23 @@ def test_a_failed_load_leaves_the_layer_as_it_was() -> None:
     assert bn.eps == 1e-5 and bn.momentum == 0.1
 
 
+def test_a_module_that_is_not_batch_norm_is_refused_before_anything_is_loaded() -> None:
+    """LpNorm has a running_mean but no running_var: it used to get its running_mean loaded
+    and then fail on the missing buffer, half loaded."""
+    norm = bnlab.variants.LpNorm(C, dtype=F64)
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    variables = {"params": {"scale": torch.ones(C), "bias": torch.zeros(C)},
+                 "batch_stats": {"mean": torch.full((C,), 5.0), "var": torch.ones(C)}}
+    for call in (lambda: load_keras_weights(norm, _keras_arrays(5)),
+                 lambda: load_flax_variables(norm, variables), lambda: keras_weights(norm),
+                 lambda: flax_variables(norm)):
+        with pytest.raises(TypeError, match=r"must be a batch-norm layer .* got LpNorm, which "
+                                            r"has no running_var"):
+            call()
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_mapping_loaders_reject_unknown_and_missing_keys() -> None:
     """A typo ('gama') silently loaded γ = 1; Flax's nesting gave a bare KeyError."""
     gamma, beta, mean, var = _keras_arrays(6)

@@ -60,8 +60,14 @@ class _BNLike(Protocol):
     running_var: Tensor | None
 
 
-def _bn_like(bn: nn.Module) -> _BNLike:
-    # No check: a module without one of these raises AttributeError where it is read.
+def _bn_like(bn: nn.Module, who: str) -> _BNLike:
+    """``bn`` as the BN layer it must be: checked before anything is read or written, so a
+    module without BN's attributes (e.g. `bnlab.LpNorm`, which has no running_var) is refused
+    whole instead of left half loaded."""
+    missing = [a for a in _BNLike.__annotations__ if not hasattr(bn, a)]
+    if missing:
+        raise TypeError(f"{who}: bn must be a batch-norm layer (bnlab's or torch's), got "
+                        f"{type(bn).__name__}, which has no {', '.join(missing)}")
     return cast(_BNLike, bn)
 
 
@@ -103,7 +109,7 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
     check_materialized(bn, who)
     check_eps(eps, who)
     momentum = decay_to_momentum(decay)
-    layer = _bn_like(bn)
+    layer = _bn_like(bn, who)
     if layer.running_mean is None:
         raise ValueError(f"{who}: {type(bn).__name__} has no running statistics "
                          "(track_running_stats=False) to load into")
@@ -146,7 +152,7 @@ def _keys(given: Mapping[str, Any], allowed: Sequence[str], required: Sequence[s
 
 
 def _export(bn: nn.Module, batch_values: int | None, who: str) -> tuple[Tensor, ...]:
-    layer = _bn_like(bn)
+    layer = _bn_like(bn, who)
     if layer.running_mean is None:
         raise ValueError(f"{who}: {type(bn).__name__} has no running statistics to export")
     factor = _bessel(batch_values, who)
@@ -218,7 +224,7 @@ def load_keras_weights(bn: nn.Module, weights: Sequence[Any] | Mapping[str, Any]
 def keras_weights(bn: nn.Module, *, batch_values: int | None = None) -> KerasBN:
     """``bn`` (bnlab or torch BN) as Keras ``BatchNormalization`` weights and arguments."""
     gamma, beta, mean, var = _export(bn, batch_values, "keras_weights")
-    layer = _bn_like(bn)
+    layer = _bn_like(bn, "keras_weights")
     config = {"momentum": momentum_to_decay(layer.momentum), "epsilon": float(layer.eps),
               "center": True, "scale": True}
     return KerasBN(weights=[gamma, beta, mean, var], config=config)
@@ -241,7 +247,7 @@ def load_flax_variables(bn: nn.Module, variables: Mapping[str, Mapping[str, Any]
 def flax_variables(bn: nn.Module, *, batch_values: int | None = None) -> FlaxBN:
     """``bn`` (bnlab or torch BN) as Flax ``BatchNorm`` variables and arguments."""
     scale, bias, mean, var = _export(bn, batch_values, "flax_variables")
-    layer = _bn_like(bn)
+    layer = _bn_like(bn, "flax_variables")
     config = {"momentum": momentum_to_decay(layer.momentum), "epsilon": float(layer.eps),
               "use_scale": True, "use_bias": True}
     return FlaxBN(variables={"params": {"scale": scale, "bias": bias},
