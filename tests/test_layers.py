@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bnlab
+from bnlab.variants import LpNorm
 from conftest import SHAPES, layer_pair
 
 
@@ -54,6 +55,25 @@ def test_flag_and_buffers_changed_after_construction_follow_torch(cls):
     for mode in (False, True):
         ours.train(mode), ref.train(mode)
         torch.testing.assert_close(ours(x), relu(ref(x)))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("cls", [bnlab.BatchNorm2d, bnlab.BatchNormReLU2d, LpNorm])
+def test_a_deleted_step_counter_trains_on_as_in_torch(cls, momentum) -> None:
+    """torch's BN with num_batches_tracked set to None trains without counting (momentum=None
+    then averages with a factor of 0: the running statistics stay); ours did the same until an
+    AttributeError at the count."""
+    ours, ref = cls(3, momentum=momentum), torch.nn.BatchNorm2d(3, momentum=momentum)
+    ours.num_batches_tracked = ref.num_batches_tracked = None
+    for _ in range(2):
+        x = torch.randn(6, 3, 4, 4) * 2 + 1
+        y, y_ref = ours(x), ref(x)
+    if cls is not LpNorm:  # (LpNorm's statistics are its own; it only has to train on)
+        relu = torch.relu if cls is bnlab.BatchNormReLU2d else (lambda y: y)
+        torch.testing.assert_close(y, relu(y_ref))
+        torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked is None
 
 
 def test_torch_state_dict_loads_and_matches_in_train_and_eval():

@@ -214,3 +214,14 @@ def test_bad_arguments_raise(kw: dict, match: str) -> None:
 def test_single_value_per_channel_raises() -> None:
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         BatchRenorm1d(3)(torch.randn(1, 3))
+
+
+@pytest.mark.parametrize("unset", [("running_mean", "running_var"), ("num_batches_tracked",)])
+def test_unset_buffers_that_renorm_needs_are_named(unset: tuple[str, ...]) -> None:
+    """Batch Renorm computes r and d from the running statistics and its schedule from the step
+    count, so it cannot fall back to batch statistics as BN does without them."""
+    m = BatchRenorm2d(3)
+    for name in unset:
+        setattr(m, name, None)
+    with pytest.raises(ValueError, match=rf"BatchRenorm2d\(3\): Batch Renorm needs {unset[0]}"):
+        m(torch.randn(4, 3, 2, 2))

@@ -257,16 +257,14 @@ class SyncBatchRenorm(BatchRenorm):
         mean, var, count = sync_batch_stats(input, self.process_group)
         if not _has_stats(count, self._who()):  # every shard empty: no r, d, no update
             return F.empty_batch(input, self.weight, self.bias), None
-        # BatchRenorm.__init__ requires track_running_stats, which registers the buffers
-        assert self.running_mean is not None and self.running_var is not None
-        r, d = renorm_factors(mean, var, self.running_mean, self.running_var, self.eps,
-                              r_max, d_max)
+        running_mean, running_var = self.running_stats()
+        r, d = renorm_factors(mean, var, running_mean, running_var, self.eps, r_max, d_max)
         w, b = renorm_affine(self.weight, self.bias, r, d)
         y = _SyncBatchNormFn.apply(input, w, b, mean, var, count, self.eps, self.process_group)
         if not update:
             return y, None
-        return y, store_running_stats(self.running_mean, self.running_var, mean,
-                                      unbiased(var, count), self._momentum())
+        return y, store_running_stats(running_mean, running_var, mean, unbiased(var, count),
+                                      self._momentum())
 
 
 # Class → its synchronized class, or None: kept as is on purpose (statistics local by design).

@@ -49,10 +49,12 @@ def count_batch(module: BatchNorm, finite: Tensor) -> None:
     On the eager CPU path both adds run in C++ (`csrc/bn_fast.cpp`, ``count``): an in-place add
     on a 0-d tensor costs 10–13 µs between a layer's forward and autograd's backward."""
     tracked, nonfinite = module.num_batches_tracked, module.num_nonfinite_batches
-    assert tracked is not None  # only layers that update running statistics count batches
-    if F._fast is not None and F._fast_allowed() and F._fast.count(tracked, nonfinite, finite):
-        return
-    tracked.add_(finite)  # bool adds as 0/1
+    # (num_batches_tracked deleted by hand: torch's BN then trains on without counting; so
+    # does this one, still counting the skipped batches)
+    if tracked is not None:
+        if F._fast is not None and F._fast_allowed() and F._fast.count(tracked, nonfinite, finite):
+            return
+        tracked.add_(finite)  # bool adds as 0/1
     if not F.host_readable(finite):  # no host sync, graph break or transform error
         nonfinite.add_(finite.logical_not())
     elif not finite:  # on CPU in eager mode the value is at hand (the warning read it)
@@ -92,9 +94,13 @@ def running_momentum(m: StatsLayer) -> float | Tensor:
     average (n counting this batch; a 0-d tensor: no host sync)."""
     if m.momentum is not None:
         return m.momentum
+    if m.num_batches_tracked is None:
+        # Deleted by hand: torch's BN then has no count to average over and uses a factor of
+        # 0 (the running statistics stay as they are); so does this one.
+        return 0.0
+    assert m.running_mean is not None  # (an update is asked for only where it exists)
     # In the buffer's dtype: long / int gives float32, which would cap float64 layers' average
     # at float32's precision (torch's own average is exact to float64).
-    assert m.num_batches_tracked is not None and m.running_mean is not None  # (as torch's)
     return 1.0 / (m.num_batches_tracked + 1).to(m.running_mean.dtype)
 
 

@@ -237,8 +237,8 @@ class LpNorm(FxLeaf, nn.Module):
             else (None, None)
         y, finite = _lp_norm(input, *bufs, self.weight, self.bias, use_batch, momentum,
                              self.eps, self.p, who)
-        if finite is not None:  # counted once it is done, and only if it was used (as BN)
-            # an update ran, so the layer tracks statistics (as `bnlab.layers.count_batch`)
-            assert self.num_batches_tracked is not None
+        # counted once it is done, and only if it was used; not at all where the counter was
+        # deleted by hand (as BN, `bnlab.layers.count_batch`)
+        if finite is not None and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(finite)
         return y

@@ -190,8 +190,9 @@ class BatchRenorm(BatchNorm):
 
     def limits(self) -> tuple[Tensor, Tensor]:
         """The current (r_max, d_max) of the warm-up schedule at step ``num_batches_tracked``."""
-        # __init__ requires track_running_stats, which registers the buffer
-        assert self.num_batches_tracked is not None
+        if self.num_batches_tracked is None:  # __init__ registers it; only a user unsets it
+            raise ValueError(f"{self._who()}: Batch Renorm needs num_batches_tracked, the clock "
+                             "of its r_max/d_max schedule; got None")
         return renorm_limits(self.num_batches_tracked, self.r_max, self.d_max,
                              warmup_steps=self.warmup_steps, r_max_steps=self.r_max_steps,
                              d_max_steps=self.d_max_steps)
@@ -212,10 +213,17 @@ class BatchRenorm(BatchNorm):
         """The training transform and running update; `bnlab.SyncBatchRenorm` syncs it."""
         check_training_size(input, self._who())
         momentum = self._momentum() if update else 0.0
-        # __init__ requires track_running_stats, which registers the buffers
-        assert self.running_mean is not None and self.running_var is not None
-        return batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
+        running_mean, running_var = self.running_stats()
+        return batch_renorm(input, running_mean, running_var, self.weight, self.bias,
                             True, momentum, self.eps, r_max, d_max, update=update)
+
+    def running_stats(self) -> tuple[Tensor, Tensor]:
+        """(running_mean, running_var), which r and d are computed from in training too."""
+        if self.running_mean is None or self.running_var is None:
+            # __init__ registers both (track_running_stats is required); only a user unsets them
+            raise ValueError(f"{self._who()}: Batch Renorm needs running_mean and running_var "
+                             "(r and d are computed from them); got None")
+        return self.running_mean, self.running_var
 
 
 class BatchRenorm1d(BatchRenorm):
