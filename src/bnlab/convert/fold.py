@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -29,9 +29,11 @@ __all__ = ["ChannelAffine", "fold", "fold_pairs"]
 class ChannelAffine(FxLeaf, nn.Module):
     """y = scale·x + shift per channel (dimension 1): an eval-mode BN with nothing to fold into."""
 
-    # Buffers, declared for type checkers (nn.Module types them Tensor | Module).
-    scale: Tensor
-    shift: Tensor
+    if TYPE_CHECKING:
+        # Buffers, declared for type checkers (nn.Module types them Tensor | Module); not at
+        # run time, where TorchScript would read these (string) annotations and fail on them.
+        scale: Tensor
+        shift: Tensor
 
     def __init__(self, scale: Tensor, shift: Tensor) -> None:
         super().__init__()
