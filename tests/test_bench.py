@@ -64,12 +64,29 @@ def test_e2e_printout_says_which_nets_meet_the_overhead_target(capsys) -> None: 
         over = {f"overhead_{k}{tag}": v / 100.0 - 1.0 for k, v in steps.items() if k != "none"
                 for tag in ("", "_min")}
         return {"step_ms": steps, "step_ms_min": steps, **over, "bn_op_ms": {"torch_bn": 14.0},
-                "other_op_delta_ms": {"aten::max_pool2d_with_indices": 4.5}}
+                "other_op_delta_ms": {"aten::max_pool2d_with_indices": 4.5},
+                "page_faults_per_step": {"none": 0.0, "torch_bn": 812.4}}
 
     e2e.print_e2e({"vgg": net(110.0), "inception": net(110.5)})  # +10% exactly is met
     out = capsys.readouterr().out
     assert "at most +10% over no BN (median): vgg met, inception missed" in out
     assert "aten::max_pool2d_with_indices +4.5 ms (4.5%)" in out
+    assert "page faults per timed step" in out and "none 0   torch_bn 812" in out
+
+
+def test_e2e_counts_the_page_faults_of_fresh_memory() -> None:
+    """`_minor_faults` sees pages that are touched for the first time (here a fresh 32 MB
+    buffer, which the allocator maps from the OS)."""
+    import numpy as np
+
+    from bnlab.kernels import e2e
+
+    before = e2e._minor_faults()
+    if before < 0:
+        pytest.skip("the OS reports no page faults (no `resource` module)")
+    buf = np.empty(8 << 20, dtype=np.float32)
+    buf.fill(1.0)
+    assert e2e._minor_faults() > before
 
 
 def test_e2e_other_op_deltas_take_the_least_time_per_op_and_leave_out_bn() -> None:
