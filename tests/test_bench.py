@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -65,13 +66,16 @@ def test_e2e_printout_says_which_nets_meet_the_overhead_target(capsys) -> None: 
                 for tag in ("", "_min")}
         return {"step_ms": steps, "step_ms_min": steps, **over, "bn_op_ms": {"torch_bn": 14.0},
                 "other_op_delta_ms": {"aten::max_pool2d_with_indices": 4.5},
-                "page_faults_per_step": {"none": 0.0, "torch_bn": 812.4}}
+                "page_faults_per_step": {"none": 0.0, "torch_bn": 812.4},
+                "phase_ms": {"none": {"forward": 40.0, "backward": 55.0, "update": 5.0},
+                             "bnlab_bn": {"forward": 44.5, "backward": 59.0, "update": 5.25}}}
 
     e2e.print_e2e({"vgg": net(110.0), "inception": net(110.5)})  # +10% exactly is met
     out = capsys.readouterr().out
     assert "at most +10% over no BN (median): vgg met, inception missed" in out
     assert "aten::max_pool2d_with_indices +4.5 ms (4.5%)" in out
     assert "page faults per timed step" in out and "none 0   torch_bn 812" in out
+    assert "none 40.0/55.0/5.0   bnlab_bn +4.5/+4.0/+0.2" in out
 
 
 def test_e2e_counts_the_page_faults_of_fresh_memory() -> None:
@@ -139,8 +143,12 @@ def test_e2e_nets_train_in_the_asked_memory_format(memory_format: str) -> None:
         outs.clear()
         hook = model.blocks[0].b3.register_forward_hook(lambda m, i, o: outs.append(o))
         before = model.stem[0].weight.detach().clone()
-        e2e._train_step(model, x)()
+        t0 = time.perf_counter()
+        phases = e2e._train_step(model, x)()
+        wall = time.perf_counter() - t0
         hook.remove()
+        # forward, backward and update, each timed, within the step's own time
+        assert len(phases) == 3 and min(phases) > 0.0 and sum(phases) <= wall, name
         # (C = 1 input and stem weight are contiguous in both layouts: these are not)
         assert outs[0].is_contiguous(memory_format=fmt), name
         conv3 = model.blocks[0].b3[1][0].weight  # (48, 24, 3, 3)

@@ -38,6 +38,8 @@ NormLayer = Callable[[int], nn.Module]
 TARGET_OVERHEAD = 0.10
 # Profiled steps per net; each op's (and BN's) time is the least over them.
 PROFILED_STEPS = 5
+# A timed step's phases (`_train_step`).
+PHASES = ("forward", "backward", "update")
 
 
 def meets_target(overhead: float) -> bool:
@@ -173,16 +175,25 @@ def _build(make: Callable[[], nn.Module], batch: int, image: tuple[int, int, int
     return model, torch.randn(batch, *image).contiguous(memory_format=fmt)
 
 
-def _train_step(model: nn.Module, x: Tensor) -> Callable[[], None]:
-    """One training step on ``x``: forward, cross-entropy on fixed labels, backward, SGD."""
+Phases = tuple[float, float, float]
+
+
+def _train_step(model: nn.Module, x: Tensor) -> Callable[[], Phases]:
+    """One training step on ``x``: forward, cross-entropy on fixed labels, backward, SGD. It
+    returns the seconds of its phases: (zero_grad + forward + loss, backward, SGD update)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     y = torch.randint(0, 10, (x.shape[0],))
     loss_fn = nn.CrossEntropyLoss()
 
-    def step() -> None:
+    def step() -> Phases:
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss = loss_fn(model(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
         opt.step()
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
     return step
 
 
@@ -209,7 +220,8 @@ def _quiet_fd2() -> Iterator[None]:
         os.close(saved)
 
 
-def profile_steps(step: Callable[[], None], steps: int = PROFILED_STEPS) -> list[dict[str, float]]:
+def profile_steps(step: Callable[[], object],
+                  steps: int = PROFILED_STEPS) -> list[dict[str, float]]:
     """Self CPU time (ms) per op name, for each of `steps` profiled steps."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -294,13 +306,14 @@ def run_e2e(steps: int = 8, rounds: int = 3, memory_format: str = "nchw",
             s()
             s()
         times: dict[str, list[float]] = {k: [] for k in steppers}
+        phases: dict[str, list[Phases]] = {k: [] for k in steppers}
         faults = dict.fromkeys(steppers, 0)
         # Step by step, so a busy spell hits all of them.
         for order in step_orders(list(steppers), rounds * steps):
             for k in order:
                 f0 = _minor_faults()
                 t0 = time.perf_counter()
-                steppers[k]()
+                phases[k].append(steppers[k]())
                 times[k].append(time.perf_counter() - t0)
                 faults[k] += _minor_faults() - f0
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -320,6 +333,10 @@ def run_e2e(steps: int = 8, rounds: int = 3, memory_format: str = "nchw",
             "other_op_delta_ms": other_op_deltas(profiles["none"], profiles["bnlab_bn"]),
             "page_faults_per_step": ({k: f / len(times[k]) for k, f in faults.items()}
                                      if _minor_faults() >= 0 else None),
+            # each phase's median on its own (they need not add up to the step's median)
+            "phase_ms": {k: dict(zip(PHASES, (statistics.median(p[i] for p in v) * 1e3
+                                              for i in range(3)), strict=True))
+                         for k, v in phases.items()},
         }
         out[net_name].update(target_overhead=TARGET_OVERHEAD,
                              target_met=meets_target(out[net_name]["overhead_bnlab_bn"]))
@@ -349,6 +366,15 @@ def print_e2e(result: dict[str, Any], memory_format: str = "nchw") -> None:
         print(f"  {name:<25}" + "   ".join(f"{k} {v:.1f} ms ({100 * v / base:.1f}%)"
                                            for k, v in r["bn_op_ms"].items()))
     print("  (bnlab_bn_relu's figure includes the ReLU it fuses; the others' ReLU is not BN's)")
+    if all("phase_ms" in r for r in result.values()):
+        print("a step's phases (median ms): forward (with the loss) / backward / SGD update, "
+              "and each norm's difference from no BN:")
+        for name, r in result.items():
+            ph = r["phase_ms"]
+            base = "/".join(f"{ph['none'][p]:.1f}" for p in PHASES)
+            print(f"  {name:<25}none {base}   " + "   ".join(
+                f"{k} " + "/".join(f"{ph[k][p] - ph['none'][p]:+.1f}" for p in PHASES)
+                for k in ph if k != "none"))
     print("other ops that take longer with bnlab's BN than without (profiled self time, least "
           f"of {PROFILED_STEPS} steps; the rest of the overhead: smaller ops, cache effects, "
           "noise):")
