@@ -141,7 +141,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_y: Tensor):
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd, count = ctx.saved_tensors
         ct = F.compute_dtype(x.dtype)
         dims = F.reduce_dims(x)

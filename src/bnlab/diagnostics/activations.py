@@ -9,7 +9,7 @@ the lab.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -122,7 +122,7 @@ class ActivationTracker:
         """Record the statistics of the forward pass(es) run inside the block as one step."""
         seen: dict[str, list[Tensor]] = {n: [] for n in self.modules}
 
-        def hook(name: str):
+        def hook(name: str) -> Callable[..., None]:
             # The input is read before the module runs (a pre-hook), and every record is a copy:
             # an in-place op (ReLU(inplace=True) here or after) would otherwise change it.
             def fn(_mod: nn.Module, args: tuple[Any, ...], out: Any = None) -> None:

@@ -126,8 +126,10 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
         return F.normalize(input, self.running_mean, self.running_var, self.weight, self.bias,
                            self.eps)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         # torchvision's FrozenBatchNorm2d checkpoints have no num_batches_tracked: default it
         # (to 0 for a module on the meta device, which has no value to keep).
         nbt = self.num_batches_tracked

@@ -37,7 +37,7 @@ class Mixed(nn.Module):
     """
 
     def __init__(self, cin: int, c1: int, c3r: int, c3: int, cdr: int, cd: int, cp: int, *,
-                 stride: int = 1, pool: str = "avg", **unit) -> None:
+                 stride: int = 1, pool: str = "avg", **unit: Any) -> None:
         super().__init__()
         self.stride = stride
         self.b1 = ConvUnit(cin, c1, 1, **unit) if stride == 1 else None

@@ -26,6 +26,7 @@ Command: ``bnlab run santurkar2018.dln --preset paper --threads 1 [--seeds 3]`` 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,7 @@ def run(cfg: DLNConfig, variant: str, ctx: RunContext) -> dict[str, Any]:
     return run_dln(cfg.dln, variant, ctx)
 
 
-def _at(frac: float):
+def _at(frac: float) -> Callable[[list[dict[str, Any]]], float | None]:
     def fn(metrics: list[dict[str, Any]]) -> float | None:
         recs = [m for m in metrics if isinstance(m.get("loss"), float)]
         if not recs:

@@ -29,11 +29,15 @@ Command: ``bnlab run santurkar2018.fig1 --preset paper --threads 1 [--seeds 3]``
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from bnlab.lab import plots
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive, within
+from bnlab.lab.data import Dataset
 from bnlab.lab.experiments.santurkar2018._common import (
     SMOKE_DATA,
     SMOKE_VGG,
@@ -51,6 +55,7 @@ from bnlab.lab.experiments.santurkar2018._report import (
 )
 from bnlab.lab.registry import Experiment, RunContext
 from bnlab.lab.report import Inputs, Section, Table, mean_std
+from bnlab.lab.train import Probe
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ def variants(cfg: Fig1Config) -> list[str]:
 
 
 def run(cfg: Fig1Config, variant: str, ctx: RunContext) -> dict[str, Any]:
-    def probes(model, data):
+    def probes(model: nn.Module, data: Dataset) -> list[Probe]:
         return [LayerDistributions(model, vgg_layer_outputs(model, cfg.layers),
                                    data.train_x[-cfg.dist_examples:])]
 
@@ -100,7 +105,7 @@ def _auc(metrics: list[dict[str, Any]]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _drift(layer: str):
+def _drift(layer: str) -> Callable[[list[dict[str, Any]]], float | None]:
     """How far the layer's distribution travels: the mean over the 5/15/50/85/95th percentiles
     of |late − early| (averages over the last and first 20% of the records), in units of the
     late 5–95% spread."""

@@ -34,8 +34,11 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from bnlab.lab import plots
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, within
+from bnlab.lab.data import Dataset
 from bnlab.lab.experiments.santurkar2018._common import (
     SMOKE_DATA,
     SMOKE_VGG,
@@ -57,6 +60,7 @@ from bnlab.lab.experiments.santurkar2018._report import (
 )
 from bnlab.lab.registry import Experiment, RunContext
 from bnlab.lab.report import Inputs, Section, Table, mean_std
+from bnlab.lab.train import Probe
 
 NORMS = ("none", "bn", "noisy_bn", "noise")
 
@@ -96,7 +100,7 @@ def variants(cfg: Fig2Config) -> list[str]:
 
 
 def run(cfg: Fig2Config, variant: str, ctx: RunContext) -> dict[str, Any]:
-    def probes(model, data):
+    def probes(model: nn.Module, data: Dataset) -> list[Probe]:
         return [LayerDistributions(model, vgg_layer_outputs(model, cfg.layers),
                                    data.train_x[-cfg.dist_examples:])]
 

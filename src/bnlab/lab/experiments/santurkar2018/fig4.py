@@ -30,6 +30,7 @@ Command: ``bnlab run santurkar2018.fig4 --preset paper --threads 1 [--seeds 3]``
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +101,7 @@ def run(cfg: Fig4Config, variant: str, ctx: RunContext) -> dict[str, Any]:
                    lambda _m, _d: [LandscapeProbe(cfg.dln_multipliers, dln_loss)])
 
 
-def _median(key: str, *, early: bool = False):
+def _median(key: str, *, early: bool = False) -> Callable[[list[dict[str, Any]]], float | None]:
     """Median over probes (the first 20% of them when ``early``) of a landscape quantity;
     "loss_width" is loss_max − loss_min."""
 
