@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bnlab
-from bnlab.variants import LpNorm
+from bnlab.variants import GhostBatchNorm, LpNorm
 from conftest import SHAPES, layer_pair
 
 
@@ -55,6 +55,41 @@ def test_flag_and_buffers_changed_after_construction_follow_torch(cls):
     for mode in (False, True):
         ours.train(mode), ref.train(mode)
         torch.testing.assert_close(ours(x), relu(ref(x)))
+
+
+@pytest.mark.parametrize("cls", [bnlab.BatchNorm2d, bnlab.BatchNormReLU2d, bnlab.SyncBatchNorm,
+                                 GhostBatchNorm])
+def test_buffers_set_to_none_by_hand_behave_as_in_torch(cls) -> None:
+    """Both running statistics None: batch statistics, and torch still counts the batches.
+    One of them None: torch refuses it (ours trained silently on batch statistics)."""
+    ours, ref = cls(3), torch.nn.BatchNorm2d(3)
+    for m in (ours, ref):
+        m.running_mean = m.running_var = None
+    for _ in range(3):
+        ours(torch.randn(6, 3, 4, 4))
+        ref(torch.randn(6, 3, 4, 4))
+    ours.eval()(torch.randn(6, 3, 4, 4))  # eval counts nothing
+    assert ours.num_batches_tracked == ref.num_batches_tracked == 3
+    ours.reset_running_stats()  # resets what exists (torch's raises an AttributeError)
+    assert ours.num_batches_tracked == 0
+    ours, ref = cls(3), torch.nn.BatchNorm2d(3)
+    ours.running_var = ref.running_var = None
+    with pytest.raises(ValueError, match="both be None or neither"):
+        ref(torch.randn(6, 3, 4, 4))
+    for mode in (True, False):
+        with pytest.raises(ValueError, match=r"\(3\): running_mean and running_var must both be "
+                           r"None or neither, got running_var None only"):
+            ours.train(mode)(torch.randn(6, 3, 4, 4))
+
+
+def test_a_one_element_step_counter_of_any_shape_averages_as_in_torch() -> None:
+    """momentum=None divides by the counter: torch's float(n) takes a (1,) tensor too."""
+    ours, ref = bnlab.BatchNorm2d(3, momentum=None), torch.nn.BatchNorm2d(3, momentum=None)
+    ours.num_batches_tracked, ref.num_batches_tracked = torch.tensor([5]), torch.tensor([5])
+    x = torch.randn(6, 3, 4, 4) * 2 + 1
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    assert ours.num_batches_tracked.tolist() == ref.num_batches_tracked.tolist() == [6]
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -8,7 +8,7 @@ PyTorch's, so a `torch.nn.BatchNorm2d` state_dict loads unchanged and gives the 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -25,6 +25,7 @@ from bnlab._checks import (
     no_torchscript,
     plain,
 )
+from bnlab._layer_state import count_batch, count_untracked, running_momentum, stats_mode
 
 __all__ = [
     "BatchNorm",
@@ -39,69 +40,6 @@ __all__ = [
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
 ]
-
-
-def count_batch(module: BatchNorm, finite: Tensor) -> None:
-    """Advance a layer's counters after a training step: ``num_batches_tracked += finite`` (a
-    skipped batch does not count, so the cumulative average of momentum=None stays the exact
-    mean of the batches it used) and ``num_nonfinite_batches += not finite``.
-
-    On the eager CPU path both adds run in C++ (`csrc/bn_fast.cpp`, ``count``): an in-place add
-    on a 0-d tensor costs 10–13 µs between a layer's forward and autograd's backward."""
-    tracked, nonfinite = module.num_batches_tracked, module.num_nonfinite_batches
-    # (num_batches_tracked deleted by hand: torch's BN then trains on without counting; so
-    # does this one, still counting the skipped batches)
-    if tracked is not None:
-        if F._fast is not None and F._fast_allowed() and F._fast.count(tracked, nonfinite, finite):
-            return
-        tracked.add_(finite)  # bool adds as 0/1
-    if not F.host_readable(finite):  # no host sync, graph break or transform error
-        nonfinite.add_(finite.logical_not())
-    elif not finite:  # on CPU in eager mode the value is at hand (the warning read it)
-        nonfinite.add_(1)
-
-
-class StatsLayer(Protocol):
-    """What `stats_mode` and `running_momentum` read of a layer: BN's flags and counter (BN's
-    layers and `bnlab.LpNorm`, which is not a BatchNorm)."""
-
-    training: bool
-    frozen: bool
-    track_running_stats: bool
-    _stats_update_blocked: int
-    momentum: float | None
-    running_mean: Tensor | None
-    num_batches_tracked: Tensor | None
-
-
-def stats_mode(m: StatsLayer, has_stats: bool) -> tuple[bool, bool]:
-    """(use batch statistics, update the running statistics) for a forward of ``m``, a layer
-    with BN's flags (``training``, ``frozen``, ``track_running_stats``,
-    ``_stats_update_blocked``) whose running statistics exist iff ``has_stats``.
-
-    PyTorch's rule, which reads the buffers, not the flag, for eval: batch statistics in
-    training or where no running statistics exist; the running statistics are updated in
-    training where the flag asks for it and they exist. (So turning track_running_stats off on
-    a trained layer stops the updates and keeps eval on the running statistics, as in torch;
-    deleting the buffers makes eval use the batch's.)"""
-    training = m.training and not (m.frozen and has_stats)
-    update = training and m.track_running_stats and has_stats and not m._stats_update_blocked
-    return training or not has_stats, update
-
-
-def running_momentum(m: StatsLayer) -> float | Tensor:
-    """The averaging factor of ``m``'s next update: ``m.momentum``, or 1/n for the cumulative
-    average (n counting this batch; a 0-d tensor: no host sync)."""
-    if m.momentum is not None:
-        return m.momentum
-    if m.num_batches_tracked is None:
-        # Deleted by hand: torch's BN then has no count to average over and uses a factor of
-        # 0 (the running statistics stay as they are); so does this one.
-        return 0.0
-    assert m.running_mean is not None  # (an update is asked for only where it exists)
-    # In the buffer's dtype: long / int gives float32, which would cap float64 layers' average
-    # at float32's precision (torch's own average is exact to float64).
-    return 1.0 / (m.num_batches_tracked + 1).to(m.running_mean.dtype)
 
 
 class BatchNorm(FxLeaf, nn.Module):
@@ -197,11 +135,14 @@ class BatchNorm(FxLeaf, nn.Module):
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
-            assert self.running_mean is not None and self.running_var is not None
-            assert self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
+            # (each one that exists: a user may have set one to None, which torch's BN
+            # reports as an AttributeError half-way through)
+            if self.running_mean is not None:
+                self.running_mean.zero_()
+            if self.running_var is not None:
+                self.running_var.fill_(1)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.zero_()
         # The count belongs to the statistics it describes (and after to_empty() it holds
         # whatever the memory held).
         self.num_nonfinite_batches.zero_()
@@ -246,8 +187,13 @@ class BatchNorm(FxLeaf, nn.Module):
         return (input,)
 
     def _mode(self) -> tuple[bool, bool]:
-        """(use batch statistics, update the running statistics) for this forward (`stats_mode`)."""
-        return stats_mode(self, self.running_mean is not None and self.running_var is not None)
+        """(use batch statistics, update the running statistics) for this forward (`stats_mode`).
+        One running buffer set to None without the other is an error, as in torch."""
+        has_mean, has_var = self.running_mean is not None, self.running_var is not None
+        if has_mean != has_var:
+            raise ValueError(f"{self._who()}: running_mean and running_var must both be None or "
+                             f"neither, got running_{'var' if has_mean else 'mean'} None only")
+        return stats_mode(self, has_mean)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -258,6 +204,8 @@ class BatchNorm(FxLeaf, nn.Module):
         y, finite = self._normalize(input, *buffers, use_batch_stats, momentum)
         if finite is not None:
             count_batch(self, finite)
+        else:
+            count_untracked(self, input)
         return y
 
     def _normalize(self, input: Tensor, running_mean: Tensor | None,

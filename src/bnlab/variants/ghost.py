@@ -34,7 +34,8 @@ from torch import Tensor
 
 from bnlab import functional as F
 from bnlab._checks import check_training_size
-from bnlab.layers import BatchNorm, count_batch
+from bnlab._layer_state import count_batch, count_untracked
+from bnlab.layers import BatchNorm
 from bnlab.variants._common import (
     store_running_stats,
     train_transform,
@@ -147,6 +148,8 @@ class GhostBatchNorm(BatchNorm):
                                     self.virtual_batch_size)
         if update and stats:
             self._update(stats)
+        else:
+            count_untracked(self, input)  # (running statistics set to None: torch still counts)
         return y
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ from bnlab._checks import (
     no_torchscript,
     plain,
 )
+from bnlab._layer_state import running_momentum, stats_mode
 from bnlab.functional import (
     channel_view,
     check_args,
@@ -30,7 +31,6 @@ from bnlab.functional import (
     lerp_buffer_,
     reduce_dims,
 )
-from bnlab.layers import running_momentum, stats_mode
 
 __all__ = ["LpNorm", "lp_norm", "lp_stats"]
 

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from bnlab import functional as F
 from bnlab._checks import check_per_channel, check_training_size
-from bnlab.layers import BatchNorm, count_batch
+from bnlab._layer_state import count_batch
+from bnlab.layers import BatchNorm
 from bnlab.variants._common import train_transform, values_per_channel
 
 __all__ = [
