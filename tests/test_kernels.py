@@ -326,3 +326,32 @@ def test_bfloat16_matches_reference(fmt) -> None:  # type: ignore[no-untyped-def
     (dx,) = torch.autograd.grad(y, xs[0], g)
     (dx_ref,) = torch.autograd.grad(y_ref, xs[1], g)
     assert dx.dtype == torch.bfloat16 and rel_err(dx, dx_ref) <= 1.6e-2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shape, layout", [((4, 3, 5, 5), "nchw"), ((4, 3, 5, 5), "cl"),
+                                           ((16, 3), "rows"), ((2, 3, 40, 40), "nchw"),
+                                           ((64, 3, 64, 64), "nchw")])
+def test_eval_input_gradient_stays_finite_where_the_running_mean_is_not(shape, layout,
+                                                                        fused) -> None:
+    """Eval-mode dx = g·γ/√(var + ε) does not involve μ: torch's stays finite in a channel whose
+    running mean is inf or nan; the kernel's sweep computed (x − μ)·0 there and gave nan. dγ
+    involves μ and is nan in those channels in both."""
+    torch.manual_seed(0)
+    ours = (bnlab.BatchNormReLU if fused else bnlab.BatchNorm)(3).eval()
+    ref = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(3).eval()
+    for m in (ours, ref):
+        m.running_mean.data[0], m.running_mean.data[1] = float("inf"), float("nan")
+    x = torch.randn(shape)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    g = torch.randn(shape)
+    ours(xs[0]).backward(g)
+    y_ref = ref(xs[1])
+    (torch.relu(y_ref) if fused else y_ref).backward(g)
+    assert xs[0].grad.isfinite().all()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    # (dγ sums 262144 products on the largest shape: float32 summation order differs)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, equal_nan=True, rtol=1e-5,
+                               atol=1e-4)

@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "bn_loops.h"
 #include "bn_tensors.h"
 
@@ -139,9 +142,11 @@ void train_fwd(const T* x, T* y, const Shape& s, const float* w, const float* b,
 // in evaluation mode (fixed μ, σ²) B = Cc = 0. Also ∂ℓ/∂γ = invstd·Σg'(x−μ), ∂ℓ/∂β = Σg'.
 // g_gap: sample n of the gradient starts n·g_gap elements after x's (a channel slice of a
 // bigger NCHW tensor); only the fused planar path takes one (see planar_grad_gap).
+// sweep_mean: the μ of the dx sweep, `mean` but where evaluation mode replaced a non-finite
+// running mean (there B = 0 and dx = g'·A, which (x − μ)·0 = NaN would spoil; see bn_bwd).
 template <class Op>
-void backward(const Op& op, const Shape& s, const float* mean, const float* var,
-              const float* w, float eps, bool training, float* dw, float* db,
+void backward(const Op& op, const Shape& s, const float* mean, const float* sweep_mean,
+              const float* var, const float* w, float eps, bool training, float* dw, float* db,
               int64_t g_gap) {
   using T = typename Op::scalar;
   using Sums = BwdSumsOp<T, Op::kMask>;
@@ -175,11 +180,12 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
     coeffs(0, C, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
     if (!sweep) return;
     if (g_gap == 0) {
-      map_all(op, s, mean, A.data(), B.data(), Cc.data());
+      map_all(op, s, sweep_mean, A.data(), B.data(), Cc.data());
       return;
     }
     at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) sample_dx(n, 0, C, mean, A.data(), B.data(), Cc.data());
+      for (int64_t n = n0; n < n1; ++n)
+        sample_dx(n, 0, C, sweep_mean, A.data(), B.data(), Cc.data());
       stream_fence();
     });
     return;
@@ -208,11 +214,11 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
         coeffs(b0, nb, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
         if (!sweep) continue;
         for (int64_t n = 0; n < s.N; ++n)
-          sample_dx(n, b0, nb, mean + b0, A.data(), B.data(), Cc.data());
+          sample_dx(n, b0, nb, sweep_mean + b0, A.data(), B.data(), Cc.data());
       }
       stream_fence();
     });
-    if (!fuse && sweep) map_all(op, s, mean, A_all.data(), B_all.data(), C_all.data());
+    if (!fuse && sweep) map_all(op, s, sweep_mean, A_all.data(), B_all.data(), C_all.data());
     return;
   }
   TORCH_INTERNAL_ASSERT(g_gap == 0, "bnlab kernels: a strided gradient on the split path");
@@ -242,7 +248,9 @@ void backward(const Op& op, const Shape& s, const float* mean, const float* var,
         s.m(), C, [&](int64_t cv) { return Sums{op.x, op.g, op.mask, load(mp + cv)}; }, sg, sgd);
     coeffs(0, C, sg.data(), sgd.data(), A.data(), B.data(), Cc.data());
   }
-  if (sweep) map_all(op, s, mu.data(), A.data(), B.data(), Cc.data());
+  if (!sweep) return;
+  for (int64_t c = 0; c < C; ++c) mu[c] = sweep_mean[c];
+  map_all(op, s, mu.data(), A.data(), B.data(), Cc.data());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
@@ -295,6 +303,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
   at::Tensor dz = need_dz ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor dw = at::empty({C}, x.options().dtype(at::kFloat));
   at::Tensor db = at::empty({C}, x.options().dtype(at::kFloat));
+  // Evaluation mode: dx = g'·γ·invstd needs no μ, and torch's stays finite where the running
+  // mean is not; the sweep's (x − μ)·0 would be NaN there, so it reads 0 for such channels
+  // (dγ's sums keep the real μ, as torch's).
+  const float* mp = mean.data_ptr<float>();
+  std::vector<float> finite_mean;
+  if (!training && !std::all_of(mp, mp + C, [](float v) { return std::isfinite(v); })) {
+    finite_mean = padded(C);
+    for (int64_t c = 0; c < C; ++c) finite_mean[c] = std::isfinite(mp[c]) ? mp[c] : 0.f;
+  }
+  const float* sweep_mp = finite_mean.empty() ? mp : finite_mean.data();
   dispatch(x, [&](auto tag) {
     using scalar_t = decltype(tag);
     with_dx_op<scalar_t>(
@@ -302,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
         mask.defined() ? mask.data_ptr<uint8_t>() : nullptr,
         need_dx ? dx.data_ptr<scalar_t>() : nullptr, need_dz ? dz.data_ptr<scalar_t>() : nullptr,
         p.s.nt, [&](const auto& op) {
-          backward(op, p.s, mean.data_ptr<float>(), var.data_ptr<float>(), w.data_ptr<float>(),
+          backward(op, p.s, mp, sweep_mp, var.data_ptr<float>(), w.data_ptr<float>(),
                    static_cast<float>(eps), training, dw.data_ptr<float>(), db.data_ptr<float>(),
                    g_gap);
         });
