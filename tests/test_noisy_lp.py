@@ -218,6 +218,33 @@ def test_lp_norm_without_running_stats_uses_batch_in_eval():
                                                   p=1))
 
 
+def test_lp_norm_buffers_set_to_none_by_hand_behave_as_bns():
+    """As BN's layers: both running statistics None gives batch statistics in eval and still
+    counts training batches; one of them None is refused (it used to train silently on batch
+    statistics); reset_running_stats resets what exists (it used to fail an assert)."""
+    x = torch.randn(6, 3, 4, 4)
+    layer = LpNorm(3, p=1)
+    layer.running_mean = layer.running_scale = None
+    for _ in range(2):
+        layer(x)
+    assert layer.num_batches_tracked == 2
+    torch.testing.assert_close(layer.eval()(x), lp_norm(x, None, None, layer.weight, layer.bias,
+                                                        True, p=1))
+    layer.reset_running_stats()
+    assert layer.num_batches_tracked == 0
+    for gone, left in (("running_mean", "running_scale"), ("running_scale", "running_mean")):
+        layer = LpNorm(3)
+        setattr(layer, gone, None)
+        for mode in (True, False):
+            with pytest.raises(ValueError, match=rf"LpNorm\(3\): running_mean and running_scale "
+                               rf"must both be None or neither, got {gone} None only"):
+                layer.train(mode)(x)
+        layer.num_batches_tracked = None
+        getattr(layer, left).fill_(7.0)
+        layer.reset_running_stats()
+        assert getattr(layer, left).eq(0.0 if left == "running_mean" else 1.0).all()
+
+
 @pytest.mark.parametrize("p", [0, 3, "two", True])
 def test_lp_norm_bad_p(p):
     with pytest.raises(ValueError, match="p must be"):

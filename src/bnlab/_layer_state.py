@@ -36,7 +36,7 @@ def count_batch(module: BatchNorm, finite: Tensor) -> None:
         nonfinite.add_(1)
 
 
-def count_untracked(m: BatchNorm, input: Tensor) -> None:
+def count_untracked(m: StatsLayer, input: Tensor) -> None:
     """torch's BN counts every training batch while ``track_running_stats`` is set and the
     counter exists, also where the running statistics were set to None (then nothing else is
     updated); so does this one. (Batches that update the statistics are counted by
@@ -48,8 +48,8 @@ def count_untracked(m: BatchNorm, input: Tensor) -> None:
 
 
 class StatsLayer(Protocol):
-    """What `stats_mode` and `running_momentum` read of a layer: BN's flags and counter (BN's
-    layers and `bnlab.LpNorm`, which is not a BatchNorm)."""
+    """What `stats_mode`, `running_momentum` and `count_untracked` read of a layer: BN's flags
+    and counter (BN's layers and `bnlab.LpNorm`, which is not a BatchNorm)."""
 
     training: bool
     frozen: bool

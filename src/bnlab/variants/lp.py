@@ -22,7 +22,7 @@ from bnlab._checks import (
     no_torchscript,
     plain,
 )
-from bnlab._layer_state import running_momentum, stats_mode
+from bnlab._layer_state import count_untracked, running_momentum, stats_mode
 from bnlab.functional import (
     channel_view,
     check_args,
@@ -204,12 +204,13 @@ class LpNorm(FxLeaf, nn.Module):
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
-            # registered by __init__ with track_running_stats (as in BatchNorm)
-            assert self.running_mean is not None and self.running_scale is not None
-            assert self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_scale.fill_(1)
-            self.num_batches_tracked.zero_()
+            # each one that exists (a user may have set one to None), as in BatchNorm
+            if self.running_mean is not None:
+                self.running_mean.zero_()
+            if self.running_scale is not None:
+                self.running_scale.fill_(1)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -228,8 +229,11 @@ class LpNorm(FxLeaf, nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         who = f"{type(self).__name__}({self.num_features})"
         check_input(input, who, (2, 3, 4, 5), self.num_features)
-        use_batch, update = stats_mode(
-            self, self.running_mean is not None and self.running_scale is not None)
+        has_mean, has_scale = self.running_mean is not None, self.running_scale is not None
+        if has_mean != has_scale:  # (as BN's running_mean and running_var)
+            raise ValueError(f"{who}: running_mean and running_scale must both be None or "
+                             f"neither, got running_{'scale' if has_mean else 'mean'} None only")
+        use_batch, update = stats_mode(self, has_mean)
         # An empty batch has no statistics: no update, and it does not count (as in BN).
         update = update and input.numel() > 0
         momentum = running_momentum(self) if update else 0.0
@@ -241,4 +245,5 @@ class LpNorm(FxLeaf, nn.Module):
         # deleted by hand (as BN, `bnlab.layers.count_batch`)
         if finite is not None and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(finite)
+        count_untracked(self, input)  # both buffers set to None: counted, as in BN
         return y
