@@ -115,3 +115,25 @@ def test_checkpoint_recomputation_updates_statistics_once(kind: str) -> None:
         loss.backward()
     for a, b in zip(_stats(plain), _stats(ckpt), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_frozen_torch_bn_whose_forward_raises_keeps_the_models_mode() -> None:
+    # freeze runs torch's BN in eval mode for the call; a forward that raised (a bad shape, an
+    # OOM the caller retries) used to leave it in eval mode for good.
+    model = bnlab.freeze(nn.Sequential(nn.BatchNorm2d(4))).train()
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5, 3, 3))
+    assert model[0].training
+    bnlab.unfreeze(model)
+    model(torch.randn(2, 4, 3, 3))
+    assert model[0].num_batches_tracked == 1  # trains again
+
+
+@pytest.mark.parametrize("lazy", [nn.LazyBatchNorm2d, bnlab.LazyBatchNorm2d])
+def test_no_stats_update_on_a_lazy_bn_not_yet_run(lazy: type) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), lazy()).train()
+    with bnlab.no_stats_update(model):  # (torch's failed to clone its uninitialized buffers)
+        model(torch.randn(4, 3, 6, 6))
+    bn = model[1]
+    assert bn.running_mean.eq(0).all() and bn.running_var.eq(1).all()
+    assert bn.num_batches_tracked == 0

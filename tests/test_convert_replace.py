@@ -195,3 +195,21 @@ def test_replace_norm_match_root_and_frozen_flag() -> None:
     # A variant's own hyper-parameters come from the factory: eps only is copied.
     renorm = bnlab.replace_norm(nn.BatchNorm2d(2, momentum=0.3), BatchRenorm2d)
     assert renorm.momentum == 0.01
+
+
+@pytest.mark.parametrize("handle_first", [True, False])
+def test_a_bn_kept_under_two_names_is_replaced_under_both(handle_first: bool) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            bn = nn.BatchNorm2d(4)
+            if handle_first:
+                self.last_bn = bn
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), bn)
+            self.last_bn = bn
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    new = bnlab.replace_norm(Net(), "bnlab")
+    assert isinstance(new.body[1], bnlab.BatchNorm2d) and new.last_bn is new.body[1]

@@ -73,21 +73,38 @@ def trace(model: nn.Module,
     return graph, dict(model.named_modules()), calls
 
 
+def own_forward(m: nn.Module) -> bool:
+    """Whether ``m``'s class computes something else than the `LAYERS` class it derives from
+    (its own ``forward`` or ``_conv_forward``, as a weight-standardized conv): torch.fx traces
+    through such a module, so only the `nn.Sequential` fallback must be told."""
+    base = next(cls for cls in LAYERS if isinstance(m, cls))
+    return any(getattr(type(m), f, None) is not getattr(base, f, None)
+               for f in ("forward", "_conv_forward"))
+
+
 def sequential_pairs(model: nn.Module, first: ModulePredicate,
                      second: ModulePredicate) -> list[tuple[str, str]]:
     """Dotted names (a, b) of adjacent children of an `nn.Sequential` anywhere in ``model`` with
-    ``first(a)`` and ``second(b)``: the fallback for models torch.fx cannot trace."""
+    ``first(a)`` and ``second(b)``: the fallback for models torch.fx cannot trace. A module
+    registered more than once (in two containers, or under an alias) may run more than once,
+    so it is no pair's member (as a module called twice in the traced graph)."""
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     pairs = []
     for prefix, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
         for (a, ma), (b, mb) in itertools.pairwise(seq._modules.items()):
-            if first(ma) and second(mb):
+            if first(ma) and second(mb) and names[id(ma)] == names[id(mb)] == 1:
                 pairs.append((f"{prefix}.{a}" if prefix else a, f"{prefix}.{b}" if prefix else b))
     return pairs
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` by ``new``."""
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    """Replace the submodule at dotted ``name`` by ``new``, under every name it is registered
+    (a module kept under two names, e.g. a handle on a BN next to the container that runs
+    it, would otherwise go on running under the other)."""
+    old = model.get_submodule(name)
+    places = [(parent, leaf) for parent in model.modules()
+              for leaf, child in parent._modules.items() if child is old]
+    for parent, leaf in places:
+        setattr(parent, leaf, new)

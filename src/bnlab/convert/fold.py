@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from bnlab._checks import FxLeaf, check_materialized
-from bnlab.convert import _pairs
+from bnlab.convert import _pairs, freeze
 from bnlab.layers import BatchNormReLU
 
 __all__ = ["ChannelAffine", "fold", "fold_pairs"]
@@ -45,7 +46,9 @@ class ChannelAffine(FxLeaf, nn.Module):
         # scriptable form of a bnlab model: `bnlab._checks.no_torchscript`).
         shape = [1] * x.dim()
         shape[1] = -1  # (C,) -> (1, C, 1, ...)
-        return x * self.scale.view(shape) + self.shift.view(shape)
+        # In the input's dtype, as BN's output: a bfloat16 model's float32 BN (a common
+        # mixed-precision recipe) must not hand float32 to the next bfloat16 layer.
+        return (x * self.scale.view(shape) + self.shift.view(shape)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}"
@@ -69,6 +72,9 @@ def _affine_of(bn: _pairs.Norm, name: str) -> tuple[Tensor, Tensor]:
 
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
     graph, modules, calls = _pairs.trace(model, _pairs.is_norm)
+    # Parameters read outside their module's call (a tied decoder's F.linear(h, enc.weight.t()))
+    # would read the folded weight: their layer is not folded.
+    read = [str(node.target) for node in graph.nodes if node.op == "get_attr"]
     pairs: list[tuple[str, str]] = []
     for node in graph.nodes:
         if node.op != "call_module" or not _pairs.is_norm(modules[node.target]):
@@ -77,7 +83,8 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
         # fx types a node's target str | callable; a call_module node's is the module's name.
         if (isinstance(prev, fx.Node) and prev.op == "call_module" and isinstance(prev.target, str)
                 and _pairs.is_layer(modules[prev.target])
-                and len(prev.users) == 1 and calls[prev.target] == 1 and calls[node.target] == 1):
+                and len(prev.users) == 1 and calls[prev.target] == 1 and calls[node.target] == 1
+                and not any(t.startswith(prev.target + ".") for t in read)):
             pairs.append((prev.target, node.target))
     return pairs
 
@@ -87,7 +94,10 @@ def _find_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], Exception | No
     try:
         return _pairs_fx(model), None
     except Exception as e:  # not traceable (data-dependent control flow, ...): Sequential only
-        return _pairs.sequential_pairs(model, _pairs.is_layer, _pairs.is_norm), e
+        # (a subclass with a forward of its own, which fx would trace through, is not a layer
+        # the BN can fold into)
+        return _pairs.sequential_pairs(model, lambda m: _pairs.is_layer(m)
+                                       and not _pairs.own_forward(m), _pairs.is_norm), e
 
 
 def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -130,6 +140,27 @@ def _plain(layer: nn.Module) -> bool:
     return True
 
 
+# bnlab.freeze's hooks run a torch BN in eval mode: the fold's eval transform already does.
+_FREEZE_HOOKS = (freeze._eval_pre_hook, freeze._restore_hook)
+
+
+def _user_hooks(bn: nn.Module) -> bool:
+    """Whether ``bn`` has forward hooks (other than `bnlab.freeze`'s), which may change what it
+    returns: then it is not folded, and its `ChannelAffine` runs them (`_take_hooks`)."""
+    return any(h not in _FREEZE_HOOKS
+               for h in (*bn._forward_pre_hooks.values(), *bn._forward_hooks.values()))
+
+
+def _take_hooks(new: nn.Module, bn: nn.Module) -> None:
+    """Make ``new`` run ``bn``'s forward hooks (but `bnlab.freeze`'s), in the same order."""
+    for d in ("_forward_pre_hooks", "_forward_hooks"):
+        setattr(new, d, OrderedDict((k, h) for k, h in getattr(bn, d).items()
+                                    if h not in _FREEZE_HOOKS))
+    for d in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called"):
+        setattr(new, d, OrderedDict(getattr(bn, d)))
+
+
 @torch.no_grad()
 def _fold_into(layer: _pairs.Layer, s: Tensor, t: Tensor) -> None:
     """W' = s·W, b' = s·b + t, as new parameters: the old ones may be shared with other modules
@@ -164,11 +195,15 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     A layer under a weight parametrization (``torch.nn.utils.parametrizations.weight_norm``,
     ``spectral_norm``, or their deprecated hook forms) is folded with the weight it computes
     now, the parametrization removed; a layer with any other forward hook is not folded (its
-    BN becomes a `ChannelAffine`), nor is a layer whose output size is not the BN's C. A
+    BN becomes a `ChannelAffine`), nor is a layer whose output size is not the BN's C, nor a
+    BN with forward hooks (its `ChannelAffine` runs them), nor a layer whose parameters the
+    model also reads outside its call (a tied decoder). A
     Linear followed by a BN is folded on the assumption that it sees (N, F) input, as
     `batchnormify` builds it. Where torch.fx cannot trace the model, pairs are adjacent
     children of `nn.Sequential` containers, and a warning names the pairs folded on the
-    assumption that each such layer's output feeds nothing else.
+    assumption that each such layer's output feeds nothing else (a module registered twice,
+    or a layer subclass with its own forward, is left out). A module registered under several
+    names is replaced under all of them.
 
     Raises:
         ValueError: a BN without running statistics (nothing defines its inference transform).
@@ -188,7 +223,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     pairs, untraced = _find_pairs(model)
     pairs = [(a, b) for a, b in pairs
              if _pairs.out_features(_pairs.layer_at(model, a)) == bns[b].num_features
-             and _plain(model.get_submodule(a))]
+             and not _user_hooks(bns[b]) and _plain(model.get_submodule(a))]
     if untraced is not None and pairs:
         warnings.warn(f"fold: torch.fx cannot trace the model ({type(untraced).__name__}: "
                       f"{str(untraced).splitlines()[0] if str(untraced) else ''}), so the "
@@ -208,6 +243,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             dtype = bn.running_mean.dtype
             affine = ChannelAffine(s.to(dtype), t.to(dtype))
             new = nn.Sequential(affine, nn.ReLU()) if isinstance(bn, BatchNormReLU) else affine
+            _take_hooks(new, bn)
             if not name:  # ``model`` is itself a BN: its replacement is the whole answer
                 return new.eval()
             _pairs.set_module(model, name, new)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from bnlab._checks import check_materialized
 from bnlab.layers import BatchNorm
@@ -93,8 +94,10 @@ def freeze(model: nn.Module, *, stats: bool = True, affine: bool = True) -> nn.M
             if isinstance(m, _FLAGGED):
                 m.frozen = True
             elif _HANDLES not in m.__dict__:
+                # always_call: a forward that raises (a bad shape, an OOM the caller retries)
+                # must not leave the layer in eval mode
                 m.__dict__[_HANDLES] = (m.register_forward_pre_hook(_eval_pre_hook),
-                                        m.register_forward_hook(_restore_hook))
+                                        m.register_forward_hook(_restore_hook, always_call=True))
         if affine:
             for p in (m.weight, m.bias):
                 if p is not None:
@@ -135,8 +138,10 @@ def no_stats_update(model: nn.Module) -> Iterator[nn.Module]:
             loss.backward()      # activation checkpointing recomputes the forward here
     """
     ours = [m for _, m in _bn_modules(model) if isinstance(m, _FLAGGED)]
-    theirs = [(m, m.momentum, [b.clone() for b in m.buffers()]) for _, m in _bn_modules(model)
-              if not isinstance(m, _FLAGGED)]
+    # (a lazy BN's statistics do not exist yet: a forward inside creates them, at their initial
+    # values, which momentum 0 keeps)
+    theirs = [(m, m.momentum, [None if is_lazy(b) else b.clone() for b in m.buffers()])
+              for _, m in _bn_modules(model) if not isinstance(m, _FLAGGED)]
     for m in ours:
         m._stats_update_blocked = m._stats_update_blocked + 1
     for bn, _, _ in theirs:
@@ -150,5 +155,6 @@ def no_stats_update(model: nn.Module) -> Iterator[nn.Module]:
             bn.momentum = momentum
             with torch.no_grad():
                 for b, old in zip(bn.buffers(), saved, strict=True):
-                    if not torch.equal(b, old):  # num_batches_tracked; statistics after a NaN
+                    # num_batches_tracked; statistics after a NaN
+                    if old is not None and not torch.equal(b, old):
                         b.copy_(old)
