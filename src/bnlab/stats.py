@@ -51,16 +51,26 @@ class BufferSnapshot:
     Only buffers that changed are written: an in-place copy bumps the version counter, and a
     forward may have saved an unchanged buffer for its backward (eval-mode BN kernels save
     ``running_var``), which must stay usable afterwards. A buffer that a forward replaced
-    (``self.calls = self.calls + 1``) or removed gets its original tensor back.
+    (``self.calls = self.calls + 1``) or removed gets its original tensor back; one it set
+    from None (a lazily computed statistic) is None again, and one it registered is removed.
     """
 
     def __init__(self, model: nn.Module) -> None:
+        # (module, its buffer names, those that were None)
+        self.names = [(m, set(m._buffers), {n for n, b in m._buffers.items() if b is None})
+                      for m in model.modules()]
         # (owning module, name, the buffer, a copy of its values)
         self.saved = [(m, name, b, b.detach().clone()) for m in model.modules()
                       for name, b in m._buffers.items() if b is not None]
 
     @torch.no_grad()
     def restore(self) -> None:
+        for m, names, none in self.names:
+            for name in [n for n in m._buffers if n not in names]:
+                del m._buffers[name]
+                m._non_persistent_buffers_set.discard(name)
+            for name in none:
+                m._buffers[name] = None
         for m, name, b, copy in self.saved:
             if m._buffers.get(name) is not b:
                 m._buffers[name] = b  # keeps its persistence: the set is by name

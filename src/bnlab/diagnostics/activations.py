@@ -107,10 +107,12 @@ class ActivationTracker:
         out = {}
         for m in modules:
             if isinstance(m, str):
-                if m not in by_name:
+                try:  # (any name it is registered under, not only the first)
+                    out[m] = self.model.get_submodule(m)
+                except AttributeError:
                     raise ValueError(f"modules: {m!r} is not the name of a submodule of the "
-                                     f"model (names: {', '.join(list(by_name)[1:6])}, ...)")
-                out[m] = by_name[m]
+                                     f"model (names: {', '.join(list(by_name)[1:6])}, ...)"
+                                     ) from None
             elif m in names:
                 out[names[m]] = m
             else:
@@ -125,8 +127,17 @@ class ActivationTracker:
         def hook(name: str) -> Callable[..., None]:
             # The input is read before the module runs (a pre-hook), and every record is a copy:
             # an in-place op (ReLU(inplace=True) here or after) would otherwise change it.
-            def fn(_mod: nn.Module, args: tuple[Any, ...], out: Any = None) -> None:
-                x = args[0] if self.where == "input" else out
+            def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   out: Any = None) -> None:
+                # the input: the first positional argument, or the only keyword one
+                # (act(input=x))
+                x = (args[0] if args else next(iter(kwargs.values()), None)
+                     if len(kwargs) == 1 else None) if self.where == "input" else out
+                if not isinstance(x, Tensor):
+                    raise ValueError(f"ActivationTracker: the {self.where} of {name!r} is "
+                                     f"{type(x).__name__}, expected one tensor (N, C, *) "
+                                     "(a module returning a tuple, as an RNN, cannot be "
+                                     "watched at its output)")
                 if x.dim() < 2:
                     raise ValueError(f"ActivationTracker: the {self.where} of {name!r} has "
                                      f"shape {tuple(x.shape)}; expected (N, C, *)")
@@ -140,8 +151,10 @@ class ActivationTracker:
                 seen[name].append(v.to(dtype, copy=True))
             return fn
 
-        handles = [m.register_forward_pre_hook(hook(n)) if self.where == "input"
-                   else m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
+        handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True)
+                   if self.where == "input"
+                   else m.register_forward_hook(hook(n), with_kwargs=True)
+                   for n, m in self.modules.items()]
         try:
             yield
         finally:

@@ -13,6 +13,7 @@ module through `torch.func.functional_call`; no plotting, no training loop.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +67,8 @@ def default_layers(model: nn.Module, example_inputs: Sequence[Any], *,
                    with_norms: bool = False) -> list[str] | list[list[str]]:
     """Names of every Conv/Linear module in the order the forward pass calls them; with
     ``with_norms``, each as a group with the normalization layers (BN, LpNorm) called after it
-    and before the next Conv/Linear: a layer's parameters W_i, γ_i and β_i included.
+    and before the next Conv/Linear: a layer's parameters W_i, γ_i and β_i included (a norm
+    layer called before the first Conv/Linear is a layer of its own).
 
     Forward order is recorded with hooks (registration order can differ from it).
     """
@@ -95,29 +97,58 @@ def default_layers(model: nn.Module, example_inputs: Sequence[Any], *,
     return groups
 
 
+def _trainable(model: nn.Module) -> dict[int, str]:
+    """The name `current_params` gives each trainable parameter, by the parameter's id."""
+    return {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _submodule(model: nn.Module, name: str | None) -> nn.Module | None:
+    """The submodule at dotted ``name`` (any name it is registered under), or None."""
+    if name is None:
+        return None
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _layer_params(model: nn.Module, layers: Sequence[str | nn.Module | Sequence[Any]]
                   ) -> tuple[list[str], list[list[str]]]:
     """(display name, parameter names) of each layer; a layer may be a group of modules."""
     mod_names = {m: n for n, m in model.named_modules()}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # Parameters by object: a tied one (an output head sharing the embedding's weight) is
+    # listed by named_parameters under its first name only.
+    trainable = _trainable(model)
     shown, groups = [], []
     for i, layer in enumerate(layers):
         parts = layer if isinstance(layer, (list, tuple)) else [layer]
-        names, pnames = [], []
+        names: list[str] = []
+        pnames: list[str] = []
         for part in parts:
             name = part if isinstance(part, str) else mod_names.get(part)
-            if name is None or name not in dict(model.named_modules()):
+            mod = _submodule(model, name)
+            if name is None or mod is None:
                 raise ValueError(f"layers[{i}]: expected a submodule of the model or its name, "
                                  f"got {part!r}")
-            prefix = f"{name}." if name else ""
             names.append(name)
-            pnames += [prefix + n for n, _ in model.get_submodule(name).named_parameters()
-                       if prefix + n in trainable]
+            pnames += [trainable[id(p)] for p in mod.parameters()
+                       if id(p) in trainable and trainable[id(p)] not in pnames]
         if not pnames:
             raise ValueError(f"layers[{i}] ({'+'.join(names)}) has no trainable parameters")
         shown.append("+".join(names))
         groups.append(pnames)
     return shown, groups
+
+
+def _layer_number(i: Any, k: int) -> int:
+    """``i`` as a layer number in 1..k (NumPy and torch integers too; not a bool)."""
+    try:
+        n = operator.index(i)
+    except TypeError:
+        n = None
+    if n is None or isinstance(i, bool) or not 1 <= n <= k:
+        raise ValueError(f"measure: expected layer numbers, integers in 1..{k}, got {i!r}")
+    return n
 
 
 def gradient_ics(
@@ -163,11 +194,11 @@ def gradient_ics(
         update = sgd_update(lr)
     with SideEffectGuard(model) as guard:
         if layers is None:  # frozen layers are no W_i: nothing would move them
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            trainable = _trainable(model)
             names: list[str | nn.Module | Sequence[Any]] = [
                 g for g in default_layers(model, split_batch(batch)[0], with_norms=True)
-                if any((f"{n}.{p}" if n else p) in trainable for n in g
-                       for p, _ in model.get_submodule(n).named_parameters())]
+                if any(id(p) in trainable for n in g
+                       for p in model.get_submodule(n).parameters())]
             if not names:
                 raise ValueError("gradient_ics: the model has no Conv/Linear layer with "
                                  "trainable parameters to measure")
@@ -175,12 +206,10 @@ def gradient_ics(
             names = list(layers)
         shown, groups = _layer_params(model, names)
         k = len(groups)
-        measure = list(range(1, k + 1)) if measure is None else list(measure)
+        measure = list(range(1, k + 1)) if measure is None else [_layer_number(i, k)
+                                                                 for i in measure]
         if not measure:
             raise ValueError("measure: expected at least one layer number, got none")
-        for i in measure:
-            if not isinstance(i, int) or not 1 <= i <= k:
-                raise ValueError(f"measure: layer numbers must be in 1..{k}, got {i!r}")
         params = current_params(model)
         guard.reset()
         loss, grads = loss_and_grad(model, params, loss_fn, batch, params.keys())

@@ -140,6 +140,10 @@ def layer_jacobians(
     leaves: dict[nn.Module, Tensor] = {}
 
     def cut(mod: nn.Module, _args: Any, out: Tensor) -> Tensor:
+        if mod in outs:  # its stretches of network would be cut at its last call only
+            raise ValueError(f"layer_jacobians: {names[mod] or '<root>'} "
+                             f"({type(mod).__name__}) runs more than once in a forward (shared "
+                             "weights); watch modules that run once (modules=...)")
         outs[mod] = out  # connected to the previous leaf
         leaves[mod] = out.detach().requires_grad_(True)
         # The rest of the network sees a copy of a fresh leaf: a copy, so that an in-place op
@@ -173,7 +177,8 @@ def layer_jacobians(
         for h in handles:
             h.remove()
         for m, mode in modes.items():
-            m.train(mode)
+            m.training = mode  # (not train(mode): it would recurse, and a module under two
+            # parents would take the second parent's mode)
     return pairs, jacs
 
 
