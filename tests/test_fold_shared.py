@@ -145,3 +145,11 @@ def test_a_float32_bn_in_a_bfloat16_model_folds_to_bfloat16_outputs(norm: type) 
     x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
     folded = _check(model, x, atol=5e-2)
     assert isinstance(folded[2], ChannelAffine) and folded(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, bnlab.BatchNorm2d])
+def test_a_linear_is_not_folded_into_a_batchnorm2d(norm: type) -> None:
+    # A Linear on (N, C, H, W) maps W; BatchNorm2d normalizes C: with W = C the sizes match,
+    # and the fold scaled the wrong dimension.
+    model = _randomize(nn.Sequential(nn.Linear(4, 4), norm(4)))
+    assert isinstance(_check(model, torch.randn(2, 4, 3, 4))[1], ChannelAffine)

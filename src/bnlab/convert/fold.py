@@ -140,6 +140,18 @@ def _plain(layer: nn.Module) -> bool:
     return True
 
 
+def _channels_match(layer: _pairs.Layer, bn: _pairs.Norm) -> bool:
+    """False where the BN's channels cannot be the layer's outputs: a Linear maps the last
+    dimension, which is BN's channel dimension only for (N, F) input, and a BatchNorm2d/3d
+    takes no such input."""
+    if not isinstance(layer, nn.Linear):
+        return True
+    ranks = getattr(bn, "_ranks", None)  # bnlab's layers declare the input ranks they take
+    if ranks is not None:
+        return 2 in ranks
+    return not isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d))
+
+
 # bnlab.freeze's hooks run a torch BN in eval mode: the fold's eval transform already does.
 _FREEZE_HOOKS = (freeze._eval_pre_hook, freeze._restore_hook)
 
@@ -223,6 +235,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     pairs, untraced = _find_pairs(model)
     pairs = [(a, b) for a, b in pairs
              if _pairs.out_features(_pairs.layer_at(model, a)) == bns[b].num_features
+             and _channels_match(_pairs.layer_at(model, a), bns[b])
              and not _user_hooks(bns[b]) and _plain(model.get_submodule(a))]
     if untraced is not None and pairs:
         warnings.warn(f"fold: torch.fx cannot trace the model ({type(untraced).__name__}: "

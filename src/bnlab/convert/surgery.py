@@ -79,7 +79,8 @@ def batchnormify(model: nn.Module, norm_layer: NormFactory | None = None, *,
     its role), so its state_dict keys move from ``name.*`` to ``name.0.*``. Layers already
     followed by a norm, used twice, or feeding anything else are left alone. Linear layers are
     assumed to see (N, F) input: a Linear on (N, L, F) would need BN over the last dimension,
-    and the inserted BatchNorm1d says so with an error naming the shape.
+    and the inserted BatchNorm1d says so with an error naming the shape, except where L = F:
+    then it normalizes over L without a word (give such a model a ``norm_layer`` of its own).
 
     Args:
         model: a model without BN at those places.
