@@ -213,3 +213,14 @@ def test_a_bn_kept_under_two_names_is_replaced_under_both(handle_first: bool) ->
 
     new = bnlab.replace_norm(Net(), "bnlab")
     assert isinstance(new.body[1], bnlab.BatchNorm2d) and new.last_bn is new.body[1]
+
+
+@pytest.mark.parametrize("target", ["bnlab", "torch"])
+def test_mixed_precision_bn_keeps_each_tensors_dtype(target: str) -> None:
+    # bfloat16 γ, β beside float32 running statistics (the statistics were rounded to bfloat16)
+    old = (nn.BatchNorm2d(4) if target == "bnlab" else bnlab.BatchNorm2d(4)).to(torch.bfloat16)
+    old.running_mean = old.running_mean.float().add_(1 / 3)
+    old.running_var = old.running_var.float()
+    new = bnlab.replace_norm(old, target)
+    assert new.weight.dtype == torch.bfloat16 and new.running_mean.dtype == torch.float32
+    assert torch.equal(new.running_mean, old.running_mean)

@@ -87,11 +87,27 @@ def _build(old: _pairs.Norm, factory: NormFactory) -> nn.Module:
     return factory(old.num_features, **{k: had[k] for k in _STRUCTURE if _takes(factory, k)})
 
 
+@torch.no_grad()
+def _match_dtypes(old: nn.Module, new: nn.Module) -> None:
+    """Give each floating parameter and buffer of ``new`` the dtype of ``old``'s of the same
+    name: mixed-precision recipes keep BN's statistics (or all of BN) in float32 beside
+    bfloat16 parameters, which one ``new.to(dtype)`` would round."""
+    olds = {**dict(old.named_parameters()), **dict(old.named_buffers())}
+    for prefix, mod in new.named_modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, t in store.items():
+                o = olds.get(f"{prefix}.{k}" if prefix else k)
+                if (t is not None and o is not None and t.is_floating_point()
+                        and o.is_floating_point() and t.dtype != o.dtype):
+                    t.data = t.data.to(o.dtype)
+
+
 def _carry_over(old: nn.Module, new: nn.Module, copy_eps: bool) -> None:
     """State, ε, frozen flag, requires_grad and mode of ``old`` onto ``new``."""
     ref = next(iter([*old.parameters(), *old.buffers()]), None)
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        _match_dtypes(old, new)
     old_state, new_state = old.state_dict(), new.state_dict()
     new.load_state_dict({k: (old_state[k] if k in old_state and old_state[k].shape == v.shape
                              else v) for k, v in new_state.items()})
