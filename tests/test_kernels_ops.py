@@ -73,11 +73,23 @@ def test_supports_only_cpu_float32_bfloat16() -> None:
     assert kernels.supports(torch.randn(4, 3).bfloat16())
 
 
-def test_opcheck_schemas_fake_kernels_and_autograd() -> None:
-    x = torch.randn(4, 6, 3, 3, requires_grad=True)
+# The layouts the kernels take as they are (contiguous, channels_last) or copy (others): the
+# fake kernels' outputs must have the real ones' strides, or torch.compile's checks fail.
+_LAYOUTS = {
+    "nchw": lambda: torch.randn(4, 6, 3, 3),
+    "channels_last": lambda: torch.randn(4, 6, 3, 3).to(memory_format=torch.channels_last),
+    "cnhw": lambda: torch.randn(6, 4, 3, 3).transpose(0, 1),
+    "hw_swapped": lambda: torch.randn(4, 6, 3, 3).transpose(2, 3),
+    "nlc_sequence": lambda: torch.randn(4, 9, 6).transpose(1, 2),  # bn(x.transpose(1, 2))
+}
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_opcheck_schemas_fake_kernels_and_autograd(layout: str) -> None:
+    x = _LAYOUTS[layout]().requires_grad_(True)
     w = torch.rand(6, requires_grad=True)
     b = torch.randn(6, requires_grad=True)
-    z = torch.randn(4, 6, 3, 3, requires_grad=True)
+    z = torch.randn_like(x, requires_grad=True)
     rm, rv = torch.randn(6), torch.rand(6) + 0.5
     ops = torch.ops.bnlab
     torch.library.opcheck(ops.bn_train_fwd, (x, w, b, 1e-5, None, False, False))
@@ -87,7 +99,7 @@ def test_opcheck_schemas_fake_kernels_and_autograd() -> None:
     torch.library.opcheck(ops.bn_bwd, (torch.randn_like(x), x.detach(), mean, var, w.detach(),
                                        1e-5, mask, True, True, True))
     torch.library.opcheck(ops.bn_train_fwd_update,
-                          (x, w, b, 1e-5, rm.clone(), rv.clone(), 36, 0.1, None))
+                          (x, w, b, 1e-5, rm.clone(), rv.clone(), x[:, 0].numel(), 0.1, None))
     torch.library.opcheck(ops.bn_update_running,
                           (rm.clone(), rv.clone(), mean, var, 36, 0.0, torch.tensor(0.5)))
 

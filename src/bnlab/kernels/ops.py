@@ -30,9 +30,25 @@ __all__ = ["register"]
 _registered = False
 
 
+def _prepared(x: Tensor) -> Tensor:
+    """``x`` in the layout the kernels compute in and give their outputs (`prepare` in
+    `csrc/bn_tensors.h`): x itself where it is contiguous or, for 4-/5-d input, channels_last;
+    else a contiguous copy (a transposed (N, L, C) sequence, say). Fake outputs made with
+    `torch.empty_like` of anything else would carry strides the real ones lack, which
+    torch.compile's stride checks reject."""
+    if x.is_contiguous():
+        return x
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c) if n * c > 0 else 1
+    cl = [0, *range(2, x.dim()), 1]
+    if s != 1 and x.dim() in (4, 5) and x.permute(cl).is_contiguous():
+        return x
+    return x.contiguous()
+
+
 def _empty_mask(x: Tensor, wanted: bool) -> Tensor:
     if wanted:
-        return torch.empty_like(x, dtype=torch.uint8)
+        return torch.empty_like(_prepared(x), dtype=torch.uint8)
     return x.new_empty((0,), dtype=torch.uint8)
 
 
@@ -41,7 +57,7 @@ def _fake_train_fwd(input: Tensor, weight: Tensor | None, bias: Tensor | None, e
                     save_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     c = input.shape[1]
     stat = input.new_empty((c,), dtype=torch.float32)
-    return (torch.empty_like(input), stat, torch.empty_like(stat),
+    return (torch.empty_like(_prepared(input)), stat, torch.empty_like(stat),
             _empty_mask(input, relu and save_mask))
 
 
@@ -51,14 +67,15 @@ def _fake_bwd(grad_y: Tensor, input: Tensor, mean: Tensor, var: Tensor, weight: 
     c = input.shape[1]
     stat = input.new_empty((c,), dtype=torch.float32)
     empty = input.new_empty((0,))
-    return (torch.empty_like(input) if need_dx else empty, stat, torch.empty_like(stat),
-            torch.empty_like(input) if need_dz else empty.clone())
+    x = _prepared(input)
+    return (torch.empty_like(x) if need_dx else empty, stat, torch.empty_like(stat),
+            torch.empty_like(x) if need_dz else empty.clone())
 
 
 def _fake_eval_fwd(input: Tensor, running_mean: Tensor, running_var: Tensor,
                    weight: Tensor | None, bias: Tensor | None, eps: float,
                    residual: Tensor | None, relu: bool, save_mask: bool) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(input), _empty_mask(input, relu and save_mask)
+    return torch.empty_like(_prepared(input)), _empty_mask(input, relu and save_mask)
 
 
 def _fake_update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
