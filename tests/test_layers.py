@@ -239,6 +239,21 @@ def test_cumulative_average_is_exact_in_float64() -> None:
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("cls", [bnlab.BatchNorm1d, LpNorm])
+def test_cumulative_average_keeps_moving_in_float16_past_65504_batches(cls) -> None:
+    """momentum=None in a float16 layer: n + 1 in float16 is inf from 65504 on, and the factor
+    1/(n + 1) was 0 (the statistics stopped); torch computes it in double."""
+    ours, ref = cls(2, momentum=None).half(), torch.nn.BatchNorm1d(2, momentum=None).half()
+    x = torch.tensor([[100.0, 200.0], [300.0, 400.0]], dtype=torch.half)
+    for m in (ours, ref):
+        m.num_batches_tracked.fill_(70000)
+        m(x)
+    assert ours.running_mean.gt(0).all()
+    if cls is bnlab.BatchNorm1d:
+        torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=0, atol=0)
+        torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-3, atol=0)
+
+
 LAYOUTS = {  # input layouts whose output strides torch decides (suggest_memory_format)
     "permuted": (4, lambda: torch.randn(2, 6, 5, 7).permute(0, 2, 1, 3)),
     "channels_last": (4, lambda: torch.randn(2, 5, 6, 7).to(memory_format=torch.channels_last)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+import torch
 from torch import Tensor
 
 from bnlab import functional as F
@@ -85,8 +86,10 @@ def running_momentum(m: StatsLayer) -> float | Tensor:
         # 0 (the running statistics stay as they are); so does this one.
         return 0.0
     assert m.running_mean is not None  # (an update is asked for only where it exists)
-    # In the buffer's dtype: long / int gives float32, which would cap float64 layers' average
-    # at float32's precision (torch's own average is exact to float64).
+    # In the buffer's dtype, at least float32: long / int gives float32, which would cap
+    # float64 layers' average at float32's precision (torch's own average is exact to float64),
+    # and a count in float16 is inf from 65504 on (a factor of 0: the statistics would stop).
     # (reshape: a counter a user replaced by a 1-element 1-D tensor still gives a 0-d factor,
     # as torch's float(num_batches_tracked) does)
-    return 1.0 / (m.num_batches_tracked + 1).to(m.running_mean.dtype).reshape(())
+    dtype = torch.promote_types(m.running_mean.dtype, torch.float32)
+    return 1.0 / (m.num_batches_tracked + 1).to(dtype).reshape(())

@@ -146,10 +146,14 @@ def lerp_buffer_(buf: Tensor, stat: Tensor, momentum: float | Tensor, finite: Te
                  name: str) -> None:
     """buf ← (1 − momentum)·buf + momentum·stat in place where ``finite``, else unchanged
     (``name`` names the buffer in errors)."""
-    w = momentum.to(buf.dtype) if isinstance(momentum, Tensor) else momentum
+    # In float32 at least (as torch's native update): a float16 buffer would round a
+    # cumulative average's factor 1/n to a few bits, or to 0.
+    ct = torch.promote_types(buf.dtype, torch.float32)
+    w = momentum.to(ct) if isinstance(momentum, Tensor) else momentum
     try:
         # r + w·(s − r) = (1 − w)·r + w·s; torch.where keeps r when the batch was not finite.
-        buf.copy_(torch.where(finite, torch.lerp(buf, stat.to(buf.dtype), w), buf))
+        r = buf.to(ct)
+        buf.copy_(torch.where(finite, torch.lerp(r, stat.to(ct), w), r))
     except RuntimeError as e:
         if "vmap" not in str(e):
             raise
