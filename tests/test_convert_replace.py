@@ -224,3 +224,14 @@ def test_mixed_precision_bn_keeps_each_tensors_dtype(target: str) -> None:
     new = bnlab.replace_norm(old, target)
     assert new.weight.dtype == torch.bfloat16 and new.running_mean.dtype == torch.float32
     assert torch.equal(new.running_mean, old.running_mean)
+
+
+@pytest.mark.parametrize("factory", [BatchRenorm2d, functools.partial(GhostBatchNorm,
+                                                                       virtual_batch_size=2),
+                                     bnlab.variants.NoisyBatchNorm])
+def test_a_bn_without_beta_becomes_a_variant_without_beta(factory) -> None:
+    # The variants take torch 2.13's bias=False as the core layers do (they refused it, and
+    # replace_norm gave the new layer a β to learn that the old one did not have).
+    new = bnlab.replace_norm(nn.Sequential(nn.BatchNorm2d(3, bias=False)), factory)
+    assert new[0].bias is None and new[0].weight is not None
+    assert new[0](torch.randn(4, 3, 2, 2)).shape == (4, 3, 2, 2)

@@ -84,7 +84,10 @@ def _loses(old: nn.Module, new: nn.Module) -> bool:
 
 def _build(old: _pairs.Norm, factory: NormFactory) -> nn.Module:
     had = _structure(old)
-    return factory(old.num_features, **{k: had[k] for k in _STRUCTURE if _takes(factory, k)})
+    kwargs: dict[str, Any] = {k: had[k] for k in _STRUCTURE if _takes(factory, k)}
+    if had["affine"] and getattr(old, "bias", True) is None and _takes(factory, "bias"):
+        kwargs["bias"] = False  # γ without β (torch 2.13's bias=False): no β to learn either
+    return factory(old.num_features, **kwargs)
 
 
 @torch.no_grad()

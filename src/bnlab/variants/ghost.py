@@ -106,7 +106,7 @@ class GhostBatchNorm(BatchNorm):
     eval mode is BN's, so `bnlab.fold` applies). With N <= ``virtual_batch_size`` it is BN.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats: as `bnlab.BatchNorm`
+        num_features, eps, momentum, affine, track_running_stats, bias: as `bnlab.BatchNorm`
             (``momentum=None``: cumulative average over the updates of ``stats_update``).
         virtual_batch_size: the largest ghost batch, in samples (default 128, tabnet's).
         stats_update: ``"per_ghost"`` or ``"per_batch"`` (see the module docstring).
@@ -116,8 +116,9 @@ class GhostBatchNorm(BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device: Any = None,
                  dtype: Any = None, *, virtual_batch_size: int = 128,
-                 stats_update: StatsUpdate = "per_ghost") -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 stats_update: StatsUpdate = "per_ghost", bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
         who = type(self).__name__
         if (not isinstance(virtual_batch_size, int) or isinstance(virtual_batch_size, bool)
                 or virtual_batch_size < 1):

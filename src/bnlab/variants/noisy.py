@@ -182,15 +182,18 @@ class NoisyBatchNorm(BatchNorm):
     (as dropout does under torch's ``swa_utils.update_bn``).
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype: as `BatchNorm`.
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias: as
+            `BatchNorm`.
         n_mu, n_sigma, r_mu, r_sigma, seed: as `ActivationNoise` (r_sigma is a std).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device: Any = None,
                  dtype: Any = None, *, n_mu: float = 0.5, n_sigma: float = 1.25,
-                 r_mu: float = 0.1, r_sigma: float = 0.1, seed: int | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 r_mu: float = 0.1, r_sigma: float = 0.1, seed: int | None = None,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
         # A child without parameters or buffers: adds no state_dict keys.
         self.noise = ActivationNoise(num_features, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu,
                                      r_sigma=r_sigma, seed=seed)

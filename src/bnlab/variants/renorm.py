@@ -150,7 +150,7 @@ class BatchRenorm(BatchNorm):
     ``num_batches_tracked``, so they survive checkpoint/resume. See `batch_renorm`.
 
     Args:
-        num_features, eps, affine: as `bnlab.BatchNorm`.
+        num_features, eps, affine, bias: as `bnlab.BatchNorm`.
         momentum: update rate α of the moving statistics; default 0.01 as Keras
             (``renorm_momentum=0.99``) and torchrl: the correction is only as good as the
             moving averages, which must not follow single batches. None: cumulative average.
@@ -166,8 +166,9 @@ class BatchRenorm(BatchNorm):
                  affine: bool = True, track_running_stats: bool = True, device: Any = None,
                  dtype: Any = None, *, r_max: float = 3.0, d_max: float = 5.0,
                  warmup_steps: int = 5000, r_max_steps: int = 40000,
-                 d_max_steps: int = 25000) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 d_max_steps: int = 25000, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
         who = type(self).__name__
         if not track_running_stats:
             raise ValueError(f"{who}: track_running_stats must be True (r and d are defined by "
