@@ -114,3 +114,15 @@ def test_a_tensor_momentum_is_checked_like_a_number(layout):
         with pytest.raises(ValueError, match=f"batch_norm: momentum must be {match}"):
             F.batch_norm(x, rm, rv, training=True, momentum=bad)
     torch.testing.assert_close(rm, x.mean((0, 2, 3)))  # untouched by the rejected calls
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("which", ["running_mean", "running_var", "weight", "bias"])
+def test_integer_per_channel_tensors_are_refused_by_name(which: str, training: bool) -> None:
+    # Training failed inside torch.lerp without naming the buffer; eval took them silently.
+    args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3),
+            "weight": torch.ones(3), "bias": torch.zeros(3)}
+    args[which] = args[which].long()
+    with pytest.raises(TypeError, match=rf"{which} must be floating point, got dtype "
+                       r"torch.int64"):
+        F.batch_norm(torch.randn(4, 3), training=training, **args)

@@ -141,6 +141,8 @@ def check_per_channel(x: Tensor, running_mean: Tensor | None, running_var: Tenso
         if t.device != x.device:
             raise ValueError(f"{who}: {name} must be on the input's device ({x.device}), got "
                              f"{t.device}")
+        if not t.is_floating_point():  # (an integer buffer failed inside torch.lerp, unnamed)
+            raise TypeError(f"{who}: {name} must be floating point, got dtype {t.dtype}")
 
 
 def no_torchscript(module: object, *, foldable: bool) -> NoReturn:

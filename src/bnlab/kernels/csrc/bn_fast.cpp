@@ -38,14 +38,15 @@ using OptT = c10::optional<Tensor>;
 // __torch_dispatch__, or be a FakeTensor).
 bool plain(PyObject* o) { return THPVariable_CheckExact(o); }
 
-// None, or a plain CPU tensor of shape (C,) (check_per_channel's conditions). `buffer`: also
-// float32 and contiguous — the running statistics `bn_train_fwd_update` takes (the Python
-// path's `_fast_buffers`; others go through the reference update).
+// None, or a plain floating-point CPU tensor of shape (C,) (check_per_channel's conditions).
+// `buffer`: also float32 and contiguous — the running statistics `bn_train_fwd_update` takes
+// (the Python path's `_fast_buffers`; others go through the reference update).
 bool per_channel(PyObject* o, int64_t C, bool buffer) {
   if (o == Py_None) return true;
   if (!plain(o)) return false;
   const Tensor& t = THPVariable_Unpack(o);
-  if (t.dim() != 1 || t.size(0) != C || !t.device().is_cpu()) return false;
+  if (t.dim() != 1 || t.size(0) != C || !t.device().is_cpu() || !t.is_floating_point())
+    return false;
   return !buffer || (t.scalar_type() == at::kFloat && t.layout() == at::kStrided &&
                      t.is_contiguous());
 }
