@@ -16,12 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bnlab import BatchNorm2d, ddp
+import bnlab
+from bnlab import BatchNorm1d, BatchNorm2d, ddp
 from bnlab.distributed import (
     SyncBatchNorm,
     SyncBatchNormReLU,
     SyncBatchRenorm,
     SyncNoisyBatchNorm,
+    convert_sync_batchnorm,
 )
 from bnlab.variants import BatchRenorm2d, GhostBatchNorm
 
@@ -260,13 +262,31 @@ def ddp_smoke(rank: int, world: int) -> dict[str, float]:
     return out
 
 
+def recalibrate_case(rank: int) -> dict[str, float]:
+    """Alg. 2 over SyncBN's global batches: each rank feeds its shard (uneven: 5 + 3 of 8), and
+    every rank must end with the statistics of one process on the whole batches."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(3, 4), BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2),
+                        BatchNorm1d(2)).to(F64)
+    sync = convert_sync_batchnorm(copy.deepcopy(ref))
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(8, 3, generator=g, dtype=F64) * 2 + 1 for _ in range(3)]
+    want = bnlab.recalibrate(ref, batches)
+    got = bnlab.recalibrate(sync, [shard(b, (5, 3), rank) for b in batches])
+    out = {"count": max(abs(got[n].count - want[n].count) for n in want)}
+    for name in want:
+        a, b = sync.get_submodule(name), ref.get_submodule(name)
+        out[name] = max(err(a.running_mean, b.running_mean), err(a.running_var, b.running_var))
+    return out
+
+
 def main(out_dir: str) -> None:
     rank, world, _ = ddp.setup_from_env("cpu", timeout_s=60)
     assert world == 2, world
     res = {"sync_bn": sync_bn_cases(rank), "renorm": renorm_case(rank),
            "eval": eval_has_no_collective(rank), "all_empty": all_empty_case(rank),
            "ddp": ddp_smoke(rank, world), "noisy": noisy_case(rank),
-           "ddp_local": ddp_local_layer(rank, world)}
+           "ddp_local": ddp_local_layer(rank, world), "recalibrate": recalibrate_case(rank)}
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(res, f)
     ddp.teardown()

@@ -100,6 +100,14 @@ def test_sync_noisy_bn_has_the_global_statistics_and_its_noise(results: list[dic
         assert res["noisy"]["running"] < TOL and res["noisy"]["noise"] > 1e-2, (rank, res)
 
 
+def test_recalibrate_averages_the_global_batches_of_sync_bn(results: list[dict]) -> None:
+    """Each rank recorded its own shard's statistics (count 12 of 24; different running
+    statistics on each rank, matching neither)."""
+    for rank, res in enumerate(results):
+        d = res["recalibrate"]
+        assert d.keys() == {"count", "1", "4"} and max(d.values()) < TOL, (rank, d)
+
+
 def test_ddp_broadcasts_the_buffers_of_layers_that_stay_local(results: list[dict]) -> None:
     """With --sync-bn, a Ghost BN keeps its statistics per rank: without rank 0's broadcast
     the ranks' running statistics drifted apart."""

@@ -138,3 +138,37 @@ def test_recalibrate_equals_torchs_swa_update_bn():
         torch.testing.assert_close(ours[i].running_mean, theirs[i].running_mean)
         torch.testing.assert_close(ours[i].running_var, theirs[i].running_var)
         assert ours[i].num_batches_tracked == theirs[i].num_batches_tracked == len(batches)
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, bnlab.BatchNorm1d])
+def test_recalibrate_leaves_frozen_layers_and_is_idempotent(norm) -> None:
+    # A frozen layer normalizes with its running statistics in training too; its input
+    # statistics were written over them, which made the layers after it stale (a second
+    # recalibrate then gave other statistics).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), norm(3), nn.Tanh(), nn.Linear(3, 2), norm(2))
+    bnlab.freeze(model[1])
+    batches = [torch.randn(8, 3) * 2 + 1 for _ in range(3)]
+    stats = bnlab.recalibrate(model, batches)
+    assert list(stats) == ["4"]
+    assert model[1].running_mean.eq(0).all() and model[1].running_var.eq(1).all()
+    first = model[4].running_mean.clone()
+    bnlab.recalibrate(model, batches)
+    torch.testing.assert_close(model[4].running_mean, first, rtol=0, atol=0)
+    bnlab.freeze(model)
+    with pytest.raises(ValueError, match="every BatchNorm layer of Sequential is frozen"):
+        bnlab.recalibrate(model, batches)
+
+
+def test_population_statistics_reads_an_input_passed_by_keyword() -> None:
+    class KwargBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = bnlab.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(input=x)  # (an IndexError in the hook)
+
+    x = torch.randn(8, 3, dtype=torch.float64)
+    got = bnlab.population_statistics(KwargBN().double(), [x])["bn"]
+    torch.testing.assert_close(got.mean, x.mean(0))

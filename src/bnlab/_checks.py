@@ -145,6 +145,14 @@ def check_per_channel(x: Tensor, running_mean: Tensor | None, running_var: Tenso
             raise TypeError(f"{who}: {name} must be floating point, got dtype {t.dtype}")
 
 
+def call_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The input of a module call, as a forward pre-hook registered ``with_kwargs`` sees it: the
+    first positional argument, or the only keyword one (``bn(input=x)``); None otherwise."""
+    if args:
+        return args[0]
+    return next(iter(kwargs.values())) if len(kwargs) == 1 else None
+
+
 def no_torchscript(module: object, *, foldable: bool) -> NoReturn:
     """Raised from a module's ``__prepare_scriptable__``, which `torch.jit.script` calls on every
     submodule before compiling: bnlab's layers are Python (input checks, the kernels' dispatch),

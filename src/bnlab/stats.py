@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bnlab._checks import check_materialized
+from bnlab._checks import call_input, check_materialized
 from bnlab.layers import BatchNorm
 
 __all__ = [
@@ -107,12 +107,19 @@ class _Accumulator:
         self.m2: Tensor | None = None  # Σ (x − mean)² over all values (Chan)
 
     def add(self, x: Tensor) -> None:
+        """Add the batch ``x`` (N, C, *)."""
         x = x.detach().to(torch.float64)
         dims = [0, *range(2, x.dim())]
         m = x.numel() // x.shape[1]  # m_B = N·H·W values per channel
         if m == 0:
             return
         var, mu = torch.var_mean(x, dim=dims, correction=0)  # (N, C, *) -> (C,), (C,)
+        self.add_stats(m, mu, var)
+
+    def add_stats(self, m: int, mu: Tensor, var: Tensor) -> None:
+        """Add a batch of m values per channel with mean ``mu`` and biased variance ``var``."""
+        if m == 0:
+            return
         if self.mean is None:
             self.sum_mean, self.sum_m2_within = m * mu, m * var
             self.mean, self.m2, self.n = mu, m * var, m
@@ -150,6 +157,15 @@ def _default_forward(model: nn.Module, batch: Any) -> None:
         model(batch)
 
 
+def _synced(m: nn.Module) -> bool:
+    """Whether layer ``m`` normalizes by the batch over several processes in training: bnlab's
+    SyncBatchNorm (and SyncBatchRenorm) or torch's, with a process group of more than one."""
+    from bnlab.distributed import SyncBatchNorm, SyncBatchRenorm, _sync_active
+
+    return (isinstance(m, (SyncBatchNorm, SyncBatchRenorm, nn.SyncBatchNorm))
+            and _sync_active(m.process_group))
+
+
 @torch.no_grad()
 def population_statistics(
     model: nn.Module,
@@ -163,7 +179,11 @@ def population_statistics(
 
     The model runs in training mode (each BN normalizes with its batch statistics, as during
     training) under ``torch.no_grad``; weights, running buffers and the train/eval mode of every
-    module are exactly as before when this returns.
+    module are exactly as before when this returns. Layers frozen by `bnlab.freeze` keep
+    normalizing with their running statistics and are left out (they are not recalibrated).
+    A SyncBatchNorm in a process group of several ranks contributes the global batch's
+    statistics, the same on every rank; each rank feeds its shard, and all must run the same
+    number of batches (the statistics are a collective, as in training).
 
     Args:
         model: any module containing bnlab or torch BN layers.
@@ -178,28 +198,50 @@ def population_statistics(
         Layer name → `PopulationStats` (float64).
 
     Raises:
-        ValueError: no BN layer, a bad argument, or a layer that saw fewer than 2 values.
+        ValueError: no BN layer (or every one frozen), a bad argument, or a layer that saw
+            fewer than 2 values.
     """
     if estimator not in ("alg2", "population"):
         raise ValueError(f"estimator must be 'alg2' or 'population', got {estimator!r}")
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1 or None, got {num_batches!r}")
     check_materialized(model, "population_statistics")
+    from bnlab.convert.freeze import is_frozen  # (bnlab.convert imports this module)
+
     layers = {name: m for name, m in model.named_modules() if is_batchnorm(m)}
     if not layers:
         raise ValueError(f"population_statistics: {type(model).__name__} has no BatchNorm layer")
+    # A frozen layer normalizes with its running statistics in training too, and keeps them:
+    # the layers after it are measured with that normalization, which eval mode also uses.
+    layers = {name: m for name, m in layers.items() if not is_frozen(m)}
+    if not layers:
+        raise ValueError(f"population_statistics: every BatchNorm layer of "
+                         f"{type(model).__name__} is frozen (bnlab.freeze), so none has "
+                         "statistics to estimate; unfreeze the ones to recalibrate")
     acc = {name: _Accumulator() for name in layers}
     modes = {m: m.training for m in model.modules()}
     snapshot = BufferSnapshot(model)  # the training-mode forwards move the running buffers
 
-    def observe(m: nn.Module, args: tuple[Any, ...], a: _Accumulator) -> None:
+    def observe(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                a: _Accumulator) -> None:
+        x = call_input(args, kwargs)
+        if _synced(m):
+            # The global batch over the ranks, which a SyncBatchNorm normalizes by: every rank
+            # accumulates the same statistics (a collective: every rank must run as many
+            # batches, as in training).
+            from bnlab.distributed import sync_batch_stats  # (it imports the core: not above)
+
+            mu, var, count = sync_batch_stats(x.detach().to(torch.float64), m.process_group)
+            a.add_stats(int(count.item()), mu, var)
+            return
         # Each mini-batch B the layer normalizes by: the input, or GhostBatchNorm's ghosts.
         split = getattr(m, "normalization_batches", None)
-        for b in (split(args[0]) if split is not None else (args[0],)):
+        for b in (split(x) if split is not None else (x,)):
             a.add(b)
 
-    hooks = [m.register_forward_pre_hook(lambda m, args, a=acc[n]: observe(m, args, a))
-             for n, m in layers.items()]
+    hooks = [m.register_forward_pre_hook(
+        lambda m, args, kwargs, a=acc[n]: observe(m, args, kwargs, a), with_kwargs=True)
+        for n, m in layers.items()]
     seen = 0
     try:
         model.train()

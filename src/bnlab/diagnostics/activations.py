@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from bnlab._checks import call_input
 from bnlab.diagnostics._common import SideEffectGuard
 
 __all__ = ["NONLINEARITIES", "ActivationTracker", "distribution_shift", "saturation_fraction"]
@@ -129,10 +130,7 @@ class ActivationTracker:
             # an in-place op (ReLU(inplace=True) here or after) would otherwise change it.
             def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                    out: Any = None) -> None:
-                # the input: the first positional argument, or the only keyword one
-                # (act(input=x))
-                x = (args[0] if args else next(iter(kwargs.values()), None)
-                     if len(kwargs) == 1 else None) if self.where == "input" else out
+                x = call_input(args, kwargs) if self.where == "input" else out
                 if not isinstance(x, Tensor):
                     raise ValueError(f"ActivationTracker: the {self.where} of {name!r} is "
                                      f"{type(x).__name__}, expected one tensor (N, C, *) "
