@@ -136,6 +136,18 @@ def flat_keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def check_name_digits(cfg: Any) -> None:
+    """Refuse a float in a tuple field (a sweep: learning rates, dropout rates, init scales)
+    that run names cannot tell apart: variants are named with 6 significant digits
+    (``nobn_lr0.3``) and some experiments read the value back from the name, so 0.30000004
+    would train at 0.3 under a config that says otherwise."""
+    for key, value in flat_keys(cfg).items():
+        for v in value if isinstance(value, tuple) else ():
+            if isinstance(v, float) and math.isfinite(v) and float(f"{v:g}") != v:
+                raise ValueError(f"--set {key}: {v!r} has more significant digits than run "
+                                 f"names keep ({v:g}); give at most 6")
+
+
 def _parse(text: str) -> Any:
     try:
         return ast.literal_eval(text)
@@ -144,9 +156,8 @@ def _parse(text: str) -> Any:
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Check ``value`` against the type of the default; ints widen to floats, lists to tuples."""
-    if default is None or value is None:
-        return value
+    """Check ``value`` against the type of the default; ints widen to floats, lists to tuples.
+    (Neither is None: `apply_overrides` checks None against the field's annotation.)"""
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
@@ -165,12 +176,35 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _element_type(cfg: Any, path: list[str]) -> type | None:
-    """The element type of the tuple field at ``path`` (``tuple[float, ...]`` -> float)."""
+def _hint(cfg: Any, path: list[str]) -> Any:
+    """The annotation of the field at ``path``."""
     owner = cfg
     for part in path[:-1]:
         owner = getattr(owner, part)
-    hint = typing.get_type_hints(type(owner)).get(path[-1])
+    return typing.get_type_hints(type(owner)).get(path[-1])
+
+
+def _check_optional(key: str, value: Any, default: Any, hint: Any) -> Any:
+    """``value`` for a field that is None by default or whose type admits None (``str | None``):
+    None where the annotation allows it, else a value of one of its other types."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) not in args:
+            raise ValueError(f"--set {key}: expected {type(default).__name__} like {default!r}, "
+                             "got None")
+        return value
+    if default is not None:
+        return _coerce(key, value, default)
+    kinds = tuple(t for t in args if isinstance(t, type) and t is not type(None))
+    if kinds and not isinstance(value, kinds):
+        raise ValueError(f"--set {key}: expected {' or '.join(t.__name__ for t in kinds)} or "
+                         f"None, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _element_type(cfg: Any, path: list[str]) -> type | None:
+    """The element type of the tuple field at ``path`` (``tuple[float, ...]`` -> float)."""
+    hint = _hint(cfg, path)
     args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
     return args[0] if len(args) == 2 and args[1] is Ellipsis else None
 
@@ -216,7 +250,11 @@ def apply_overrides(cfg: Any, sets: list[str]) -> Any:
             raise ValueError(f"--set expects key=value, got {item!r}")
         if key not in valid:
             raise ValueError(f"--set: unknown key {key!r}; valid keys: {', '.join(sorted(valid))}")
-        value = _coerce(key, _parse(text.strip()), valid[key])
+        value, default = _parse(text.strip()), valid[key]
+        if value is None or default is None:
+            value = _check_optional(key, value, default, _hint(cfg, key.split(".")))
+        else:
+            value = _coerce(key, value, default)
         if isinstance(value, tuple):
             value = _coerce_elements(key, value, _element_type(cfg, key.split(".")))
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged download
+            raise ValueError(f"{path}: a damaged gzip file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file: magic number must start with 0x0000, "
                          f"got {raw[:4].hex() or 'an empty file'}")
@@ -103,6 +107,12 @@ def load(cfg: DataConfig) -> Dataset:
     """
     directory = check(cfg)
     arrays = {k: read_idx(_find(directory, stem)) for k, stem in _FILES.items()}
+    for k, a in arrays.items():  # (swapped image and label files failed inside the model)
+        want = 1 if k.endswith("_y") else 3
+        if a.ndim != want:
+            raise ValueError(f"{directory}: {_FILES[k]} must hold "
+                             f"{'labels (N,)' if want == 1 else 'images (N, H, W)'}, got an "
+                             f"array of shape {a.shape}")
     xs = {}
     for split in ("train", "test"):
         x = torch.from_numpy(arrays[f"{split}_x"].astype(np.float32) / 255.0)

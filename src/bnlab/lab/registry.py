@@ -16,7 +16,13 @@ from typing import Any
 
 from bnlab.lab import data as data_mod
 from bnlab.lab import parallel, runs
-from bnlab.lab.config import DataConfig, apply_overrides, config_hash, to_dict
+from bnlab.lab.config import (
+    DataConfig,
+    apply_overrides,
+    check_name_digits,
+    config_hash,
+    to_dict,
+)
 
 __all__ = ["PRESETS", "Experiment", "RunContext", "all_experiments", "get", "run_experiment"]
 
@@ -59,6 +65,8 @@ class Experiment:
         variants: config → the variant names to train (each gets a run directory per seed).
         run: (config, variant, ctx) → summary dict; trains through `bnlab.lab.train.fit`.
         report: `bnlab.lab.report.Inputs` → `bnlab.lab.report.Section`; reads run dirs only.
+        uses_data: False for an experiment on synthetic data (its config's ``data`` is unused):
+            no data set is required, and ``--data-dir`` is ignored.
     """
 
     title: str
@@ -69,6 +77,7 @@ class Experiment:
     run: Callable[[Any, str, RunContext], dict[str, Any]]
     report: Callable[[Any], Any]
     name: str = ""
+    uses_data: bool = True
 
     def config(self, preset: str, sets: Sequence[str] = (), data_dir: str | None = None) -> Any:
         """The preset's config with ``--set`` overrides and ``--data-dir`` applied."""
@@ -79,6 +88,9 @@ class Experiment:
         cfg = apply_overrides(self.presets[preset], list(sets))
         # The default directory named explicitly stays None: the same config and run directory.
         given = None if data_dir is None else Path(data_dir).resolve()
+        if given is not None and not self.uses_data:
+            _say(f"{self.name} trains on synthetic data: --data-dir {data_dir} is ignored")
+            given = None
         if given is not None and given != Path(data_mod.DEFAULT_DIR).resolve():
             cfg = apply_overrides(cfg, [f"data.dir={str(given)!r}"])
         return cfg
@@ -156,10 +168,12 @@ def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     cfg = exp.config(preset, sets, data_dir)
+    check_name_digits(cfg)
     tag = preset if cfg == exp.presets[preset] else f"{preset}-{config_hash(cfg)}"
-    if isinstance(getattr(cfg, "data", None), DataConfig):
-        data_mod.check(cfg.data)  # a missing data set fails before any run directory exists
     cache: dict[DataConfig, data_mod.Dataset] = {}
+    if exp.uses_data and isinstance(getattr(cfg, "data", None), DataConfig):
+        # A missing or unreadable data set fails before any run directory exists.
+        cache[cfg.data] = data_mod.load(cfg.data)
     done: list[runs.Run] = []
     t0 = time.perf_counter()
     for seed in range(seeds):

@@ -56,6 +56,9 @@ class Inputs:
     tag: str
     config: dict[str, Any]
     runs: dict[str, list[runs_mod.Run]]
+    preset: str = ""
+    overrides: list[str] = field(default_factory=list)  # the --set items behind the tag
+    unfinished: list[str] = field(default_factory=list)  # "<variant> seed<k>" of this tag
 
     @property
     def seeds(self) -> int:
@@ -98,22 +101,42 @@ def collect(root: str | Path) -> list[Inputs]:
     """Group the finished runs under ``root`` by (experiment, preset tag)."""
     groups: dict[tuple[str, str], dict[str, list[runs_mod.Run]]] = defaultdict(
         lambda: defaultdict(list))
-    configs: dict[tuple[str, str], dict[str, Any]] = {}
+    metas: dict[tuple[str, str], dict[str, Any]] = {}
+    unfinished: dict[tuple[str, str], list[str]] = defaultdict(list)
     for run in runs_mod.find_runs(root):
-        if not run.finished:
-            continue
         meta = run.meta
         key = (meta["experiment"], meta.get("tag", meta["preset"]))
+        if not run.finished:  # interrupted, or running now: not graded, but named
+            unfinished[key].append(f"{meta['variant']} seed{meta['seed']}")
+            continue
         groups[key][meta["variant"]].append(run)
-        configs[key] = meta["config"]
+        metas[key] = meta
     order = {"paper": 0, "quick": 1, "smoke": 2}
     out = []
     for (exp, tag), by_variant in sorted(
             groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1].split("-")[0], 3),
                                             kv[0][1])):
         variants = {v: sorted(rs, key=lambda r: r.meta["seed"]) for v, rs in by_variant.items()}
-        out.append(Inputs(exp, tag, configs[(exp, tag)], variants))
+        meta = metas[(exp, tag)]
+        out.append(Inputs(exp, tag, meta["config"], variants, meta["preset"],
+                          list(meta.get("overrides", [])), sorted(unfinished[(exp, tag)])))
     return out
+
+
+def _incomplete(exp: Any, inp: Inputs) -> list[str]:
+    """The runs of ``inp``'s experiment and tag that are unfinished or missing: every variant of
+    its config at every seed that any variant reached ("<variant> seed<k>")."""
+    missing = list(inp.unfinished)
+    try:  # the config the runs were made with: the preset, its --set items and its data dir
+        data_dir = (inp.config.get("data") or {}).get("dir")
+        expected = list(exp.variants(exp.config(inp.preset, inp.overrides, data_dir)))
+    except Exception:  # an experiment changed since (a renamed preset or key): only what exists
+        expected = list(inp.runs)
+    for variant in expected:
+        have = {r.meta["seed"] for r in inp.runs.get(variant, [])}
+        missing += [f"{variant} seed{k}" for k in range(inp.seeds) if k not in have
+                    and f"{variant} seed{k}" not in inp.unfinished]
+    return sorted(set(missing))
 
 
 def _md_table(t: Table) -> str:
@@ -137,6 +160,28 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
         ".not{color:#a01818}h2{border-top:1px solid #ccc;padding-top:1em}")
 
 
+def _disclose(sec: Section, inp: Inputs, incomplete: list[str]) -> None:
+    """Say what the section's numbers rest on where it is not the preset as run in full: a
+    verdict over an incomplete set of runs is inconclusive, and runs on other data than
+    Fashion-MNIST, or with --set overrides, say so."""
+    if incomplete:
+        shown = ", ".join(incomplete[:8]) + (f" and {len(incomplete) - 8} more"
+                                              if len(incomplete) > 8 else "")
+        sec.why = (f"{len(incomplete)} run(s) of this preset are unfinished or missing "
+                   f"({shown}): finish them with `bnlab run {inp.experiment} --preset "
+                   f"{inp.preset} --resume` (with the same --set and --seeds). On the finished "
+                   f"runs alone the verdict would be \"{sec.verdict}\": {sec.why}")
+        sec.verdict = "inconclusive"
+    data_dir = (inp.config.get("data") or {}).get("dir")
+    if data_dir is not None:
+        sec.substitution = (f"These runs used the IDX data in `{data_dir}` (--data-dir), not "
+                            f"Fashion-MNIST; the default substitution reads: "
+                            f"{sec.substitution}")
+    if inp.overrides:
+        sec.notes.insert(0, "Overrides of the preset: "
+                         + ", ".join(f"`--set {o}`" for o in inp.overrides) + ".")
+
+
 def write_report(root: str | Path = "runs", out: str | Path = "report") -> Path:
     """Write ``out/report.md`` (+ ``out/figures/*.png``) and ``out/index.html``; return the
     HTML path. Experiments with no finished run are listed as not run."""
@@ -154,6 +199,7 @@ def write_report(root: str | Path = "runs", out: str | Path = "report") -> Path:
         if inp.experiment not in exps:
             continue
         sec: Section = exps[inp.experiment].report(inp)
+        _disclose(sec, inp, _incomplete(exps[inp.experiment], inp))
         head = f"{inp.experiment} — {sec.title} (preset `{inp.tag}`, {inp.seeds} seed(s))"
         md += ["", f"## {head}", "", f"**Claim (paper).** {sec.claim}", "",
                f"**Paper's numbers.** {sec.paper}", "", f"**Data substitution.** "

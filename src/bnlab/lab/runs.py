@@ -12,6 +12,7 @@ A finished run is never silently overwritten. Holds no training or plotting code
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -127,14 +128,19 @@ class Run:
                       "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        tmp = self.checkpoint_path.with_name("checkpoint.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        # fsynced before the rename, as the other files: a crash must not leave an empty one
+        _atomic_write(self.checkpoint_path, buf.getvalue())
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.checkpoint_path.exists():
             return None
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch.load raises anything from EOFError to pickle's errors
+            raise ValueError(f"{self.checkpoint_path} cannot be read ({type(e).__name__}: {e}); "
+                             "the run cannot be resumed: rerun it with --force") from None
 
     def save_artifact(self, name: str, obj: Any) -> None:
         tmp = self.path / f"{name}.pt.tmp"

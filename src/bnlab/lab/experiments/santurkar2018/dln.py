@@ -48,7 +48,7 @@ PAPER = {"none": 1.6e3, "bn": 5e2}  # final training loss at 10k steps, read fro
 
 @dataclass(frozen=True)
 class DLNConfig:
-    data: DataConfig = DataConfig()  # unused: the DLN's data is synthetic (kept for --data-dir)
+    data: DataConfig = DataConfig()  # unused: the DLN's data is synthetic (uses_data=False)
     dln: DLNSpec = DLNSpec()
     lr: float = 1e-6
 
@@ -125,4 +125,4 @@ EXPERIMENT = Experiment(
     title="Deep linear network: training loss with and without BN",
     claim="BN trains the deep linear network faster and lower",
     presets=PRESETS, runtime={"smoke": "2 s", "quick": "15-45 s", "paper": "1-3 min"},
-    variants=variants, run=run, report=report)
+    variants=variants, run=run, report=report, uses_data=False)
