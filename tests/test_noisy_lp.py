@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from bnlab.convert import fold
 from bnlab.layers import BatchNorm
 from bnlab.variants import ActivationNoise, LpNorm, NoisyBatchNorm, activation_noise, lp_norm
 
@@ -72,7 +73,7 @@ def test_gradient_is_the_multiplicative_noise():
     torch.testing.assert_close(grad, (out2 - out.detach()) / a.detach())  # s = ∂a'/∂a
 
 
-def test_noisy_bn_is_bn_plus_noise_and_off_in_eval():
+def test_noisy_bn_is_bn_plus_noise_and_its_expectation_in_eval():
     torch.manual_seed(0)
     noisy, bn = NoisyBatchNorm(4, seed=7), BatchNorm(4)
     x = torch.randn(16, 4, 5, 5) * 3 + 1
@@ -84,8 +85,14 @@ def test_noisy_bn_is_bn_plus_noise_and_off_in_eval():
     torch.testing.assert_close(noisy.running_var, bn.running_var)
     noisy.eval()
     bn.eval()
-    torch.testing.assert_close(noisy(x), bn(x))
+    # E[s·a + m] = a·(1 + n_σ)/2: the mean over many training-mode draws of the noise alone
+    torch.testing.assert_close(noisy(x), bn(x) * 1.125)
     torch.testing.assert_close(noisy(x), noisy(x))  # deterministic
+    a = bn(x)
+    draws = torch.stack([noisy.noise.train()(a) for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(draws, noisy.noise.eval()(a), rtol=0, atol=0.05)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), noisy).eval()
+    torch.testing.assert_close(fold(model)(x), model(x))  # the fold keeps the factor E[s]
     # Degenerate noise (μ = 0, σ = 1, r = 0) is exactly BN.
     ident = NoisyBatchNorm(4, n_mu=0.0, n_sigma=1.0, r_mu=0.0, r_sigma=0.0)
     torch.testing.assert_close(ident.train()(x), BatchNorm(4)(x))
@@ -103,7 +110,7 @@ def test_noise_seeded_and_fresh_each_step():
     torch.manual_seed(1)
     e = ActivationNoise(3)
     assert d.seed == e.seed  # seed=None is reproducible under torch.manual_seed
-    assert torch.equal(ActivationNoise(3, seed=1).eval()(x), x)
+    assert torch.equal(ActivationNoise(3, seed=1).eval()(x), x * 1.125)  # E[s]·x
 
 
 def test_torch_state_dict_loads_into_noisy_bn():

@@ -67,7 +67,9 @@ def _affine_of(bn: _pairs.Norm, name: str) -> tuple[Tensor, Tensor]:
     t = -bn.running_mean.detach().to(torch.float64) * s
     if bn.bias is not None:
         t = t + bn.bias.detach().to(torch.float64)
-    return s, t
+    # NoisyBatchNorm's eval mode scales by its noise's expectation E[s]
+    k = getattr(getattr(bn, "noise", None), "mean_scale", 1.0)
+    return s * k, t * k
 
 
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:

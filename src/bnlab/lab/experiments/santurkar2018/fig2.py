@@ -14,7 +14,9 @@ non-existent"; Fig. 8's per-layer |μ_{t+1} − μ_t| and |σ²_{t+1} − σ²_t
 Substitution and scaling: as ``santurkar2018.fig1`` (Fashion-MNIST instead of CIFAR-10; VGG
 width 0.125; paper preset 1,500 steps instead of 15,000; plain SGD at lr 0.1, batch 128). Noise
 constants n_μ = 0.5, n_σ = 1.25, r_μ = r_σ = 0.1 (r_σ read as a std), seeds derived from the run
-seed; noise only in training mode. Distributions: per-channel mean and variance and the
+seed; the noise is drawn in training mode, and accuracy (eval mode) applies its expectation
+E[s] = 1.125 per layer (runs before 2026-12-07 evaluated without it, which understated noisy
+BN by 12–38 points). Distributions: per-channel mean and variance and the
 5/15/50/85/95th percentiles of every layer's pre-activation (norm + noise output; the logits for
 layer #13) on a fixed batch of 256 training images, in training mode (so with the noise, as the
 next layer sees it), every 100 steps. Stability = mean over records and channels of
@@ -113,7 +115,8 @@ def report(inp: Inputs) -> Section:
     v = {n: variant_name("vgg", n, lr) for n in NORMS}
     shown = [str(k) for k in cfg["shown"]]
     figures = [("Figure 2 on Fashion-MNIST (not CIFAR-10): training accuracy (fixed "
-                f"{cfg['vgg']['train_acc_examples']:,} training images, eval mode) and test "
+                f"{cfg['vgg']['train_acc_examples']:,} training images, eval mode, the noise's "
+                "expectation) and test "
                 "accuracy, mean ± std over seeds",
                 curves_figure(inp, list(v.values()), [("train_acc", "training accuracy"),
                                                       ("acc", "test accuracy")], "Fig. 2"))]

@@ -133,8 +133,10 @@ def report(inp: Inputs) -> Section:
         checks.append((ok, f"DLN: every ℓp norm ends {'below' if ok else 'not below'} the "
                        f"standard net's loss ({mean_std(fl['none'], '{:.4g}')})"))
     if fl["l1"] and fl["bn"]:
-        ok = mean(fl["l1"]) < mean(fl["bn"])
-        checks.append((ok, f"DLN: ℓ1 ends {'below' if ok else 'not below'} BN "
+        # "Beats" needs a margin: a mean 0.3% lower (seeds' spread ±30%) is a tie. 20% below is
+        # a fraction of the paper's gap (ℓ1 ≈1e2 vs BN ≈4.7e2).
+        ok = mean(fl["l1"]) <= 0.8 * mean(fl["bn"])
+        checks.append((ok, f"DLN: ℓ1 ends {'at least' if ok else 'less than'} 20% below BN "
                        f"({mean_std(fl['l1'], '{:.4g}')} vs {mean_std(fl['bn'], '{:.4g}')})"))
     held = sum(ok for ok, _ in checks)
     return Section(
