@@ -28,6 +28,7 @@ Command: ``bnlab run ioffe2015.fig1 --preset paper [--seeds 3]`` then ``bnlab re
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +109,8 @@ def _steps_to(inp: Inputs, variant: str, level: float) -> list[float]:
     out = []
     for r in inp.runs.get(variant, []):
         hit = [m["step"] for m in r.metrics() if m.get("acc", -1) >= level]
-        out.append(hit[0] if hit else float("nan"))
+        # inf, not nan: max() over a list holding nan depends on its order
+        out.append(hit[0] if hit else math.inf)
     return out
 
 
@@ -167,8 +169,10 @@ def report(inp: Inputs) -> Section:
     higher = bool(bn50 and nb50) and min(bn50) > max(nb50) + 0.005
     stabler = bool(drift_bn and drift_nb) and max(drift_bn) < min(drift_nb)
     held = sum((faster, higher, stabler))
-    verdict = ["not reproduced", "partly", "partly", "reproduced"][held]
-    why = (f"BN {'reaches' if faster else 'does not reach'} the no-BN final accuracy in under "
+    # at least half for 'partly', as every other experiment's rule (1 of 3 counted before)
+    verdict = ["not reproduced", "not reproduced", "partly", "reproduced"][held]
+    why = ("Rule: all three checks for 'reproduced', two for 'partly'. "
+           f"BN {'reaches' if faster else 'does not reach'} the no-BN final accuracy in under "
            f"half the steps, ends {'higher' if higher else 'not higher by 0.5 points'} "
            f"({mean_std(bn50)} vs {mean_std(nb50)} after {steps} steps) and its sigmoid input "
            f"is {'more' if stabler else 'not more'} stable (drift {mean_std(drift_bn, '{:.3f}')}"

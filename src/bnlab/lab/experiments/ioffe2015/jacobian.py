@@ -225,7 +225,9 @@ def report(inp: Inputs) -> Section:
                        "zero (rank deficit)", "median of non-zero", "median |log10 s| "
                        "(non-zero)"], rows,
                       "Singular values of J between consecutive watched layers, pooled over "
-                      "examples and the two layer pairs (mean ± std over seeds)")],
+                      "examples; the two layer pairs' statistics averaged (a median is the "
+                      "mean of the pairs' medians, not the pooled median; mean ± std over "
+                      "seeds)")],
         figures=figures)
 
 
