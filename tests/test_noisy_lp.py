@@ -12,7 +12,14 @@ from torch import nn
 
 from bnlab.convert import fold
 from bnlab.layers import BatchNorm
-from bnlab.variants import ActivationNoise, LpNorm, NoisyBatchNorm, activation_noise, lp_norm
+from bnlab.variants import (
+    ActivationNoise,
+    FrozenBatchNorm,
+    LpNorm,
+    NoisyBatchNorm,
+    activation_noise,
+    lp_norm,
+)
 
 # ----------------------------------------------------------------------------- noisy BN
 
@@ -93,6 +100,8 @@ def test_noisy_bn_is_bn_plus_noise_and_its_expectation_in_eval():
     torch.testing.assert_close(draws, noisy.noise.eval()(a), rtol=0, atol=0.05)
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), noisy).eval()
     torch.testing.assert_close(fold(model)(x), model(x))  # the fold keeps the factor E[s]
+    frozen = FrozenBatchNorm.from_batchnorm(noisy)  # and so does a frozen copy
+    torch.testing.assert_close(frozen(x), noisy(x))
     # Degenerate noise (μ = 0, σ = 1, r = 0) is exactly BN.
     ident = NoisyBatchNorm(4, n_mu=0.0, n_sigma=1.0, r_mu=0.0, r_sigma=0.0)
     torch.testing.assert_close(ident.train()(x), BatchNorm(4)(x))

@@ -87,7 +87,8 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
     @classmethod
     @torch.no_grad()
     def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm:
-        """A frozen copy of any BN module (bnlab's or torch's) with its current statistics.
+        """A frozen copy of any BN module (bnlab's or torch's) with its current statistics (and
+        its eval transform: a NoisyBatchNorm's factor E[s] is folded into γ and β).
 
         Raises:
             ValueError: ``bn`` is not a BN layer (e.g. an LpNorm: its scale is no variance) or
@@ -111,6 +112,11 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
             frozen.bias.copy_(bias)
         if (nbt := getattr(bn, "num_batches_tracked", None)) is not None:
             frozen.num_batches_tracked.copy_(nbt)
+        # A NoisyBatchNorm's eval transform ends with its noise's expectation E[s]: into γ, β.
+        k = getattr(getattr(bn, "noise", None), "mean_scale", 1.0)
+        if k != 1.0:
+            frozen.weight.mul_(k)
+            frozen.bias.mul_(k)
         frozen.train(bn.training)
         return frozen
 
