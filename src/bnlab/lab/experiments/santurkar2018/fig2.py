@@ -187,7 +187,8 @@ def report(inp: Inputs) -> Section:
               "above standard; Fig. 8: noisy BN's per-layer |Δμ|, |Δσ²| much larger (up to ≈1) "
               "than standard's or BN's (read from plot). Standard + noise: does not train.",
         substitution=vgg_substitution(cfg) + " Noise: Algorithm 1 with n_μ = 0.5, n_σ = 1.25, "
-                     "r_μ = r_σ = 0.1 (r_σ a std), per channel, every step, training only.",
+                     "r_μ = r_σ = 0.1 (r_σ a std), per channel, every step, drawn in training; "
+                     "accuracy (eval mode) applies its expectation E[s] = 1.125 per layer.",
         verdict=verdict(held, len(checks)),
         why="Rule: every check must hold for 'reproduced', at least half for 'partly'. "
             + "; ".join(text for _, text in checks) + ".",
