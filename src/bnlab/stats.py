@@ -206,7 +206,9 @@ def population_statistics(
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1 or None, got {num_batches!r}")
     check_materialized(model, "population_statistics")
-    from bnlab.convert.freeze import is_frozen  # (bnlab.convert imports this module)
+    # (bnlab.convert and bnlab.distributed import this module: not at its top)
+    from bnlab.convert.freeze import is_frozen
+    from bnlab.distributed import sync_batch_stats
 
     layers = {name: m for name, m in model.named_modules() if is_batchnorm(m)}
     if not layers:
@@ -222,15 +224,16 @@ def population_statistics(
     modes = {m: m.training for m in model.modules()}
     snapshot = BufferSnapshot(model)  # the training-mode forwards move the running buffers
 
+    # Decided once per call, not per batch: the process groups do not change meanwhile.
+    synced = {m for m in layers.values() if _synced(m)}
+
     def observe(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                 a: _Accumulator) -> None:
         x = call_input(args, kwargs)
-        if _synced(m):
+        if m in synced:
             # The global batch over the ranks, which a SyncBatchNorm normalizes by: every rank
             # accumulates the same statistics (a collective: every rank must run as many
             # batches, as in training).
-            from bnlab.distributed import sync_batch_stats  # (it imports the core: not above)
-
             mu, var, count = sync_batch_stats(x.detach().to(torch.float64), m.process_group)
             a.add_stats(int(count.item()), mu, var)
             return
