@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from bnlab._checks import FxLeaf, check_materialized
 from bnlab.convert import _pairs, freeze
 from bnlab.layers import BatchNormReLU
+from bnlab.variants.noisy import eval_factor
 
 __all__ = ["ChannelAffine", "fold", "fold_pairs"]
 
@@ -67,8 +68,7 @@ def _affine_of(bn: _pairs.Norm, name: str) -> tuple[Tensor, Tensor]:
     t = -bn.running_mean.detach().to(torch.float64) * s
     if bn.bias is not None:
         t = t + bn.bias.detach().to(torch.float64)
-    # NoisyBatchNorm's eval mode scales by its noise's expectation E[s]
-    k = getattr(getattr(bn, "noise", None), "mean_scale", 1.0)
+    k = eval_factor(bn)  # NoisyBatchNorm's eval mode scales by its noise's expectation E[s]
     return s * k, t * k
 
 

@@ -26,6 +26,7 @@ from bnlab._checks import (
     no_torchscript,
     plain,
 )
+from bnlab.variants.noisy import eval_factor
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -113,7 +114,7 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
         if (nbt := getattr(bn, "num_batches_tracked", None)) is not None:
             frozen.num_batches_tracked.copy_(nbt)
         # A NoisyBatchNorm's eval transform ends with its noise's expectation E[s]: into γ, β.
-        k = getattr(getattr(bn, "noise", None), "mean_scale", 1.0)
+        k = eval_factor(bn)
         if k != 1.0:
             frozen.weight.mul_(k)
             frozen.bias.mul_(k)

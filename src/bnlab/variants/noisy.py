@@ -211,3 +211,10 @@ class NoisyBatchNorm(BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return self.noise(super().forward(input))
+
+
+def eval_factor(bn: nn.Module) -> float:
+    """The factor a BN layer's eval transform ends with: a `NoisyBatchNorm`'s E[s] (its noise's
+    `ActivationNoise.mean_scale`), 1 for any other layer. `bnlab.fold` and
+    `FrozenBatchNorm.from_batchnorm` fold it into the affine map."""
+    return bn.noise.mean_scale if isinstance(bn, NoisyBatchNorm) else 1.0
