@@ -14,7 +14,8 @@ from bnlab import functional as F
 if TYPE_CHECKING:
     from bnlab.layers import BatchNorm
 
-__all__ = ["StatsLayer", "count_batch", "count_untracked", "running_momentum", "stats_mode"]
+__all__ = ["StatsLayer", "count_batch", "count_untracked", "reset_stats", "running_momentum",
+           "stats_mode"]
 
 
 def count_batch(module: BatchNorm, finite: Tensor) -> None:
@@ -46,6 +47,18 @@ def count_untracked(m: StatsLayer, input: Tensor) -> None:
             and m.num_batches_tracked is not None and not m._stats_update_blocked
             and input.numel() > 0):
         m.num_batches_tracked.add_(1)
+
+
+def reset_stats(mean: Tensor | None, spread: Tensor | None, count: Tensor | None) -> None:
+    """Running statistics back to their initial values: the mean 0, the spread (BN's variance,
+    LpNorm's scale) 1, the step count 0; each one that exists (a user may have set one to
+    None, which torch's BN reports as an AttributeError half-way through)."""
+    if mean is not None:
+        mean.zero_()
+    if spread is not None:
+        spread.fill_(1)
+    if count is not None:
+        count.zero_()
 
 
 class StatsLayer(Protocol):

@@ -25,7 +25,13 @@ from bnlab._checks import (
     no_torchscript,
     plain,
 )
-from bnlab._layer_state import count_batch, count_untracked, running_momentum, stats_mode
+from bnlab._layer_state import (
+    count_batch,
+    count_untracked,
+    reset_stats,
+    running_momentum,
+    stats_mode,
+)
 
 __all__ = [
     "BatchNorm",
@@ -135,14 +141,7 @@ class BatchNorm(FxLeaf, nn.Module):
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
-            # (each one that exists: a user may have set one to None, which torch's BN
-            # reports as an AttributeError half-way through)
-            if self.running_mean is not None:
-                self.running_mean.zero_()
-            if self.running_var is not None:
-                self.running_var.fill_(1)
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.zero_()
+            reset_stats(self.running_mean, self.running_var, self.num_batches_tracked)
         # The count belongs to the statistics it describes (and after to_empty() it holds
         # whatever the memory held).
         self.num_nonfinite_batches.zero_()

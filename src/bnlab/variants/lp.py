@@ -22,7 +22,7 @@ from bnlab._checks import (
     no_torchscript,
     plain,
 )
-from bnlab._layer_state import count_untracked, running_momentum, stats_mode
+from bnlab._layer_state import count_untracked, reset_stats, running_momentum, stats_mode
 from bnlab.functional import (
     channel_view,
     check_args,
@@ -204,13 +204,7 @@ class LpNorm(FxLeaf, nn.Module):
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
-            # each one that exists (a user may have set one to None), as in BatchNorm
-            if self.running_mean is not None:
-                self.running_mean.zero_()
-            if self.running_scale is not None:
-                self.running_scale.fill_(1)
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.zero_()
+            reset_stats(self.running_mean, self.running_scale, self.num_batches_tracked)
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
