@@ -61,6 +61,11 @@ class Inputs:
     unfinished: list[str] = field(default_factory=list)  # "<variant> seed<k>" of this tag
 
     @property
+    def data_dir(self) -> str | None:
+        """The runs' ``--data-dir`` (None: the default, Fashion-MNIST; or no data set)."""
+        return (self.config.get("data") or {}).get("dir")
+
+    @property
     def seeds(self) -> int:
         return max((len(v) for v in self.runs.values()), default=0)
 
@@ -128,8 +133,7 @@ def _incomplete(exp: Any, inp: Inputs) -> list[str]:
     its config at every seed that any variant reached ("<variant> seed<k>")."""
     missing = list(inp.unfinished)
     try:  # the config the runs were made with: the preset, its --set items and its data dir
-        data_dir = (inp.config.get("data") or {}).get("dir")
-        expected = list(exp.variants(exp.config(inp.preset, inp.overrides, data_dir)))
+        expected = list(exp.variants(exp.config(inp.preset, inp.overrides, inp.data_dir)))
     except Exception:  # an experiment changed since (a renamed preset or key): only what exists
         expected = list(inp.runs)
     for variant in expected:
@@ -172,9 +176,8 @@ def _disclose(sec: Section, inp: Inputs, incomplete: list[str]) -> None:
                    f"{inp.preset} --resume` (with the same --set and --seeds). On the finished "
                    f"runs alone the verdict would be \"{sec.verdict}\": {sec.why}")
         sec.verdict = "inconclusive"
-    data_dir = (inp.config.get("data") or {}).get("dir")
-    if data_dir is not None:
-        sec.substitution = (f"These runs used the IDX data in `{data_dir}` (--data-dir), not "
+    if inp.data_dir is not None:
+        sec.substitution = (f"These runs used the IDX data in `{inp.data_dir}` (--data-dir), not "
                             f"Fashion-MNIST; the default substitution reads: "
                             f"{sec.substitution}")
     if inp.overrides:
