@@ -67,6 +67,17 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
     return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), y
 
 
+def submodule(model: nn.Module, name: str | None) -> nn.Module | None:
+    """The submodule at dotted ``name`` (any name it is registered under, not only the first
+    that ``named_modules`` lists), or None."""
+    if name is None:
+        return None
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def current_params(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
     """Detached copies-by-reference of the named parameters (all that require grad by default)."""
     params = dict(model.named_parameters())

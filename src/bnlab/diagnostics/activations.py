@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab._checks import call_input
-from bnlab.diagnostics._common import SideEffectGuard
+from bnlab.diagnostics._common import SideEffectGuard, submodule
 
 __all__ = ["NONLINEARITIES", "ActivationTracker", "distribution_shift", "saturation_fraction"]
 
@@ -108,12 +108,11 @@ class ActivationTracker:
         out = {}
         for m in modules:
             if isinstance(m, str):
-                try:  # (any name it is registered under, not only the first)
-                    out[m] = self.model.get_submodule(m)
-                except AttributeError:
+                mod = submodule(self.model, m)
+                if mod is None:
                     raise ValueError(f"modules: {m!r} is not the name of a submodule of the "
-                                     f"model (names: {', '.join(list(by_name)[1:6])}, ...)"
-                                     ) from None
+                                     f"model (names: {', '.join(list(by_name)[1:6])}, ...)")
+                out[m] = mod
             elif m in names:
                 out[names[m]] = m
             else:

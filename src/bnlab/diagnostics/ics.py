@@ -28,6 +28,7 @@ from bnlab.diagnostics._common import (
     flat,
     loss_and_grad,
     split_batch,
+    submodule,
 )
 from bnlab.stats import is_batchnorm
 from bnlab.variants import LpNorm
@@ -102,16 +103,6 @@ def _trainable(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _submodule(model: nn.Module, name: str | None) -> nn.Module | None:
-    """The submodule at dotted ``name`` (any name it is registered under), or None."""
-    if name is None:
-        return None
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 def _layer_params(model: nn.Module, layers: Sequence[str | nn.Module | Sequence[Any]]
                   ) -> tuple[list[str], list[list[str]]]:
     """(display name, parameter names) of each layer; a layer may be a group of modules."""
@@ -126,7 +117,7 @@ def _layer_params(model: nn.Module, layers: Sequence[str | nn.Module | Sequence[
         pnames: list[str] = []
         for part in parts:
             name = part if isinstance(part, str) else mod_names.get(part)
-            mod = _submodule(model, name)
+            mod = submodule(model, name)
             if name is None or mod is None:
                 raise ValueError(f"layers[{i}]: expected a submodule of the model or its name, "
                                  f"got {part!r}")
