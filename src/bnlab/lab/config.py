@@ -185,16 +185,15 @@ def _hint(cfg: Any, path: list[str]) -> Any:
 
 
 def _check_optional(key: str, value: Any, default: Any, hint: Any) -> Any:
-    """``value`` for a field that is None by default or whose type admits None (``str | None``):
-    None where the annotation allows it, else a value of one of its other types."""
+    """``value`` where it or the field's default is None (`apply_overrides` sends the rest to
+    `_coerce`): None where the annotation allows it (``str | None``), else a value of one of the
+    annotation's other types."""
     args = typing.get_args(hint)
     if value is None:
         if type(None) not in args:
             raise ValueError(f"--set {key}: expected {type(default).__name__} like {default!r}, "
                              "got None")
         return value
-    if default is not None:
-        return _coerce(key, value, default)
     kinds = tuple(t for t in args if isinstance(t, type) and t is not type(None))
     if kinds and not isinstance(value, kinds):
         raise ValueError(f"--set {key}: expected {' or '.join(t.__name__ for t in kinds)} or "
