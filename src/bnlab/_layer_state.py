@@ -14,8 +14,8 @@ from bnlab import functional as F
 if TYPE_CHECKING:
     from bnlab.layers import BatchNorm
 
-__all__ = ["StatsLayer", "count_batch", "count_untracked", "reset_stats", "running_momentum",
-           "stats_mode"]
+__all__ = ["StatsLayer", "count_batch", "count_untracked", "has_stats", "reset_stats",
+           "running_momentum", "stats_mode"]
 
 
 def count_batch(module: BatchNorm, finite: Tensor) -> None:
@@ -72,6 +72,16 @@ class StatsLayer(Protocol):
     momentum: float | None
     running_mean: Tensor | None
     num_batches_tracked: Tensor | None
+
+
+def has_stats(who: str, mean: Tensor | None, spread: Tensor | None, spread_name: str) -> bool:
+    """Whether a layer's running statistics exist (the mean and its spread, ``spread_name``:
+    BN's running_var, LpNorm's running_scale). One set to None without the other is an error,
+    as in torch's BN."""
+    if (mean is None) != (spread is None):
+        raise ValueError(f"{who}: running_mean and {spread_name} must both be None or neither, "
+                         f"got {spread_name if mean is not None else 'running_mean'} None only")
+    return mean is not None
 
 
 def stats_mode(m: StatsLayer, has_stats: bool) -> tuple[bool, bool]:

@@ -28,6 +28,7 @@ from bnlab._checks import (
 from bnlab._layer_state import (
     count_batch,
     count_untracked,
+    has_stats,
     reset_stats,
     running_momentum,
     stats_mode,
@@ -188,11 +189,8 @@ class BatchNorm(FxLeaf, nn.Module):
     def _mode(self) -> tuple[bool, bool]:
         """(use batch statistics, update the running statistics) for this forward (`stats_mode`).
         One running buffer set to None without the other is an error, as in torch."""
-        has_mean, has_var = self.running_mean is not None, self.running_var is not None
-        if has_mean != has_var:
-            raise ValueError(f"{self._who()}: running_mean and running_var must both be None or "
-                             f"neither, got running_{'var' if has_mean else 'mean'} None only")
-        return stats_mode(self, has_mean)
+        return stats_mode(self, has_stats(self._who(), self.running_mean, self.running_var,
+                                          "running_var"))
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

@@ -22,7 +22,13 @@ from bnlab._checks import (
     no_torchscript,
     plain,
 )
-from bnlab._layer_state import count_untracked, reset_stats, running_momentum, stats_mode
+from bnlab._layer_state import (
+    count_untracked,
+    has_stats,
+    reset_stats,
+    running_momentum,
+    stats_mode,
+)
 from bnlab.functional import (
     channel_view,
     check_args,
@@ -223,11 +229,8 @@ class LpNorm(FxLeaf, nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         who = f"{type(self).__name__}({self.num_features})"
         check_input(input, who, (2, 3, 4, 5), self.num_features)
-        has_mean, has_scale = self.running_mean is not None, self.running_scale is not None
-        if has_mean != has_scale:  # (as BN's running_mean and running_var)
-            raise ValueError(f"{who}: running_mean and running_scale must both be None or "
-                             f"neither, got running_{'scale' if has_mean else 'mean'} None only")
-        use_batch, update = stats_mode(self, has_mean)
+        use_batch, update = stats_mode(
+            self, has_stats(who, self.running_mean, self.running_scale, "running_scale"))
         # An empty batch has no statistics: no update, and it does not count (as in BN).
         update = update and input.numel() > 0
         momentum = running_momentum(self) if update else 0.0
