@@ -1,10 +1,13 @@
 """The lab when something is off: unfinished or missing runs, runs on other data, overrides,
-None and over-precise --set values, damaged checkpoints and data files, and an experiment that
-needs no data set. Each case once gave a traceback, a wrong run, or a report that misstated it."""
+None and over-precise --set values, damaged checkpoints and data files, an experiment that needs
+no data set, and two processes on one runs directory. Each case once gave a traceback, a wrong
+run, or a report that misstated it (the last: a run trained twice into the same files)."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,3 +114,42 @@ def test_an_experiment_on_synthetic_data_needs_no_data_set(tmp_path) -> None:
                           data_dir=str(tmp_path / "none"), out=tmp_path / "runs", progress=False)
     assert all(r.finished for r in done)
     assert [p.name for p in (tmp_path / "runs" / "santurkar2018.dln").iterdir()] == ["smoke"]
+
+
+_HOLDER = """
+import sys
+from pathlib import Path
+from bnlab.lab import runs
+with runs.claimed(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_a_run_another_process_is_training_is_left_to_it(tmp_path, capsys) -> None:
+    """Two `bnlab run`s on one --out share the runs (one process per run, by flock) instead of
+    training a run twice into the same files; --force from the second one deletes nothing."""
+    exp, out = get("santurkar2018.dln"), tmp_path / "runs"
+    held = runs.run_path(out, exp.name, "smoke", "dln-bn-lr1e-06", 0)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(held)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(runs.RunBusyError, match=f"pid {holder.pid}"), runs.claimed(held):
+            pass
+        (held / "metrics.jsonl").write_text('{"step": 1}\n')  # the holder's work so far
+        for force in (False, True):
+            done = run_experiment(exp, preset="smoke", out=out, force=force, progress=False)
+            assert [r.path for r in done] == [held.parent.parent / "dln-none-lr1e-06" / "seed0"]
+            err = capsys.readouterr().err
+            assert f"pid {holder.pid}" in err and "1 left to other processes" in err
+            assert (held / "metrics.jsonl").read_text() == '{"step": 1}\n'
+            assert not (held / "summary.json").exists()
+    finally:
+        holder.communicate("")  # closes its stdin: it exits and the kernel drops its lock
+    assert holder.returncode == 0
+    done = run_experiment(exp, preset="smoke", out=out, progress=False)
+    assert len(done) == 2 and all(r.finished for r in done)
+    assert "left to other" not in capsys.readouterr().err
+    with runs.claimed(held):  # released after the run: this process can take it again
+        pass

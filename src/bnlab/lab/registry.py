@@ -9,7 +9,8 @@ import importlib
 import pkgutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,23 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+@contextmanager
+def _claimed(path: Path) -> Iterator[None]:
+    """`runs.claimed` on rank 0 alone; every rank raises `runs.RunBusyError` when it fails."""
+    par = parallel.current()
+    with ExitStack() as stack:
+        busy = ""
+        if par.main:
+            try:
+                stack.enter_context(runs.claimed(path))
+            except runs.RunBusyError as e:
+                busy = str(e)
+        busy = parallel.broadcast(busy)
+        if busy:
+            raise runs.RunBusyError(busy)
+        yield
+
+
 def _prepare(path: Path, meta: dict[str, Any], *, resume: bool,
              force: bool) -> tuple[runs.Run, str]:
     """`runs.prepare` on rank 0 alone; the other ranks get its decision (or its error) and a
@@ -162,6 +180,9 @@ def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
                    progress: bool = True) -> list[runs.Run]:
     """Train every variant of ``exp`` at seeds 0..seeds-1 into ``out``; return the runs.
 
+    A run another process is training (it holds the run's lock, `runs.claimed`) is left to it
+    and not returned, so two processes on one ``out`` share the runs.
+
     The run directory's preset part is the preset name, or ``<preset>-<hash>`` when ``--set``
     or ``--data-dir`` changed the config, so overrides never collide with the preset's runs.
     """
@@ -175,24 +196,31 @@ def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
         # A missing or unreadable data set fails before any run directory exists.
         cache[cfg.data] = data_mod.load(cfg.data)
     done: list[runs.Run] = []
+    busy = 0
     t0 = time.perf_counter()
     for seed in range(seeds):
         for variant in exp.variants(cfg):
             meta = {"experiment": exp.name, "preset": preset, "tag": tag, "variant": variant,
                     "seed": seed, "overrides": list(sets), "config": to_dict(cfg)}
             path = runs.run_path(out, exp.name, tag, variant, seed)
-            run, action = _prepare(path, meta, resume=resume, force=force)
-            if action == "skip":
-                _say(f"skip {path}: finished with the same config (--force reruns it)")
-                done.append(run)
-                continue
-            ctx = RunContext(run, variant, seed, progress, action == "resume", cache)
-            summary = exp.run(cfg, variant, ctx)
-            run.finish(summary)
-            done.append(run)
-            _say(f"{exp.name} {variant} seed{seed}: " + _brief(summary))
+            try:
+                with _claimed(path):  # one process per run: a second `bnlab run` moves on
+                    run, action = _prepare(path, meta, resume=resume, force=force)
+                    if action == "skip":
+                        _say(f"skip {path}: finished with the same config (--force reruns it)")
+                    else:
+                        ctx = RunContext(run, variant, seed, progress, action == "resume", cache)
+                        summary = exp.run(cfg, variant, ctx)
+                        run.finish(summary)
+                        _say(f"{exp.name} {variant} seed{seed}: " + _brief(summary))
+                    done.append(run)
+            except runs.RunBusyError as e:
+                _say(f"skip {e}")
+                busy += 1
     _say(f"{exp.name} --preset {preset}: {len(done)} run(s) in {time.perf_counter() - t0:.0f} s "
-         f"under {Path(out) / exp.name / tag}")
+         f"under {Path(out) / exp.name / tag}"
+         + (f"; {busy} left to other processes (`bnlab report` counts them once they finish)"
+            if busy else ""))
     return done
 
 

@@ -6,8 +6,10 @@
     checkpoint.pt  model, optimizer, RNG and loop state (written atomically: tmp + os.replace)
     summary.json   written last; its presence marks the run finished
     *.pt           optional artefacts (e.g. held-out class probabilities)
+    .lock          held (flock) by the process training the run, see `claimed`
 
-A finished run is never silently overwritten. Holds no training or plotting code.
+A finished run is never silently overwritten, and a run is trained by one process at a time.
+Holds no training or plotting code.
 """
 
 from __future__ import annotations
@@ -20,17 +22,30 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Run", "RunExistsError", "env_info", "find_runs", "prepare", "run_path"]
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): runs are not locked
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Run", "RunBusyError", "RunExistsError", "claimed", "env_info", "find_runs",
+           "prepare", "run_path"]
+
+LOCK = ".lock"
 
 
 class RunExistsError(RuntimeError):
     """A run directory exists and the requested action would overwrite it."""
+
+
+class RunBusyError(RunExistsError):
+    """Another process holds the run directory: it is training that run now."""
 
 
 def run_path(out: str | os.PathLike, experiment: str, preset: str, variant: str,
@@ -156,6 +171,44 @@ class Run:
             self.checkpoint_path.unlink()  # the final state is in the summary and artefacts
 
 
+@contextmanager
+def claimed(path: Path) -> Iterator[None]:
+    """Hold ``path/.lock`` (an exclusive `flock`) while the run at ``path`` is prepared and
+    trained. A second ``bnlab run`` on the same runs directory then raises `RunBusyError`
+    (naming the holder's pid) for this run instead of training it into the same files, so two
+    processes can share one experiment's runs. The kernel drops the lock when its holder exits,
+    however it exits: a lock is never stale. The lock file stays (deleting it would let two
+    processes hold locks on two files of one name)."""
+    if fcntl is None:
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            raise RunBusyError(f"{path} is being trained by another process (pid {holder or '?'})"
+                               "; it is left to that process") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _clear(path: Path) -> None:
+    """Delete a run directory's contents, but not its lock (held by this process)."""
+    for p in path.iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def prepare(path: Path, meta: dict[str, Any], *, resume: bool = False,
             force: bool = False) -> tuple[Run, str]:
     """Create or reopen a run directory and say what to do: "new", "resume" or "skip".
@@ -167,7 +220,7 @@ def prepare(path: Path, meta: dict[str, Any], *, resume: bool = False,
     """
     run = Run(Path(path))
     if force and run.path.exists():
-        shutil.rmtree(run.path)
+        _clear(run.path)
     if run.path.exists() and (run.path / "config.json").exists():
         same = run.meta.get("config") == meta.get("config")
         if run.finished:
