@@ -201,3 +201,32 @@ def test_a_record_cut_short_by_a_kill_is_dropped_and_a_corrupt_one_named(tmp_pat
     (run.path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 4, "ac\n{"step": 8}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
         run.metrics()
+
+
+def test_probes_see_the_next_steps_batch_and_weights_before_it_is_taken(tmp_path, data):
+    """Santurkar's Def. 2.1 measures G at W^(t) on x^(t): a probe after t steps gets the batch
+    and learning rate of step t (0-based), with the weights that step then starts from, not the
+    batch step t − 1 has just fitted."""
+    inputs, weights, seen = [], [], []
+
+    def trained_on(module, args):
+        if module.training and torch.is_grad_enabled():  # training steps, not evaluations
+            inputs.append(args[0].detach().clone())
+            weights.append(module[1].weight.detach().clone())
+
+    def probe(ctx):
+        if ctx.batch is not None:
+            seen.append((ctx.step, ctx.batch[0].clone(), ctx.lr,
+                         ctx.model[1].weight.detach().clone()))
+        return {}
+
+    cfg, ds = data
+    seed_all(0)
+    m = model()
+    m.register_forward_pre_hook(trained_on)
+    fit(m, ds, new_run(tmp_path / "r"), train=TRAIN, optim=OPTIM, data_cfg=cfg, seed=0,
+        probes=[probe], progress=False)
+    assert [s for s, *_ in seen] == list(range(4, TRAIN.steps + 1, 4))
+    for step, x, lr, w in seen[:-1]:  # the last evaluation has no step after it
+        assert torch.equal(x, inputs[step]) and not torch.equal(x, inputs[step - 1])
+        assert torch.equal(w, weights[step]) and lr == lr_at(OPTIM, step)

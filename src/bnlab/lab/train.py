@@ -32,13 +32,16 @@ __all__ = ["Probe", "ProbeContext", "evaluate", "fit", "lr_at", "params_finite",
 
 @dataclass
 class ProbeContext:
-    """What a probe sees at an evaluation step (after the optimizer step ``step``)."""
+    """What a probe sees at an evaluation step, after ``step`` optimizer steps: the weights
+    W^(t) and the training batch x^(t) of step t = ``step`` (the next one), before that step is
+    taken, as Santurkar et al.'s Def. 2.1 (G at W^(t) on x^(t)) and Sec. 3.2 (∇L(w_t)) ask; a
+    probe on the batch just trained on would see its loss and gradient lowered by that step."""
 
     model: nn.Module
     step: int  # optimizer steps done so far
-    batch: tuple[Tensor, Tensor] | None  # the last training batch (None at step 0)
+    batch: tuple[Tensor, Tensor] | None  # the batch of the next step (None at step 0)
     optimizer: torch.optim.Optimizer
-    lr: float
+    lr: float  # the next step's learning rate
     data: Dataset
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy  # the training loss
 
@@ -212,7 +215,7 @@ def fit(
             held = evaluate_fn(model)
         rec: dict[str, Any] = {"step": step, **held, "lr": lr,
                                "train_loss": loss_sum / loss_n if loss_n else None}
-        ctx = ProbeContext(model, step, batch, opt, lr, data, loss_fn)
+        ctx = ProbeContext(model, step, batch, opt, lr_at(optim, step), data, loss_fn)
         for p in probes:
             rec.update(p(ctx))
         return rec
@@ -262,7 +265,8 @@ def fit(
                 if not params_finite(model):
                     diverged_step = done
                 else:
-                    rec = record(done, (x, y), lr)
+                    nxt = batches.indices(done)  # step `done`'s batch, not yet trained on
+                    rec = record(done, (data.train_x[nxt], data.train_y[nxt]), lr)
                     loss_sum, loss_n = 0.0, 0
                     run.log(rec)
                     lines(done, rec)

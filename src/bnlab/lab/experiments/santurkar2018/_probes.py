@@ -69,7 +69,7 @@ def layer_groups(model: nn.Module) -> list[list[nn.Module]]:
 
 
 class ICSProbe:
-    """Gradient ICS (Def. 2.1) at the paper's layers on the step's training batch, with the
+    """Gradient ICS (Def. 2.1) at the paper's layers on step t's batch at W^(t), with the
     plain SGD step of the current lr: ``{"ics": {"layer_<k>": {"l2", "cosine", "grad_norm"}}}``.
     ``layers`` are modules or groups of them (`layer_groups`: a layer with its BN)."""
 
@@ -89,8 +89,8 @@ class ICSProbe:
 
 
 class LandscapeProbe:
-    """Loss range, gradient predictiveness and effective β-smoothness along −∇L on the step's
-    batch, at step sizes ``multipliers × lr`` (Sec. 3.2, Fig. 4): ``{"landscape": {...}}``
+    """Loss range, gradient predictiveness and effective β-smoothness along −∇L(w_t) on step
+    t's batch, at step sizes ``multipliers × lr`` (Sec. 3.2, Fig. 4): ``{"landscape": {...}}``
     with `LandscapeResult.to_dict`'s keys."""
 
     def __init__(self, multipliers: Sequence[float], loss_fn: LossFn, *, every: int = 1) -> None:

@@ -14,10 +14,12 @@ faster convergence").
 Substitution and scaling: the VGG as ``santurkar2018.fig1`` (Fashion-MNIST instead of CIFAR-10,
 width 0.125, plain SGD, batch 128) for 600 steps (paper preset) instead of 15,000; the DLN as
 in the paper (25 layers of 10×10, 1000 Gaussian samples, full-batch GD) for 2,000 steps instead
-of 10,000 (BN's DLN step costs ≈30–60 ms here). ICS every 30 VGG steps / 100 DLN steps on the
-step's own training batch, with the plain SGD update of the current lr; W_i = a conv/linear
-layer's weight and bias and, with BN, the γ, β of its BN (so the earlier layers' BN parameters
-move as in the training step). Step 0 is not probed (no batch yet).
+of 10,000 (BN's DLN step costs ≈30–60 ms here). ICS every 30 VGG steps / 100 DLN steps, after t
+steps, at W^(t) on step t's batch x^(t) before that step is taken (Def. 2.1; until 2026-12-07
+the probe ran on the batch just trained on, whose loss and gradient that step had lowered), with
+the plain SGD update of the current lr; W_i = a conv/linear layer's weight and bias and, with
+BN, the γ, β of its BN (so the earlier layers' BN parameters move as in the training step).
+Step 0 is not probed.
 
 Runtime here (2 shared cores, ``--threads 1``): paper ≈6–14 min (4 VGG runs × 600 steps + 4 DLN
 runs × 2,000 steps; quiet vs loaded machine), quick ≈2–4 min, smoke seconds. With ``--threads 2``

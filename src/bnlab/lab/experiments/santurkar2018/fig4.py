@@ -15,9 +15,10 @@ Substitution and scaling: the VGG as ``santurkar2018.fig1`` (Fashion-MNIST inste
 width 0.125, plain SGD lr 0.1, batch 128) for 800 steps (paper preset) instead of 15,000, probed
 every 40 steps at η ∈ {1/2, 1, 2, 4} × lr (the paper's range [1/2, 4] × lr; it does not give the
 grid); the DLN as in the paper (lr 1e-6, full-batch GD) for 2,000 steps instead of 10,000, probed
-every 100 steps at η ∈ {1/100, 1/10, 1, 3, 10, 30} × lr (the paper's [1/100, 30] × lr). Probes use
-the step's own training batch in training mode (BN with that batch's statistics; running
-statistics restored); "This is not a training procedure".
+every 100 steps at η ∈ {1/100, 1/10, 1, 3, 10, 30} × lr (the paper's [1/100, 30] × lr). Probes
+move from w_t along −∇L(w_t) on step t's batch before that step is taken (until 2026-12-07: on
+the batch just trained on, which that step had fitted), in training mode (BN with that batch's
+statistics; running statistics restored); "This is not a training procedure".
 
 Runtime here (2 shared cores, ``--threads 1``): paper ≈5–10 min (2 VGG runs × 800 steps + 2 DLN
 runs × 2,000 steps; quiet vs loaded machine), quick ≈1–3 min, smoke seconds. With ``--threads 2``
