@@ -89,7 +89,8 @@ def check_momentum(momentum: float | None, who: str, *, allow_none: bool = True)
             return
         raise ValueError(f"{who}: momentum must be a number in [0, 1], got None")
     if not is_real(momentum) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"{who}: momentum must be in [0, 1] (or None), got {momentum!r}")
+        raise ValueError(f"{who}: momentum must be in [0, 1]{' (or None)' if allow_none else ''}"
+                         f", got {momentum!r}")
 
 
 def check_input(x: Tensor, who: str, ranks: tuple[int, ...], num_features: int) -> None:
@@ -125,6 +126,8 @@ def check_per_channel(x: Tensor, running_mean: Tensor | None, running_var: Tenso
     """Input rank/dtype, and the (C,) shape and the input's device for every per-channel tensor
     (``var_name`` names the second running statistic in errors: lp_norm's is
     ``running_scale``)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who}: input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"{who}: expected input of rank >= 2 (N, C, *), got shape "
                          f"{tuple(x.shape)}")
@@ -135,6 +138,9 @@ def check_per_channel(x: Tensor, running_mean: Tensor | None, running_var: Tenso
                     ("weight", weight), ("bias", bias)):
         if t is None:
             continue
+        if not isinstance(t, Tensor):  # (a NumPy array has .shape and, in NumPy 2, .device)
+            raise TypeError(f"{who}: {name} must be a torch.Tensor or None, got "
+                            f"{type(t).__name__}")
         if t.shape != (c,):  # torch.Size compares as a tuple
             raise ValueError(f"{who}: {name} must have shape ({c},) to match the input's "
                              f"{c} channels, got {tuple(t.shape)}")
@@ -238,6 +244,15 @@ def host_readable(flag: Tensor) -> bool:
             and not torch._C._len_torch_dispatch_stack())
 
 
+def check_training(training: bool, who: str) -> None:
+    """``training`` is a bool, as torch's ``batch_norm`` demands: a float there (momentum one
+    slot early) or a string would pick a mode by its truthiness and move the running
+    statistics of an evaluation."""
+    if training is not True and training is not False:
+        raise TypeError(f"{who}: training must be a bool, got {type(training).__name__} "
+                        f"{training!r}")
+
+
 def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None, bias: Tensor | None, training: bool,
                momentum: float | Tensor, eps: float, who: str,
@@ -246,6 +261,7 @@ def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     `lp_norm` with ``var_name="running_scale"``): ε, momentum (a number in [0, 1] or a 0-d
     tensor), per-channel shapes, more than one value per channel when training, running
     statistics when not."""
+    check_training(training, who)
     check_eps(eps, who)
     if not isinstance(momentum, Tensor):
         check_momentum(momentum, who, allow_none=False)

@@ -20,6 +20,7 @@ from torch import Tensor
 from bnlab import _autograd
 from bnlab._checks import (  # check_args, host_readable: part of this module's API
     check_args,
+    check_training,
     host_readable,
     user_stacklevel,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_with_flag",
     "batch_stats",
+    "buffers_need_grad",
     "channel_view",
     "check_args",
     "compute_dtype",
@@ -153,7 +155,14 @@ def lerp_buffer_(buf: Tensor, stat: Tensor, momentum: float | Tensor, finite: Te
     try:
         # r + w·(s − r) = (1 − w)·r + w·s; torch.where keeps r when the batch was not finite.
         r = buf.to(ct)
-        buf.copy_(torch.where(finite, torch.lerp(r, stat.to(ct), w), r))
+        new = torch.where(finite, torch.lerp(r, stat.to(ct), w), r)
+        if buf.is_inference() and not torch.is_inference_mode_enabled():
+            # A buffer made under torch.inference_mode (a model built there, then trained)
+            # takes in-place writes only inside it; torch's native update writes it anyway.
+            with torch.inference_mode():
+                buf.copy_(new)
+        else:
+            buf.copy_(new)
     except RuntimeError as e:
         if "vmap" not in str(e):
             raise
@@ -242,6 +251,14 @@ def _use_kernels_eval(x: Tensor) -> bool:
     return _use_kernels(x) and not torch.compiler.is_compiling()
 
 
+def buffers_need_grad(running_mean: Tensor | None, running_var: Tensor | None) -> bool:
+    """Whether an evaluation must differentiate through the running statistics (test-time
+    adaptation of E[x], Var[x]): only the reference path does; the kernels' op has no such
+    gradient, and torch's native op refuses one."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (running_mean, running_var))
+
+
 def _use_native(x: Tensor) -> bool:
     """PyTorch's own op (cuDNN/MIOpen) for accelerators: the fastest correct path there (design
     doc, "Dispatch"). Not inside torch.func transforms, which take the reference path."""
@@ -323,6 +340,7 @@ def batch_norm_with_flag(
     ``momentum`` may be a 0-d tensor (the layers' cumulative average 1/n uses one, which keeps
     their forward free of host synchronisation). ``who`` names the caller in error messages.
     """
+    check_training(training, who)  # first: the fast path below reads it as a bool
     if _fast is not None and _fast_allowed():
         # The kernels' C++ entry points: the checks and routing below, for plain CPU float32 /
         # bfloat16 tensors and valid arguments, then the same op with the same arguments; None
@@ -356,6 +374,8 @@ def batch_norm_with_flag(
             finite = update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return y, finite
     assert running_mean is not None and running_var is not None  # check_args: eval needs both
+    if buffers_need_grad(running_mean, running_var):
+        return normalize(input, running_mean, running_var, weight, bias, eps), None
     if _use_kernels_eval(input):
         return (_kernels_module().batch_norm_eval(input, running_mean, running_var, weight, bias,
                                                   eps), None)

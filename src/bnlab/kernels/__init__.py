@@ -120,7 +120,12 @@ def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
 
 
 def _fast_buffers(*bufs: Tensor | None) -> bool:
-    return all(b is None or (b.dtype is torch.float32 and b.is_cpu and b.is_contiguous())
+    """Buffers the C++ update writes: contiguous float32 on the CPU, and not made under
+    torch.inference_mode unless in it (the dispatcher refuses the op's in-place write there;
+    `bnlab.functional.lerp_buffer_` writes them as torch's native update does)."""
+    inference = torch.is_inference_mode_enabled()
+    return all(b is None or (b.dtype is torch.float32 and b.is_cpu and b.is_contiguous()
+                             and (inference or not b.is_inference()))
                for b in bufs)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
+from bnlab._checks import check_training
 
 __all__ = ["bn_add_relu", "bn_relu", "bn_relu_with_flag"]
 
@@ -27,6 +28,7 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
     """(output, finite flag of the running update or None), as `F.batch_norm_with_flag`."""
     from bnlab import kernels
 
+    check_training(training, who)  # first: the C++ entry reads it as a bool
     if F._fast is not None and F._fast_allowed():  # the C++ checks and routing of what follows
         got = F._fast.fused(input, residual, running_mean, running_var, weight, bias, training,
                             momentum, eps)
@@ -42,7 +44,8 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
     if residual is not None and residual.device != input.device:
         raise ValueError(f"{who}: residual must be on the input's device ({input.device}), got "
                          f"{residual.device}")
-    if (not (kernels.supports(input) if training else F._use_kernels_eval(input))
+    if (not (kernels.supports(input) if training else
+             F._use_kernels_eval(input) and not F.buffers_need_grad(running_mean, running_var))
             or (residual is not None and residual.dtype != input.dtype)
             or (training and input.numel() == 0)):  # an empty batch: no statistics to compute
         y, finite = F.batch_norm_with_flag(input, running_mean, running_var, weight, bias,
@@ -93,5 +96,8 @@ def bn_add_relu(input: Tensor, residual: Tensor, running_mean: Tensor | None,
     Shape:
         input, residual: (N, C, *) of the same shape; per-channel tensors (C,).
     """
+    if not isinstance(residual, Tensor):  # (None would quietly compute bn_relu)
+        raise TypeError("bn_add_relu: residual must be a torch.Tensor of the input's shape, got "
+                        f"{type(residual).__name__}")
     return _fused(input, residual, running_mean, running_var, weight, bias, training, momentum,
                   eps, "bn_add_relu")[0]

@@ -278,7 +278,8 @@ Tensor update_running(const OptT& rm, const OptT& rv, const Tensor& mean_in, con
     if (!finite || !buf.has_value() || !buf->defined()) return;
     TORCH_CHECK(buf->scalar_type() == at::kFloat && buf->is_contiguous() && buf->numel() == C,
                 "bnlab: bn_update_running needs contiguous float32 buffers of ", C,
-                " elements");
+                " elements, as many as the statistics; got ", buf->scalar_type(), " of ",
+                buf->numel(), buf->is_contiguous() ? "" : ", not contiguous");
     lerp_into(buf->data_ptr<float>(), s, k, w, C);
   };
   upd(rm, mp, 1.0f);  // (mean·1 is mean)

@@ -39,8 +39,9 @@ using OptT = c10::optional<Tensor>;
 bool plain(PyObject* o) { return THPVariable_CheckExact(o); }
 
 // None, or a plain floating-point CPU tensor of shape (C,) (check_per_channel's conditions).
-// `buffer`: also float32 and contiguous — the running statistics `bn_train_fwd_update` takes
-// (the Python path's `_fast_buffers`; others go through the reference update).
+// `buffer`: also float32, contiguous and writable here (not an inference tensor outside
+// inference mode) — the running statistics `bn_train_fwd_update` takes (the Python path's
+// `_fast_buffers`; others go through the reference update).
 bool per_channel(PyObject* o, int64_t C, bool buffer) {
   if (o == Py_None) return true;
   if (!plain(o)) return false;
@@ -48,7 +49,7 @@ bool per_channel(PyObject* o, int64_t C, bool buffer) {
   if (t.dim() != 1 || t.size(0) != C || !t.device().is_cpu() || !t.is_floating_point())
     return false;
   return !buffer || (t.scalar_type() == at::kFloat && t.layout() == at::kStrided &&
-                     t.is_contiguous());
+                     t.is_contiguous() && !(t.is_inference() && !c10::InferenceMode::is_enabled()));
 }
 
 OptT opt(PyObject* o) { return o == Py_None ? OptT() : OptT(THPVariable_Unpack(o)); }
@@ -173,10 +174,14 @@ bool train_ok(const Tensor& x, int64_t C, py::handle rm, py::handle rv) {
   return n != 0 && n != C && per_channel(rm.ptr(), C, true) && per_channel(rv.ptr(), C, true);
 }
 
-// The evaluation-mode condition: both running statistics, of shape (C,).
+// The evaluation-mode condition: both running statistics, of shape (C,), and no gradient
+// wanted through them (`functional.buffers_need_grad`: the reference path differentiates).
 bool eval_ok(int64_t C, py::handle rm, py::handle rv) {
-  return !rm.is_none() && !rv.is_none() && per_channel(rm.ptr(), C, false) &&
-         per_channel(rv.ptr(), C, false);
+  if (rm.is_none() || rv.is_none() || !per_channel(rm.ptr(), C, false) ||
+      !per_channel(rv.ptr(), C, false))
+    return false;
+  return !(at::GradMode::is_enabled() && (THPVariable_Unpack(rm.ptr()).requires_grad() ||
+                                          THPVariable_Unpack(rv.ptr()).requires_grad()));
 }
 
 // Training (Alg. 1 and the running update): (y, finite flag or None without buffers, finite
