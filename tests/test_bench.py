@@ -57,6 +57,27 @@ def test_bench_unknown_values_name_the_option_and_the_choices(option, value, cap
     assert option in err and repr(value) in err and "choose from" in err
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--e2e", "--modes", "eval"], "--modes: select the per-shape benchmark's cases, not --e2e"),
+    (["--e2e", "--shapes", "nope", "--formats", "nhwc"], "--shapes, --formats: select"),
+    (["--e2e-format", "channels_last"], "--e2e-format: only apply with --e2e"),
+    (["--e2e-steps", "3"], "--e2e-steps: only apply with --e2e"),
+    (["--shapes", "mlp-60x100", "--formats", "channels_last"], "no case (channels_last"),
+])
+def test_bench_options_that_select_nothing_or_belong_elsewhere_are_refused_before_timing(
+        args, needle, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """They were ignored: --e2e ran its nets whatever --modes said, and an empty selection
+    printed an empty table and exited 0."""
+    from bnlab.kernels import e2e
+
+    def timed(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise AssertionError("timed something")
+    monkeypatch.setattr(e2e, "run_e2e", timed)
+    monkeypatch.setattr(bench, "bench_case", timed)
+    assert main(["bench", *args]) == 2
+    assert needle in capsys.readouterr().err
+
+
 def test_e2e_printout_says_which_nets_meet_the_overhead_target(capsys) -> None:  # type: ignore[no-untyped-def]
     from bnlab.kernels import e2e
 

@@ -265,9 +265,42 @@ def print_targets(targets: list[dict[str, Any]], full: bool) -> None:
               f"{'met' if t['met'] else 'missed'}")
 
 
+def _cases(args: argparse.Namespace) -> list[tuple[str, str, str]] | str:
+    """The (shape, format, mode) cases the options select, or the error that says why they
+    select nothing or are not for this kind of run (checked before any timing)."""
+    per_shape = {"--shapes": args.shapes != "all", "--modes": args.modes != ",".join(MODES),
+                 "--formats": args.formats != ",".join(FORMATS)}
+    if args.e2e:
+        given = [k for k, v in per_shape.items() if v]
+        return (f"{', '.join(given)}: select the per-shape benchmark's cases, not --e2e's nets "
+                "(--e2e takes --e2e-steps, --e2e-format, --rounds)") if given else []
+    given = [k for k, v in {"--e2e-steps": args.e2e_steps != 8,
+                            "--e2e-format": args.e2e_format != "nchw"}.items() if v]
+    if given:
+        return f"{', '.join(given)}: only apply with --e2e"
+    names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+    formats, modes = args.formats.split(","), args.modes.split(",")
+    for option, got, allowed in (("--shapes", names, tuple(SHAPES)),
+                                 ("--formats", formats, FORMATS),
+                                 ("--modes", modes, MODES + RELU_MODES)):
+        unknown = [v for v in got if v not in allowed]
+        if unknown:
+            return f"{option}: unknown value(s) {unknown}; choose from {list(allowed)}"
+    cases = [(name, fmt, mode) for name in names for fmt in formats for mode in modes
+             if fmt != "channels_last" or len(SHAPES[name]) == 4]  # (N, C) has one layout
+    if not cases:
+        return (f"--shapes {args.shapes} --formats {args.formats}: no case (channels_last "
+                "applies to the 4-D shapes only)")
+    return cases
+
+
 def run(args: argparse.Namespace, e2e_nets: dict[str, Any] | None = None) -> int:
     """Run the benchmark described by parsed `add_arguments` options; returns an exit code.
     ``e2e_nets``: the nets ``--e2e`` times (default `bnlab.kernels.e2e.STAND_INS`)."""
+    cases = _cases(args)
+    if isinstance(cases, str):
+        print(f"bnlab bench: {cases}", file=sys.stderr)
+        return 2
     if args.json is not None:  # can it be written? Asked before the minutes of timing
         path = Path(args.json)
         existed = path.exists()
@@ -297,32 +330,18 @@ def run(args: argparse.Namespace, e2e_nets: dict[str, Any] | None = None) -> int
         e2e.print_e2e(result, args.e2e_format)
         payload: dict[str, Any] = {"machine": info, "e2e": result, "e2e_format": args.e2e_format}
     else:
-        names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
-        formats, modes = args.formats.split(","), args.modes.split(",")
-        for option, got, allowed in (("--shapes", names, tuple(SHAPES)),
-                                     ("--formats", formats, FORMATS),
-                                     ("--modes", modes, MODES + RELU_MODES)):
-            unknown = [v for v in got if v not in allowed]
-            if unknown:
-                print(f"bnlab bench: {option}: unknown value(s) {unknown}; choose from "
-                      f"{list(allowed)}", file=sys.stderr)
-                return 2
         rows = []
-        for name in names:
+        for name, fmt, mode in cases:
             shape = SHAPES[name]
-            for fmt in formats:
-                if fmt == "channels_last" and len(shape) != 4:
-                    continue  # (N, C) has one layout
-                for mode in modes:
-                    r = bench_case(shape, fmt, mode, args.repeats, args.rounds, args.stat)
-                    rows.append({"shape": name, "dims": list(shape), "format": fmt,
-                                 "mode": mode, **r})
-                    print(f"  {name} {fmt} {mode}: torch {r['torch']:.2f}x "
-                          f"bnlab {r['bnlab']:.2f}x", file=sys.stderr, flush=True)
+            r = bench_case(shape, fmt, mode, args.repeats, args.rounds, args.stat)
+            rows.append({"shape": name, "dims": list(shape), "format": fmt, "mode": mode, **r})
+            print(f"  {name} {fmt} {mode}: torch {r['torch']:.2f}x bnlab {r['bnlab']:.2f}x",
+                  file=sys.stderr, flush=True)
         summary = summarize(rows)
         print_table(rows, summary)
         targets = check_targets(summary)
-        full = (names == list(SHAPES) and set(formats) == set(FORMATS) and args.threads == 2)
+        full = ({c[0] for c in cases} == set(SHAPES)
+                and {c[1] for c in cases} == set(FORMATS) and args.threads == 2)
         print_targets(targets, full)
         payload = {"machine": info, "rows": rows, "summary": summary, "targets": targets,
                    "full_shape_set": full}
