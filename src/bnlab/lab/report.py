@@ -21,7 +21,11 @@ from typing import Any
 from bnlab.lab import runs as runs_mod
 from bnlab.lab.plots import Curve
 
-__all__ = ["Inputs", "Section", "Table", "curve", "mean_std", "write_report"]
+__all__ = ["CHANCE", "Inputs", "Section", "Table", "curve", "mean_std", "scored_text",
+           "write_report"]
+
+# The lab's data sets have 10 classes: a diverged run's accuracy in a verdict's checks.
+CHANCE = 0.1
 
 VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive")
 
@@ -75,6 +79,30 @@ class Inputs:
     def values(self, variant: str, key: str) -> list[float]:
         """``key`` of every seed's summary (None values dropped)."""
         return [s[key] for s in self.summaries(variant) if s.get(key) is not None]
+
+    def scored(self, variant: str, key: str, diverged: float = CHANCE) -> list[float]:
+        """``key`` of every finished seed for a verdict's checks, a diverged seed counting as
+        ``diverged`` (the outcome against the method: chance accuracy, an infinite loss). With
+        `values` a diverged seed drops out, and a check of the survivors (or of none, which
+        skipped the check) passed where the method had failed."""
+        out = []
+        for s in self.summaries(variant):
+            if s.get("diverged"):
+                out.append(diverged)
+            elif s.get(key) is not None:
+                out.append(float(s[key]))
+        return out
+
+    def diverged(self, variant: str) -> int:
+        """How many seeds of ``variant`` diverged."""
+        return sum(bool(s.get("diverged")) for s in self.summaries(variant))
+
+
+def scored_text(values: Sequence[float], diverged: int, fmt: str = "{:.4f}") -> str:
+    """`mean_std` of `Inputs.scored` values, saying how many seeds diverged (an infinite loss
+    among them makes the mean ∞)."""
+    text = "∞" if any(math.isinf(v) for v in values) else mean_std(values, fmt)
+    return text + (f" ({diverged} of {len(values)} diverged)" if diverged else "")
 
 
 def mean_std(values: Sequence[float], fmt: str = "{:.4f}", *, n: bool = False) -> str:

@@ -118,7 +118,8 @@ class JacobianSpectrum:
     """Singular values of the Jacobian between consecutive watched layers (Ioffe & Szegedy 2015,
     Sec. 3.4) on a fixed held-out batch, via `bnlab.diagnostics.layer_jacobian_singular_values`.
 
-    Watched: the BN layers of a BN network (ẑ = BN output), the hidden Linear layers of one
+    Watched: the BN layers of a BN network (their normalized x̂, the paper's vectors: the
+    default of `layer_jacobian_singular_values`), the hidden Linear layers of one
     without. Measured in eval mode on a copy of the model whose BN statistics are first set to
     Alg. 2's population statistics over ``calib`` training batches, so every example's
     Jacobian is exact and independent of the batch, also at step 0 (where the running averages

@@ -100,7 +100,9 @@ def run(cfg: DropoutConfig, variant: str, ctx: RunContext) -> dict[str, Any]:
 
 
 def _mean(inp: Inputs, variant: str, key: str) -> float:
-    vals = inp.values(variant, key)
+    """The mean over seeds; a diverged seed's final accuracy counts as chance
+    (`Inputs.scored`), its gap and training accuracy (undefined) are left out."""
+    vals = inp.scored(variant, key) if key == "final_acc" else inp.values(variant, key)
     return statistics.fmean(vals) if vals else float("nan")
 
 

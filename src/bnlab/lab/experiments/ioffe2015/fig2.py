@@ -131,9 +131,12 @@ def _mean(xs: list[float]) -> float:
 def report(inp: Inputs) -> Section:
     # Inception "at its best learning rate": the best of every no-BN ReLU run, the ×5 control
     # included (it differs from the sweep only in its rate).
+    # In the checks a diverged seed's best accuracy counts as chance (`Inputs.scored`): a run
+    # the paper calls a failure ("machine infinity") must not be graded by its peak before it.
+    best = {v: _mean(inp.scored(v, "best_acc")) for v in inp.runs}
     names = [v for v in inp.runs if v.startswith("inception") and v != "inception_sigmoid"]
-    ref = max(names, key=lambda v: _mean(inp.values(v, "best_acc")), default="inception")
-    level = _mean(inp.values(ref, "best_acc"))
+    ref = max(names, key=lambda v: best[v], default="inception")
+    level = best.get(ref, math.nan)
     fig, axes = plots.figure(2, width=6)
     sweep = [v for v in names if v not in ("inception", "inception_x5")]
     shown = [v for v in MAIN if v in inp.runs] + ([ref] if ref != "inception" else [])
@@ -155,7 +158,6 @@ def report(inp: Inputs) -> Section:
                      f"{len(div)}/{len(inp.runs[v])}" + (f" (step {div[0]})" if div else "")])
     s_ref, s_x5 = _mean(steps.get(ref, [])), _mean(steps.get("bn_x5", []))
     ratio = s_ref / s_x5 if s_x5 and not math.isnan(s_x5) else math.nan
-    best = {v: _mean(inp.values(v, "best_acc")) for v in inp.runs}
     checks = {
         "BN-Baseline reaches Inception's best in under half the steps":
             _mean(steps.get("bn_baseline", [])) < 0.5 * s_ref,
@@ -163,16 +165,15 @@ def report(inp: Inputs) -> Section:
         "BN-x30 ends above Inception": best.get("bn_x30", 0) > level,
         "BN-x5-Sigmoid trains (> 0.5)": best.get("bn_x5_sigmoid", 0) > 0.5,
     }
-    if "inception_x5" in inp.runs:
-        checks["Inception ×5 diverges or ends worse"] = (
-            any(s.get("diverged") for s in inp.summaries("inception_x5"))
-            or best["inception_x5"] < level)
+    if "inception_x5" in inp.runs:  # (diverged seeds at chance pull its mean below)
+        checks["Inception ×5 diverges or ends worse"] = best["inception_x5"] < level
     if "inception_sigmoid" in inp.runs:
         checks["Inception-sigmoid stays near chance (< 0.2)"] = best["inception_sigmoid"] < 0.2
     held = [k for k, ok in checks.items() if ok]
-    verdict = ("reproduced" if len(held) == len(checks) else "partly" if len(held) >= 2
-               else "not reproduced")
-    why = ("Rule: every check must hold for 'reproduced', at least two for 'partly'. "
+    verdict = ("reproduced" if len(held) == len(checks) else "partly"
+               if 2 * len(held) >= len(checks) else "not reproduced")
+    why = ("Rule: every check must hold for 'reproduced', at least half for 'partly' (until "
+           "2026-12-07: at least two); a diverged seed's best accuracy counts as chance (0.1). "
            f"{len(held)}/{len(checks)} checks hold: " + "; ".join(
         f"{k}: {'yes' if ok else 'no'}" for k, ok in checks.items())
         + f". Step ratio Inception/BN-x5 = {ratio:.1f} (paper 14.8).")

@@ -144,9 +144,10 @@ def report(inp: Inputs) -> Section:
     figures.append(("Distribution stability (Fig. 8 style): mean over records and channels of "
                     "|μ_{t+1} − μ_t| per layer, mean over seeds; higher = less stable",
                     plots.to_png(fig)))
-    tr = {n: inp.values(v[n], "train_acc") for n in NORMS}
-    te = {n: inp.values(v[n], "test_acc") for n in NORMS}
-    div = {n: sum(bool(s.get("diverged")) for s in inp.summaries(v[n])) for n in NORMS}
+    # A diverged seed counts as chance accuracy (`Inputs.scored`), in the table and the checks.
+    tr = {n: inp.scored(v[n], "train_acc") for n in NORMS}
+    te = {n: inp.scored(v[n], "test_acc") for n in NORMS}
+    div = {n: inp.diverged(v[n]) for n in NORMS}
 
     def avg(d: dict[tuple[str, str], list[float]], n: str) -> float | None:
         vals = [statistics.fmean(d[(n, k)]) for k in shown if d.get((n, k))]
@@ -172,11 +173,12 @@ def report(inp: Inputs) -> Section:
         checks.append((ok, f"noisy BN's distributions are {'less' if ok else 'not less'} stable "
                        f"than both others' (mean |Δμ| over layers {cfg['shown']}: "
                        f"{a_noisy:.4f} vs BN {a_bn:.4f}, standard {a_none:.4f})"))
-    if tr["noise"] or div["noise"]:
-        ok = div["noise"] > 0 or mean(tr["noise"]) < 0.3
+    if tr["noise"]:
+        ok = mean(tr["noise"]) < 0.3
         checks.append((ok, f"the standard net with the same noise {'does not' if ok else 'does'}"
                        f" train (final training accuracy {mean_std(tr['noise'])}, "
-                       f"{div['noise']} diverged; rule: < 0.3 or diverged)"))
+                       f"{div['noise']} diverged; rule: < 0.3, a diverged seed counting as "
+                       "chance, 0.1)"))
     held = sum(ok for ok, _ in checks)
     return Section(
         title="Figure 2: noisy BN vs BN vs standard (Fashion-MNIST)",
@@ -195,7 +197,8 @@ def report(inp: Inputs) -> Section:
         tables=[Table(["variant", "final training acc", "final test acc",
                        *(f"mean Δμ #{k}" for k in shown), *(f"mean Δσ² #{k}" for k in shown),
                        "diverged seeds"], rows,
-                      "Fashion-MNIST VGG, mean ± std over seeds; mean Δμ, Δσ²: mean absolute "
+                      "Fashion-MNIST VGG, mean ± std over seeds (a diverged seed's final "
+                      "accuracy counting as chance, 0.1); mean Δμ, Δσ²: mean absolute "
                       "change between consecutive records (every eval step) of the per-channel "
                       "mean and variance of the layer's pre-activation")],
         figures=figures)
