@@ -1,7 +1,8 @@
 """The functional entry points' arguments off the common path: gradients through the running
-statistics in evaluation, ``training`` that is not a bool, arguments that are not tensors, and
-buffers made under ``torch.inference_mode``. Each once behaved differently on the kernels' path
-and the reference path, or raised an unnamed error from inside torch."""
+statistics in evaluation, ``training`` that is not a bool, arguments that are not tensors,
+buffers made under ``torch.inference_mode``, and views of channels_last tensors. Each once
+behaved differently on the kernels' path and the reference path, or differed from torch, or
+raised an unnamed error from inside torch."""
 
 from __future__ import annotations
 
@@ -98,3 +99,42 @@ def test_buffers_made_under_inference_mode_train_as_torchs(name, dtype) -> None:
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b)
     assert not torch.equal(ours[0], torch.zeros(3, dtype=dtype))  # it moved
+
+
+VIEWS = {
+    "crop": lambda x: x[:, :, 1:-1, 2:],
+    "subsample": lambda x: x[..., ::2, ::2],
+    "channel slice": lambda x: x[:, 1:4],
+    "3-D crop": lambda x: x[:, :, 1:, :-1, 1:],
+}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("name", ["batch_norm", "bn_relu"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_views_of_channels_last_tensors_keep_torchs_layout(view, name, training, dtype) -> None:
+    """torch's BN gives a crop or strided view of a channels_last tensor a channels_last output
+    (its suggest_memory_format follows stride order); bnlab gave a contiguous one, on the
+    kernels' path and the reference path, which the next channels_last conv converts back."""
+    torch.manual_seed(0)
+    five = view == "3-D crop"
+    shape, fmt = ((3, 5, 4, 5, 6), torch.channels_last_3d) if five else \
+        ((3, 5, 8, 8), torch.channels_last)
+    base = (torch.randn(shape, dtype=dtype) * 2 + 1).contiguous(memory_format=fmt)
+    base.requires_grad_()
+    base_ref = base.detach().clone().requires_grad_()  # (clone keeps the layout)
+    c = VIEWS[view](base).shape[1]
+    rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
+    w = (torch.rand(c, dtype=dtype) + 0.5).requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    y = FNS[name](VIEWS[view](base), rm.clone(), rv.clone(), w, None, training)
+    want = TF.batch_norm(VIEWS[view](base_ref), rm.clone(), rv.clone(), w_ref, None, training)
+    want = want if name == "batch_norm" else want.relu()
+    assert y.stride() == want.stride() and y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad((y * g).sum(), (base, w))
+    ref = torch.autograd.grad((want * g).sum(), (base_ref, w_ref))
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

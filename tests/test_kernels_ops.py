@@ -81,6 +81,8 @@ _LAYOUTS = {
     "cnhw": lambda: torch.randn(6, 4, 3, 3).transpose(0, 1),
     "hw_swapped": lambda: torch.randn(4, 6, 3, 3).transpose(2, 3),
     "nlc_sequence": lambda: torch.randn(4, 9, 6).transpose(1, 2),  # bn(x.transpose(1, 2))
+    "channels_last_crop": lambda: torch.randn(4, 6, 5, 5).to(
+        memory_format=torch.channels_last)[:, :, 1:-1, 1:-1],  # copied to channels_last
 }
 
 

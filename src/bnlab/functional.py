@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch._prims_common as _prims_common
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
@@ -38,6 +39,7 @@ __all__ = [
     "lerp_buffer_",
     "normalize",
     "reduce_dims",
+    "suggest_memory_format",
     "update_running_stats",
 ]
 
@@ -97,13 +99,18 @@ def normalize(
     return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
+def suggest_memory_format(x: Tensor) -> torch.memory_format:
+    """torch's ``Tensor.suggest_memory_format`` (the layout of its BN's output): channels_last
+    or channels_last_3d where x's strides are ordered so, a crop or strided view of such a
+    tensor included, else contiguous. (torch exposes it to Python only in `torch._prims_common`,
+    which torch.compile's own decompositions use.)"""
+    return _prims_common.suggest_memory_format(x)
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
-    """torch's suggest_memory_format: channels_last(_3d) where x is in it (and not also plainly
-    contiguous), else contiguous."""
+    """The output layout for ``x``: contiguous where x is, else `suggest_memory_format`."""
     if x.dim() in (4, 5) and not x.is_contiguous():
-        cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=cl):
-            return cl
+        return suggest_memory_format(x)
     return torch.contiguous_format
 
 
@@ -156,7 +163,8 @@ def lerp_buffer_(buf: Tensor, stat: Tensor, momentum: float | Tensor, finite: Te
         # r + w·(s − r) = (1 − w)·r + w·s; torch.where keeps r when the batch was not finite.
         r = buf.to(ct)
         new = torch.where(finite, torch.lerp(r, stat.to(ct), w), r)
-        if buf.is_inference() and not torch.is_inference_mode_enabled():
+        if (not torch.compiler.is_compiling() and buf.is_inference()  # (dynamo can't trace it)
+                and not torch.is_inference_mode_enabled()):
             # A buffer made under torch.inference_mode (a model built there, then trained)
             # takes in-place writes only inside it; torch's native update writes it anyway.
             with torch.inference_mode():

@@ -123,9 +123,10 @@ def _fast_buffers(*bufs: Tensor | None) -> bool:
     """Buffers the C++ update writes: contiguous float32 on the CPU, and not made under
     torch.inference_mode unless in it (the dispatcher refuses the op's in-place write there;
     `bnlab.functional.lerp_buffer_` writes them as torch's native update does)."""
-    inference = torch.is_inference_mode_enabled()
+    # (dynamo cannot trace the inference-mode tests; compiled code makes no inference tensors)
+    writable = torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
     return all(b is None or (b.dtype is torch.float32 and b.is_cpu and b.is_contiguous()
-                             and (inference or not b.is_inference()))
+                             and (writable or not b.is_inference()))
                for b in bufs)
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bnlab import functional as _F
+
 __all__ = ["register"]
 
 _registered = False
@@ -33,7 +35,8 @@ _registered = False
 def _prepared(x: Tensor) -> Tensor:
     """``x`` in the layout the kernels compute in and give their outputs (`prepare` in
     `csrc/bn_tensors.h`): x itself where it is contiguous or, for 4-/5-d input, channels_last;
-    else a contiguous copy (a transposed (N, L, C) sequence, say). Fake outputs made with
+    a channels_last copy of a view whose strides torch reads as channels_last (a crop); else a
+    contiguous copy (a transposed (N, L, C) sequence, say). Fake outputs made with
     `torch.empty_like` of anything else would carry strides the real ones lack, which
     torch.compile's stride checks reject."""
     if x.is_contiguous():
@@ -43,6 +46,9 @@ def _prepared(x: Tensor) -> Tensor:
     cl = [0, *range(2, x.dim()), 1]
     if s != 1 and x.dim() in (4, 5) and x.permute(cl).is_contiguous():
         return x
+    fmt = _F.suggest_memory_format(x)  # a channels_last tensor's view: a channels_last copy
+    if s != 1 and x.dim() in (4, 5) and fmt is not torch.contiguous_format:
+        return x.contiguous(memory_format=fmt)
     return x.contiguous()
 
 

@@ -17,7 +17,8 @@ struct Prepared {
 };
 
 // The layout the loops read: contiguous NCHW (planar), channels-last-like (rows), or a
-// contiguous copy for anything else. Outputs take the layout read, so rows are kept only where
+// contiguous copy for anything else (a channels_last-ordered view: a channels_last copy). Outputs
+// take the layout read, so rows are kept only where
 // torch's BN keeps them too (channels_last 4-D and 5-D, and (N, C) itself): a (N, L, C)
 // transposed to (N, C, L) gets a contiguous output from torch, which code then .view()s.
 inline Prepared prepare(const at::Tensor& x) {
@@ -32,6 +33,11 @@ inline Prepared prepare(const at::Tensor& x) {
   perm.push_back(1);
   if ((x.dim() == 4 || x.dim() == 5) && x.permute(perm).is_contiguous())
     return {x, {N, C, S, true}};
+  // A view of a channels_last tensor (a crop, a strided subsample): copied to channels_last,
+  // the layout torch's BN gives it (its suggest_memory_format, which follows stride order).
+  const auto fmt = x.suggest_memory_format();
+  if ((x.dim() == 4 || x.dim() == 5) && fmt != at::MemoryFormat::Contiguous)
+    return {x.contiguous(fmt), {N, C, S, true}};
   return {x.contiguous(), {N, C, S, false}};
 }
 
