@@ -138,3 +138,11 @@ def test_views_of_channels_last_tensors_keep_torchs_layout(view, name, training,
     ref = torch.autograd.grad((want * g).sum(), (base_ref, w_ref))
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_training_inside_inference_mode_updates_its_inference_buffers() -> None:
+    with torch.inference_mode():
+        rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        x = torch.randn(8, 3, dtype=torch.float64) + 2
+        F.batch_norm(x, rm, rv, None, None, True, 0.5)
+    torch.testing.assert_close(rm, 0.5 * x.mean(0))

@@ -8,6 +8,7 @@ Modules that hold state live in `bnlab.layers`; the hand-written backward in `bn
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from types import ModuleType
@@ -162,15 +163,13 @@ def lerp_buffer_(buf: Tensor, stat: Tensor, momentum: float | Tensor, finite: Te
     try:
         # r + w·(s − r) = (1 − w)·r + w·s; torch.where keeps r when the batch was not finite.
         r = buf.to(ct)
-        new = torch.where(finite, torch.lerp(r, stat.to(ct), w), r)
-        if (not torch.compiler.is_compiling() and buf.is_inference()  # (dynamo can't trace it)
-                and not torch.is_inference_mode_enabled()):
-            # A buffer made under torch.inference_mode (a model built there, then trained)
-            # takes in-place writes only inside it; torch's native update writes it anyway.
-            with torch.inference_mode():
-                buf.copy_(new)
-        else:
-            buf.copy_(new)
+        # A buffer made under torch.inference_mode (a model built there, then trained) takes
+        # in-place writes only inside it; torch's native update writes it anyway. (Dynamo
+        # cannot trace these tests; compiled code makes no inference tensors.)
+        inference = (not torch.compiler.is_compiling() and buf.is_inference()
+                     and not torch.is_inference_mode_enabled())
+        with torch.inference_mode() if inference else contextlib.nullcontext():
+            buf.copy_(torch.where(finite, torch.lerp(r, stat.to(ct), w), r))
     except RuntimeError as e:
         if "vmap" not in str(e):
             raise
