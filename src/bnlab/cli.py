@@ -45,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
         run_experiment(exp, preset=args.preset, seeds=args.seeds, sets=args.set,
                        data_dir=args.data_dir, out=args.out, resume=args.resume,
                        force=args.force, progress=not args.quiet and par.main)
+        parallel.teardown(sync=True)  # every rank done: leave together
     except KeyboardInterrupt as e:
         print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted (the same command with "
               "--resume continues from the last checkpoint)", file=sys.stderr)

@@ -166,7 +166,13 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def teardown() -> None:
-    """Leave the process group (no-op when none is initialized)."""
+def teardown(*, sync: bool = False) -> None:
+    """Leave the process group (no-op when none is initialized). ``sync``: after a barrier, on
+    a run that ended well: a rank that destroys its group while another still talks to it can
+    abort the other at exit (gloo: "terminate called without an active exception", seen with
+    two ranks on a loaded machine). Not on an error path, where a rank that died would leave
+    the barrier waiting for gloo's timeout."""
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()

@@ -52,9 +52,10 @@ def current() -> Parallel:
     return _STATE
 
 
-def teardown() -> None:
+def teardown(*, sync: bool = False) -> None:
+    """Leave the process group (`bnlab.ddp.teardown`; ``sync`` after a barrier)."""
     global _STATE
-    ddp.teardown()
+    ddp.teardown(sync=sync)
     _STATE = Parallel()
 
 
