@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 
 from bnlab.lab.config import to_dict
-from bnlab.lab.experiments.ioffe2015 import fig1 as ioffe_fig1
 from bnlab.lab.experiments.ioffe2015 import fig2 as ioffe_fig2
+from bnlab.lab.experiments.ioffe2015 import steps_text
 from bnlab.lab.experiments.santurkar2018 import dln, fig1, fig2, fig5
 from bnlab.lab.report import Inputs, scored_text
 from bnlab.lab.train import summarize
@@ -125,6 +125,6 @@ def test_ioffe_fig2_bn_x30_diverged_does_not_end_above_inception():
 def test_ioffe_fig1_steps_to_counts_seeds_that_never_reach_at_the_budget():
     """The row showed the mean of the seeds that reached the level only ("1500" for one seed
     of three); fig2's row had been fixed the same way."""
-    assert ioffe_fig1._steps_text([1500.0, 2500.0, 2000.0], 50_000) == "2000 ± 500 (3/3 reach it)"
-    got = ioffe_fig1._steps_text([1500.0, math.inf, math.inf], 50_000)
+    assert steps_text([1500.0, 2500.0, 2000.0], 50_000) == "2000 ± 500 (3/3 reach it)"
+    got = steps_text([1500.0, math.inf, math.inf], 50_000)
     assert got.startswith("33833 ± ") and got.endswith("(1/3 reach it)")

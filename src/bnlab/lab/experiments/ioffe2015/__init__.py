@@ -2,10 +2,14 @@
 (Figures 2–3, BN-Inception and the learning-rate study; Sec. 4.2.3, the ensemble) and Alg. 2
 (inference statistics). MNIST and ImageNet are replaced by Fashion-MNIST (offline).
 
-Shared here: the substitution text and the verdict helper used by every module's report.
+Shared here: the substitution texts, and the steps-to-a-level figures of Figures 1 and 3.
 """
 
 from __future__ import annotations
+
+import math
+
+from bnlab.lab.report import Inputs, mean_std
 
 SUBSTITUTION_MNIST = (
     "Fashion-MNIST (60k/10k, 28×28, 10 classes; Debian `dataset-fashion-mnist`) stands in for "
@@ -17,3 +21,25 @@ SUBSTITUTION_IMAGENET = (
     "colour, 1000 classes, 1.2M images); a small Inception-style network (~0.1M parameters) for "
     "BN-Inception (13.6M); thousands of steps for millions; no photometric distortions. "
     "Learning rates are ours (chosen by a sweep), the paper's multipliers (×5, ×30) are kept.")
+
+
+def steps_to(inp: Inputs, variant: str, level: float) -> list[float]:
+    """Each seed's first evaluated step with held-out accuracy >= ``level``; inf where it never
+    gets there (inf, not nan: max() over a list holding nan depends on its order)."""
+    out = []
+    for r in inp.runs.get(variant, []):
+        hit = [m["step"] for m in r.metrics() if m.get("acc", -1.0) >= level]
+        out.append(float(hit[0]) if hit else math.inf)
+    return out
+
+
+def at_budget(steps: list[float], budget: int) -> list[float]:
+    """`steps_to` with a seed that never reaches the level at the step budget: a lower bound
+    (dropping such seeds biased the mean towards the seeds that did)."""
+    return [s if math.isfinite(s) else float(budget) for s in steps]
+
+
+def steps_text(steps: list[float], budget: int) -> str:
+    """Mean ± std of `at_budget` and "(k/n reach it)"."""
+    k = sum(math.isfinite(s) for s in steps)
+    return f"{mean_std(at_budget(steps, budget), '{:.0f}')} ({k}/{len(steps)} reach it)"

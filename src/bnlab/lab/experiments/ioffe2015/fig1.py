@@ -28,7 +28,6 @@ Command: ``bnlab run ioffe2015.fig1 --preset paper [--seeds 3]`` then ``bnlab re
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,7 @@ from torch import nn
 
 from bnlab.lab import plots
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive, within
-from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
+from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST, steps_text, steps_to
 from bnlab.lab.models import MLP, norm_factory
 from bnlab.lab.probes import InputPercentiles
 from bnlab.lab.registry import Experiment, RunContext
@@ -105,23 +104,6 @@ def _acc_at(inp: Inputs, variant: str, frac: float) -> list[float]:
     return out
 
 
-def _steps_to(inp: Inputs, variant: str, level: float) -> list[float]:
-    out = []
-    for r in inp.runs.get(variant, []):
-        hit = [m["step"] for m in r.metrics() if m.get("acc", -1) >= level]
-        # inf, not nan: max() over a list holding nan depends on its order
-        out.append(hit[0] if hit else math.inf)
-    return out
-
-
-def _steps_text(steps_to: list[float], budget: int) -> str:
-    """Mean ± std of `_steps_to` with a seed that never reaches the level at the step budget (a
-    lower bound; dropping it biased the mean towards the seeds that did), and "k/n reach it"."""
-    k = sum(math.isfinite(s) for s in steps_to)
-    at = [s if math.isfinite(s) else float(budget) for s in steps_to]
-    return f"{mean_std(at, '{:.0f}')} ({k}/{len(at)} reach it)"
-
-
 def _drift(inp: Inputs, variant: str) -> list[float]:
     """Mean |change| of the 15/50/85th percentiles of every last-layer sigmoid input from early
     (10–20% of training) to late (90–100%), each averaged over its window to damp eval noise,
@@ -160,7 +142,7 @@ def report(inp: Inputs) -> Section:
     bn50, nb50 = inp.scored("bn", "final_acc"), inp.scored("nobn", "final_acc")
     bn10, nb10 = _acc_at(inp, "bn", 0.2), _acc_at(inp, "nobn", 0.2)
     level = min(inp.values("nobn", "final_acc"), default=1.0)
-    bn_steps, nb_steps = _steps_to(inp, "bn", level), _steps_to(inp, "nobn", level)
+    bn_steps, nb_steps = steps_to(inp, "bn", level), steps_to(inp, "nobn", level)
     drift_bn, drift_nb = _drift(inp, "bn"), _drift(inp, "nobn")
     steps = cfg["train"]["steps"]
     rows = [["accuracy at 20% of training (10K of 50K)", f"{PAPER['bn_10k']} / "
@@ -169,7 +151,7 @@ def report(inp: Inputs) -> Section:
              f"{mean_std(bn50)} / {mean_std(nb50)}"],
             ["steps to reach no-BN's final accuracy (a seed that never does: the budget)",
              "10K–50K (≈0.95–0.96 at 10K) / 40–50K (read from plot)",
-             f"{_steps_text(bn_steps, steps)} / {_steps_text(nb_steps, steps)}"],
+             f"{steps_text(bn_steps, steps)} / {steps_text(nb_steps, steps)}"],
             ["percentile drift, 10–20% → 90–100% of training", "small / large (plot)",
              f"{mean_std(drift_bn, '{:.3f}')} / {mean_std(drift_nb, '{:.3f}')}"]]
     sweep = [[v, mean_std(inp.values(v, "final_acc")), mean_std(inp.values(v, "best_acc"))]

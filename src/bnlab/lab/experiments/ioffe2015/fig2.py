@@ -38,7 +38,12 @@ from typing import Any
 
 from bnlab.lab import plots
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, fraction, positive
-from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_IMAGENET
+from bnlab.lab.experiments.ioffe2015 import (
+    SUBSTITUTION_IMAGENET,
+    at_budget,
+    steps_text,
+    steps_to,
+)
 from bnlab.lab.experiments.ioffe2015._inception import RECIPES, build, settings
 from bnlab.lab.registry import Experiment, RunContext
 from bnlab.lab.report import Inputs, Section, Table, curve, mean_std
@@ -103,26 +108,6 @@ def run(cfg: Fig2Config, variant: str, ctx: RunContext) -> dict[str, Any]:
                seed=ctx.seed, progress=ctx.progress, desc=ctx.desc, resume=ctx.resume)
 
 
-def steps_to(inp: Inputs, variant: str, level: float) -> list[float]:
-    """Each seed's first evaluated step with held-out accuracy >= level, or the step budget
-    where it never gets there (a lower bound: dropping such seeds biased the mean towards the
-    seeds that did, and the reference's level, its seeds' mean best, is out of reach for every
-    seed below that mean)."""
-    budget = float(inp.config["train"]["steps"])
-    out = []
-    for r in inp.runs.get(variant, []):
-        hit = [m["step"] for m in r.metrics() if m.get("acc", -1.0) >= level]
-        out.append(float(hit[0]) if hit else budget)
-    return out
-
-
-def _reached(inp: Inputs, variant: str, level: float) -> str:
-    """"k/n": how many seeds reach ``level``."""
-    runs = inp.runs.get(variant, [])
-    k = sum(any(m.get("acc", -1.0) >= level for m in r.metrics()) for r in runs)
-    return f"{k}/{len(runs)}"
-
-
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if not math.isnan(x)]
     return sum(xs) / len(xs) if xs else math.nan
@@ -145,15 +130,16 @@ def report(inp: Inputs) -> Section:
     plots.plot_curves(axes[1], {v: curve(inp, v) for v in ("inception", *sweep, *CONTROLS)
                                 if v in inp.runs},
                       title="controls and the Inception learning-rate sweep", ylim=(0.0, 1.0))
-    rows, steps = [], {}
+    rows, steps, budget = [], {}, inp.config["train"]["steps"]
     for v in (*MAIN, *sweep, *CONTROLS):
         if v not in inp.runs:
             continue
-        steps[v] = steps_to(inp, v, level)
+        raw = steps_to(inp, v, level)
+        steps[v] = at_budget(raw, budget)
         div = [s.get("diverged_step") for s in inp.summaries(v) if s.get("diverged")]
         paper = PAPER.get(v, ("", ""))
         rows.append([v + (" (reference)" if v == ref else ""), paper[0],
-                     f"{mean_std(steps[v], '{:.0f}')} ({_reached(inp, v, level)} reach it)",
+                     steps_text(raw, budget),
                      paper[1], mean_std(inp.values(v, "best_acc")),
                      f"{len(div)}/{len(inp.runs[v])}" + (f" (step {div[0]})" if div else "")])
     s_ref, s_x5 = _mean(steps.get(ref, [])), _mean(steps.get("bn_x5", []))
