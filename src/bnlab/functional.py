@@ -22,7 +22,6 @@ from torch import Tensor
 from bnlab import _autograd
 from bnlab._checks import (  # check_args, host_readable: part of this module's API
     check_args,
-    check_training,
     host_readable,
     user_stacklevel,
 )
@@ -347,19 +346,19 @@ def batch_norm_with_flag(
     ``momentum`` may be a 0-d tensor (the layers' cumulative average 1/n uses one, which keeps
     their forward free of host synchronisation). ``who`` names the caller in error messages.
     """
-    check_training(training, who)  # first: the fast path below reads it as a bool
     if _fast is not None and _fast_allowed():
         # The kernels' C++ entry points: the checks and routing below, for plain CPU float32 /
         # bfloat16 tensors and valid arguments, then the same op with the same arguments; None
-        # for anything else, which the Python below then handles (and raises its errors).
-        if training:
+        # for anything else, which the Python below then handles (and raises its errors; a
+        # ``training`` that is not a bool takes neither branch: check_args names it).
+        if training is True:
             got = _fast.train(input, weight, bias, running_mean, running_var, momentum, eps)
             if got is not None:
                 y, finite, ok = got
                 if not ok:
                     _warn_nonfinite()
                 return y, finite
-        else:
+        elif training is False:
             y = _fast.eval(input, running_mean, running_var, weight, bias, momentum, eps)
             if y is not None:
                 return y, None

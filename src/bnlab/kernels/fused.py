@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab._checks import check_training
 
 __all__ = ["bn_add_relu", "bn_relu", "bn_relu_with_flag"]
 
@@ -28,7 +27,7 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
     """(output, finite flag of the running update or None), as `F.batch_norm_with_flag`."""
     from bnlab import kernels
 
-    check_training(training, who)  # first: the C++ entry reads it as a bool
+    # (The C++ entry declines a ``training`` that is not a bool; check_args then names it.)
     if F._fast is not None and F._fast_allowed():  # the C++ checks and routing of what follows
         got = F._fast.fused(input, residual, running_mean, running_var, weight, bias, training,
                             momentum, eps)
