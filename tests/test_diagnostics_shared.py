@@ -87,14 +87,16 @@ def test_gradient_ics_measures_a_tied_output_head() -> None:
     model = TiedLM().to(D)
     tokens, target = torch.randint(0, 7, (6,)), torch.randint(0, 7, (6,))
     res = gradient_ics(model, F.cross_entropy, (tokens, target), lr=0.1)
-    assert res.names == ["mlp", "lm_head"]  # the head was dropped (and refused when named)
+    assert res.names == ["embed", "mlp", "lm_head"]
     F.cross_entropy(model(tokens), target).backward()
     # G of the head is the gradient of its (shared) weight, as autograd sums it
-    assert torch.allclose(res.grad_norm[1], model.embed.weight.grad.norm())
+    assert torch.allclose(res.grad_norm[2], model.embed.weight.grad.norm())
+    # Def. 2.1 keeps W_i: measuring the head moves the mlp but not the embedding it is tied to
     explicit = gradient_ics(model, F.cross_entropy, (tokens, target), lr=0.1,
                             layers=["mlp", model.lm_head], measure=[np.int64(2)])
-    assert explicit.layers == [2] and torch.allclose(explicit.l2, res.l2[1:])
-    with pytest.raises(ValueError, match=r"measure: expected layer numbers, integers in 1..2, "
+    assert explicit.layers == [2] and torch.allclose(explicit.l2, res.l2[2:])
+    assert res.l2[0] == 0
+    with pytest.raises(ValueError, match=r"measure: expected layer numbers, integers in 1..3, "
                        r"got True"):
         gradient_ics(model, F.cross_entropy, (tokens, target), lr=0.1, measure=[True])
 

@@ -14,13 +14,21 @@ No probe changes weights, ``.grad``, optimizer state, buffers (BN running statis
 states. Plotting lives in `bnlab.lab`.
 """
 
+from bnlab.diagnostics._common import probing
 from bnlab.diagnostics.activations import (
     NONLINEARITIES,
     ActivationTracker,
     distribution_shift,
     saturation_fraction,
 )
-from bnlab.diagnostics.ics import ICSResult, default_layers, gradient_ics, sgd_update
+from bnlab.diagnostics.ics import (
+    LAYER_KINDS,
+    NORM_KINDS,
+    ICSResult,
+    default_layers,
+    gradient_ics,
+    sgd_update,
+)
 from bnlab.diagnostics.jacobian import (
     JacobianResult,
     layer_jacobian_singular_values,
@@ -30,7 +38,9 @@ from bnlab.diagnostics.jacobian import (
 from bnlab.diagnostics.landscape import LandscapeResult, landscape_probe
 
 __all__ = [
+    "LAYER_KINDS",
     "NONLINEARITIES",
+    "NORM_KINDS",
     "ActivationTracker",
     "ICSResult",
     "JacobianResult",
@@ -41,6 +51,7 @@ __all__ = [
     "landscape_probe",
     "layer_jacobian_singular_values",
     "layer_jacobians",
+    "probing",
     "saturation_fraction",
     "sgd_update",
     "spectrum_summary",

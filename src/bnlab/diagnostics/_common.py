@@ -9,7 +9,8 @@ the module's parameters and their ``.grad`` are never touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -20,12 +21,44 @@ from bnlab.stats import BufferSnapshot
 
 LossFn = Callable[[Any, Any], Tensor]
 
+# True while a probe evaluates the model at other weights: hooks that accumulate training
+# statistics (e.g. `bnlab.lab.probes.CumulativeBatchStats`) skip those forwards.
+_PROBING: ContextVar[bool] = ContextVar("bnlab_probing", default=False)
+
+
+def probing() -> bool:
+    """Whether the current forward pass is a probe's evaluation (inside a `SideEffectGuard`),
+    not a training step: hooks that count training batches should ignore it."""
+    return _PROBING.get()
+
+
+def _generators_in(v: Any) -> Iterator[torch.Generator]:
+    """Generators held directly or one container deep (a dict per device, a list of streams)."""
+    if isinstance(v, torch.Generator):
+        yield v
+    elif isinstance(v, Mapping):
+        yield from (g for g in v.values() if isinstance(g, torch.Generator))
+    elif isinstance(v, (list, tuple)):
+        yield from (g for g in v if isinstance(g, torch.Generator))
+
 
 def _module_generators(model: nn.Module) -> list[torch.Generator]:
     gens: list[torch.Generator] = []
     for m in model.modules():
-        gens.extend(v for v in vars(m).values() if isinstance(v, torch.Generator))
+        for v in vars(m).values():
+            gens.extend(g for g in _generators_in(v) if all(g is not h for h in gens))
     return gens
+
+
+def check_probe_model(model: nn.Module, who: str) -> None:
+    """Refuse what `functional_call` cannot evaluate, naming the fix: DataParallel-style
+    wrappers (probe ``model.module``) and inference mode (its tensors cannot need grad)."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(f"{who}: model is a {type(model).__name__}; probe the wrapped module "
+                        f"(model.module) instead")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{who}: called inside torch.inference_mode(), where no gradient "
+                           f"can be taken; call it outside (torch.no_grad() is fine)")
 
 
 class SideEffectGuard:
@@ -43,6 +76,7 @@ class SideEffectGuard:
         self.generators = [(g, g.get_state()) for g in _module_generators(self.model)]
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self._token = _PROBING.set(True)
         return self
 
     @torch.no_grad()
@@ -55,7 +89,10 @@ class SideEffectGuard:
             torch.cuda.set_rng_state_all(self.cuda_rng)
 
     def __exit__(self, *exc: object) -> None:
-        self.reset()
+        try:
+            self.reset()
+        finally:
+            _PROBING.reset(self._token)
 
 
 def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
@@ -79,10 +116,14 @@ def submodule(model: nn.Module, name: str | None) -> nn.Module | None:
 
 
 def current_params(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
-    """Detached copies-by-reference of the named parameters (all that require grad by default)."""
+    """Detached views of the named parameters (all that require grad by default): they share
+    memory with the model, so anything handed to user code gets clones."""
     params = dict(model.named_parameters())
     if names is None:
         return {n: p.detach() for n, p in params.items() if p.requires_grad}
+    if isinstance(names, str):  # a str is iterable: "0.weight" would read as '0', '.', ...
+        raise TypeError(f"params: expected a list of parameter names, got the str {names!r} "
+                        f"(write [{names!r}])")
     names = list(names)
     unknown = [n for n in names if n not in params]
     if unknown or not names:

@@ -9,6 +9,8 @@ the lab.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -31,9 +33,11 @@ def _quantiles(v: Tensor, q: Tensor) -> Tensor:
     """Quantiles of each row of v (U, n) by linear interpolation (torch.quantile's default),
     via a sort: torch.quantile refuses more than 2**24 values."""
     s = v.sort(dim=1).values
-    pos = q.to(s) * (s.shape[1] - 1)  # (Q,)
-    lo, hi = pos.floor().long(), pos.ceil().long()
-    frac = pos - lo.to(s)
+    # Positions in float64: float32 cannot index past 2**24 values, the case this path is for.
+    pos = q.to(torch.float64) * (s.shape[1] - 1)  # (Q,)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=s.shape[1] - 1)
+    frac = (pos - lo.to(torch.float64)).to(s)
     return s[:, lo] + (s[:, hi] - s[:, lo]) * frac  # (U, Q)
 
 
@@ -77,17 +81,31 @@ class ActivationTracker:
         if where not in ("input", "output"):
             raise ValueError(f"where must be 'input' or 'output', got {where!r}")
         q = torch.as_tensor(quantiles, dtype=torch.float64)
-        if q.dim() != 1 or q.numel() == 0 or bool(((q < 0) | (q > 1)).any()):
+        if q.dim() != 1 or q.numel() == 0 or not bool(((q >= 0) & (q <= 1)).all()):
             raise ValueError(f"quantiles must be a non-empty list of levels in [0, 1], "
                              f"got {quantiles!r}")
-        if not isinstance(bins, int) or bins < 1:
+        if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
             raise ValueError(f"bins must be an int >= 1, got {bins!r}")
-        if not hist_range[0] < hist_range[1]:
-            raise ValueError(f"hist_range must be (low, high) with low < high, got {hist_range!r}")
+        try:
+            lo_hi = [float(v) for v in hist_range]
+        except (TypeError, ValueError):
+            lo_hi = []
+        if len(lo_hi) != 2 or not all(map(math.isfinite, lo_hi)) or not lo_hi[0] < lo_hi[1]:
+            raise ValueError(f"hist_range must be finite (low, high) with low < high, "
+                             f"got {hist_range!r}")
+        if units is not None and (isinstance(units, (str, int)) or len(units) == 0 or not all(
+                isinstance(u, numbers.Integral) and not isinstance(u, bool) for u in units)):
+            raise ValueError(f"units: expected a non-empty list of channel indices (or None "
+                             f"to pool all values), got {units!r}")
+        if saturation_threshold is not None and not (
+                isinstance(saturation_threshold, (int, float)) and saturation_threshold >= 0
+                and math.isfinite(saturation_threshold)):
+            raise ValueError(f"saturation_threshold: expected a finite number >= 0 (or None), "
+                             f"got {saturation_threshold!r}")
         self.model, self.where, self.q, self.bins = model, where, q, bins
         self.hist_range = (float(hist_range[0]), float(hist_range[1]))
         self.bin_edges = torch.linspace(*self.hist_range, bins + 1, dtype=torch.float64)
-        self.units = None if units is None else list(units)
+        self.units = None if units is None else [int(u) for u in units]
         self.saturation_threshold = saturation_threshold
         self.modules = self._resolve(modules)
         self._records: dict[str, list[dict[str, Tensor]]] = {n: [] for n in self.modules}
@@ -135,9 +153,9 @@ class ActivationTracker:
                                      f"{type(x).__name__}, expected one tensor (N, C, *) "
                                      "(a module returning a tuple, as an RNN, cannot be "
                                      "watched at its output)")
-                if x.dim() < 2:
+                if x.dim() < 2 or x.numel() == 0:
                     raise ValueError(f"ActivationTracker: the {self.where} of {name!r} has "
-                                     f"shape {tuple(x.shape)}; expected (N, C, *)")
+                                     f"shape {tuple(x.shape)}; expected (N, C, *), not empty")
                 if self.units is not None and not all(-x.shape[1] <= u < x.shape[1]
                                                       for u in self.units):
                     raise ValueError(f"units: expected channel indices below {x.shape[1]} "
@@ -235,7 +253,9 @@ def distribution_shift(layer_history: Mapping[str, Tensor], *,
     """
     if reduce not in ("mean", "none"):
         raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
-    mu, var = layer_history["channel_mean"], layer_history["channel_var"]  # (T, C)
+    # (T, C); as float64, so a history read back from JSON with whole numbers works too
+    mu, var = (torch.as_tensor(layer_history[k], dtype=torch.float64)
+               for k in ("channel_mean", "channel_var"))
     out = {"mean_step": (mu[1:] - mu[:-1]).abs(), "var_step": (var[1:] - var[:-1]).abs(),
            "mean_drift": mu - mu[:1], "var_drift": var - var[:1]}
     return {k: v.mean(1) for k, v in out.items()} if reduce == "mean" else out

@@ -13,7 +13,10 @@ module through `torch.func.functional_call`; no plotting, no training loop.
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 from bnlab.diagnostics._common import (
     LossFn,
     SideEffectGuard,
+    check_probe_model,
     current_params,
     flat,
     loss_and_grad,
@@ -33,7 +37,7 @@ from bnlab.diagnostics._common import (
 from bnlab.stats import is_batchnorm
 from bnlab.variants import LpNorm
 
-__all__ = ["ICSResult", "default_layers", "gradient_ics", "sgd_update"]
+__all__ = ["LAYER_KINDS", "NORM_KINDS", "ICSResult", "default_layers", "gradient_ics", "sgd_update"]
 
 UpdateFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Mapping[str, Tensor]]
 
@@ -59,25 +63,45 @@ class ICSResult:
         return out
 
 
+def _check_lr(lr: Any) -> float:
+    """A learning rate: a finite real number > 0 (lr = 0 would report "no ICS" for any model)."""
+    ok = isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+    if not (ok and math.isfinite(float(lr)) and float(lr) > 0):
+        raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
+    return float(lr)
+
+
 def sgd_update(lr: float) -> UpdateFn:
     """The plain SGD step W^+ = W − lr·G (what Santurkar et al. train with)."""
+    lr = _check_lr(lr)
     return lambda params, grads: {n: p - lr * grads[n] for n, p in params.items()}
+
+
+# What `default_layers` counts as a layer W_i, and which normalization modules join the layer
+# before them (their γ, β move with it in a training step).
+LAYER_KINDS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+    nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding, nn.EmbeddingBag)
+NORM_KINDS: tuple[type[nn.Module], ...] = (
+    LpNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
+    nn.modules.instancenorm._InstanceNorm)
 
 
 def default_layers(model: nn.Module, example_inputs: Sequence[Any], *,
                    with_norms: bool = False) -> list[str] | list[list[str]]:
-    """Names of every Conv/Linear module in the order the forward pass calls them; with
-    ``with_norms``, each as a group with the normalization layers (BN, LpNorm) called after it
-    and before the next Conv/Linear: a layer's parameters W_i, γ_i and β_i included (a norm
-    layer called before the first Conv/Linear is a layer of its own).
+    """Names of every layer module (`LAYER_KINDS`: Linear, Conv and ConvTranspose, Embedding,
+    ...) in the order the forward pass calls them; with ``with_norms``, each as a group with the
+    normalization layers (BN, LpNorm, LayerNorm, GroupNorm, ...: `NORM_KINDS`) called after it
+    and before the next layer: a layer's parameters W_i, γ_i and β_i included (a norm layer
+    called before the first layer is a layer of its own).
 
     Forward order is recorded with hooks (registration order can differ from it).
     """
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    kinds = LAYER_KINDS
     order: list[str] = []
     names = {m: n for n, m in model.named_modules()}
     watched = [m for m in model.modules() if isinstance(m, kinds)
-               or (with_norms and (is_batchnorm(m) or isinstance(m, LpNorm)))]
+               or (with_norms and (is_batchnorm(m) or isinstance(m, NORM_KINDS)))]
     hooks = [m.register_forward_pre_hook(lambda mod, _a: order.append(names[mod]))
              for m in watched]
     try:
@@ -91,7 +115,7 @@ def default_layers(model: nn.Module, example_inputs: Sequence[Any], *,
         return order
     groups: list[list[str]] = []
     for name in order:
-        if isinstance(model.get_submodule(name), kinds) or not groups:
+        if isinstance(model.get_submodule(name), LAYER_KINDS) or not groups:
             groups.append([name])
         else:
             groups[-1].append(name)  # a norm layer joins the layer before it
@@ -131,6 +155,31 @@ def _layer_params(model: nn.Module, layers: Sequence[str | nn.Module | Sequence[
     return shown, groups
 
 
+def _warn_unmeasured(trainable: dict[int, str], groups: list[list[str]]) -> None:
+    """Warn about trainable parameters that the default layers leave out: they never move,
+    so ICS is measured as if those layers were frozen."""
+    grouped = {n for g in groups for n in g}
+    left = [n for n in trainable.values() if n not in grouped]
+    if left:
+        shown = ", ".join(left[:6]) + (f", ... ({len(left)} in all)" if len(left) > 6 else "")
+        warnings.warn(f"gradient_ics: trainable parameters in no default layer never move: "
+                      f"{shown}; pass layers= to include their modules", stacklevel=3)
+
+
+def _check_update(new: Any, params: Mapping[str, Tensor]) -> None:
+    """``update`` must return a tensor of the same shape for every parameter of the layers."""
+    if not isinstance(new, Mapping):
+        raise TypeError(f"update: expected it to return a dict name -> tensor, got "
+                        f"{type(new).__name__}")
+    for n, p in params.items():
+        t = new.get(n)
+        if not isinstance(t, Tensor) or t.shape != p.shape:
+            got = "nothing" if t is None else (f"shape {tuple(t.shape)}"
+                                               if isinstance(t, Tensor) else type(t).__name__)
+            raise ValueError(f"update: expected a tensor of shape {tuple(p.shape)} for "
+                             f"parameter {n!r}, got {got}")
+
+
 def _layer_number(i: Any, k: int) -> int:
     """``i`` as a layer number in 1..k (NumPy and torch integers too; not a bool)."""
     try:
@@ -168,21 +217,25 @@ def gradient_ics(
             e.g. to mimic SGD with momentum from the optimizer's buffers, without changing them.
         layers: W_1..W_k in forward order: modules, module names, or groups of them (a group's
             parameters form one W_i, e.g. ``[conv, bn]`` to count BN's γ, β with the conv).
-            Default: every Conv/Linear module with trainable parameters, in forward order, each
-            grouped with the BN/LpNorm layers after it (`default_layers` with ``with_norms``;
-            one extra no-grad forward per call: pass ``layers`` when probing often), so that
-            "the previous layers" move with their γ, β as in a training step. Trainable
-            parameters outside the layers are never moved.
+            Default: every layer module (`LAYER_KINDS`) with trainable parameters, in forward
+            order, each grouped with the normalization layers after it (`default_layers` with
+            ``with_norms``; one extra no-grad forward per call: pass ``layers`` when probing
+            often), so that "the previous layers" move with their γ, β as in a training step.
+            Trainable parameters outside the layers are never moved (a warning names them
+            when the default leaves some out, e.g. an RNN's or attention's: pass ``layers``).
         measure: 1-based layer numbers to report (default all). Every layer before a measured
             one is still moved, as the definition requires.
 
     Returns:
         An `ICSResult`. Cost: one gradient plus one per measured layer.
     """
+    check_probe_model(model, "gradient_ics")
     if update is None:
         if lr is None:
             raise ValueError("gradient_ics: give lr (plain SGD) or update, got neither")
         update = sgd_update(lr)
+    elif lr is not None:
+        raise ValueError("gradient_ics: give lr (plain SGD) or update, not both")
     with SideEffectGuard(model) as guard:
         if layers is None:  # frozen layers are no W_i: nothing would move them
             trainable = _trainable(model)
@@ -191,11 +244,13 @@ def gradient_ics(
                 if any(id(p) in trainable for n in g
                        for p in model.get_submodule(n).parameters())]
             if not names:
-                raise ValueError("gradient_ics: the model has no Conv/Linear layer with "
-                                 "trainable parameters to measure")
+                raise ValueError("gradient_ics: the model has no layer (Linear, Conv, ...: "
+                                 "LAYER_KINDS) with trainable parameters to measure; pass layers")
         else:
             names = list(layers)
         shown, groups = _layer_params(model, names)
+        if layers is None:
+            _warn_unmeasured(trainable, groups)
         k = len(groups)
         measure = list(range(1, k + 1)) if measure is None else [_layer_number(i, k)
                                                                  for i in measure]
@@ -204,12 +259,16 @@ def gradient_ics(
         params = current_params(model)
         guard.reset()
         loss, grads = loss_and_grad(model, params, loss_fn, batch, params.keys())
-        new = update(params, grads)
+        # Clones: params are views of the live weights, and an optimizer-style update may
+        # write into either argument in place.
+        new = update({n: p.clone() for n, p in params.items()},
+                     {n: g.clone() for n, g in grads.items()})
+        _check_update(new, {n: params[n] for g in groups for n in g})
         l2, cos, gnorm = [], [], []
         for i in measure:
             moved = dict(params)
-            for group in groups[: i - 1]:
-                moved.update({n: new[n].detach() for n in group})
+            for group in groups[: i - 1]:  # W_i itself stays, even where tied to an earlier W_j
+                moved.update({n: new[n].detach() for n in group if n not in groups[i - 1]})
             guard.reset()
             _, g2 = loss_and_grad(model, moved, loss_fn, batch, groups[i - 1])
             g, gp = flat({n: grads[n] for n in groups[i - 1]}), flat(g2)

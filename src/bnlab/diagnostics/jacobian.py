@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlab.diagnostics._common import SideEffectGuard
+from bnlab.diagnostics._common import SideEffectGuard, check_probe_model
 from bnlab.stats import is_batchnorm
 from bnlab.variants import LpNorm
 
@@ -127,6 +127,11 @@ def layer_jacobians(
     Raises:
         ValueError: ``normalized`` and a γ of exactly 0 at M_{k+1} (x̂ is not determined there).
     """
+    check_probe_model(model, "layer_jacobians")
+    if max_examples is not None and (isinstance(max_examples, bool)
+                                     or not isinstance(max_examples, int) or max_examples < 1):
+        raise ValueError(f"max_examples: expected an int >= 1 (or None for all), "
+                         f"got {max_examples!r}")
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     names = {m: n for n, m in model.named_modules()}
     points = [model.get_submodule(m) if isinstance(m, str) else m
@@ -140,6 +145,10 @@ def layer_jacobians(
     leaves: dict[nn.Module, Tensor] = {}
 
     def cut(mod: nn.Module, _args: Any, out: Tensor) -> Tensor:
+        if not isinstance(out, Tensor):
+            raise ValueError(f"modules: {names[mod] or '<root>'} ({type(mod).__name__}) returns "
+                             f"{type(out).__name__}, expected one tensor; watch modules that "
+                             "return a tensor")
         if mod in outs:  # its stretches of network would be cut at its last call only
             raise ValueError(f"layer_jacobians: {names[mod] or '<root>'} "
                              f"({type(mod).__name__}) runs more than once in a forward (shared "

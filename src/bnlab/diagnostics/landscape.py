@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlab.diagnostics._common import LossFn, SideEffectGuard, current_params, flat, loss_and_grad
+from bnlab.diagnostics._common import (
+    LossFn,
+    SideEffectGuard,
+    check_probe_model,
+    current_params,
+    flat,
+    loss_and_grad,
+)
 
 __all__ = ["LandscapeResult", "landscape_probe"]
 
@@ -63,6 +70,19 @@ class LandscapeResult:
         }
 
 
+def _direction_part(direction: Mapping[str, Tensor], name: str, w: Tensor) -> Tensor:
+    """``direction[name]`` as ``w``'s dtype and device: a tensor of w's shape, all finite (a
+    smaller one would broadcast in w − η·d while ‖d‖ counted only its own values)."""
+    d = direction[name]
+    if not isinstance(d, Tensor) or d.shape != w.shape:
+        got = f"shape {tuple(d.shape)}" if isinstance(d, Tensor) else type(d).__name__
+        raise ValueError(f"direction[{name!r}]: expected a tensor of the parameter's shape "
+                         f"{tuple(w.shape)}, got {got}")
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError(f"direction[{name!r}]: expected finite values, got nan or inf")
+    return d.detach().to(w)
+
+
 def landscape_probe(
     model: nn.Module,
     loss_fn: LossFn,
@@ -94,7 +114,8 @@ def landscape_probe(
     Returns:
         A `LandscapeResult`. Cost: one gradient per step size, plus one.
     """
-    etas = torch.as_tensor(step_sizes, dtype=torch.float64).reshape(-1)
+    check_probe_model(model, "landscape_probe")
+    etas = torch.as_tensor(step_sizes, dtype=torch.float64).reshape(-1).cpu()
     if etas.numel() == 0 or not bool((etas > 0).all()) or not bool(torch.isfinite(etas).all()):
         raise ValueError(f"step_sizes must be a non-empty sequence of finite numbers > 0, "
                          f"got {etas.tolist()}")
@@ -108,7 +129,7 @@ def landscape_probe(
             missing = set(w) - set(direction)
             if missing:
                 raise ValueError(f"direction lacks parameters {sorted(missing)}")
-            d = {n: direction[n].to(w[n]) for n in w}
+            d = {n: _direction_part(direction, n, w[n]) for n in w}
         g_flat, d_norm = flat(g), torch.linalg.vector_norm(flat(d))
         if float(d_norm) == 0:  # no step leaves w, and beta would be 0 / 0 (nan stays nan)
             what = "the gradient at w" if direction is None else "direction"

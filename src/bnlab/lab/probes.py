@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnlab.diagnostics import probing
 from bnlab.lab.train import ProbeContext
 
 __all__ = ["InputPercentiles"]
@@ -27,20 +28,30 @@ class InputPercentiles:
 
     def __init__(self, module: nn.Module, x: Tensor, *, key: str = "pct",
                  qs: Sequence[float] = (15, 50, 85)) -> None:
+        q = torch.as_tensor(qs, dtype=torch.float64)
+        if q.dim() != 1 or q.numel() == 0 or not bool(((q >= 0) & (q <= 100)).all()):
+            raise ValueError(f"qs: expected a non-empty list of percentiles in [0, 100], "
+                             f"got {qs!r}")
+        if bool((q < 1).all()) and bool((q > 0).any()):
+            raise ValueError(f"qs: expected percentiles in [0, 100] (15 for the 15th), got "
+                             f"{qs!r}, which read as fractions of a percent")
         self.module, self.x, self.key = module, x, key
-        self.q = torch.tensor([q / 100 for q in qs])
+        self.q = (q / 100).float()
 
     @torch.no_grad()
     def __call__(self, ctx: ProbeContext) -> dict[str, Any]:
         seen: list[Tensor] = []
-        hook = self.module.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-        was = ctx.model.training
+        # A copy: an in-place module (ReLU(inplace=True)) would overwrite the input it records.
+        hook = self.module.register_forward_pre_hook(
+            lambda _m, args: seen.append(args[0].detach().clone()))
+        modes = {m: m.training for m in ctx.model.modules()}  # a BN frozen with .eval() stays so
         try:
             ctx.model.eval()
             ctx.model(self.x)
         finally:
             hook.remove()
-            ctx.model.train(was)
+            for m, mode in modes.items():
+                m.training = mode
         z = seen[0].flatten(1).float()  # (N, units)
         pct = torch.quantile(z, self.q.to(z.device), dim=0)  # (len(qs), units)
         return {self.key: [[round(v, 4) for v in row] for row in pct.tolist()]}
@@ -62,8 +73,10 @@ class CumulativeBatchStats:
             m.register_forward_pre_hook(lambda mod, args, n=name: self._add(n, mod, args[0]))
 
     def _add(self, name: str, mod: nn.Module, x: Tensor) -> None:
-        if not (mod.training and torch.is_grad_enabled()):
-            return  # checked before no_grad: inside it grad is always disabled
+        # Checked before no_grad (inside it grad is always disabled); a probe's evaluations at
+        # other weights (gradient ICS, landscape) run with grad but are no training batches.
+        if not (mod.training and torch.is_grad_enabled()) or probing():
+            return
         with torch.no_grad():
             dims = [0, *range(2, x.dim())]
             var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=1)  # unbiased

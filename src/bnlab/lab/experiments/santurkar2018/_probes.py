@@ -6,6 +6,7 @@ buffers and RNG states, so a probed run trains exactly as an unprobed one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,11 +26,31 @@ def _due(ctx: ProbeContext, every: int) -> bool:
     return ctx.batch is not None and ctx.step % every == 0
 
 
+def _every(every: Any) -> int:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every: expected an int >= 1 (probe every that many steps), "
+                         f"got {every!r}")
+    return every
+
+
+def _lr(ctx: ProbeContext, who: str) -> float:
+    """The step's learning rate, which the probes scale by: refused unless finite and > 0."""
+    lr = float(ctx.lr)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"{who}: the learning rate at step {ctx.step} is {lr!r}; the probe "
+                         f"needs a finite lr > 0 (its step sizes are multiples of it)")
+    return lr
+
+
 def vgg_layer_outputs(model: nn.Module, layers: Sequence[int]) -> dict[str, nn.Module]:
     """Module whose output is "layer #k"'s pre-activation: its norm (conv/linear → norm →
     nonlinearity; an Identity without a norm) for k < 13, the last linear layer (the logits)
     for k = 13."""
     norms, lin = model.norms(), model.layers()  # type: ignore[operator]
+    bad = [k for k in layers if isinstance(k, bool) or not isinstance(k, int)
+           or not 1 <= k <= len(lin)]
+    if bad:
+        raise ValueError(f"layers: expected layer numbers in 1..{len(lin)}, got {bad}")
     return {str(k): (norms[k - 1] if k <= len(norms) else lin[k - 1]) for k in layers}
 
 
@@ -44,7 +65,7 @@ class LayerDistributions:
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], x: Tensor, *,
                  every: int = 1) -> None:
-        self.model, self.modules, self.x, self.every = model, dict(modules), x, every
+        self.model, self.modules, self.x, self.every = model, dict(modules), x, _every(every)
 
     def __call__(self, ctx: ProbeContext) -> dict[str, Any]:
         if ctx.step % self.every:
@@ -76,12 +97,13 @@ class ICSProbe:
     def __init__(self, layers: Sequence[nn.Module | Sequence[nn.Module]], measure: Sequence[int],
                  loss_fn: LossFn, *, every: int = 1) -> None:
         self.layers, self.measure, self.loss_fn, self.every = list(layers), list(measure), \
-            loss_fn, every
+            loss_fn, _every(every)
 
     def __call__(self, ctx: ProbeContext) -> dict[str, Any]:
         if not _due(ctx, self.every):
             return {}
-        res = gradient_ics(ctx.model, self.loss_fn, ctx.batch, lr=ctx.lr, layers=self.layers,
+        res = gradient_ics(ctx.model, self.loss_fn, ctx.batch, lr=_lr(ctx, "ICSProbe"),
+                           layers=self.layers,
                            measure=self.measure)
         d = res.to_dict()
         return {"ics": {k: {kk: vv for kk, vv in v.items() if kk != "name"}
@@ -95,10 +117,11 @@ class LandscapeProbe:
 
     def __init__(self, multipliers: Sequence[float], loss_fn: LossFn, *, every: int = 1) -> None:
         self.multipliers = torch.tensor(list(multipliers), dtype=torch.float64)
-        self.loss_fn, self.every = loss_fn, every
+        self.loss_fn, self.every = loss_fn, _every(every)
 
     def __call__(self, ctx: ProbeContext) -> dict[str, Any]:
         if not _due(ctx, self.every):
             return {}
-        res = landscape_probe(ctx.model, self.loss_fn, ctx.batch, ctx.lr * self.multipliers)
+        res = landscape_probe(ctx.model, self.loss_fn, ctx.batch,
+                              _lr(ctx, "LandscapeProbe") * self.multipliers)
         return {"landscape": res.to_dict()}
