@@ -125,7 +125,7 @@ def test_a_failed_load_leaves_the_layer_as_it_was() -> None:
     gamma, beta, mean, var = _keras_arrays(5)
     bn = bnlab.BatchNorm1d(C, dtype=F64)
     before = {k: v.clone() for k, v in bn.state_dict().items()}
-    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"beta must have shape \(4,\)"):
         load_keras_weights(bn, [gamma, beta[:3], mean, var], momentum=0.9, epsilon=0.1)
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k]), k

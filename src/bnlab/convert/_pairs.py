@@ -54,6 +54,14 @@ def is_norm(m: nn.Module) -> TypeGuard[Norm]:
     return is_batchnorm(m) or isinstance(m, FrozenBatchNorm)
 
 
+def custom_forward(m: nn.Module) -> bool:
+    """Whether a norm's class runs a ``forward`` of its own, neither bnlab's nor torch's (e.g.
+    timm's BatchNormAct2d: BN, then an activation): its eval transform is then not BN's, so
+    it is not folded, and not replaced unless asked for by name."""
+    where = getattr(getattr(type(m), "forward", None), "__module__", None) or ""
+    return not where.startswith(("torch.", "bnlab."))
+
+
 class _LeafTracer(fx.Tracer):
     def __init__(self, leaf: ModulePredicate) -> None:
         super().__init__()
@@ -91,7 +99,8 @@ def sequential_pairs(model: nn.Module, first: ModulePredicate,
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     pairs = []
     for prefix, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+        # A subclass with a forward of its own (parallel branches, a skip) is no chain.
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         for (a, ma), (b, mb) in itertools.pairwise(seq._modules.items()):
             if first(ma) and second(mb) and names[id(ma)] == names[id(mb)] == 1:

@@ -16,6 +16,9 @@ names              weight, bias,               gamma, beta,           params: sc
 =================  ==========================  =====================  ======================
 
 Loading keeps the source's ε and converts momentum (m = 1 − d), so eval outputs are identical.
+A layer without a momentum (FrozenBatchNorm) loads and exports too; exporting one, or a layer
+with ``momentum=None`` (the cumulative average, which Keras and Flax lack; a warning says so),
+writes the frameworks' default decay 0.99 into ``config``.
 The stored variance is copied as is by default, which is what makes eval outputs identical;
 pass ``batch_values`` (the m values per channel of the training batches: N·H·W) to convert the
 estimator as well (× m/(m−1) into ours, × (m−1)/m out), so that further training continues
@@ -25,6 +28,7 @@ Arrays may be numpy arrays, tensors or lists; results are CPU tensors (``.numpy(
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -47,13 +51,13 @@ __all__ = [
 
 
 class _BNLike(Protocol):
-    """What the conversions read and set of ``bn``. bnlab's and torch's BN layers (and
-    FrozenBatchNorm) have these, but the functions take any nn.Module with them, whose
-    attributes nn.Module's __getattr__ types Tensor | Module."""
+    """What the conversions read and set of ``bn``. bnlab's and torch's BN layers and
+    FrozenBatchNorm have these (the last no ``momentum``, which is optional), but the functions
+    take any nn.Module with them, whose attributes nn.Module's __getattr__ types
+    Tensor | Module."""
 
     num_features: int
     eps: float
-    momentum: float | None
     weight: Tensor | None
     bias: Tensor | None
     running_mean: Tensor | None
@@ -73,7 +77,7 @@ def _bn_like(bn: nn.Module, who: str) -> _BNLike:
 
 def decay_to_momentum(decay: float) -> float:
     """Keras/Flax ``momentum`` (decay d of the old value) → PyTorch momentum m = 1 − d."""
-    if not is_real(decay) or not 0.0 <= decay <= 1.0:
+    if isinstance(decay, bool) or not is_real(decay) or not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay_to_momentum: decay must be in [0, 1], got {decay!r}")
     return 1.0 - float(decay)
 
@@ -81,10 +85,29 @@ def decay_to_momentum(decay: float) -> float:
 def momentum_to_decay(momentum: float | None) -> float:
     """PyTorch momentum m → Keras/Flax decay d = 1 − m (``None``, the cumulative average, has
     no Keras/Flax equivalent)."""
-    if momentum is None or not 0.0 <= momentum <= 1.0:
-        raise ValueError("momentum_to_decay: momentum must be in [0, 1] (the cumulative "
-                         f"average momentum=None has no decay equivalent), got {momentum!r}")
-    return 1.0 - momentum
+    if (momentum is None or isinstance(momentum, bool) or not is_real(momentum)
+            or not 0.0 <= momentum <= 1.0):
+        raise ValueError("momentum_to_decay: momentum must be a number in [0, 1] (the "
+                         "cumulative average momentum=None has no decay equivalent), got "
+                         f"{momentum!r}")
+    return 1.0 - float(momentum)
+
+
+DEFAULT_DECAY = 0.99  # Keras's and Flax's default BatchNormalization momentum
+
+
+def _export_decay(bn: nn.Module, who: str) -> float:
+    """The decay to export: 1 − momentum, or the frameworks' default where ``bn`` has none
+    (FrozenBatchNorm) or keeps the cumulative average (momentum=None, with a warning)."""
+    if not hasattr(bn, "momentum"):
+        return DEFAULT_DECAY
+    momentum: Any = bn.momentum  # nn.Module types it Tensor | Module
+    if momentum is None:
+        warnings.warn(f"{who}: {type(bn).__name__} has momentum=None (the cumulative average), "
+                      f"which Keras and Flax lack; config['momentum'] is their default "
+                      f"{DEFAULT_DECAY}", UserWarning, stacklevel=3)
+        return DEFAULT_DECAY
+    return momentum_to_decay(momentum)
 
 
 def _bessel(batch_values: int | None, who: str) -> float:
@@ -100,12 +123,16 @@ def _vector(value: Any, c: int, name: str, who: str, like: Tensor) -> Tensor:
     t = torch.as_tensor(value).detach()
     if tuple(t.shape) != (c,):
         raise ValueError(f"{who}: {name} must have shape ({c},), got {tuple(t.shape)}")
-    return t.to(device=like.device, dtype=like.dtype)
+    t = t.to(device=like.device, dtype=like.dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{who}: {name} must be finite, got {t.tolist()}")
+    return t
 
 
 @torch.no_grad()
 def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: float,
-          eps: float, factor: float, who: str) -> nn.Module:
+          eps: float, factor: float, who: str, names: tuple[str, str, str, str]) -> nn.Module:
+    """Load (γ, β, mean, variance), named ``names`` in the source framework's terms."""
     check_materialized(bn, who)
     check_eps(eps, who)
     momentum = decay_to_momentum(decay)
@@ -117,26 +144,27 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
     rm = layer.running_mean
     # Everything is converted and checked before anything is copied: a bad array leaves the
     # layer as it was, not half loaded.
-    new = {"running_mean": _vector(mean, c, "mean", who, rm),
-           "running_var": _vector(var, c, "variance", who, rm) * factor}
-    if not bool(torch.isfinite(new["running_mean"]).all()):
-        raise ValueError(f"{who}: mean must be finite, got {new['running_mean'].tolist()}")
+    new = {"running_mean": _vector(mean, c, names[2], who, rm),
+           "running_var": _vector(var, c, names[3], who, rm) * factor}
     v = new["running_var"]
     if not bool((torch.isfinite(v) & (v >= 0)).all()):
-        raise ValueError(f"{who}: variance must be finite and >= 0, got {v.tolist()}")
-    for name, value, default in (("weight", gamma, 1.0), ("bias", beta, 0.0)):
+        raise ValueError(f"{who}: {names[3]} must be finite and >= 0, got {v.tolist()}")
+    for name, shown, value, default in (("weight", names[0], gamma, 1.0),
+                                        ("bias", names[1], beta, 0.0)):
         param = getattr(bn, name, None)
         if param is None:
             if value is not None and not torch.all(torch.as_tensor(value) == default):
                 why = "affine=False" if not getattr(bn, "affine", True) else "bias=False"
                 raise ValueError(f"{who}: {type(bn).__name__} has {why} but the source "
-                                 f"has a non-trivial {'gamma' if name == 'weight' else 'beta'}")
+                                 f"has a non-trivial {shown}")
             continue
-        new[name] = (_vector(value, c, name, who, param) if value is not None
+        new[name] = (_vector(value, c, shown, who, param) if value is not None
                      else torch.full_like(param, default))
     for name, t in new.items():
         getattr(bn, name).copy_(t)
-    layer.eps, layer.momentum = float(eps), momentum
+    layer.eps = float(eps)
+    if hasattr(bn, "momentum"):  # FrozenBatchNorm keeps no running average
+        setattr(bn, "momentum", momentum)  # noqa: B010 (nn.Module types the attribute a Tensor)
     return bn
 
 
@@ -202,7 +230,14 @@ def load_keras_weights(bn: nn.Module, weights: Sequence[Any] | Mapping[str, Any]
     """
     who = "load_keras_weights"
     if isinstance(weights, Mapping):
-        w = {k.split("/")[-1].split(":")[0]: v for k, v in weights.items()}
+        w: dict[str, Any] = {}
+        for key, v in weights.items():  # "block/bn/gamma:0" -> "gamma"
+            short = key.split("/")[-1].split(":")[0]
+            if short in w:
+                first = next(k for k in weights if k.split("/")[-1].split(":")[0] == short)
+                raise ValueError(f"{who}: weights has two {short!r} arrays ({first!r} and "
+                                 f"{key!r}); pass one layer's weights")
+            w[short] = v
         needed = [*(["gamma"] if scale else []), *(["beta"] if center else []),
                   "moving_mean", "moving_variance"]
         _keys(w, needed, needed, "weights (scale and center as given)", who)
@@ -218,14 +253,15 @@ def load_keras_weights(bn: nn.Module, weights: Sequence[Any] | Mapping[str, Any]
         beta = items.pop(0) if center else None
         mean, var = items
     return _load(bn, gamma, beta, mean, var, decay=momentum, eps=epsilon,
-                 factor=_bessel(batch_values, who), who=who)
+                 factor=_bessel(batch_values, who), who=who,
+                 names=("gamma", "beta", "moving_mean", "moving_variance"))
 
 
 def keras_weights(bn: nn.Module, *, batch_values: int | None = None) -> KerasBN:
     """``bn`` (bnlab or torch BN) as Keras ``BatchNormalization`` weights and arguments."""
     gamma, beta, mean, var = _export(bn, batch_values, "keras_weights")
     layer = _bn_like(bn, "keras_weights")
-    config = {"momentum": momentum_to_decay(layer.momentum), "epsilon": float(layer.eps),
+    config = {"momentum": _export_decay(bn, "keras_weights"), "epsilon": float(layer.eps),
               "center": True, "scale": True}
     return KerasBN(weights=[gamma, beta, mean, var], config=config)
 
@@ -241,14 +277,15 @@ def load_flax_variables(bn: nn.Module, variables: Mapping[str, Mapping[str, Any]
     _keys(params, ("scale", "bias"), (), "variables['params']", who)
     _keys(stats, ("mean", "var"), ("mean", "var"), "variables['batch_stats']", who)
     return _load(bn, params.get("scale"), params.get("bias"), stats["mean"], stats["var"],
-                 decay=momentum, eps=epsilon, factor=_bessel(batch_values, who), who=who)
+                 decay=momentum, eps=epsilon, factor=_bessel(batch_values, who), who=who,
+                 names=("scale", "bias", "mean", "var"))
 
 
 def flax_variables(bn: nn.Module, *, batch_values: int | None = None) -> FlaxBN:
     """``bn`` (bnlab or torch BN) as Flax ``BatchNorm`` variables and arguments."""
     scale, bias, mean, var = _export(bn, batch_values, "flax_variables")
     layer = _bn_like(bn, "flax_variables")
-    config = {"momentum": momentum_to_decay(layer.momentum), "epsilon": float(layer.eps),
+    config = {"momentum": _export_decay(bn, "flax_variables"), "epsilon": float(layer.eps),
               "use_scale": True, "use_bias": True}
     return FlaxBN(variables={"params": {"scale": scale, "bias": bias},
                              "batch_stats": {"mean": mean, "var": var}}, config=config)

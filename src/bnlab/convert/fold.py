@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -43,6 +42,9 @@ class ChannelAffine(FxLeaf, nn.Module):
         self.register_buffer("shift", shift)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] != self.scale.numel():  # BN would refuse it too
+            raise ValueError("ChannelAffine: expected input (N, " + str(self.scale.numel())
+                             + ", *), got shape " + str(list(x.shape)))
         # A list, not a starred tuple, so that TorchScript compiles it (a folded model is the
         # scriptable form of a bnlab model: `bnlab._checks.no_torchscript`).
         shape = [1] * x.dim()
@@ -72,14 +74,20 @@ def _affine_of(bn: _pairs.Norm, name: str) -> tuple[Tensor, Tensor]:
     return s * k, t * k
 
 
-def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
+def _foldable(m: nn.Module) -> bool:
+    """A norm whose eval transform is BN's affine map (not a class with a forward of its own)."""
+    return _pairs.is_norm(m) and not _pairs.custom_forward(m)
+
+
+def _pairs_fx(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
+    """(pairs, the attributes the forward reads outside module calls)."""
     graph, modules, calls = _pairs.trace(model, _pairs.is_norm)
     # Parameters read outside their module's call (a tied decoder's F.linear(h, enc.weight.t()))
     # would read the folded weight: their layer is not folded.
     read = [str(node.target) for node in graph.nodes if node.op == "get_attr"]
     pairs: list[tuple[str, str]] = []
     for node in graph.nodes:
-        if node.op != "call_module" or not _pairs.is_norm(modules[node.target]):
+        if node.op != "call_module" or not _foldable(modules[node.target]):
             continue
         prev = node.args[0] if node.args else None
         # fx types a node's target str | callable; a call_module node's is the module's name.
@@ -88,18 +96,19 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
                 and len(prev.users) == 1 and calls[prev.target] == 1 and calls[node.target] == 1
                 and not any(t.startswith(prev.target + ".") for t in read)):
             pairs.append((prev.target, node.target))
-    return pairs
+    return pairs, read
 
 
-def _find_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], Exception | None]:
-    """fold_pairs, and the error that made it fall back to `nn.Sequential` neighbours."""
+def _find_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], Exception | None]:
+    """fold_pairs, the attributes read outside module calls (none known without fx), and the
+    error that made it fall back to `nn.Sequential` neighbours."""
     try:
-        return _pairs_fx(model), None
+        return (*_pairs_fx(model), None)
     except Exception as e:  # not traceable (data-dependent control flow, ...): Sequential only
         # (a subclass with a forward of its own, which fx would trace through, is not a layer
         # the BN can fold into)
         return _pairs.sequential_pairs(model, lambda m: _pairs.is_layer(m)
-                                       and not _pairs.own_forward(m), _pairs.is_norm), e
+                                       and not _pairs.own_forward(m), _foldable), [], e
 
 
 def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -154,25 +163,17 @@ def _channels_match(layer: _pairs.Layer, bn: _pairs.Norm) -> bool:
     return not isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d))
 
 
-# bnlab.freeze's hooks run a torch BN in eval mode: the fold's eval transform already does.
-_FREEZE_HOOKS = (freeze._eval_pre_hook, freeze._restore_hook)
-
-
-def _user_hooks(bn: nn.Module) -> bool:
-    """Whether ``bn`` has forward hooks (other than `bnlab.freeze`'s), which may change what it
-    returns: then it is not folded, and its `ChannelAffine` runs them (`_take_hooks`)."""
-    return any(h not in _FREEZE_HOOKS
-               for h in (*bn._forward_pre_hooks.values(), *bn._forward_hooks.values()))
-
-
-def _take_hooks(new: nn.Module, bn: nn.Module) -> None:
-    """Make ``new`` run ``bn``'s forward hooks (but `bnlab.freeze`'s), in the same order."""
-    for d in ("_forward_pre_hooks", "_forward_hooks"):
-        setattr(new, d, OrderedDict((k, h) for k, h in getattr(bn, d).items()
-                                    if h not in _FREEZE_HOOKS))
-    for d in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-              "_forward_hooks_always_called"):
-        setattr(new, d, OrderedDict(getattr(bn, d)))
+def _kept(bns: dict[str, _pairs.Norm], read: list[str]) -> dict[str, str]:
+    """Norms the fold leaves in place (in eval mode), with why: a class with a forward of its
+    own (BN + activation) computes more than BN's affine map, and a norm whose attributes the
+    model reads outside its call (``self.bn.weight`` in a forward) must keep them."""
+    kept = {}
+    for name, m in bns.items():
+        if _pairs.custom_forward(m):
+            kept[name] = f"{type(m).__name__}.forward is its own"
+        elif name and any(t.startswith(name + ".") for t in read):
+            kept[name] = "the model reads its attributes"
+    return kept
 
 
 @torch.no_grad()
@@ -211,7 +212,10 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     now, the parametrization removed; a layer with any other forward hook is not folded (its
     BN becomes a `ChannelAffine`), nor is a layer whose output size is not the BN's C, nor a
     BN with forward hooks (its `ChannelAffine` runs them), nor a layer whose parameters the
-    model also reads outside its call (a tied decoder). A
+    model also reads outside its call (a tied decoder). Two kinds of BN are left in place, in
+    eval mode, and named in a warning: a subclass with a ``forward`` of its own (e.g. BN then
+    an activation), and one whose attributes the model reads (``self.bn.weight`` in a forward,
+    as channel-attention and pruning code do; seen where torch.fx traces the model). A
     Linear followed by a BN is folded on the assumption that it sees (N, F) input, as
     `batchnormify` builds it. Where torch.fx cannot trace the model, pairs are adjacent
     children of `nn.Sequential` containers, and a warning names the pairs folded on the
@@ -232,13 +236,18 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                                " / spectral_norm instead of the deprecated hook forms") from e
     model.eval()
     bns = {name: m for name, m in model.named_modules() if _pairs.is_norm(m)}
+    pairs, read, untraced = _find_pairs(model)
+    kept = _kept(bns, read)
+    if kept:
+        warnings.warn("fold: left in place (eval mode), not folded: " + ", ".join(
+            f"{n or '<root>'} ({why})" for n, why in kept.items()), UserWarning, stacklevel=2)
+    bns = {name: m for name, m in bns.items() if name not in kept}
     affines = {name: _affine_of(bn, name) for name, bn in bns.items()}
     folded = set()
-    pairs, untraced = _find_pairs(model)
-    pairs = [(a, b) for a, b in pairs
-             if _pairs.out_features(_pairs.layer_at(model, a)) == bns[b].num_features
+    pairs = [(a, b) for a, b in pairs if b in bns
+             and _pairs.out_features(_pairs.layer_at(model, a)) == bns[b].num_features
              and _channels_match(_pairs.layer_at(model, a), bns[b])
-             and not _user_hooks(bns[b]) and _plain(model.get_submodule(a))]
+             and not freeze.user_hooks(bns[b]) and _plain(model.get_submodule(a))]
     if untraced is not None and pairs:
         warnings.warn(f"fold: torch.fx cannot trace the model ({type(untraced).__name__}: "
                       f"{str(untraced).splitlines()[0] if str(untraced) else ''}), so the "
@@ -258,7 +267,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             dtype = bn.running_mean.dtype
             affine = ChannelAffine(s.to(dtype), t.to(dtype))
             new = nn.Sequential(affine, nn.ReLU()) if isinstance(bn, BatchNormReLU) else affine
-            _take_hooks(new, bn)
+            freeze.carry_hooks(bn, new)
             if not name:  # ``model`` is itself a BN: its replacement is the whole answer
                 return new.eval()
             _pairs.set_module(model, name, new)

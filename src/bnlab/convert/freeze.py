@@ -59,6 +59,24 @@ def _restore_hook(module: nn.Module, args: Any, output: Any) -> None:
     module.training = module.__dict__.pop("_bnlab_mode", module.training)
 
 
+def user_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks other than `freeze`'s (which only run a torch BN
+    in eval mode), hooks that may change what it returns."""
+    return any(h not in (_eval_pre_hook, _restore_hook)
+               for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Make ``new`` also run ``old``'s forward hooks (but `freeze`'s), in the same order, after
+    any of its own: a replaced or folded layer keeps its users' hooks."""
+    for d in ("_forward_pre_hooks", "_forward_hooks"):
+        getattr(new, d).update((k, h) for k, h in getattr(old, d).items()
+                               if h not in (_eval_pre_hook, _restore_hook))
+    for d in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called"):
+        getattr(new, d).update(getattr(old, d))
+
+
 def is_frozen(module: nn.Module) -> bool:
     """Whether ``module`` normalizes with fixed running statistics whatever its mode."""
     if isinstance(module, FrozenBatchNorm):

@@ -24,8 +24,8 @@ from torch import nn
 
 from bnlab._checks import check_materialized
 from bnlab.convert import _pairs
-from bnlab.convert.freeze import freeze, is_frozen
-from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.convert.freeze import carry_hooks, freeze, is_frozen
+from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU
 from bnlab.stats import is_batchnorm
 from bnlab.variants.frozen import FrozenBatchNorm
 
@@ -105,12 +105,16 @@ def _match_dtypes(old: nn.Module, new: nn.Module) -> None:
                     t.data = t.data.to(o.dtype)
 
 
-def _carry_over(old: nn.Module, new: nn.Module, copy_eps: bool) -> None:
-    """State, ε, frozen flag, requires_grad and mode of ``old`` onto ``new``."""
+def _carry_over(old: nn.Module, new: nn.Module, copy_eps: bool,
+                device: torch.device | None) -> None:
+    """State, ε, frozen flag, requires_grad, forward hooks and mode of ``old`` onto ``new``
+    (on ``device``, the model's, where ``old`` holds no tensor to take it from)."""
     ref = next(iter([*old.parameters(), *old.buffers()]), None)
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         _match_dtypes(old, new)
+    elif device is not None:
+        new.to(device=device)
     old_state, new_state = old.state_dict(), new.state_dict()
     new.load_state_dict({k: (old_state[k] if k in old_state and old_state[k].shape == v.shape
                              else v) for k, v in new_state.items()})
@@ -122,6 +126,7 @@ def _carry_over(old: nn.Module, new: nn.Module, copy_eps: bool) -> None:
         new.eps = old.eps
     if is_frozen(old) and not is_frozen(new) and is_batchnorm(new) and new.track_running_stats:
         freeze(new, stats=True, affine=False)
+    carry_hooks(old, new)
     new.train(old.training)
 
 
@@ -138,6 +143,9 @@ def replace_norm(model: nn.Module,
     ``track_running_stats`` and process group; bnlab's layers stay. ``"torch"``: the reverse.
     Layers with no counterpart (a subclass of torch's BN, bnlab's rank-agnostic `BatchNorm`,
     fused BN+ReLU and the variants, for ``"torch"``) are left as they are and named in a warning.
+    With a factory, a layer whose class has a ``forward`` of its own (e.g. timm's BN +
+    activation) is left as it is, and named in a warning, unless ``match`` selects it; a fused
+    `BatchNormReLU` whose replacement is not one becomes ``nn.Sequential(new, nn.ReLU())``.
 
     A factory gets the old layer's ``affine`` and ``track_running_stats`` when it takes them
     (and a ``functools.partial`` has not bound them); its other arguments, momentum included,
@@ -147,7 +155,8 @@ def replace_norm(model: nn.Module,
 
     Every conversion copies each state_dict entry the new layer has with the same shape (γ, β,
     running statistics, ``num_batches_tracked``), γ's and β's ``requires_grad``, the device and
-    dtype, the train/eval mode, the frozen state (`bnlab.freeze`) and, with ``copy_eps``, ε.
+    dtype, the train/eval mode, the frozen state (`bnlab.freeze`), forward hooks and, with
+    ``copy_eps``, ε.
 
     Args:
         model: any module, or a BN itself.
@@ -173,8 +182,10 @@ def replace_norm(model: nn.Module,
         groups = [getattr(m, "process_group", None) for m in model.modules()]
         model = copy.deepcopy(model, {id(g): g for g in groups if g is not None})
     kinds = _same_kind(factory) if isinstance(factory, str) else {}
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), None)
     left: list[str] = []
     changed: list[str] = []
+    custom: list[str] = []
     out = model
     for name, old in [(n, m) for n, m in model.named_modules()
                       if _pairs.is_norm(m) and (match is None or match(n, m))]:
@@ -187,12 +198,18 @@ def replace_norm(model: nn.Module,
                     left.append(label)
                 continue
             new = _same_config(old, cls)
-            _carry_over(old, new, copy_eps=True)
+            _carry_over(old, new, True, device)
         else:
+            if _pairs.custom_forward(old) and match is None:
+                custom.append(label)
+                continue
             new = _build(old, factory)
-            _carry_over(old, new, copy_eps)
+            _carry_over(old, new, copy_eps, device)
             if _pairs.is_norm(new) and _loses(old, new):
                 changed.append(f"{label} -> {type(new).__name__}")
+            if isinstance(old, BatchNormReLU) and not isinstance(new, BatchNormReLU):
+                new = nn.Sequential(new, nn.ReLU())  # the fused layer's ReLU stays
+                new.train(old.training)
         if not name:
             out = new
         else:
@@ -200,6 +217,10 @@ def replace_norm(model: nn.Module,
     if left:
         warnings.warn(f"replace_norm: no {factory} counterpart, left as they are: "
                       + ", ".join(left), UserWarning, stacklevel=3)
+    if custom:
+        warnings.warn("replace_norm: left as they are, their classes' forward being their own "
+                      "(the new layer would not run it; select them with match= to replace "
+                      "them anyway): " + ", ".join(custom), UserWarning, stacklevel=3)
     if changed:
         warnings.warn("replace_norm: these new layers do not compute the old ones' function "
                       "(running statistics or affine γ, β differ): "
