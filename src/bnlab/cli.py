@@ -62,9 +62,13 @@ def _report(args: argparse.Namespace) -> int:
         raise ValueError(f"--runs {args.runs}: no such directory (where `bnlab run --out` "
                          "wrote its runs; default: runs)")
     _writable_dir(args.out, "--out")
-    path = write_report(args.runs, args.out)
+    problems: list[str] = []
+    path = write_report(args.runs, args.out, problems)
+    for problem in problems:
+        print(f"bnlab report: {problem}", file=sys.stderr)
     print(f"report written: {path.resolve()} (and {path.with_name('report.md').resolve()})")
-    return 0
+    # Skipped run directories are the user's to mend; a section that fails is a bug: exit 1.
+    return 1 if any(p.startswith("section ") for p in problems) else 0
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -43,6 +43,14 @@ def _each(obj: Any, names: str, ok: Callable[[Any], bool], one: str, many: str) 
                 raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
+def nonempty(obj: Any, names: str) -> None:
+    """Each named tuple field of ``obj`` holds something: every element check passes an empty
+    sweep, which would run nothing (``--set rates=()``) or fail inside a run."""
+    for name in names.split():
+        if getattr(obj, name) == ():
+            raise ValueError(f"{name} must be a non-empty tuple, got ()")
+
+
 def at_least(obj: Any, names: str, low: int) -> None:
     """Each named integer field (or tuple element) of ``obj`` is >= ``low``."""
     _each(obj, names, lambda v: v >= low, f"an integer >= {low}", f"integers >= {low}")

@@ -113,6 +113,9 @@ def load(cfg: DataConfig) -> Dataset:
             raise ValueError(f"{directory}: {_FILES[k]} must hold "
                              f"{'labels (N,)' if want == 1 else 'images (N, H, W)'}, got an "
                              f"array of shape {a.shape}")
+        if want == 3 and a.dtype != np.uint8:  # pixels are read as 0..255 (÷ 255 below)
+            raise ValueError(f"{directory}: {_FILES[k]} must hold uint8 pixels (IDX type "
+                             f"0x08), as MNIST-format images do, got {a.dtype}")
     xs = {}
     for split in ("train", "test"):
         x = torch.from_numpy(arrays[f"{split}_x"].astype(np.float32) / 255.0)

@@ -1,15 +1,12 @@
 """Figures drawn from saved metrics only (never from a live model): curves with a ±std band
-over seeds, percentile bands, PNG encoding. Matplotlib runs headless (Agg)."""
+over seeds, percentile bands, PNG encoding. Figures are made without pyplot, so they need no
+display, and importing the lab leaves the user's matplotlib backend alone (a notebook's too)."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -20,7 +17,8 @@ Curve = tuple[Sequence[float], Sequence[float], Sequence[float]]  # steps, mean,
 
 def figure(ncols: int = 1, *, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Axes]]:
     """A figure with ``ncols`` side-by-side axes."""
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    fig = Figure(figsize=(width * ncols, height))
+    axes = fig.subplots(1, ncols, squeeze=False)
     return fig, list(axes[0])
 
 
@@ -62,9 +60,8 @@ def plot_percentiles(ax: Axes, steps: Sequence[float], bands: Sequence[Sequence[
 
 
 def to_png(fig: Figure, *, dpi: int = 110) -> bytes:
-    """Encode and close ``fig``."""
+    """Encode ``fig`` (a pyplot-free Figure: nothing to close)."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
     return buf.getvalue()

@@ -87,6 +87,16 @@ class Experiment:
             raise ValueError(f"{self.name}: unknown preset {preset!r}; valid presets: "
                              f"{', '.join(valid)}")
         cfg = apply_overrides(self.presets[preset], list(sets))
+        data = getattr(cfg, "data", None)
+        if isinstance(data, DataConfig) and data.dir is not None:
+            # `--set data.dir=D` is --data-dir D: the same resolved path and run directory.
+            if not data.dir.strip():
+                raise ValueError("--set data.dir: expected a directory, got ''")
+            if data_dir is not None and Path(data_dir).resolve() != Path(data.dir).resolve():
+                raise ValueError(f"--data-dir {data_dir} and --set data.dir={data.dir} name "
+                                 "different directories; give one")
+            data_dir = data.dir
+            cfg = apply_overrides(cfg, ["data.dir=None"])
         # The default directory named explicitly stays None: the same config and run directory.
         given = None if data_dir is None else Path(data_dir).resolve()
         if given is not None and not self.uses_data:
@@ -190,11 +200,20 @@ def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     cfg = exp.config(preset, sets, data_dir)
     check_name_digits(cfg)
+    if not list(exp.variants(cfg)):
+        raise ValueError(f"{exp.name} --preset {preset}: the config gives no variant to run "
+                         f"(--set {' '.join(sets)})")
     tag = preset if cfg == exp.presets[preset] else f"{preset}-{config_hash(cfg)}"
     cache: dict[DataConfig, data_mod.Dataset] = {}
     if exp.uses_data and isinstance(getattr(cfg, "data", None), DataConfig):
-        # A missing or unreadable data set fails before any run directory exists.
-        cache[cfg.data] = data_mod.load(cfg.data)
+        # A missing or unreadable data set, or one smaller than a batch, fails before any
+        # run directory exists.
+        cache[cfg.data] = data = data_mod.load(cfg.data)
+        batch = getattr(getattr(cfg, "train", None), "batch_size", None)
+        if isinstance(batch, int) and batch > len(data.train_x):
+            raise ValueError(f"train.batch_size is {batch}, more than the {len(data.train_x)} "
+                             f"training examples in {data.source}; lower it with --set "
+                             f"train.batch_size=...")
     done: list[runs.Run] = []
     busy = 0
     t0 = time.perf_counter()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
+import shlex
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -130,17 +132,44 @@ def curve(inputs: Inputs, variant: str, key: str = "acc") -> Curve:
     return steps, means, stds
 
 
-def collect(root: str | Path) -> list[Inputs]:
-    """Group the finished runs under ``root`` by (experiment, preset tag)."""
+_META_KEYS = ("experiment", "preset", "variant", "seed")
+
+
+def _readable(run: runs_mod.Run) -> str | None:
+    """Why ``run`` cannot be reported (None: it can): a config.json that is no bnlab run's
+    (another tool's, under --runs), or a damaged file."""
+    try:
+        meta = run.meta
+        lacking = [k for k in _META_KEYS if k not in meta]
+        if lacking:
+            return f"not a bnlab run (its config.json has no {', '.join(lacking)})"
+        if run.finished:
+            run.summary  # noqa: B018 (parsed now, so that a damaged one is named here)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def collect(root: str | Path, problems: list[str] | None = None) -> list[Inputs]:
+    """Group the finished runs under ``root`` by (experiment, preset tag). Directories that
+    cannot be read are skipped, each with its reason appended to ``problems``; groups with
+    unfinished runs only come back with no runs (the report lists how to finish them)."""
     groups: dict[tuple[str, str], dict[str, list[runs_mod.Run]]] = defaultdict(
         lambda: defaultdict(list))
     metas: dict[tuple[str, str], dict[str, Any]] = {}
     unfinished: dict[tuple[str, str], list[str]] = defaultdict(list)
     for run in runs_mod.find_runs(root):
+        why = _readable(run)
+        if why is not None:
+            if problems is not None:
+                problems.append(f"skipped {run.path}: {why}")
+            continue
         meta = run.meta
         key = (meta["experiment"], meta.get("tag", meta["preset"]))
+        metas.setdefault(key, meta)
         if not run.finished:  # interrupted, or running now: not graded, but named
             unfinished[key].append(f"{meta['variant']} seed{meta['seed']}")
+            groups.setdefault(key, defaultdict(list))  # listed with how to finish it
             continue
         groups[key][meta["variant"]].append(run)
         metas[key] = meta
@@ -172,9 +201,28 @@ def _incomplete(exp: Any, inp: Inputs) -> list[str]:
 
 
 def _md_table(t: Table) -> str:
-    lines = ["| " + " | ".join(t.headers) + " |", "|" + "---|" * len(t.headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+    def row(cells: Sequence[str]) -> str:  # a "|" in a cell (|log10 s|) would split it
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    lines = [row(t.headers), "|" + "---|" * len(t.headers), *map(row, t.rows)]
     return (f"*{t.caption}*\n\n" if t.caption else "") + "\n".join(lines)
+
+
+def _html(text: str) -> str:
+    """Markdown prose as HTML: escaped, with its `code` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def resume_command(experiment: str, preset: str, overrides: Sequence[str], data_dir: str | None,
+                   root: str | Path, seeds: int) -> str:
+    """The command that finishes a preset's runs where they stopped (the same config, so the
+    same run directories)."""
+    parts = ["bnlab", "run", experiment, "--preset", preset, "--seeds", str(seeds), "--resume",
+             "--out", str(root)]
+    for o in overrides:
+        parts += ["--set", o]
+    if data_dir is not None and not any(o.startswith("data.dir=") for o in overrides):
+        parts += ["--data-dir", data_dir]
+    return shlex.join(parts)
 
 
 def _html_table(t: Table) -> str:
@@ -192,17 +240,18 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
         ".not{color:#a01818}h2{border-top:1px solid #ccc;padding-top:1em}")
 
 
-def _disclose(sec: Section, inp: Inputs, incomplete: list[str]) -> None:
+def _disclose(sec: Section, inp: Inputs, incomplete: list[str], root: str | Path) -> None:
     """Say what the section's numbers rest on where it is not the preset as run in full: a
     verdict over an incomplete set of runs is inconclusive, and runs on other data than
     Fashion-MNIST, or with --set overrides, say so."""
     if incomplete:
         shown = ", ".join(incomplete[:8]) + (f" and {len(incomplete) - 8} more"
                                               if len(incomplete) > 8 else "")
+        cmd = resume_command(inp.experiment, inp.preset, inp.overrides, inp.data_dir, root,
+                             inp.seeds)
         sec.why = (f"{len(incomplete)} run(s) of this preset are unfinished or missing "
-                   f"({shown}): finish them with `bnlab run {inp.experiment} --preset "
-                   f"{inp.preset} --resume` (with the same --set and --seeds). On the finished "
-                   f"runs alone the verdict would be \"{sec.verdict}\": {sec.why}")
+                   f"({shown}): finish them with `{cmd}`. On the finished runs alone the "
+                   f"verdict would be \"{sec.verdict}\": {sec.why}")
         sec.verdict = "inconclusive"
     if inp.data_dir is not None:
         sec.substitution = (f"These runs used the IDX data in `{inp.data_dir}` (--data-dir), not "
@@ -213,55 +262,90 @@ def _disclose(sec: Section, inp: Inputs, incomplete: list[str]) -> None:
                          + ", ".join(f"`--set {o}`" for o in inp.overrides) + ".")
 
 
-def write_report(root: str | Path = "runs", out: str | Path = "report") -> Path:
+def _seeds_started(inp: Inputs) -> int:
+    """Seeds 0..k−1 that some run of ``inp`` reached, finished or not."""
+    started = [int(u.rsplit("seed", 1)[1]) + 1 for u in inp.unfinished]
+    return max([inp.seeds, *started])
+
+
+def _section(exp: Any, inp: Inputs, root: str | Path, figures: Path) -> tuple[list[str], list[str]]:
+    """The markdown and HTML lines of one experiment's section (its PNGs written to
+    ``figures``)."""
+    sec: Section = exp.report(inp)
+    _disclose(sec, inp, _incomplete(exp, inp), root)
+    head = f"{inp.experiment} — {sec.title} (preset `{inp.tag}`, {inp.seeds} seed(s))"
+    md = ["", f"## {head}", "", f"**Claim (paper).** {sec.claim}", "",
+          f"**Paper's numbers.** {sec.paper}", "", f"**Data substitution.** "
+          f"{sec.substitution}", "", f"**Verdict: {sec.verdict}.** {sec.why}"]
+    vclass = sec.verdict.split()[0]
+    hb = [f"<h2>{_html(head)}</h2>",
+          f"<p><b>Claim (paper).</b> {_html(sec.claim)}</p>",
+          f"<p><b>Paper's numbers.</b> {_html(sec.paper)}</p>",
+          f"<p><b>Data substitution.</b> {_html(sec.substitution)}</p>",
+          f"<p class='v {vclass}'>Verdict: {html.escape(sec.verdict)}. "
+          f"<span style='font-weight:normal;color:black'>{_html(sec.why)}</span></p>"]
+    for t in sec.tables:
+        md += ["", _md_table(t)]
+        hb.append(_html_table(t))
+    for i, (caption, png) in enumerate(sec.figures):
+        name = f"{inp.experiment}-{inp.tag}-{i}.png"
+        (figures / name).write_bytes(png)
+        md += ["", f"![{caption}](figures/{name})", "", f"*{caption}*"]
+        b64 = base64.b64encode(png).decode()
+        hb.append(f"<figure><img src='data:image/png;base64,{b64}' "
+                  f"alt='{html.escape(caption)}'><figcaption>{_html(caption)}</figcaption></figure>")
+    for note in sec.notes:
+        md += ["", note]
+        hb.append(f"<p>{_html(note)}</p>")
+    return md, hb
+
+
+def write_report(root: str | Path = "runs", out: str | Path = "report",
+                 problems: list[str] | None = None) -> Path:
     """Write ``out/report.md`` (+ ``out/figures/*.png``) and ``out/index.html``; return the
-    HTML path. Experiments with no finished run are listed as not run."""
+    HTML path. Experiments with no finished run are listed as not run, or, where runs were
+    started, with the command that finishes them. Run directories that cannot be read are
+    skipped, and a section that fails is left out; both are listed under "Problems" in the
+    report and appended to ``problems`` (section failures start with "section ")."""
     from bnlab.lab.registry import all_experiments
 
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     exps = all_experiments()
-    inputs = collect(root)
+    found: list[str] = []
+    inputs = [i for i in collect(root, found) if i.experiment in exps]
     md = ["# bnlab report", "", f"Finished runs read from `{root}`."]
     hb = ["<!doctype html><meta charset='utf-8'><title>bnlab report</title>",
           f"<style>{_CSS}</style><h1>bnlab report</h1>",
           f"<p>Finished runs read from <code>{html.escape(str(root))}</code>.</p>"]
+    started: list[str] = []
     for inp in inputs:
-        if inp.experiment not in exps:
+        if not inp.runs:  # only unfinished runs: nothing to grade yet
+            cmd = resume_command(inp.experiment, inp.preset, inp.overrides, inp.data_dir, root,
+                                 _seeds_started(inp))
+            started.append(f"`{inp.experiment}` (preset `{inp.tag}`, "
+                           f"{len(inp.unfinished)} unfinished run(s)): `{cmd}`")
             continue
-        sec: Section = exps[inp.experiment].report(inp)
-        _disclose(sec, inp, _incomplete(exps[inp.experiment], inp))
-        head = f"{inp.experiment} — {sec.title} (preset `{inp.tag}`, {inp.seeds} seed(s))"
-        md += ["", f"## {head}", "", f"**Claim (paper).** {sec.claim}", "",
-               f"**Paper's numbers.** {sec.paper}", "", f"**Data substitution.** "
-               f"{sec.substitution}", "", f"**Verdict: {sec.verdict}.** {sec.why}"]
-        vclass = sec.verdict.split()[0]
-        hb += [f"<h2>{html.escape(head)}</h2>",
-               f"<p><b>Claim (paper).</b> {html.escape(sec.claim)}</p>",
-               f"<p><b>Paper's numbers.</b> {html.escape(sec.paper)}</p>",
-               f"<p><b>Data substitution.</b> {html.escape(sec.substitution)}</p>",
-               f"<p class='v {vclass}'>Verdict: {html.escape(sec.verdict)}. "
-               f"<span style='font-weight:normal;color:black'>{html.escape(sec.why)}</span></p>"]
-        for t in sec.tables:
-            md += ["", _md_table(t)]
-            hb.append(_html_table(t))
-        for i, (caption, png) in enumerate(sec.figures):
-            name = f"{inp.experiment}-{inp.tag}-{i}.png"
-            (out / "figures" / name).write_bytes(png)
-            md += ["", f"![{caption}](figures/{name})", "", f"*{caption}*"]
-            b64 = base64.b64encode(png).decode()
-            hb.append(f"<figure><img src='data:image/png;base64,{b64}' "
-                      f"alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
-        for note in sec.notes:
-            md += ["", note]
-            hb.append(f"<p>{html.escape(note)}</p>")
-    missing = [n for n in exps if n not in {i.experiment for i in inputs}]
-    if missing:
-        md += ["", "## Not run yet", ""] + [f"- `{n}`: `bnlab run {n} --preset paper`"
-                                             for n in missing]
-        hb.append("<h2>Not run yet</h2><ul>" + "".join(
-            f"<li><code>bnlab run {html.escape(n)} --preset paper</code></li>" for n in missing)
-            + "</ul>")
+        try:
+            sec_md, sec_hb = _section(exps[inp.experiment], inp, root, out / "figures")
+        except Exception as e:  # one experiment's report must not take the others with it
+            found.append(f"section {inp.experiment} (preset {inp.tag}) failed: "
+                         f"{type(e).__name__}: {e}")
+            continue
+        md += sec_md
+        hb += sec_hb
+    reached = {i.experiment for i in inputs}
+    lists = [("Unfinished", started),
+             ("Not run yet", [f"`{n}`: `bnlab run {n} --preset paper`"
+                              for n in exps if n not in reached]),
+             ("Problems", found)]
+    for title, items in lists:
+        if items:
+            md += ["", f"## {title}", ""] + [f"- {item}" for item in items]
+            hb.append(f"<h2>{title}</h2><ul>"
+                      + "".join(f"<li>{_html(item)}</li>" for item in items) + "</ul>")
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "index.html").write_text("\n".join(hb) + "\n")
+    if problems is not None:
+        problems.extend(found)
     return out / "index.html"

@@ -91,7 +91,12 @@ class Run:
 
     def _json(self, name: str) -> Any:
         p = self.path / name
-        return json.loads(p.read_text()) if p.exists() else None
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:  # an empty or cut file: name it
+            raise ValueError(f"{p} is not JSON ({e}); rerun that run with --force") from None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -158,12 +163,18 @@ class Run:
                              "the run cannot be resumed: rerun it with --force") from None
 
     def save_artifact(self, name: str, obj: Any) -> None:
-        tmp = self.path / f"{name}.pt.tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, self.path / f"{name}.pt")
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        # fsynced, as summary.json after it: a crash must not leave a summary beside an empty one
+        _atomic_write(self.path / f"{name}.pt", buf.getvalue())
 
     def load_artifact(self, name: str) -> Any:
-        return torch.load(self.path / f"{name}.pt", map_location="cpu", weights_only=False)
+        p = self.path / f"{name}.pt"
+        try:
+            return torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch.load raises anything from EOFError to pickle's errors
+            raise ValueError(f"{p} cannot be read ({type(e).__name__}: {e}); rerun that run "
+                             "with --force") from None
 
     def finish(self, summary: dict[str, Any], *, keep_checkpoint: bool = False) -> None:
         _atomic_write(self.path / "summary.json", json.dumps(summary, indent=1).encode())

@@ -8,10 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # after selecting the headless backend
+from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 
@@ -56,10 +53,12 @@ def grid_figure(grids: list[Grid], tol: float, *, ncols: int = 2) -> bytes:
     """Heat maps side by side (one colour scale): accuracy in % per cell, "×" where a seed
     diverged, a black frame around the good region."""
     nrows = math.ceil(len(grids) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(4.6 * ncols, 3.3 * nrows), layout="constrained")  # no pyplot
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     vals = [a for g in grids for row in g.acc for a in row if not math.isnan(a)]
-    vmin, vmax = 0.1, max(vals, default=1.0)
+    # From chance (10 classes) to the best cell; a grid at or below chance still gets a scale.
+    vmin = min(0.1, *vals) if vals else 0.1
+    vmax = max(vmin + 1e-3, *vals) if vals else 1.0
     image = None
     for ax, g in zip(axes.flat, grids, strict=False):
         image = ax.imshow(g.acc, cmap="viridis", vmin=vmin, vmax=vmax, origin="lower",
@@ -85,5 +84,4 @@ def grid_figure(grids: list[Grid], tol: float, *, ncols: int = 2) -> bytes:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="held-out accuracy")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return buf.getvalue()

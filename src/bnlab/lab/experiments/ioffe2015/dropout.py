@@ -31,7 +31,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, fraction, positive
+from bnlab.lab.config import (
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    at_least,
+    fraction,
+    nonempty,
+    positive,
+)
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_IMAGENET
 from bnlab.lab.experiments.ioffe2015._claims import TrainAccuracy, subset
 from bnlab.lab.models import Inception, activation, norm_factory
@@ -55,6 +63,7 @@ class DropoutConfig:
     train_probe: int = 1_000  # fixed examples of the subset for the training accuracy
 
     def __post_init__(self) -> None:
+        nonempty(self, "rates")
         fraction(self, "rates")
         positive(self, "width")
         at_least(self, "train_examples", 0)

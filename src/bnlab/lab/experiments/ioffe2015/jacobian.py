@@ -41,7 +41,7 @@ from typing import Any
 from matplotlib import colormaps
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, nonempty, positive
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
 from bnlab.lab.experiments.ioffe2015._claims import JacobianSpectrum, build_mlp, log10_edges
 from bnlab.lab.registry import Experiment, RunContext
@@ -64,6 +64,7 @@ class JacobianConfig:
     calib_batches: int = 20  # training batches for the Alg. 2 statistics before each measurement
 
     def __post_init__(self) -> None:
+        nonempty(self, "acts")
         positive(self, "init_factor")
         at_least(self, "probe_examples calib_batches", 1)
 

@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, positive
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, nonempty, positive
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
 from bnlab.lab.experiments.ioffe2015._claims import build_mlp
 from bnlab.lab.experiments.ioffe2015._heatmap import Grid, grid_figure, region
@@ -59,6 +59,7 @@ class LrInitConfig:
     inits: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)  # × the fan-in std, 2 decades
 
     def __post_init__(self) -> None:
+        nonempty(self, "lrs inits acts tolerances")
         positive(self, "lrs inits")
     acts: tuple[str, ...] = ACTS
     # The good region: within this of the panel's best accuracy. 1 point is the width asked

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, nonempty, positive
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
 from bnlab.lab.experiments.ioffe2015._claims import Saturation, build_mlp
 from bnlab.lab.registry import Experiment, RunContext
@@ -54,6 +54,7 @@ class SaturationConfig:
     probe_examples: int = 1_000  # the fixed held-out batch
 
     def __post_init__(self) -> None:
+        nonempty(self, "lrs")
         positive(self, "lrs init_std threshold")
         at_least(self, "probe_examples", 1)
 

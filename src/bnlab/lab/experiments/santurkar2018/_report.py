@@ -135,11 +135,11 @@ def curves_figure(inp: Inputs, variants: Sequence[str], keys: Sequence[tuple[str
 
 
 def grid(rows: int, cols: int, *, width: float = 3.2, height: float = 2.6) -> tuple[Any, Any]:
-    """A rows × cols figure (axes indexed [r][c])."""
-    import matplotlib.pyplot as plt
+    """A rows × cols figure (axes indexed [r][c]), made without pyplot (`bnlab.lab.plots`)."""
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-    return fig, axes
+    fig = Figure(figsize=(width * cols, height * rows))
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def stability(layer: str) -> Callable[[list[dict[str, Any]]], float | None]:

@@ -36,7 +36,15 @@ from typing import Any
 from torch import nn
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive, within
+from bnlab.lab.config import (
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    at_least,
+    nonempty,
+    positive,
+    within,
+)
 from bnlab.lab.data import Dataset
 from bnlab.lab.experiments.santurkar2018._common import (
     SMOKE_DATA,
@@ -70,6 +78,7 @@ class Fig1Config:
     dist_examples: int = 256
 
     def __post_init__(self) -> None:
+        nonempty(self, "lrs layers")
         positive(self, "lrs")
         within(self, "layers", 1, 13)  # the VGG's 13 layers: 10 conv, 3 linear
         at_least(self, "dist_examples", 1)

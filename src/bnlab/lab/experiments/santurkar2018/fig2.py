@@ -39,7 +39,7 @@ from typing import Any
 from torch import nn
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, within
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, nonempty, within
 from bnlab.lab.data import Dataset
 from bnlab.lab.experiments.santurkar2018._common import (
     SMOKE_DATA,
@@ -79,6 +79,7 @@ class Fig2Config:
     dist_examples: int = 256
 
     def __post_init__(self) -> None:
+        nonempty(self, "layers shown")
         within(self, "layers shown", 1, 13)  # the VGG's 13 layers: 10 conv, 3 linear
         at_least(self, "dist_examples", 1)
         if not set(self.shown) <= set(self.layers):

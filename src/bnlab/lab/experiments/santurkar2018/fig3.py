@@ -38,7 +38,7 @@ from typing import Any
 import torch.nn.functional as F
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, positive, within
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, nonempty, positive, within
 from bnlab.lab.experiments.santurkar2018._common import (
     QUICK_DLN,
     SMOKE_DATA,
@@ -80,6 +80,7 @@ class Fig3Config:
     dln_layers: tuple[int, ...] = (9, 17)
 
     def __post_init__(self) -> None:
+        nonempty(self, "vgg_lrs vgg_layers dln_lrs dln_layers")
         positive(self, "vgg_lrs dln_lrs")
         within(self, "vgg_layers", 1, 13)  # the VGG's 13 layers: 10 conv, 3 linear
         within(self, "dln_layers", 1, self.dln.depth)

@@ -38,7 +38,7 @@ from typing import Any
 import torch.nn.functional as F
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, positive
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, nonempty, positive
 from bnlab.lab.experiments.santurkar2018._common import (
     QUICK_DLN,
     SMOKE_DATA,
@@ -73,6 +73,7 @@ class Fig4Config:
     dln_multipliers: tuple[float, ...] = (0.01, 0.1, 1.0, 3.0, 10.0, 30.0)
 
     def __post_init__(self) -> None:
+        nonempty(self, "vgg_multipliers dln_multipliers")
         positive(self, "vgg_multipliers dln_lr dln_multipliers")
 
 
