@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab._checks import check_training_size
+from bnlab._checks import check_eps, check_per_channel, check_training_size, is_integer
 from bnlab._layer_state import count_batch, count_untracked
 from bnlab.layers import BatchNorm
 from bnlab.variants._common import (
@@ -45,6 +45,11 @@ from bnlab.variants._common import (
 __all__ = ["GhostBatchNorm", "ghost_batch_norm", "ghost_splits", "ghosts"]
 
 StatsUpdate = Literal["per_ghost", "per_batch"]
+
+
+def check_virtual_batch_size(v: Any, who: str) -> None:
+    if not is_integer(v) or v < 1:
+        raise ValueError(f"{who}: virtual_batch_size must be an integer >= 1, got {v!r}")
 
 
 def ghost_splits(n: int, virtual_batch_size: int, min_size: int = 1) -> list[int]:
@@ -86,6 +91,10 @@ def ghost_batch_norm(
     Raises:
         ValueError: a ghost batch with a single value per channel.
     """
+    check_virtual_batch_size(virtual_batch_size, "ghost_batch_norm")
+    check_eps(eps, "ghost_batch_norm")
+    check_per_channel(input, None, None, weight, bias, "ghost_batch_norm")
+    virtual_batch_size = int(virtual_batch_size)
     if input.numel() == 0:  # an empty batch: no ghosts, no statistics
         return F.empty_batch(input, weight, bias), []
     who = f"GhostBatchNorm(virtual_batch_size={virtual_batch_size})"
@@ -120,14 +129,11 @@ class GhostBatchNorm(BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
         who = type(self).__name__
-        if (not isinstance(virtual_batch_size, int) or isinstance(virtual_batch_size, bool)
-                or virtual_batch_size < 1):
-            raise ValueError(f"{who}: virtual_batch_size must be an integer >= 1, "
-                             f"got {virtual_batch_size!r}")
+        check_virtual_batch_size(virtual_batch_size, who)
         if stats_update not in ("per_ghost", "per_batch"):
             raise ValueError(f"{who}: stats_update must be 'per_ghost' or 'per_batch', "
                              f"got {stats_update!r}")
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size = int(virtual_batch_size)
         self.stats_update = stats_update
 
     def extra_repr(self) -> str:

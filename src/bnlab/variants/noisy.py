@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlab._checks import FxLeaf, no_torchscript
+from bnlab._checks import FxLeaf, check_num_features, is_integer, is_real, no_torchscript, plain
 from bnlab.functional import channel_view, compute_dtype
 from bnlab.layers import BatchNorm
 
@@ -25,8 +25,14 @@ def _check_noise_args(n_mu: float, n_sigma: float, r_mu: float, r_sigma: float,
     for name, value, low in (("n_mu", n_mu, 0.0), ("n_sigma", n_sigma, 1.0),
                              ("r_mu", r_mu, 0.0), ("r_sigma", r_sigma, 0.0)):
         # comparisons, not math.isfinite: see _checks.check_eps (symbolic floats)
-        if not isinstance(value, (int, float)) or not low <= value < math.inf:
+        if isinstance(value, bool) or not is_real(value) or not low <= value < math.inf:
             raise ValueError(f"{who}: {name} must be a finite number >= {low}, got {value!r}")
+
+
+def _check_seed(seed: Any, who: str) -> None:
+    """A generator seed: an integer in [0, 2**64) (what torch.Generator.manual_seed takes)."""
+    if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**64):
+        raise ValueError(f"{who}: seed must be an integer in [0, 2**64) or None, got {seed!r}")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -81,9 +87,12 @@ def activation_noise(
     # Per-channel distribution D_j^t: (C,) each.
     mu = (torch.rand(c, **opts) * 2 - 1) * n_mu
     sigma = 1 + torch.rand(c, **opts) * (n_sigma - 1)
-    # Per-element draws, broadcast from (1, C, 1, ...) to (N, C, *).
-    m = torch.rand(a.shape, **opts).mul_(2 * r_mu).add_(channel_view(mu - r_mu, a))
-    s = torch.randn(a.shape, **opts).mul_(r_sigma).add_(channel_view(sigma, a))
+    # Per-element draws, broadcast from (1, C, 1, ...) to (N, C, *), in a's memory format (a
+    # contiguous input draws exactly what torch.rand/randn would; the output keeps the format).
+    like = torch.empty_like(a, dtype=ct, memory_format=torch.preserve_format)
+    m = like.uniform_(generator=generator).mul_(2 * r_mu).add_(channel_view(mu - r_mu, a))
+    s = torch.empty_like(like).normal_(generator=generator).mul_(r_sigma)
+    s.add_(channel_view(sigma, a))
     return torch.addcmul(m, s, a.to(ct)).to(a.dtype)  # s·a + m
 
 
@@ -104,6 +113,9 @@ class ActivationNoise(FxLeaf, nn.Module):
         seed: seeds this module's own ``torch.Generator``; None draws a seed from the global
             generator at construction (so ``torch.manual_seed`` makes it reproducible).
 
+    Under ``torch.compile(fullgraph=True)`` the module's own generator cannot be traced (a
+    graph break without ``fullgraph``, where the output matches eager).
+
     The generator lives on the module's device (created at construction on the CPU, re-created
     from ``seed`` when the module moves to another device or sees input on another device). Its
     state is not in the ``state_dict`` (so that a torch BN checkpoint loads into
@@ -115,14 +127,15 @@ class ActivationNoise(FxLeaf, nn.Module):
                  r_mu: float = 0.1, r_sigma: float = 0.1, seed: int | None = None) -> None:
         super().__init__()
         who = type(self).__name__
+        check_num_features(num_features, who)
         _check_noise_args(n_mu, n_sigma, r_mu, r_sigma, who)
+        _check_seed(seed, who)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        elif not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"{who}: seed must be a non-negative int or None, got {seed!r}")
-        self.num_features = num_features
-        self.n_mu, self.n_sigma, self.r_mu, self.r_sigma = n_mu, n_sigma, r_mu, r_sigma
-        self.seed = seed
+        self.num_features = int(num_features)
+        self.n_mu, self.n_sigma, self.r_mu, self.r_sigma = map(plain, (n_mu, n_sigma, r_mu,
+                                                                       r_sigma))
+        self.seed = int(seed)
         self._generator = self._new_generator(torch.device("cpu"))
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -159,10 +172,15 @@ class ActivationNoise(FxLeaf, nn.Module):
         if input.dim() < 2 or input.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}): expected input "
                              f"(N, {self.num_features}, *), got shape {tuple(input.shape)}")
+        if not input.is_floating_point():
+            raise TypeError(f"{type(self).__name__}({self.num_features}): input must be "
+                            f"floating point, got dtype {input.dtype}")
         if not self.training:
             return input * self.mean_scale
+        # A meta tensor has no values to draw: no generator there (shape propagation only).
+        g = None if input.device.type == "meta" else self._generator_for(input.device)
         return activation_noise(input, n_mu=self.n_mu, n_sigma=self.n_sigma, r_mu=self.r_mu,
-                                r_sigma=self.r_sigma, generator=self._generator_for(input.device))
+                                r_sigma=self.r_sigma, generator=g)
 
     @property
     def mean_scale(self) -> float:
@@ -205,6 +223,8 @@ class NoisyBatchNorm(BatchNorm):
                  bias: bool = True) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
+        _check_noise_args(n_mu, n_sigma, r_mu, r_sigma, type(self).__name__)  # named as this
+        _check_seed(seed, type(self).__name__)
         # A child without parameters or buffers: adds no state_dict keys.
         self.noise = ActivationNoise(num_features, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu,
                                      r_sigma=r_sigma, seed=seed)

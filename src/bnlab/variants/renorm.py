@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab._checks import check_per_channel, check_training_size
+from bnlab._checks import check_args, check_training, check_training_size, is_integer, is_real
 from bnlab._layer_state import count_batch
 from bnlab.layers import BatchNorm
 from bnlab.variants._common import train_transform, values_per_channel
@@ -58,17 +58,32 @@ def renorm_limits(step: Tensor | int, r_max: float = 3.0, d_max: float = 5.0, *,
     ``step`` may be a 0-d tensor (``num_batches_tracked``): the result stays on its device and
     needs no host synchronisation.
     """
+    check_bounds(r_max, d_max, "renorm_limits")
+    for name, v in (("warmup_steps", warmup_steps), ("r_max_steps", r_max_steps),
+                    ("d_max_steps", d_max_steps)):
+        if not is_integer(v) or v < 0:
+            raise ValueError(f"renorm_limits: {name} must be an integer >= 0, got {v!r}")
     step_t = torch.as_tensor(step).to(torch.float64)
 
     def ramp(start: float, end: float, at: int) -> Tensor:
+        # Tensors, not Python floats, which torch.where would round through float32.
+        start_t, end_t = step_t.new_tensor(start), step_t.new_tensor(end)
         if at <= warmup_steps:
-            # Tensors, not Python floats, which torch.where would round through float32.
-            return torch.where(step_t >= warmup_steps, step_t.new_tensor(end),
-                               step_t.new_tensor(start))
+            return torch.where(step_t >= warmup_steps, end_t, start_t)
         frac = ((step_t - warmup_steps) / (at - warmup_steps)).clamp(0.0, 1.0)
-        return start + (end - start) * frac
+        # Not start + (end − start)·frac alone: an unbounded end (inf) gives inf·0 = nan there.
+        return torch.where(frac > 0, start_t + (end_t - start_t) * frac, start_t)
 
     return ramp(1.0, r_max, r_max_steps), ramp(0.0, d_max, d_max_steps)
+
+
+def check_bounds(r_max: Any, d_max: Any, who: str) -> None:
+    """r_max >= 1 and d_max >= 0, numbers (inf: no clipping); a tensor (the schedule's) passes."""
+    for name, v, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        if isinstance(v, Tensor):
+            continue
+        if isinstance(v, bool) or not is_real(v) or not v >= low:  # (NaN fails >=)
+            raise ValueError(f"{who}: {name} must be a number >= {low:g}, got {v!r}")
 
 
 @torch.no_grad()
@@ -125,11 +140,16 @@ def batch_renorm(
         (y, finite): ``finite`` is the 0-d bool flag of the running update, or None if none ran.
     """
     who = "batch_renorm"
+    check_training(training, who)
     if not training:
         return F.batch_norm_with_flag(input, running_mean, running_var, weight, bias, False,
                                       0.0, eps, who)
-    check_training_size(input, who)
-    check_per_channel(input, running_mean, running_var, weight, bias, who)
+    if running_mean is None or running_var is None:
+        raise ValueError(f"{who}: running_mean and running_var are required (r and d are "
+                         f"computed from them), got running_mean={type(running_mean).__name__}, "
+                         f"running_var={type(running_var).__name__}")
+    check_args(input, running_mean, running_var, weight, bias, True, momentum, eps, who)
+    check_bounds(r_max, d_max, who)
     if input.numel() == 0:
         return F.empty_batch(input, weight, bias), None  # no statistics: no r, d, no update
     mean, var = F.batch_stats(input.detach())
@@ -173,17 +193,15 @@ class BatchRenorm(BatchNorm):
         if not track_running_stats:
             raise ValueError(f"{who}: track_running_stats must be True (r and d are defined by "
                              "the moving statistics), got False")
-        if not isinstance(r_max, (int, float)) or r_max < 1:
-            raise ValueError(f"{who}: r_max must be a number >= 1, got {r_max!r}")
-        if not isinstance(d_max, (int, float)) or d_max < 0:
-            raise ValueError(f"{who}: d_max must be a number >= 0, got {d_max!r}")
+        check_bounds(r_max, d_max, who)
         for name, v in (("warmup_steps", warmup_steps), ("r_max_steps", r_max_steps),
                         ("d_max_steps", d_max_steps)):
-            if not isinstance(v, int) or v < 0:
+            if not is_integer(v) or v < 0:
                 raise ValueError(f"{who}: {name} must be an integer >= 0, got {v!r}")
         self.r_max, self.d_max = float(r_max), float(d_max)
-        self.warmup_steps, self.r_max_steps, self.d_max_steps = (warmup_steps, r_max_steps,
-                                                                 d_max_steps)
+        self.warmup_steps, self.r_max_steps, self.d_max_steps = (int(warmup_steps),
+                                                                 int(r_max_steps),
+                                                                 int(d_max_steps))
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
