@@ -119,3 +119,11 @@ def test_the_noise_keeps_the_memory_format_and_draws_as_before_on_contiguous_inp
     m = torch.rand(x.shape, generator=g) * 0.2 + (mu - 0.1).view(1, 3, 1, 1)
     s = torch.randn(x.shape, generator=g) * 0.1 + sigma.view(1, 3, 1, 1)
     assert torch.equal(y, torch.addcmul(m, s, x))
+
+
+def test_lp_norm_takes_a_numpy_p():
+    from bnlab.variants import LpNorm
+
+    assert LpNorm(3, p=np.int64(2)).p == 2.0
+    with pytest.raises(ValueError, match=r"p must be 1, 2 or math.inf"):
+        LpNorm(3, p=np.float64(3.0))

@@ -27,6 +27,7 @@ __all__ = [
     "global_mean",
     "is_main",
     "local_running_stats",
+    "rank_local_buffers",
     "setup_from_env",
     "shard_batch",
     "sync_in_place",
@@ -123,13 +124,32 @@ def sync_in_place(model: nn.Module) -> nn.Module:
     return convert_sync_batchnorm(model, keep_synced=True)
 
 
+def _world_synced(m: nn.Module) -> bool:
+    """A layer whose buffers are the same on every rank by construction: synchronized over the
+    whole world (not a subgroup), or frozen."""
+    if isinstance(m, FrozenBatchNorm):
+        return True
+    if not isinstance(m, (SyncBatchNorm, SyncBatchRenorm)):
+        return False
+    group = m.process_group
+    return not dist.is_initialized() or group is None or \
+        dist.get_world_size(group) == dist.get_world_size()
+
+
 def local_running_stats(model: nn.Module) -> list[str]:
-    """Names of the layers that keep running statistics of their own rank's batches only (Ghost
-    BN, LpNorm, BN subclasses `convert_sync_batchnorm` leaves alone): with them, the ranks'
-    running buffers drift apart unless DDP broadcasts rank 0's."""
-    synced = (SyncBatchNorm, SyncBatchRenorm, FrozenBatchNorm)
+    """Names of the layers that keep running statistics of their own rank's (or subgroup's)
+    batches only (Ghost BN, LpNorm, BN subclasses `convert_sync_batchnorm` leaves alone, SyncBN
+    in a subgroup): with them, the ranks' running buffers drift apart unless DDP broadcasts
+    rank 0's."""
     return [name for name, m in model.named_modules()
-            if getattr(m, "running_mean", None) is not None and not isinstance(m, synced)]
+            if getattr(m, "running_mean", None) is not None and not _world_synced(m)]
+
+
+def rank_local_buffers(model: nn.Module) -> list[str]:
+    """`local_running_stats`, and every other module with buffers of its own (a user's EMA, a
+    counter): what may differ between ranks unless DDP broadcasts rank 0's."""
+    return [name for name, m in model.named_modules()
+            if any(True for _ in m.buffers(recurse=False)) and not _world_synced(m)]
 
 
 def wrap_ddp(model: nn.Module, sync_bn: bool = False) -> nn.Module:
@@ -139,8 +159,9 @@ def wrap_ddp(model: nn.Module, sync_bn: bool = False) -> nn.Module:
     kept). Where every layer with running statistics is then synchronized, the buffers are
     identical on all ranks by construction, so DDP's per-forward buffer broadcast is switched
     off (it also breaks two forwards before one backward, pytorch#22095); otherwise
-    (`local_running_stats`, or without ``sync_bn``) rank 0's buffers are broadcast at every
-    forward, as in PyTorch, so that every rank evaluates the same model.
+    (`rank_local_buffers`: layers with local running statistics, or any other module with
+    buffers; or without ``sync_bn``) rank 0's buffers are broadcast at every forward, as in
+    PyTorch, so that every rank evaluates the same model.
     """
     if sync_bn:
         model = sync_in_place(model)
@@ -150,7 +171,7 @@ def wrap_ddp(model: nn.Module, sync_bn: bool = False) -> nn.Module:
     device_ids = [ref.device] if ref is not None and ref.device.type == "cuda" else None
     # forward_sync_buffers is torch 2.13's name for broadcast_buffers (buffers still sync once
     # at construction, which is what we want: every rank starts from rank 0's state).
-    broadcast = not sync_bn or bool(local_running_stats(model))
+    broadcast = not sync_bn or bool(rank_local_buffers(model))
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                forward_sync_buffers=broadcast)
 

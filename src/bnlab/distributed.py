@@ -28,6 +28,7 @@ Semantics, chosen and documented (peers.md 1.2, pain point 8):
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -38,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from bnlab import functional as F
 from bnlab._checks import check_materialized
-from bnlab.convert.freeze import is_frozen
+from bnlab.convert.freeze import carry_hooks, is_frozen
 from bnlab.layers import (
     BatchNorm,
     BatchNorm1d,
@@ -285,8 +286,9 @@ _SYNC: dict[type, type | None] = {
 
 def register_sync_conversion(cls: type, sync_cls: type | None) -> None:
     """Tell `convert_sync_batchnorm` what ``cls`` becomes: a class built like `SyncBatchNorm`
-    (``sync_cls(num_features, eps, momentum, affine, track_running_stats, process_group=...)``)
-    or None to keep it unchanged. Exact classes only: subclasses need their own entry."""
+    (``sync_cls(num_features, eps, momentum, affine, track_running_stats, process_group=...)``;
+    ``device=`` and ``bias=`` too where its constructor takes them) or None to keep it
+    unchanged. Exact classes only: subclasses need their own entry."""
     _SYNC[cls] = sync_cls
 
 
@@ -309,8 +311,15 @@ def _to_sync(m: nn.Module, sync_cls: type, group: Any) -> nn.Module:
     else:  # BN's bias=False (affine γ only), as torch 2.13
         kwargs = {"bias": not m.affine or m.bias is not None}
     ref = next(iter([*m.parameters(), *m.buffers()]), None)
+    kwargs["device"] = None if ref is None else ref.device
+    try:  # a registered class may take only the documented arguments
+        params = inspect.signature(sync_cls).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            kwargs = {k: v for k, v in kwargs.items() if k in params}
+    except (TypeError, ValueError):
+        pass
     new = sync_cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
-                   device=None if ref is None else ref.device, process_group=group, **kwargs)
+                   process_group=group, **kwargs)
     # The same Parameter and buffer objects (as torch does): optimizers keep working. None
     # stays None (no bias, running buffers deleted to use batch statistics in eval).
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
@@ -319,7 +328,8 @@ def _to_sync(m: nn.Module, sync_cls: type, group: Any) -> nn.Module:
         new.num_nonfinite_batches = m.num_nonfinite_batches
     for name, child in m.named_children():  # NoisyBatchNorm's noise (its generator)
         setattr(new, name, child)
-    new.train(m.training)
+    new.training = m.training  # not train(): the children keep their own modes (noise.eval())
+    carry_hooks(m, new)
     new.frozen = is_frozen(m)
     new._stats_update_blocked = getattr(m, "_stats_update_blocked", 0)
     if hasattr(m, "qconfig"):
@@ -364,6 +374,8 @@ def _convert(m: nn.Module, group: Any, name: str, skipped: list[str],
         if not known:
             skipped.append(f"{name or '<root>'} ({type(m).__name__})")
             return m
+        if isinstance(m, nn.SyncBatchNorm) and (group is None or keep_synced):
+            group = m.process_group  # torch's SyncBN keeps its (sub)group
         if sync_cls is None or (type(m) is sync_cls and m.process_group is group):
             return m  # kept, or already what it would become: the same module, hooks and all
         return _to_sync(m, sync_cls, group)

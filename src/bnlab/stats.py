@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bnlab._checks import call_input, check_materialized
+from bnlab._checks import call_input, check_materialized, is_integer
 from bnlab.layers import BatchNorm
 
 __all__ = [
@@ -91,7 +91,8 @@ class PopulationStats:
     mean: Tensor  # (C,) E[x]
     var: Tensor  # (C,) Var[x], unbiased
     count: int  # values per channel seen (Σ m_B)
-    batches: int
+    batches: int  # mini-batches B averaged (a GhostBatchNorm's ghosts, each one)
+    calls: int = 0  # forward calls of the layer that used batch statistics
 
 
 class _Accumulator:
@@ -101,6 +102,7 @@ class _Accumulator:
     def __init__(self) -> None:
         self.n = 0
         self.batches = 0
+        self.calls = 0
         self.sum_mean: Tensor | None = None  # Σ m_B μ_B
         self.sum_m2_within: Tensor | None = None  # Σ m_B σ²_B
         self.mean: Tensor | None = None  # running mean of all values (Chan)
@@ -145,7 +147,8 @@ class _Accumulator:
             var = self.sum_m2_within / (self.n - self.batches)
         else:
             mean, var = self.mean, self.m2 / (self.n - 1)
-        return PopulationStats(mean=mean, var=var, count=self.n, batches=self.batches)
+        return PopulationStats(mean=mean, var=var, count=self.n, batches=self.batches,
+                               calls=self.calls)
 
 
 def _default_forward(model: nn.Module, batch: Any) -> None:
@@ -155,6 +158,15 @@ def _default_forward(model: nn.Module, batch: Any) -> None:
         model(batch[0])
     else:
         model(batch)
+
+
+def _uses_batch_stats(m: nn.Module) -> bool:
+    """Whether a BN call now normalizes by the batch: a layer a model's ``train()`` keeps in
+    eval mode (detection code's ``norm_eval``) uses its running statistics instead."""
+    mode = getattr(m, "_mode", None)  # bnlab's layers: (use batch statistics, update)
+    if callable(mode):
+        return bool(mode()[0])
+    return m.training or getattr(m, "running_mean", None) is None
 
 
 def _synced(m: nn.Module) -> bool:
@@ -180,7 +192,9 @@ def population_statistics(
     The model runs in training mode (each BN normalizes with its batch statistics, as during
     training) under ``torch.no_grad``; weights, running buffers and the train/eval mode of every
     module are exactly as before when this returns. Layers frozen by `bnlab.freeze` keep
-    normalizing with their running statistics and are left out (they are not recalibrated).
+    normalizing with their running statistics and are left out (they are not recalibrated),
+    as are layers the model's own ``train()`` keeps in eval mode (``norm_eval``): the layers
+    after them are measured under that normalization, which eval mode also uses.
     A SyncBatchNorm in a process group of several ranks contributes the global batch's
     statistics, the same on every rank; each rank feeds its shard, and all must run the same
     number of batches (the statistics are a collective, as in training).
@@ -203,8 +217,8 @@ def population_statistics(
     """
     if estimator not in ("alg2", "population"):
         raise ValueError(f"estimator must be 'alg2' or 'population', got {estimator!r}")
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1 or None, got {num_batches!r}")
+    if num_batches is not None and (not is_integer(num_batches) or num_batches < 1):
+        raise ValueError(f"num_batches must be an integer >= 1 or None, got {num_batches!r}")
     check_materialized(model, "population_statistics")
     # (bnlab.convert and bnlab.distributed import this module: not at its top)
     from bnlab.convert.freeze import is_frozen
@@ -227,9 +241,17 @@ def population_statistics(
     # Decided once per call, not per batch: the process groups do not change meanwhile.
     synced = {m for m in layers.values() if _synced(m)}
 
+    evaluated: set[nn.Module] = set()
+
     def observe(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                 a: _Accumulator) -> None:
         x = call_input(args, kwargs)
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            return  # the layer's own check names what is wrong with its input
+        if not _uses_batch_stats(m):  # normalized by its running statistics: left as it is
+            evaluated.add(m)
+            return
+        a.calls += 1
         if m in synced:
             # The global batch over the ranks, which a SyncBatchNorm normalizes by: every rank
             # accumulates the same statistics (a collective: every rank must run as many
@@ -261,10 +283,16 @@ def population_statistics(
             m.train(mode)
     out = {}
     for name, a in acc.items():
+        if a.calls == 0 and layers[name] in evaluated:
+            continue  # kept in eval mode by the model: no batch statistics to estimate
         if a.n - a.batches < 1 or a.n < 2:
             raise ValueError(f"population_statistics: layer {name!r} saw {a.n} value(s) per "
                              f"channel in {a.batches} batch(es); need batches of >= 2 values")
         out[name] = a.result(estimator)
+    if not out:
+        raise ValueError(f"population_statistics: every BatchNorm layer of "
+                         f"{type(model).__name__} ran in eval mode under model.train() (a "
+                         "train() that keeps them in eval), so none has batch statistics")
     return out
 
 
@@ -299,5 +327,7 @@ def recalibrate(
             bn.running_var.copy_(s.var.to(bn.running_var.dtype))
             if bn.num_batches_tracked is not None and not getattr(bn, "num_batches_is_clock",
                                                                   False):
-                bn.num_batches_tracked.fill_(s.batches)
+                # What training counts: EMA steps, one per ghost or (per_batch) per call.
+                per_call = getattr(bn, "stats_update", None) == "per_batch"
+                bn.num_batches_tracked.fill_(s.calls if per_call else s.batches)
     return stats

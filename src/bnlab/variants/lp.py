@@ -19,6 +19,7 @@ from bnlab._checks import (
     check_input,
     check_momentum,
     check_num_features,
+    is_real,
     no_torchscript,
     plain,
 )
@@ -44,7 +45,7 @@ __all__ = ["LpNorm", "lp_norm", "lp_stats"]
 def _check_p(p: Any, who: str) -> float:
     if isinstance(p, str) and p.lower() in ("inf", "infinity"):
         return math.inf
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or p not in (1, 2, math.inf):
+    if isinstance(p, bool) or not is_real(p) or p not in (1, 2, math.inf):
         raise ValueError(f"{who}: p must be 1, 2 or math.inf ('inf'), got {p!r}")
     return float(p)
 
