@@ -180,8 +180,8 @@ def test_numpy_scalars_are_numbers_as_in_torch() -> None:
                        epsilon=np.float64(1e-3), batch_values=np.int64(4))
     assert bn.momentum == pytest.approx(0.5)
     torch.testing.assert_close(bn.running_var, (var * 4 / 3).float())
-    with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got np.float32"):
-        bnlab.BatchNorm1d(C, eps=np.float32(0))
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got np.float32"):
+        bnlab.BatchNorm1d(C, eps=np.float32(-1))
     with pytest.raises(ValueError, match="batch_values must be an integer"):
         load_keras_weights(bn, [gamma, beta, mean, var], batch_values=np.float64(4))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,8 +168,8 @@ def test_bfloat16_module_parameters():
     ("make", "match"),
     [
         (lambda: bnlab.BatchNorm2d(0), "num_features must be an integer >= 1, got 0"),
-        (lambda: bnlab.BatchNorm2d(3, eps=0.0), "eps must be a finite number > 0, got 0.0"),
-        (lambda: bnlab.BatchNorm2d(3, eps=-1e-5), "eps must be"),
+        (lambda: bnlab.BatchNorm2d(3, eps=-1e-5), "eps must be a finite number >= 0, got"),
+        (lambda: bnlab.BatchNorm2d(3, eps=float("nan")), "eps must be a finite number >= 0"),
         (lambda: bnlab.BatchNorm2d(3, momentum=1.5), r"momentum must be in \[0, 1\].*got 1.5"),
         (lambda: bnlab.BatchNorm2d(3, momentum=-0.1), "momentum must be in"),
     ],
@@ -176,6 +177,45 @@ def test_bfloat16_module_parameters():
 def test_constructor_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_eps_zero_builds_and_evaluates_and_refuses_to_train_as_torch():
+    x = torch.randn(6, 3, 4, 4)
+    ours, ref = bnlab.BatchNorm2d(3, eps=0.0), torch.nn.BatchNorm2d(3, eps=0.0)
+    with torch.no_grad():
+        ref.running_var.uniform_(0.5, 2.0)
+        ours.running_var.copy_(ref.running_var)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x))
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0 when training, "
+                       r"got 0.0"):
+        ours.train()(x)
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -1.0"):
+        bnlab.functional.batch_norm(x, ours.running_mean, ours.running_var, eps=-1.0)
+    y = bnlab.functional.batch_norm(x, ref.running_mean, ref.running_var, eps=0.0)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(
+        x, ref.running_mean, ref.running_var, eps=0.0))
+
+
+def test_numpy_sizes_and_tensor_momenta_are_taken_as_torch_takes_them():
+    layer = bnlab.BatchNorm1d(np.int64(3), momentum=torch.tensor(0.25))
+    assert type(layer.num_features) is int and layer.momentum == 0.25
+    ref = torch.nn.BatchNorm1d(3, momentum=0.25)
+    x = torch.randn(8, 3)
+    layer(x), ref(x)
+    torch.testing.assert_close(layer.running_mean, ref.running_mean)
+
+
+def test_grad_over_functional_call_with_state_dict_buffers():
+    from torch.func import functional_call, grad
+
+    for make in (bnlab.BatchNorm1d, torch.nn.BatchNorm1d):  # MAML-style: torch's works
+        m = make(3)
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        buffers = {k: v.clone() for k, v in m.state_dict().items() if k not in params}
+        x = torch.randn(8, 3)
+        g = grad(lambda p, b, m=m, x=x: functional_call(m, (p, b), (x,)).pow(3).sum())(
+            params, buffers)
+        assert set(g) == {"weight", "bias"} and bool(torch.isfinite(g["weight"]).all())
 
 
 @pytest.mark.parametrize(

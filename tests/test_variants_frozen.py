@@ -64,8 +64,9 @@ def test_half_input_statistics_in_float32(dtype: torch.dtype) -> None:
 
 
 def test_bad_input_and_arguments_raise() -> None:
-    with pytest.raises(ValueError, match="eps"):
-        FrozenBatchNorm(3, eps=0.0)
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -1.0"):
+        FrozenBatchNorm(3, eps=-1.0)
+    assert FrozenBatchNorm(3, eps=0.0).eps == 0.0  # eval only: as torch's BN, ε = 0 evaluates
     with pytest.raises(ValueError, match="4D"):
         FrozenBatchNorm2d(3)(torch.randn(2, 3))
     with pytest.raises(ValueError, match="channels"):

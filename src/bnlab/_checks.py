@@ -25,7 +25,7 @@ _RANK_NAMES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, 
 
 
 def check_num_features(num_features: int, who: str) -> None:
-    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+    if not is_integer(num_features) or num_features < 1:
         raise ValueError(f"{who}: num_features must be an integer >= 1, got {num_features!r}")
 
 
@@ -72,15 +72,21 @@ def is_integer(x: Any) -> bool:
 
 
 def plain(x: Any) -> Any:
-    """A NumPy scalar as the Python number it holds (what a layer stores); anything else as is."""
+    """A NumPy scalar, or a 0-d floating-point tensor (torch's BN takes momentum=tensor(0.1)),
+    as the Python number it holds (what a layer stores); anything else as is."""
+    if isinstance(x, Tensor) and x.dim() == 0 and x.is_floating_point():
+        return float(x)
     return x.item() if type(x).__module__ == "numpy" else x
 
 
-def check_eps(eps: float, who: str) -> None:
+def check_eps(eps: float, who: str, *, allow_zero: bool = False) -> None:
+    """ε a finite number > 0, or >= 0 with ``allow_zero``: torch builds a BN with ε = 0 and
+    evaluates it (a frozen or converted model's), refusing it only when training."""
     # Comparisons, not math.isfinite: torch.compile(dynamic=True) traces a module's float
     # attributes as symbolic floats, which math.isfinite cannot take. NaN fails both.
-    if not is_real(eps) or not 0 < eps < math.inf:
-        raise ValueError(f"{who}: eps must be a finite number > 0, got {eps!r}")
+    if not is_real(eps) or not (eps >= 0 if allow_zero else eps > 0) or not eps < math.inf:
+        raise ValueError(f"{who}: eps must be a finite number "
+                         f"{'>= 0' if allow_zero else '> 0 when training'}, got {eps!r}")
 
 
 def check_momentum(momentum: float | None, who: str, *, allow_none: bool = True) -> None:
@@ -262,7 +268,7 @@ def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     tensor), per-channel shapes, more than one value per channel when training, running
     statistics when not."""
     check_training(training, who)
-    check_eps(eps, who)
+    check_eps(eps, who, allow_zero=not training)
     if not isinstance(momentum, Tensor):
         check_momentum(momentum, who, allow_none=False)
     elif momentum.dim() != 0 or not momentum.is_floating_point():

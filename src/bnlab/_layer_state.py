@@ -18,6 +18,19 @@ __all__ = ["StatsLayer", "count_batch", "count_untracked", "has_stats", "reset_s
            "running_momentum", "stats_mode"]
 
 
+def _captured(buf: Tensor, value: Tensor) -> bool:
+    """Whether ``buf`` is a plain tensor that a torch.func transform (grad, vmap) captured
+    while ``value`` is one of its wrapped tensors: functorch refuses an in-place write of the
+    one into the other. The non-persistent ``num_nonfinite_batches`` is captured so whenever
+    a caller builds the buffers of `functional_call` from ``state_dict()`` (MAML-style code);
+    it is a diagnostic, so that step goes uncounted rather than failing."""
+    if torch.compiler.is_compiling():  # (Dynamo cannot trace the query; it sees no wrappers)
+        return False
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    return is_functorch_wrapped_tensor(value) and not is_functorch_wrapped_tensor(buf)
+
+
 def count_batch(module: BatchNorm, finite: Tensor) -> None:
     """Advance a layer's counters after a training step: ``num_batches_tracked += finite`` (a
     skipped batch does not count, so the cumulative average of momentum=None stays the exact
@@ -33,7 +46,8 @@ def count_batch(module: BatchNorm, finite: Tensor) -> None:
             return
         tracked.add_(finite)  # bool adds as 0/1
     if not F.host_readable(finite):  # no host sync, graph break or transform error
-        nonfinite.add_(finite.logical_not())
+        if not _captured(nonfinite, finite):
+            nonfinite.add_(finite.logical_not())
     elif not finite:  # on CPU in eager mode the value is at hand (the warning read it)
         nonfinite.add_(1)
 

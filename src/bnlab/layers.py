@@ -106,10 +106,11 @@ class BatchNorm(FxLeaf, nn.Module):
         who = type(self).__name__
         if not (num_features == 0 and isinstance(self, LazyModuleMixin)):  # 0: not inferred yet
             check_num_features(num_features, who)
-        check_eps(eps, who)
+        check_eps(eps, who, allow_zero=True)  # (> 0 is checked when training, as torch does)
+        momentum = plain(momentum)
         check_momentum(momentum, who)
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
+        self.num_features = int(num_features)
         self._who()  # cached now, not by the first forward (torch.export flags that write)
         self.eps = plain(eps)  # a NumPy scalar as a Python float, as torch stores it
         self.momentum = plain(momentum)

@@ -65,9 +65,9 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
         super().__init__()
         who = type(self).__name__
         check_num_features(num_features, who)
-        check_eps(eps, who)
+        check_eps(eps, who, allow_zero=True)  # eval only: torch evaluates ε = 0
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
+        self.num_features = int(num_features)
         self.eps = plain(eps)
         self.register_buffer("weight", torch.ones(num_features, **factory))
         self.register_buffer("bias", torch.zeros(num_features, **factory))
