@@ -44,7 +44,8 @@ def test_layers_use_kernels_on_cpu_and_env_forces_reference(monkeypatch) -> None
 def test_no_grad_calls_skip_autograd_but_bump_buffer_versions() -> None:
     """Without anything to differentiate the ops bypass the autograd Function (a speed path);
     outputs then carry no graph, and the in-place running update still bumps the buffers'
-    version counters, so a graph that saved them refuses to backward through stale values."""
+    version counters. An eval graph saves copies of the running statistics, so its backward
+    after a training forward uses what its forward saw, as the reference path does."""
     layer = bnlab.BatchNorm2d(3)
     x = torch.randn(4, 3, 5, 5)
     layer.weight.requires_grad_(False)
@@ -57,12 +58,16 @@ def test_no_grad_calls_skip_autograd_but_bump_buffer_versions() -> None:
     before = layer.running_mean._version
     assert layer(x).requires_grad and layer.running_mean._version > before  # grad path too
     layer.eval()
-    saved = layer(x)  # eval forward saves running_mean/var for backward
+    xg = x.clone().requires_grad_(True)
+    g = torch.randn_like(x)
+    saved = layer(xg)  # eval forward saves copies of running_mean/var for its backward
+    want = (g * layer.weight.detach().view(1, 3, 1, 1)
+            / torch.sqrt(layer.running_var + layer.eps).view(1, 3, 1, 1))
     layer.train()
     with torch.no_grad():
-        layer(x)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        saved.sum().backward()
+        layer(x * 3 + 1)  # moves the running statistics in place
+    saved.backward(g)
+    torch.testing.assert_close(xg.grad, want)  # (it raised "modified by an inplace operation")
 
 
 def test_supports_only_cpu_float32_bfloat16() -> None:

@@ -192,7 +192,11 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mask] = call_eval_fwd(x, rm, rv, w, b, eps, z, relu, save);
     save_flags(ctx, eps, relu, w, b, z);
-    ctx->save_for_backward({x, w.has_value() ? *w : Tensor(), rm, rv, mask});
+    // Copies of the running statistics (C values each), not the buffers: a training forward
+    // of the same layer before this backward updates them in place, which failed autograd's
+    // version check (the reference path saves its derived scale; torch's BN silently uses the
+    // updated buffers).
+    ctx->save_for_backward({x, w.has_value() ? *w : Tensor(), rm.clone(), rv.clone(), mask});
     ctx->mark_non_differentiable({mask});
     ctx->set_materialize_grads(false);  // as in TrainFn
     return {y, mask};
