@@ -58,8 +58,9 @@ def test_bench_unknown_values_name_the_option_and_the_choices(option, value, cap
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--e2e", "--modes", "eval"], "--modes: select the per-shape benchmark's cases, not --e2e"),
-    (["--e2e", "--shapes", "nope", "--formats", "nhwc"], "--shapes, --formats: select"),
+    (["--e2e", "--modes", "eval"], "--modes: apply to the per-shape benchmark, not --e2e"),
+    (["--e2e", "--shapes", "nope", "--formats", "nhwc"], "--shapes, --formats: apply"),
+    (["--e2e", "--repeats", "3", "--stat", "min"], "--repeats, --stat: apply to the per-shape"),
     (["--e2e-format", "channels_last"], "--e2e-format: only apply with --e2e"),
     (["--e2e-steps", "3"], "--e2e-steps: only apply with --e2e"),
     (["--shapes", "mlp-60x100", "--formats", "channels_last"], "no case (channels_last"),
@@ -289,3 +290,22 @@ def test_cli_bench_e2e_times_the_stand_ins_and_the_labs_nets(monkeypatch) -> Non
     assert list(seen["nets"]) == [*e2e.STAND_INS, "lab_vgg_b128_32x32",  # type: ignore[arg-type]
                                   "lab_inception_b32_28x28"]
     assert main(["bench", "--modes", "eval"]) == 0 and seen["nets"] is None
+
+
+def test_repeated_values_are_timed_once_and_forced_reference_is_recorded(capsys, monkeypatch,
+                                                                          tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    timed = []
+
+    def fake_case(shape, fmt, mode, repeats, rounds, stat="median"):  # type: ignore[no-untyped-def]
+        timed.append((shape, fmt, mode))
+        return {"clone_ms": 1.0, "torch": 2.0, "bnlab": 1.0, "speedup": 2.0}
+    monkeypatch.setattr(bench, "bench_case", fake_case)
+    monkeypatch.setenv("BNLAB_FORCE_REFERENCE", "1")
+    out = tmp_path / "b.json"
+    assert main(["bench", "--shapes", "mlp-60x100,mlp-60x100", "--modes", "eval,eval",
+                 "--formats", "nchw", "--json", str(out)]) == 0
+    assert len(timed) == 1
+    assert "BNLAB_FORCE_REFERENCE is on" in capsys.readouterr().err
+    assert json.loads(out.read_text())["machine"]["force_reference"] is True

@@ -208,12 +208,13 @@ def test_declines_what_the_python_path_decides(fast, monkeypatch, name):
 
 FUSED_DECLINED = {
     "residual of another shape": ({"z": torch.randn(4, 3, 3)}, ValueError),
-    "residual of another dtype": ({"z": torch.randn(4, 3, 2, dtype=torch.float64)}, None),
+    "residual of another dtype": ({"z": torch.randn(4, 3, 2, dtype=torch.float64)}, TypeError),
     "meta residual": ({"z": torch.randn(4, 3, 2, device="meta")}, ValueError),
     "subclass residual": ({"z": torch.randn(4, 3, 2).as_subclass(Sub)}, None),
     "training as 1": ({"training": 1}, TypeError),  # (torch: "must be bool")
     "eval without running_mean": ({"training": False, "rm": None}, ValueError),
-    "float64 input": ({"x": torch.randn(4, 3, 2, dtype=torch.float64)}, None),
+    "float64 input": ({"x": torch.randn(4, 3, 2, dtype=torch.float64),
+                       "z": torch.randn(4, 3, 2, dtype=torch.float64)}, None),
     "momentum 2": ({"momentum": 2.0}, ValueError),
 }
 

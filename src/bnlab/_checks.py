@@ -275,6 +275,9 @@ def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         raise ValueError(f"{who}: momentum must be a number in [0, 1] or a 0-d floating-point "
                          f"tensor, got a tensor of shape {tuple(momentum.shape)} and dtype "
                          f"{momentum.dtype}")
+    elif momentum.device != input.device and not momentum.is_cpu:
+        raise ValueError(f"{who}: momentum must be on the input's device ({input.device}) or "
+                         f"a CPU scalar, got a tensor on {momentum.device}")
     elif host_readable(momentum) and not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"{who}: momentum must be in [0, 1], got {float(momentum)!r}")
     check_per_channel(input, running_mean, running_var, weight, bias, who, var_name)

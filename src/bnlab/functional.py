@@ -212,12 +212,39 @@ _ENV = getattr(os.environ, "_data", None)
 _ENV_KEY = b"BNLAB_FORCE_REFERENCE"
 
 
+_ON, _OFF = (b"1", b"true", b"yes", b"on"), (b"", b"0", b"false", b"no", b"off")
+_FLAGS: dict[bytes, bool] = {}  # each value seen, parsed once (and warned about once)
+
+
 def _force_reference() -> bool:
-    """Whether ``BNLAB_FORCE_REFERENCE`` is set to something other than "" or "0"."""
+    """Whether ``BNLAB_FORCE_REFERENCE`` is on: 1/true/yes/on (any case); 0/false/no/off and ""
+    are off, and any other value is on, with a warning naming it."""
     if isinstance(_ENV, dict) and os.name == "posix":
         value = _ENV.get(_ENV_KEY)
-        return value is not None and value not in (b"", b"0")
-    return os.environ.get("BNLAB_FORCE_REFERENCE", "0") not in ("", "0")
+    else:
+        text = os.environ.get("BNLAB_FORCE_REFERENCE")
+        value = None if text is None else os.fsencode(text)
+    if value is None or value in (b"", b"0"):
+        return False
+    if value == b"1":
+        return True
+    flag = _FLAGS.get(value)
+    if flag is None:
+        if torch.compiler.is_compiling():  # Dynamo traces no bytes methods: on, as before
+            return True
+        flag = _FLAGS[value] = _parse_flag(value)
+    return flag
+
+
+def _parse_flag(value: bytes) -> bool:
+    v = value.strip().lower()
+    if v in _OFF:
+        return False
+    if v not in _ON:
+        warnings.warn(f"BNLAB_FORCE_REFERENCE={value.decode(errors='replace')!r} is neither "
+                      "1/true/yes/on nor 0/false/no/off: taken as on (the reference path)",
+                      RuntimeWarning, stacklevel=3)
+    return True
 
 
 _kernels: ModuleType | None = None
@@ -368,8 +395,8 @@ def batch_norm_with_flag(
     if training:
         if _use_kernels(input):
             # normalize + the same running update as below, in one C++ call where it can
-            return _kernels_module().batch_norm_train_update(input, weight, bias, eps,
-                                                             running_mean, running_var, momentum)
+            return _kernels_module()._train_update(input, weight, bias, eps, running_mean,
+                                                   running_var, momentum)
         if _use_native(input):
             y, mean, var = native_train(input, weight, bias, eps)
         else:
@@ -383,8 +410,8 @@ def batch_norm_with_flag(
     if buffers_need_grad(running_mean, running_var):
         return normalize(input, running_mean, running_var, weight, bias, eps), None
     if _use_kernels_eval(input):
-        return (_kernels_module().batch_norm_eval(input, running_mean, running_var, weight, bias,
-                                                  eps), None)
+        return (_kernels_module()._eval(input, running_mean, running_var, weight, bias, eps),
+                None)
     if _use_native(input) and all(t is None or t.dtype == running_mean.dtype
                                   for t in (running_var, weight, bias)):
         return torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,

@@ -25,6 +25,9 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from bnlab import functional as _F
+from bnlab._checks import check_momentum as _check_momentum
+from bnlab._checks import check_per_channel as _check_per_channel
+from bnlab._checks import is_integer as _is_integer
 from bnlab.kernels import _build
 
 __all__ = [
@@ -100,20 +103,39 @@ def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     """Training-mode BN (Alg. 1): returns (y, μ_B, σ²_B) with the biased σ²_B in float32.
 
     Differentiable in x, weight and bias; the backward is the fused C++ kernel (the reference
-    formula under ``create_graph=True``).
+    formula under ``create_graph=True``). The arguments are checked as `bnlab.functional`'s.
 
     Shape:
         x: (N, C, *); weight, bias: (C,) or None. Returns y like x and two (C,) tensors.
     """
+    _F.check_args(x, None, None, weight, bias, True, 0.0, eps, "batch_norm_train")
     _require()
+    return _train(x, weight, bias, eps)
+
+
+def _train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+           eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """`batch_norm_train` for callers that checked the arguments (and `supports(x)`)."""
     y, mean, var, _ = torch.ops.bnlab.bn_train_fwd(x, weight, bias, eps, None, False, False)
     return y, mean, var
 
 
 def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
                     bias: Tensor | None, eps: float) -> Tensor:
-    """Inference-mode BN (Alg. 2, step 11): y = γ(x − E[x])/√(Var[x] + ε) + β, per channel."""
+    """Inference-mode BN (Alg. 2, step 11): y = γ(x − E[x])/√(Var[x] + ε) + β, per channel.
+    Running statistics that require grad get it, through the reference path (the kernel
+    treats them as constants)."""
+    _F.check_args(x, running_mean, running_var, weight, bias, False, 0.0, eps,
+                  "batch_norm_eval")
+    if _F.buffers_need_grad(running_mean, running_var):
+        return _F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     _require()
+    return _eval(x, running_mean, running_var, weight, bias, eps)
+
+
+def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+          bias: Tensor | None, eps: float) -> Tensor:
+    """`batch_norm_eval` for callers that checked the arguments (and `supports(x)`)."""
     y, _ = torch.ops.bnlab.bn_eval_fwd(x, running_mean, running_var, weight, bias, eps, None,
                                        False, False)
     return y
@@ -135,9 +157,20 @@ def batch_norm_train_update(x: Tensor, weight: Tensor | None, bias: Tensor | Non
                             momentum: float | Tensor) -> tuple[Tensor, Tensor | None]:
     """`batch_norm_train` plus the running-statistics update of
     `bnlab.functional.update_running_stats` (same semantics); returns (y, finite flag or None
-    without buffers). In eager mode with float32 buffers this is one C++ call."""
+    without buffers). In eager mode with float32 buffers this is one C++ call. The arguments
+    are checked as `bnlab.functional`'s."""
+    _F.check_args(x, running_mean, running_var, weight, bias, True, momentum, eps,
+                  "batch_norm_train_update")
+    _require()
+    return _train_update(x, weight, bias, eps, running_mean, running_var, momentum)
+
+
+def _train_update(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                  running_mean: Tensor | None, running_var: Tensor | None,
+                  momentum: float | Tensor) -> tuple[Tensor, Tensor | None]:
+    """`batch_norm_train_update` for callers that checked the arguments."""
     if running_mean is None and running_var is None:
-        return batch_norm_train(x, weight, bias, eps)[0], None
+        return _train(x, weight, bias, eps)[0], None
     count = x.numel() // x.shape[1]
     if _fast_buffers(running_mean, running_var) and not torch.compiler.is_compiling():
         _require()
@@ -147,15 +180,34 @@ def batch_norm_train_update(x: Tensor, weight: Tensor | None, bias: Tensor | Non
             x, weight, bias, eps, running_mean, running_var, count, mom_f, mom_t)
         _F._warn_once_if_nonfinite(finite)
         return y, finite
-    y, mean, var = batch_norm_train(x, weight, bias, eps)
-    return y, update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    y, mean, var = _train(x, weight, bias, eps)
+    return y, _update(running_mean, running_var, mean, var, count, momentum)
 
 
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor,
                          var: Tensor, count: int, momentum: float | Tensor) -> Tensor:
     """`bnlab.functional.update_running_stats` (same semantics: unbiased σ², non-finite batches
     skipped, returns the finite flag) in one C++ call for contiguous float32 CPU buffers; other
-    buffers go to the reference function."""
+    buffers, or no kernels, go to the reference function. Checked: (C,) statistics of the
+    buffers' shape, ``count`` >= 1 values per channel, ``momentum`` in [0, 1]."""
+    who = "update_running_stats"
+    _check_per_channel(mean.reshape(1, -1), running_mean, running_var, None, None, who)
+    if var.shape != mean.shape:
+        raise ValueError(f"{who}: var must have mean's shape {tuple(mean.shape)}, got "
+                         f"{tuple(var.shape)}")
+    if not _is_integer(count) or count < 1:
+        raise ValueError(f"{who}: count must be an integer >= 1 (values per channel), got "
+                         f"{count!r}")
+    if not isinstance(momentum, Tensor):
+        _check_momentum(momentum, who, allow_none=False)
+    if not available():
+        return _F.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return _update(running_mean, running_var, mean, var, count, momentum)
+
+
+def _update(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
+            count: int, momentum: float | Tensor) -> Tensor:
+    """`update_running_stats` for callers that checked the arguments, with the kernels built."""
     if not _fast_buffers(running_mean, running_var):
         return _F.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     if isinstance(momentum, Tensor):

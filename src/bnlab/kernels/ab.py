@@ -181,12 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=15)
     parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
-    modes = args.modes.split(",")
+    modes = list(dict.fromkeys(args.modes.split(",")))
     if bad := sorted(set(modes) - set(MODES)):
         parser.error(f"--modes: expected {', '.join(MODES)}, got {', '.join(bad)}")
     shapes = list(SHAPES.values()) if args.shapes == "all" else _shapes(args.shapes, parser)
     if bad := sorted(set(args.formats.split(",")) - set(FORMATS)):
         parser.error(f"--formats: expected {', '.join(FORMATS)}, got {', '.join(bad)}")
+    formats = list(dict.fromkeys(args.formats.split(",")))
+    if not any(fmt != "channels_last" or len(shape) == 4 for shape in shapes for fmt in formats):
+        parser.error(f"--shapes {args.shapes} --formats {args.formats}: no case (channels_last "
+                     "applies to 4-D shapes only)")
     if not kernels.available():
         raise SystemExit("bnlab's kernels are not available here: nothing to compare")
     torch.set_num_threads(args.threads)
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"A = this checkout's kernels, B = {args.base}; ratios to x.clone(), B/A > 1: B slower")
     for mode in modes:
         for shape in shapes:
-            for fmt in args.formats.split(","):
+            for fmt in formats:
                 if fmt == "channels_last" and len(shape) != 4:
                     continue
                 r = compare(shape, fmt, mode, args.rounds, args.repeats)

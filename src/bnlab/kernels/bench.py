@@ -269,17 +269,20 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, str, str]] | str:
     """The (shape, format, mode) cases the options select, or the error that says why they
     select nothing or are not for this kind of run (checked before any timing)."""
     per_shape = {"--shapes": args.shapes != "all", "--modes": args.modes != ",".join(MODES),
-                 "--formats": args.formats != ",".join(FORMATS)}
+                 "--formats": args.formats != ",".join(FORMATS), "--repeats": args.repeats != 15,
+                 "--stat": args.stat != "median"}
     if args.e2e:
         given = [k for k, v in per_shape.items() if v]
-        return (f"{', '.join(given)}: select the per-shape benchmark's cases, not --e2e's nets "
+        return (f"{', '.join(given)}: apply to the per-shape benchmark, not --e2e's nets "
                 "(--e2e takes --e2e-steps, --e2e-format, --rounds)") if given else []
     given = [k for k, v in {"--e2e-steps": args.e2e_steps != 8,
                             "--e2e-format": args.e2e_format != "nchw"}.items() if v]
     if given:
         return f"{', '.join(given)}: only apply with --e2e"
-    names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
-    formats, modes = args.formats.split(","), args.modes.split(",")
+    # Each value once: a repeated one would time its cases twice and weigh them twice.
+    names = list(SHAPES) if args.shapes == "all" else list(dict.fromkeys(args.shapes.split(",")))
+    formats = list(dict.fromkeys(args.formats.split(",")))
+    modes = list(dict.fromkeys(args.modes.split(",")))
     for option, got, allowed in (("--shapes", names, tuple(SHAPES)),
                                  ("--formats", formats, FORMATS),
                                  ("--modes", modes, MODES + RELU_MODES)):
@@ -322,7 +325,14 @@ def run(args: argparse.Namespace, e2e_nets: dict[str, Any] | None = None) -> int
         print("bnlab bench: the CPU kernels are not available; bnlab runs the reference path",
               file=sys.stderr)
     info["kernels"] = kernels.available()
-    info["stat"] = args.stat
+    from bnlab import functional as F
+
+    info["force_reference"] = F._force_reference()
+    if info["force_reference"]:
+        print("bnlab bench: BNLAB_FORCE_REFERENCE is on: the bnlab column times the reference "
+              "path, not the kernels", file=sys.stderr)
+    if not args.e2e:
+        info["stat"] = args.stat
     if args.e2e:
         from bnlab.kernels import e2e
 

@@ -43,6 +43,9 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
     if residual is not None and residual.device != input.device:
         raise ValueError(f"{who}: residual must be on the input's device ({input.device}), got "
                          f"{residual.device}")
+    if residual is not None and residual.dtype != input.dtype:  # (it promoted y silently)
+        raise TypeError(f"{who}: residual must have the input's dtype {input.dtype}, got "
+                        f"{residual.dtype}")
     if (not (kernels.supports(input) if training else
              F._use_kernels_eval(input) and not F.buffers_need_grad(running_mean, running_var))
             or (residual is not None and residual.dtype != input.dtype)
@@ -59,7 +62,7 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
                                                    save)
     finite = None
     if running_mean is not None or running_var is not None:
-        finite = kernels.update_running_stats(running_mean, running_var, mean, var,
+        finite = kernels._update(running_mean, running_var, mean, var,
                                               input.numel() // input.shape[1], momentum)
     return y, finite
 

@@ -24,7 +24,7 @@ def train_transform(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     if F._use_kernels(x):
         from bnlab import kernels
 
-        return kernels.batch_norm_train(x, weight, bias, eps)
+        return kernels._train(x, weight, bias, eps)
     return _autograd.batch_norm_train(x, weight, bias, eps)
 
 

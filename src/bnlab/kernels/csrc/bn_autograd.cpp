@@ -323,13 +323,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> train_fwd_update_autograd(
     auto r = TrainFn::apply(x, w, b, eps, OptT(), false, false);
     y = r[0], mean = r[1], var = r[2];
   }
-  Tensor finite = call_update(rm, rv, mean, var, count, momentum, momentum_t);
-  // What an ADInplaceOrView kernel does for in-place ops (custom ops get none): a graph that
-  // saved a buffer (e.g. an eval forward with grad) then refuses to backward through the
-  // changed values.
+  Tensor finite = call_update(rm, rv, mean, var, count, momentum, momentum_t);  // (bumps)
+  return {y, mean, var, finite};
+}
+
+// The update's Autograd kernel: the CPU kernel, then what an ADInplaceOrView kernel does for
+// in-place ops (custom ops get none): the buffers' version counters move, so a graph that
+// saved them (a user's product with running_var) refuses to backward through the changed
+// values instead of using them silently. Every caller goes through it: the layers' update,
+// the fused BN+ReLU's and `bnlab.kernels.update_running_stats`.
+// (count stays a SymInt: an int64_t here made torch.compile specialize every batch size.)
+Tensor update_running_autograd(const OptT& rm, const OptT& rv, const Tensor& mean,
+                               const Tensor& var, c10::SymInt count, double momentum,
+                               const OptT& momentum_t) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnlab::bn_update_running", "")
+                       .typed<Tensor(const OptT&, const OptT&, const Tensor&, const Tensor&,
+                                     c10::SymInt, double, const OptT&)>();
+  Tensor finite;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    finite = op.call(rm, rv, mean, var, std::move(count), momentum, momentum_t);
+  }
   for (const OptT* buf : {&rm, &rv})
     if (buf->has_value() && (*buf)->defined()) torch::autograd::impl::bump_version(**buf);
-  return {y, mean, var, finite};
+  return finite;
 }
 
 }  // namespace
@@ -353,5 +371,6 @@ TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
 TORCH_LIBRARY_IMPL(bnlab, Autograd, m) {
   m.impl("bn_train_fwd", &bnk::train_fwd_autograd);
   m.impl("bn_train_fwd_update", &bnk::train_fwd_update_autograd);
+  m.impl("bn_update_running", &bnk::update_running_autograd);
   m.impl("bn_eval_fwd", &bnk::eval_fwd_autograd);
 }

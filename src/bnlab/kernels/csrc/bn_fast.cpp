@@ -72,7 +72,9 @@ bool momentum_ok(PyObject* o, double& mom, OptT& mom_t) {
   if (!plain(o)) return false;
   mom_t = THPVariable_Unpack(o);
   const at::Tensor& t = *mom_t;
-  if (t.dim() != 0 || !t.is_cpu()) return t.dim() == 0 && at::isFloatingType(t.scalar_type());
+  // (A momentum elsewhere than the CPU input's device, as a meta tensor whose value does not
+  // exist, goes to Python, whose check names it.)
+  if (t.dim() != 0 || !t.is_cpu()) return false;
   double v;  // read in place: an item() call is a dispatcher round trip per forward
   if (t.scalar_type() == at::kFloat) v = *t.const_data_ptr<float>();
   else if (t.scalar_type() == at::kDouble) v = *t.const_data_ptr<double>();
