@@ -18,6 +18,9 @@ from bnlab.lab import registry, runs
 from bnlab.lab.data import load
 from bnlab.lab.experiments.ioffe2015._heatmap import Grid, grid_figure
 from bnlab.lab.experiments.ioffe2015.fig1 import Fig1Config
+from bnlab.lab.models.inception import Inception
+from bnlab.lab.models.mlp import MLP
+from bnlab.lab.models.vgg import VGG
 from bnlab.lab.registry import Experiment, get, run_experiment
 from bnlab.lab.report import Table, _html, _md_table, write_report
 
@@ -173,3 +176,33 @@ def test_the_lab_leaves_the_matplotlib_backend_alone(tmp_path):
                          check=True, env={"MPLBACKEND": "TkAgg", "PATH": "/usr/bin:/bin",
                                           "HOME": str(tmp_path)})
     assert out.stdout.strip() == "svg"  # (importing the lab switched it to Agg)
+
+
+def test_train_mode_evaluation_takes_a_last_batch_of_one_and_keeps_module_modes():
+    from torch import nn
+
+    from bnlab.lab.train import evaluate
+    from bnlab.variants import NoisyBatchNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), NoisyBatchNorm(6, seed=0), nn.Linear(6, 3))
+    model.train()
+    model[1].noise.eval()  # the documented way to switch the noise off
+    x, y = torch.randn(21, 4), torch.randint(0, 3, (21,))
+    acc, loss = evaluate(model, x, y, batch_size=10, train_mode=True)  # 10, 11 (not 10, 10, 1)
+    assert 0 <= acc <= 1 and loss == loss
+    evaluate(model, x, y)
+    assert model.training and model[1].training and not model[1].noise.training
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: Inception(width=0), r"Inception: width must be a finite number > 0, got 0"),
+    (lambda: VGG(config="vgg16"), r"VGG: config must be one of vgg11, .*got 'vgg16'"),
+    (lambda: VGG(hidden=0), r"VGG: hidden must be an integer >= 1, got 0"),
+    (lambda: VGG(width=float("inf")), r"VGG: width must be a finite number > 0, got inf"),
+    (lambda: MLP(hidden=(100, 0)), r"MLP: hidden\[1\] must be an integer >= 1, got 0"),
+    (lambda: MLP(in_features=0), r"MLP: in_features must be an integer >= 1, got 0"),
+])
+def test_model_builders_name_bad_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -29,6 +29,19 @@ def check_num_features(num_features: int, who: str) -> None:
         raise ValueError(f"{who}: num_features must be an integer >= 1, got {num_features!r}")
 
 
+def check_sizes(who: str, **sizes: Any) -> None:
+    """Each named size (channels, classes, features, image side) an integer >= 1."""
+    for name, v in sizes.items():
+        if not is_integer(v) or v < 1:
+            raise ValueError(f"{who}: {name} must be an integer >= 1, got {v!r}")
+
+
+def check_width(who: str, width: Any) -> None:
+    """A width multiplier: a finite number > 0 (comparisons: NaN fails them)."""
+    if isinstance(width, bool) or not is_real(width) or not 0 < width < math.inf:
+        raise ValueError(f"{who}: width must be a finite number > 0, got {width!r}")
+
+
 def check_materialized(model: nn.Module, who: str) -> None:
     """Model-wide tools (conversion, folding, freezing, statistics) need every layer's shapes: a
     lazy module (``LazyBatchNorm2d``, ``LazyConv2d``, torch's or bnlab's) has none before its

@@ -74,20 +74,27 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
     ``train_mode=True`` normalizes every BN layer by the statistics of each evaluation batch
     (its running buffers are saved and restored), for the train-versus-eval gap of Alg. 2.
     """
-    was = model.training
+    modes = {m: m.training for m in model.modules()}  # (a noise switched off stays off)
     snapshot = BufferSnapshot(model) if train_mode else None
     model.train(train_mode)
+    # Batch boundaries: a last batch of one example would have no batch variance in train
+    # mode (an error), so a short remainder joins the batch before it.
+    starts = list(range(0, len(x), batch_size))
+    if train_mode and len(starts) > 1 and len(x) - starts[-1] < 2:
+        starts.pop()
+    ends = [*starts[1:], len(x)]
     correct, loss = 0, 0.0
     try:
-        for i in range(0, len(x), batch_size):
-            out = model(x[i:i + batch_size])
-            yb = y[i:i + batch_size]
+        for i, j in zip(starts, ends, strict=True):
+            out = model(x[i:j])
+            yb = y[i:j]
             loss += float(F.cross_entropy(out.float(), yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())
     finally:
         if snapshot is not None:
             snapshot.restore()
-        model.train(was)
+        for m, mode in modes.items():
+            m.training = mode
     return correct / len(x), loss / len(x)
 
 

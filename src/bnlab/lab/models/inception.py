@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnlab._checks import check_sizes, check_width
+
 __all__ = ["Inception"]
 
 Factory = Callable[[int], nn.Module] | None
@@ -83,6 +85,8 @@ class Inception(nn.Module):
                  activation: Callable[[], nn.Module] = lambda: nn.ReLU(inplace=True),
                  width: float = 1.0, dropout: float = 0.0, lrn: bool = False) -> None:
         super().__init__()
+        check_width("Inception", width)
+        check_sizes("Inception", in_channels=in_channels, num_classes=num_classes)
 
         def c(n: int) -> int:
             return max(1, round(n * width))

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from bnlab._checks import check_sizes
+
 __all__ = ["MLP"]
 
 
@@ -39,6 +41,8 @@ class MLP(nn.Module):
         init_std: float = 0.1,
     ) -> None:
         super().__init__()
+        check_sizes("MLP", in_features=in_features, num_classes=num_classes,
+                    **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
         layers: list[nn.Module] = []
         self._act_index: list[int] = []  # positions of the nonlinearities in `hidden`
         width = in_features

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from bnlab._checks import check_sizes, check_width
+
 __all__ = ["VGG", "VGG_CONFIGS", "vgg"]
 
 NormFactory = Callable[[int], nn.Module]
@@ -70,11 +72,13 @@ class VGG(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(config, str) and config not in VGG_CONFIGS:
+            raise ValueError(f"VGG: config must be one of {', '.join(VGG_CONFIGS)} or a sequence "
+                             f"of channel counts and 'M', got {config!r}")
         cfg = VGG_CONFIGS[config] if isinstance(config, str) else tuple(config)
-        if not width > 0:
-            raise ValueError(f"VGG: width must be > 0, got {width!r}")
-        if image_size < 1:
-            raise ValueError(f"VGG: image_size must be >= 1, got {image_size!r}")
+        check_width("VGG", width)
+        check_sizes("VGG", num_classes=num_classes, in_channels=in_channels,
+                    image_size=image_size, **({} if hidden is None else {"hidden": hidden}))
         features: list[nn.Module] = []
         c, size = in_channels, image_size
         for v in cfg:
