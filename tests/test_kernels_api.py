@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bnlab
+import bnlab._checks
 from bnlab import functional as F
 from bnlab import kernels
 
@@ -112,7 +113,7 @@ def test_bn_add_relu_refuses_a_residual_of_another_dtype():
 ])
 def test_force_reference_spellings(value, forced, warns, monkeypatch):
     monkeypatch.setenv("BNLAB_FORCE_REFERENCE", value)
-    monkeypatch.setattr(F, "_FLAGS", {})
+    monkeypatch.setattr(bnlab._checks, "_FLAGS", {})
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert F._force_reference() is forced

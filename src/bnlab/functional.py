@@ -9,7 +9,6 @@ Modules that hold state live in `bnlab.layers`; the hand-written backward in `bn
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from types import ModuleType
 from typing import Any
@@ -25,6 +24,7 @@ from bnlab._checks import (  # check_args, host_readable: part of this module's 
     host_readable,
     user_stacklevel,
 )
+from bnlab._checks import force_reference as _force_reference
 
 __all__ = [
     "batch_norm",
@@ -203,48 +203,6 @@ def _warn_nonfinite() -> None:
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )
-
-
-# os.environ.get of an unset variable costs ~0.6 µs (it raises and catches KeyError inside),
-# a tenth of a small BN call. On POSIX CPython the mapping's backing dict (bytes keys, kept in
-# sync by os.environ's setters, e.g. pytest's monkeypatch.setenv) answers in ~40 ns.
-_ENV = getattr(os.environ, "_data", None)
-_ENV_KEY = b"BNLAB_FORCE_REFERENCE"
-
-
-_ON, _OFF = (b"1", b"true", b"yes", b"on"), (b"", b"0", b"false", b"no", b"off")
-_FLAGS: dict[bytes, bool] = {}  # each value seen, parsed once (and warned about once)
-
-
-def _force_reference() -> bool:
-    """Whether ``BNLAB_FORCE_REFERENCE`` is on: 1/true/yes/on (any case); 0/false/no/off and ""
-    are off, and any other value is on, with a warning naming it."""
-    if isinstance(_ENV, dict) and os.name == "posix":
-        value = _ENV.get(_ENV_KEY)
-    else:
-        text = os.environ.get("BNLAB_FORCE_REFERENCE")
-        value = None if text is None else os.fsencode(text)
-    if value is None or value in (b"", b"0"):
-        return False
-    if value == b"1":
-        return True
-    flag = _FLAGS.get(value)
-    if flag is None:
-        if torch.compiler.is_compiling():  # Dynamo traces no bytes methods: on, as before
-            return True
-        flag = _FLAGS[value] = _parse_flag(value)
-    return flag
-
-
-def _parse_flag(value: bytes) -> bool:
-    v = value.strip().lower()
-    if v in _OFF:
-        return False
-    if v not in _ON:
-        warnings.warn(f"BNLAB_FORCE_REFERENCE={value.decode(errors='replace')!r} is neither "
-                      "1/true/yes/on nor 0/false/no/off: taken as on (the reference path)",
-                      RuntimeWarning, stacklevel=3)
-    return True
 
 
 _kernels: ModuleType | None = None
