@@ -206,3 +206,18 @@ def test_train_mode_evaluation_takes_a_last_batch_of_one_and_keeps_module_modes(
 def test_model_builders_name_bad_arguments(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_the_vgg_takes_non_square_images():
+    torch.manual_seed(0)
+    net = VGG(10, image_size=(28, 64), width=0.125)
+    assert net(torch.randn(2, 1, 28, 64)).shape == (2, 10)
+    square = VGG(10, image_size=(28, 28), width=0.125)
+    torch.manual_seed(1)
+    a = VGG(10, image_size=28, width=0.125)
+    torch.manual_seed(1)
+    b = VGG(10, image_size=(28, 28), width=0.125)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert square(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"VGG: image_width must be an integer >= 1, got 0"):
+        VGG(10, image_size=(28, 0))

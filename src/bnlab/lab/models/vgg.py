@@ -42,8 +42,9 @@ class VGG(nn.Module):
     Args:
         num_classes: outputs of the last linear layer.
         in_channels: 1 for (Fashion-)MNIST, 3 for CIFAR-like input.
-        image_size: input height = width (32 for padded Fashion-MNIST / CIFAR, or 28). Pools use
-            ``ceil_mode`` so 28 → 14 → 7 → 4 → 2 → 1 works as well as 32 → … → 1.
+        image_size: input side (32 for padded Fashion-MNIST / CIFAR, or 28), or (height,
+            width) for non-square images. Pools use ``ceil_mode`` so 28 → 14 → 7 → 4 → 2 → 1
+            works as well as 32 → … → 1.
         config: a key of `VGG_CONFIGS` or a custom tuple of channels and "M".
         width: multiplier of every conv width and of the hidden width (rounded, at least 1).
         hidden: hidden width of the classifier (default 512·width).
@@ -62,7 +63,7 @@ class VGG(nn.Module):
         num_classes: int = 10,
         *,
         in_channels: int = 1,
-        image_size: int = 32,
+        image_size: int | tuple[int, int] = 32,
         config: str | Sequence[int | str] = "vgg13",
         width: float = 1.0,
         hidden: int | None = None,
@@ -77,14 +78,17 @@ class VGG(nn.Module):
                              f"of channel counts and 'M', got {config!r}")
         cfg = VGG_CONFIGS[config] if isinstance(config, str) else tuple(config)
         check_width("VGG", width)
+        height, width_px = (image_size if isinstance(image_size, tuple)
+                            else (image_size, image_size))
         check_sizes("VGG", num_classes=num_classes, in_channels=in_channels,
-                    image_size=image_size, **({} if hidden is None else {"hidden": hidden}))
+                    image_height=height, image_width=width_px,
+                    **({} if hidden is None else {"hidden": hidden}))
         features: list[nn.Module] = []
-        c, size = in_channels, image_size
+        c, size = in_channels, (height, width_px)
         for v in cfg:
             if v == "M":
                 features.append(nn.MaxPool2d(2, ceil_mode=True))
-                size = math.ceil(size / 2)
+                size = (math.ceil(size[0] / 2), math.ceil(size[1] / 2))
                 continue
             out = max(1, round(int(v) * width))
             conv = nn.Conv2d(c, out, 3, padding=1, bias=bias)
@@ -94,7 +98,7 @@ class VGG(nn.Module):
         h = hidden if hidden is not None else max(1, round(512 * width))
         cls_norm = norm_layer if classifier_norm else None
         self.classifier = nn.Sequential(
-            _block(nn.Linear(c * size * size, h, bias=bias), h, cls_norm, activation),
+            _block(nn.Linear(c * size[0] * size[1], h, bias=bias), h, cls_norm, activation),
             _block(nn.Linear(h, h, bias=bias), h, cls_norm, activation),
             nn.Linear(h, num_classes),
         )

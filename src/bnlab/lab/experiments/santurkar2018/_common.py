@@ -156,7 +156,7 @@ def run_vgg(data_cfg: DataConfig, train: TrainConfig, optim: OptimConfig, spec: 
     data = ctx.data(data_cfg)
     seed_all(ctx.seed)
     model = VGG(data.num_classes, in_channels=data.train_x.shape[1],
-                image_size=data.train_x.shape[-1], width=spec.width,
+                image_size=(data.train_x.shape[-2], data.train_x.shape[-1]), width=spec.width,
                 norm_layer=make_norm(norm, seed=ctx.seed))
     n = spec.train_acc_examples
     extra = list(probes(model, data)) if probes is not None else []
