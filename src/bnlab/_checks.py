@@ -26,8 +26,7 @@ _RANK_NAMES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, 
 
 
 def check_num_features(num_features: int, who: str) -> None:
-    if not is_integer(num_features) or num_features < 1:
-        raise ValueError(f"{who}: num_features must be an integer >= 1, got {num_features!r}")
+    check_sizes(who, num_features=num_features)
 
 
 def check_sizes(who: str, **sizes: Any) -> None:

@@ -149,7 +149,7 @@ def rank_local_buffers(model: nn.Module) -> list[str]:
     """`local_running_stats`, and every other module with buffers of its own (a user's EMA, a
     counter): what may differ between ranks unless DDP broadcasts rank 0's."""
     return [name for name, m in model.named_modules()
-            if any(True for _ in m.buffers(recurse=False)) and not _world_synced(m)]
+            if next(m.buffers(recurse=False), None) is not None and not _world_synced(m)]
 
 
 def wrap_ddp(model: nn.Module, sync_bn: bool = False) -> nn.Module:

@@ -113,7 +113,7 @@ class BatchNorm(FxLeaf, nn.Module):
         self.num_features = int(num_features)
         self._who()  # cached now, not by the first forward (torch.export flags that write)
         self.eps = plain(eps)  # a NumPy scalar as a Python float, as torch stores it
-        self.momentum = plain(momentum)
+        self.momentum = momentum  # (made plain above, before its check)
         self.affine = affine
         self.track_running_stats = track_running_stats
         if affine:

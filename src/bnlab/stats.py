@@ -327,7 +327,8 @@ def recalibrate(
             bn.running_var.copy_(s.var.to(bn.running_var.dtype))
             if bn.num_batches_tracked is not None and not getattr(bn, "num_batches_is_clock",
                                                                   False):
-                # What training counts: EMA steps, one per ghost or (per_batch) per call.
-                per_call = getattr(bn, "stats_update", None) == "per_batch"
+                # What training counts: one EMA step per batch B, or per call where the layer
+                # pools its batches into one step (GhostBatchNorm's "per_batch").
+                per_call = getattr(bn, "counts_calls", False)
                 bn.num_batches_tracked.fill_(s.calls if per_call else s.batches)
     return stats

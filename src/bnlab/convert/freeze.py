@@ -59,10 +59,14 @@ def _restore_hook(module: nn.Module, args: Any, output: Any) -> None:
     module.training = module.__dict__.pop("_bnlab_mode", module.training)
 
 
+# freeze's own hooks, which only run a torch BN in eval mode: not a user's.
+_OWN_HOOKS = (_eval_pre_hook, _restore_hook)
+
+
 def user_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward hooks other than `freeze`'s (which only run a torch BN
-    in eval mode), hooks that may change what it returns."""
-    return any(h not in (_eval_pre_hook, _restore_hook)
+    """Whether ``module`` has forward hooks other than `freeze`'s, hooks that may change what
+    it returns."""
+    return any(h not in _OWN_HOOKS
                for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))
 
 
@@ -71,7 +75,7 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     any of its own: a replaced or folded layer keeps its users' hooks."""
     for d in ("_forward_pre_hooks", "_forward_hooks"):
         getattr(new, d).update((k, h) for k, h in getattr(old, d).items()
-                               if h not in (_eval_pre_hook, _restore_hook))
+                               if h not in _OWN_HOOKS)
     for d in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
               "_forward_hooks_always_called"):
         getattr(new, d).update(getattr(old, d))

@@ -230,6 +230,7 @@ def gradient_ics(
         An `ICSResult`. Cost: one gradient plus one per measured layer.
     """
     check_probe_model(model, "gradient_ics")
+    users = update is not None  # the caller's update may write into its arguments
     if update is None:
         if lr is None:
             raise ValueError("gradient_ics: give lr (plain SGD) or update, got neither")
@@ -259,11 +260,14 @@ def gradient_ics(
         params = current_params(model)
         guard.reset()
         loss, grads = loss_and_grad(model, params, loss_fn, batch, params.keys())
-        # Clones: params are views of the live weights, and an optimizer-style update may
-        # write into either argument in place.
-        new = update({n: p.clone() for n, p in params.items()},
-                     {n: g.clone() for n, g in grads.items()})
-        _check_update(new, {n: params[n] for g in groups for n in g})
+        if users:
+            # Clones: params are views of the live weights, and an optimizer-style update may
+            # write into either argument in place (sgd_update makes new tensors).
+            new = update({n: p.clone() for n, p in params.items()},
+                         {n: g.clone() for n, g in grads.items()})
+            _check_update(new, {n: params[n] for g in groups for n in g})
+        else:
+            new = update(params, grads)
         l2, cos, gnorm = [], [], []
         for i in measure:
             moved = dict(params)

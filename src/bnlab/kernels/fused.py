@@ -48,7 +48,6 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
                         f"{residual.dtype}")
     if (not (kernels.supports(input) if training else
              F._use_kernels_eval(input) and not F.buffers_need_grad(running_mean, running_var))
-            or (residual is not None and residual.dtype != input.dtype)
             or (training and input.numel() == 0)):  # an empty batch: no statistics to compute
         y, finite = F.batch_norm_with_flag(input, running_mean, running_var, weight, bias,
                                            training, momentum, eps, who)
@@ -63,7 +62,7 @@ def _fused(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
     finite = None
     if running_mean is not None or running_var is not None:
         finite = kernels._update(running_mean, running_var, mean, var,
-                                              input.numel() // input.shape[1], momentum)
+                                 input.numel() // input.shape[1], momentum)
     return y, finite
 
 

@@ -135,19 +135,19 @@ def curve(inputs: Inputs, variant: str, key: str = "acc") -> Curve:
 _META_KEYS = ("experiment", "preset", "variant", "seed")
 
 
-def _readable(run: runs_mod.Run) -> str | None:
-    """Why ``run`` cannot be reported (None: it can): a config.json that is no bnlab run's
-    (another tool's, under --runs), or a damaged file."""
+def _read_meta(run: runs_mod.Run) -> tuple[dict[str, Any], str | None]:
+    """(``run``'s config.json, why the run cannot be reported or None): a config.json that is
+    no bnlab run's (another tool's, under --runs), or a damaged file."""
     try:
         meta = run.meta
         lacking = [k for k in _META_KEYS if k not in meta]
         if lacking:
-            return f"not a bnlab run (its config.json has no {', '.join(lacking)})"
+            return meta, f"not a bnlab run (its config.json has no {', '.join(lacking)})"
         if run.finished:
             run.summary  # noqa: B018 (parsed now, so that a damaged one is named here)
     except ValueError as e:
-        return str(e)
-    return None
+        return {}, str(e)
+    return meta, None
 
 
 def collect(root: str | Path, problems: list[str] | None = None) -> list[Inputs]:
@@ -159,12 +159,11 @@ def collect(root: str | Path, problems: list[str] | None = None) -> list[Inputs]
     metas: dict[tuple[str, str], dict[str, Any]] = {}
     unfinished: dict[tuple[str, str], list[str]] = defaultdict(list)
     for run in runs_mod.find_runs(root):
-        why = _readable(run)
+        meta, why = _read_meta(run)
         if why is not None:
             if problems is not None:
                 problems.append(f"skipped {run.path}: {why}")
             continue
-        meta = run.meta
         key = (meta["experiment"], meta.get("tag", meta["preset"]))
         metas.setdefault(key, meta)
         if not run.finished:  # interrupted, or running now: not graded, but named

@@ -140,6 +140,12 @@ class GhostBatchNorm(BatchNorm):
         return (f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}, "
                 f"stats_update={self.stats_update!r}")
 
+    @property
+    def counts_calls(self) -> bool:
+        """Whether ``num_batches_tracked`` counts forward calls, not ghosts (`recalibrate`
+        sets it as training would)."""
+        return self.stats_update == "per_batch"
+
     def normalization_batches(self, input: Tensor) -> tuple[Tensor, ...]:
         """The ghost batches: the mini-batches B whose statistics a training forward uses, so
         `bnlab.population_statistics` averages over them (Alg. 2 with B the ghost)."""
