@@ -25,7 +25,7 @@ from bnlab.distributed import (
     SyncNoisyBatchNorm,
     convert_sync_batchnorm,
 )
-from bnlab.variants import BatchRenorm2d, GhostBatchNorm
+from bnlab.variants import BatchRenorm2d, GhostBatchNorm, NoisyBatchNorm
 
 F64 = torch.float64
 C = 3
@@ -129,17 +129,25 @@ class _BNReLU(nn.BatchNorm2d):
 
 
 def noisy_case(rank: int) -> dict[str, float]:
-    """SyncNoisyBatchNorm: the global batch's statistics (the noise is each rank's own)."""
-    sync, ref = SyncNoisyBatchNorm(C, dtype=F64, seed=5), nn.BatchNorm2d(C, dtype=F64)
-    g = torch.Generator().manual_seed(4)
-    running, noise = 0.0, 1.0
-    for _ in range(2):
-        x = torch.randn(7, C, 4, 5, generator=g, dtype=F64) * 2 + 3
-        y_ref = ref(x)
-        y = sync(shard(x, (3, 4), rank))
-        noise = min(noise, err(y, shard(y_ref, (3, 4), rank)))
-    running = max(err(sync.running_mean, ref.running_mean), err(sync.running_var, ref.running_var))
-    return {"running": running, "noise": noise}
+    """SyncNoisyBatchNorm equals one process's NoisyBatchNorm on the global batch, noise
+    included, over three steps (the ranks' generators stay equal): uneven shards, an empty
+    shard, channels_last input."""
+    out = {}
+    for name, sizes, fmt in (("uneven", (3, 4), torch.contiguous_format),
+                             ("empty", (0, 7), torch.contiguous_format),
+                             ("channels_last", (4, 3), torch.channels_last)):
+        sync = SyncNoisyBatchNorm(C, dtype=F64, seed=5)
+        ref = NoisyBatchNorm(C, dtype=F64, seed=5)
+        g = torch.Generator().manual_seed(4)
+        worst = 0.0
+        for _ in range(3):
+            x = (torch.randn(7, C, 4, 5, generator=g, dtype=F64) * 2 + 3).contiguous(
+                memory_format=fmt)
+            y = sync(shard(x, sizes, rank))
+            worst = max(worst, err(y, shard(ref(x), sizes, rank)))
+        out[name] = max(worst, err(sync.running_mean, ref.running_mean),
+                        err(sync.running_var, ref.running_var))
+    return out
 
 
 def ddp_local_layer(rank: int, world: int) -> dict[str, float]:

@@ -19,6 +19,7 @@ from bnlab.variants import (
     NoisyBatchNorm,
     activation_noise,
     lp_norm,
+    noise_rows,
 )
 
 # ----------------------------------------------------------------------------- noisy BN
@@ -120,6 +121,54 @@ def test_noise_seeded_and_fresh_each_step():
     e = ActivationNoise(3)
     assert d.seed == e.seed  # seed=None is reproducible under torch.manual_seed
     assert torch.equal(ActivationNoise(3, seed=1).eval()(x), x * 1.125)  # E[s]·x
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("sizes", [(3, 4), (0, 7), (7, 0), (2, 2, 3)])
+def test_shards_with_rows_get_one_calls_noise(sizes, fmt):
+    """Shards drawing with equal generators and ``rows`` (a data-parallel batch) together get
+    exactly the noise of one call on the whole batch, and their generators stay equal."""
+    x = torch.randn(7, 3, 4, 5).contiguous(memory_format=fmt)
+    whole = ActivationNoise(3, seed=9)
+    shards = [ActivationNoise(3, seed=9) for _ in sizes]
+    for _ in range(2):  # the second step: the generators moved on alike
+        want = whole(x)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        got = torch.cat([m(x[a:a + n], rows=(a, 7)) for m, a, n in zip(shards, starts, sizes)])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all(torch.equal(m.generator.get_state(), whole.generator.get_state()) for m in shards)
+
+
+def test_noise_rows_context_gives_every_noise_module_its_rows():
+    """`noise_rows` is `rows=` for every noise module called inside it (NoisyBatchNorm's too),
+    and only inside it."""
+    x = torch.randn(5, 3, 2)
+    want = ActivationNoise(3, seed=4)(x)
+    top, bottom = NoisyBatchNorm(3, seed=4), NoisyBatchNorm(3, seed=4)
+    with noise_rows(0, 5):
+        top(x[:2])
+    with noise_rows(2, 5):
+        bottom(x[2:])
+    assert torch.equal(top.noise.generator.get_state(), bottom.noise.generator.get_state())
+    parts = []
+    for (offset, n), m in zip(((0, 2), (2, 3)), (ActivationNoise(3, seed=4),
+                                                 ActivationNoise(3, seed=4))):
+        with noise_rows(offset, 5):
+            parts.append(m(x[offset:offset + n]))
+    assert torch.equal(torch.cat(parts), want)
+    first = ActivationNoise(3, seed=4)(x[:2])  # no rows left set: a batch of 2 rows
+    assert torch.equal(first, ActivationNoise(3, seed=4)(x[:2]))
+    assert not torch.equal(first, want[:2])
+    with pytest.raises(ValueError, match="rows must be"), noise_rows(4, 5):
+        ActivationNoise(3, seed=4)(x[:2])  # 2 rows from offset 4 overrun 5
+    with pytest.raises(ValueError, match="rows must be"):
+        noise_rows(6, 5).__enter__()
+
+
+@pytest.mark.parametrize("rows", [(1, 3), (-1, 5), (0, 2.5), [0, 5], (0,)])
+def test_activation_noise_rows_must_hold_the_input(rows):
+    with pytest.raises(ValueError, match=r"rows must be \(offset, total\).*N = 3"):
+        activation_noise(torch.randn(3, 2), rows=rows)
 
 
 def test_torch_state_dict_loads_into_noisy_bn():

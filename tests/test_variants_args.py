@@ -108,9 +108,15 @@ def test_noise_arguments_and_inputs_are_checked_in_the_layer_s_own_name():
 
 
 def test_the_noise_keeps_the_memory_format_and_draws_as_before_on_contiguous_input():
+    """The draws are torch.rand/randn's, in NCHW order whatever the layout: channels_last
+    input gets the same noise as contiguous input, and keeps its layout."""
     x = torch.randn(2, 3, 4, 5)
     a = NoisyBatchNorm(3, seed=1)(x.contiguous(memory_format=torch.channels_last))
     assert a.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(a, NoisyBatchNorm(3, seed=1)(x))  # (BN's sums: other order)
+    cl = ActivationNoise(3, seed=3)(x.contiguous(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl, ActivationNoise(3, seed=3)(x))
     noise = ActivationNoise(3, seed=2)
     y = noise(x)
     g = torch.Generator().manual_seed(2)  # the draws torch.rand/randn make, in their order
@@ -118,7 +124,7 @@ def test_the_noise_keeps_the_memory_format_and_draws_as_before_on_contiguous_inp
     sigma = 1 + torch.rand(3, generator=g) * 0.25
     m = torch.rand(x.shape, generator=g) * 0.2 + (mu - 0.1).view(1, 3, 1, 1)
     s = torch.randn(x.shape, generator=g) * 0.1 + sigma.view(1, 3, 1, 1)
-    assert torch.equal(y, torch.addcmul(m, s, x))
+    assert torch.equal(y, x * s + m)
 
 
 def test_lp_norm_takes_a_numpy_p():

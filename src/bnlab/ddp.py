@@ -30,6 +30,7 @@ __all__ = [
     "rank_local_buffers",
     "setup_from_env",
     "shard_batch",
+    "shard_range",
     "sync_in_place",
     "teardown",
     "unwrap",
@@ -78,12 +79,16 @@ def shard_batch(x: Tensor, y: Tensor | None, rank: int,
                 world_size: int) -> tuple[Tensor, Tensor | None]:
     """Rank ``rank``'s contiguous shard of a global batch: near-equal sizes, the first
     ``N % world_size`` ranks one sample more; a rank may get an empty shard when N < world."""
+    start, stop = shard_range(x.shape[0], rank, world_size)
+    return x[start:stop], (None if y is None else y[start:stop])
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(start, stop): the rows of a batch of ``n`` that `shard_batch` gives rank ``rank``."""
     if not 0 <= rank < world_size:
         raise ValueError(f"shard_batch: rank must be in [0, {world_size}), got {rank}")
-    n = x.shape[0]
     start = rank * (n // world_size) + min(rank, n % world_size)
-    stop = start + n // world_size + (1 if rank < n % world_size else 0)
-    return x[start:stop], (None if y is None else y[start:stop])
+    return start, start + n // world_size + (1 if rank < n % world_size else 0)
 
 
 def global_mean(loss_sum: Tensor, global_batch_size: int) -> Tensor:

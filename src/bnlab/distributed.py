@@ -64,21 +64,22 @@ from bnlab.variants._common import (
     unbiased,
     values_per_channel,
 )
+from bnlab.variants.noisy import _ROWS
 from bnlab.variants.renorm import renorm_affine, renorm_factors
 
-__all__ = [
-    "SyncBatchNorm",
-    "SyncBatchNormReLU",
-    "SyncBatchRenorm",
-    "SyncNoisyBatchNorm",
-    "convert_sync_batchnorm",
-    "register_sync_conversion",
-    "sync_batch_stats",
-]
+__all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "SyncBatchRenorm", "SyncNoisyBatchNorm",
+           "convert_sync_batchnorm", "register_sync_conversion", "sync_batch_stats"]
 
 
 def _sync_active(group: Any) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _all_gather(out: Tensor, local: Tensor, group: Any) -> None:
+    # all_gather_single is torch 2.13's name (all_gather_into_tensor warns that it is
+    # deprecated, on every rank and step)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, local,
+                                                                               group=group)
 
 
 @torch.no_grad()
@@ -101,10 +102,7 @@ def sync_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, Tens
                        mean.to(f64), var.to(f64) * m])  # (1 + 2C,): m_r, μ_r, M2_r
     world = dist.get_world_size(group)
     gathered = torch.empty(world * local.numel(), dtype=f64, device=x.device)
-    # all_gather_single is torch 2.13's name (all_gather_into_tensor warns that it is
-    # deprecated, on every rank and step); flat: gloo wants (W·(1+2C),).
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, local, group=group)
+    _all_gather(gathered, local, group)  # flat: gloo wants (W·(1+2C),)
     gathered = gathered.view(world, -1)  # (W, 1 + 2C)
     counts, means, m2 = gathered[:, :1], gathered[:, 1:1 + c], gathered[:, 1 + c:]
     total = counts.sum(0)  # (1,)
@@ -232,10 +230,24 @@ class SyncBatchNormReLU(SyncBatchNorm, BatchNormReLU):
 
 
 class SyncNoisyBatchNorm(SyncBatchNorm, NoisyBatchNorm):
-    """`bnlab.variants.NoisyBatchNorm` with `SyncBatchNorm`'s statistics; each rank adds the
-    noise to its own shard from its own generator. Built identically on every rank (one seed),
-    the ranks draw the same per-channel distributions D_j^t as one process would, and the same
-    per-element draws for the i-th sample of every shard (one process draws them independently)."""
+    """`bnlab.variants.NoisyBatchNorm` with `SyncBatchNorm`'s statistics and the global batch's
+    noise: built alike on every rank (one seed), each rank draws the noise of the whole global
+    batch (D_j^t and every per-element draw, Alg. 1) and adds its shard's rows of it. With the
+    shards in rank order (`bnlab.ddp.shard_batch`) that is one process's output exactly; in any
+    order the draws stay independent across samples and the generators equal (uneven and empty
+    shards too). Costs one all_gather of the shards' sizes (none inside
+    `bnlab.variants.noise_rows`, which gives them) and world × one shard's draws."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = BatchNorm.forward(self, input)  # (SyncBatchNorm's statistics through _normalize)
+        group = self.process_group
+        if not self.noise.training or input.device.type == "meta" or \
+                not _sync_active(group) or _ROWS.get() is not None:
+            return self.noise(y)
+        sizes = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=input.device)
+        _all_gather(sizes, torch.full_like(sizes[:1], input.shape[0]), group)
+        counts = sizes.tolist()  # (offset, total) of this rank's rows in the global batch:
+        return self.noise(y, rows=(sum(counts[:dist.get_rank(group)]), sum(counts)))
 
 
 class SyncBatchRenorm(BatchRenorm):

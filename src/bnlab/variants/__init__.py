@@ -19,7 +19,7 @@ from bnlab.variants.frozen import (
 )
 from bnlab.variants.ghost import GhostBatchNorm, ghost_batch_norm, ghost_splits
 from bnlab.variants.lp import LpNorm, lp_norm, lp_stats
-from bnlab.variants.noisy import ActivationNoise, NoisyBatchNorm, activation_noise
+from bnlab.variants.noisy import ActivationNoise, NoisyBatchNorm, activation_noise, noise_rows
 from bnlab.variants.renorm import (
     BatchRenorm,
     BatchRenorm1d,
@@ -49,6 +49,7 @@ __all__ = [
     "ghost_splits",
     "lp_norm",
     "lp_stats",
+    "noise_rows",
     "renorm_factors",
     "renorm_limits",
 ]

@@ -7,7 +7,10 @@ network") and `NoisyBatchNorm` (bnlab's `BatchNorm` followed by the noise). No t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,7 +20,24 @@ from bnlab._checks import FxLeaf, check_num_features, is_integer, is_real, no_to
 from bnlab.functional import channel_view, compute_dtype
 from bnlab.layers import BatchNorm
 
-__all__ = ["ActivationNoise", "NoisyBatchNorm", "activation_noise"]
+__all__ = ["ActivationNoise", "NoisyBatchNorm", "activation_noise", "noise_rows"]
+
+# (offset, total) set by `noise_rows` for the modules' draws; None: each input is a whole batch.
+_ROWS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "bnlab_noise_rows", default=None)
+
+
+@contextlib.contextmanager
+def noise_rows(offset: int, total: int) -> Iterator[None]:
+    """Inside, every `ActivationNoise` (so every `NoisyBatchNorm`) in training mode takes its
+    input as rows offset … offset + N − 1 of a batch of ``total`` rows (``rows=`` of
+    `activation_noise`): a data-parallel loop that shards one global batch says where its
+    shard lies, and the ranks' noise is then exactly one process's on the global batch."""
+    token = _ROWS.set(_check_rows((offset, total), 0))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
 
 
 def _check_noise_args(n_mu: float, n_sigma: float, r_mu: float, r_sigma: float,
@@ -54,6 +74,7 @@ def activation_noise(
     r_mu: float = 0.1,
     r_sigma: float = 0.1,
     generator: torch.Generator | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Tensor:
     r"""Apply one step of Santurkar et al. (2018), Algorithm 1, to activations ``a``.
 
@@ -73,6 +94,10 @@ def activation_noise(
         a: activations of shape (N, C, *); channel = dimension 1.
         n_mu, n_sigma, r_mu, r_sigma: the paper's constants (defaults 0.5, 1.25, 0.1, 0.1).
         generator: the source of randomness; must live on ``a.device`` (None: the global one).
+        rows: (offset, total): ``a`` holds rows offset … offset + N − 1 of a batch of
+            ``total`` rows (a data-parallel shard). The noise drawn is the whole batch's and
+            ``a`` gets its rows of it, so shards drawing from equal generators together get
+            one call's noise on the batch, and the generators stay equal (uneven shards too).
 
     Returns:
         A tensor like ``a``. Noise is drawn in float32 (or wider) for half/bfloat16 input.
@@ -81,19 +106,37 @@ def activation_noise(
     if a.dim() < 2:
         raise ValueError(f"activation_noise: expected input of rank >= 2 (N, C, *), got shape "
                          f"{tuple(a.shape)}")
+    offset, total = _check_rows(rows, a.shape[0])
     ct = compute_dtype(a.dtype)
     opts: dict[str, Any] = {"device": a.device, "dtype": ct, "generator": generator}
     c = a.shape[1]
     # Per-channel distribution D_j^t: (C,) each.
     mu = (torch.rand(c, **opts) * 2 - 1) * n_mu
     sigma = 1 + torch.rand(c, **opts) * (n_sigma - 1)
-    # Per-element draws, broadcast from (1, C, 1, ...) to (N, C, *), in a's memory format (a
-    # contiguous input draws exactly what torch.rand/randn would; the output keeps the format).
-    like = torch.empty_like(a, dtype=ct, memory_format=torch.preserve_format)
+    # Per-element draws for the (total, C, *) batch, contiguous whatever a's layout: the same
+    # seed gives the same noise for NCHW and channels_last input, and shards of one batch,
+    # whose layouts may differ (an empty one has none), consume their generators alike.
+    like = torch.empty((total, *a.shape[1:]), dtype=ct, device=a.device)
     m = like.uniform_(generator=generator).mul_(2 * r_mu).add_(channel_view(mu - r_mu, a))
     s = torch.empty_like(like).normal_(generator=generator).mul_(r_sigma)
     s.add_(channel_view(sigma, a))
-    return torch.addcmul(m, s, a.to(ct)).to(a.dtype)  # s·a + m
+    if total != a.shape[0]:  # (total, C, *) -> this shard's (N, C, *)
+        m, s = m[offset:offset + a.shape[0]], s[offset:offset + a.shape[0]]
+    # s·a + m with a as the first operand, whose memory format the result takes (channels_last
+    # stays channels_last; addcmul(m, s, a) would follow the contiguous m).
+    return (a.to(ct) * s).add_(m).to(a.dtype)
+
+
+def _check_rows(rows: Any, n: int) -> tuple[int, int]:
+    """(offset, total) of ``rows`` (None: the batch is all of ``a``), checked against N."""
+    if rows is None:
+        return 0, n
+    ok = (isinstance(rows, tuple) and len(rows) == 2 and all(is_integer(v) for v in rows)
+          and rows[0] >= 0 and rows[0] + n <= rows[1])
+    if not ok:
+        raise ValueError(f"activation_noise: rows must be (offset, total) with 0 <= offset and "
+                         f"offset + N <= total for input of N = {n} rows, got {rows!r}")
+    return int(rows[0]), int(rows[1])
 
 
 class ActivationNoise(FxLeaf, nn.Module):
@@ -168,7 +211,9 @@ class ActivationNoise(FxLeaf, nn.Module):
             self._generator = self._new_generator(device)
         return self._generator
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+        """``rows``: see `activation_noise` (a shard of a larger batch; default: that of an
+        enclosing `noise_rows`, else none)."""
         if input.dim() < 2 or input.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}): expected input "
                              f"(N, {self.num_features}, *), got shape {tuple(input.shape)}")
@@ -180,7 +225,8 @@ class ActivationNoise(FxLeaf, nn.Module):
         # A meta tensor has no values to draw: no generator there (shape propagation only).
         g = None if input.device.type == "meta" else self._generator_for(input.device)
         return activation_noise(input, n_mu=self.n_mu, n_sigma=self.n_sigma, r_mu=self.r_mu,
-                                r_sigma=self.r_sigma, generator=g)
+                                r_sigma=self.r_sigma, generator=g,
+                                rows=_ROWS.get() if rows is None else rows)
 
     @property
     def mean_scale(self) -> float:
