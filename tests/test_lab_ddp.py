@@ -5,7 +5,11 @@ same global batches as a single process; with SyncBN the logged metrics must agr
 reduction-order tolerance, and only rank 0 writes. ioffe2015.fig1 (a per-sample mean loss),
 santurkar2018.dln (a summed loss, which the ranks once combined as a mean: half the learning
 rate) and santurkar2018.fig1 (activation probes on BN layers, which the SyncBN
-conversion once replaced: the probes waited for layers no longer called).
+conversion once replaced: the probes waited for layers no longer called). And the random
+draws under data parallelism (`tests/lab_ddp_worker.py`): each rank's dropout masks are its
+own, its noise is its rows of the global batch's, and a run interrupted on one rank stops
+everywhere after the same step and resumes to exactly the uninterrupted run, every rank's
+random state restored.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from _lab_idx import write_dataset
 from conftest import free_port
@@ -89,3 +94,48 @@ def test_two_process_sync_bn_run_equals_one_process(tmp_path: Path, name: str, r
     files = {p.name for p in (tmp_path / "two").glob("**/*") if p.is_file()}
     assert files <= {"config.json", "env.json", "metrics.jsonl", "summary.json"} | {
         p.name for p in (tmp_path / "one").glob("**/*") if p.is_file()}
+
+
+def test_ranks_draw_their_own_dropout_and_resume_their_own_random_state(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    worker = [str(ROOT / "tests" / "lab_ddp_worker.py"), str(tmp_path)]
+    out = {}
+    for phase in ("whole", "cut", "resume"):
+        procs = []
+        e = {**env, "MASTER_PORT": str(free_port())}
+        try:
+            for rank in range(2):
+                with open(tmp_path / f"{phase}{rank}.log", "w") as f:
+                    procs.append(subprocess.Popen(
+                        [sys.executable, *worker, phase], stdout=f, stderr=subprocess.STDOUT,
+                        env={**e, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+            deadline = time.monotonic() + 120
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{phase}: the workers did not finish within 120 s (killed)")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for rank, p in enumerate(procs):
+            assert p.returncode == 0, (tmp_path / f"{phase}{rank}.log").read_text()[-3000:]
+        out[phase] = [torch.load(tmp_path / f"{phase}-rank{r}.pt") for r in range(2)]
+    whole, cut, resumed = out["whole"], out["cut"], out["resume"]
+    # rank 1 alone was interrupted (at step 4's evaluation): both stopped after step 5
+    assert [c["stopped"] for c in cut] == [5, 5] and whole[0]["stopped"] is None
+    # each shard's first row got a mask of its own at every step
+    m0, m1 = whole[0]["masks"], whole[1]["masks"]
+    assert len(m0) == len(m1) == 10 and all(not torch.equal(a, b) for a, b in zip(m0, m1))
+    # the noise is drawn for the global batch on both ranks (`noise_rows`): with shards of 3 and
+    # 2 rows the generators would otherwise have moved apart
+    assert torch.equal(whole[0]["noise"], whole[1]["noise"])
+    # the resumed run is the uninterrupted one, to the bit, on both ranks
+    for r in range(2):
+        masks = cut[r]["masks"] + resumed[r]["masks"]
+        assert len(masks) == 10 and all(map(torch.equal, masks, whole[r]["masks"])), r
+        for k, v in whole[r]["state"].items():
+            assert torch.equal(resumed[r]["state"][k], v), (r, k)

@@ -17,7 +17,6 @@ from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
 from bnlab.lab.data import Dataset
 from bnlab.lab.experiments.santurkar2018._common import (
     NORMS,
-    NoiseState,
     make_norm,
     parse_variant,
     variant_name,
@@ -164,22 +163,38 @@ class _InterruptAt:
         return {}
 
 
-@pytest.mark.parametrize("keep_noise", [True, False])
-def test_resumed_noisy_run_reproduces_its_noise_only_with_noise_state(tmp_path, keep_noise):
+@pytest.mark.parametrize("norm", ["noisy_bn", "noise"])
+def test_resumed_noisy_run_reproduces_its_noise(tmp_path, norm):
+    """`fit` keeps the noise modules' generators (in no state_dict) in its checkpoint."""
+    data = _data()
+    whole = _tiny(norm)
+    _fit(whole, data, tmp_path / "whole", [])
+    first = _tiny(norm)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(first, data, tmp_path / "cut", [_InterruptAt(4)])
+    again = _tiny(norm)
+    _fit(again, data, tmp_path / "cut", [lambda ctx: {}], resume=True)
+    for (k, a), b in zip(whole.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_a_checkpoint_with_only_the_global_rng_state_still_resumes(tmp_path):
+    """Checkpoints written before the noise generators were kept hold torch's global state
+    alone: resuming one works, and its noise restarts from the seeds (so the run differs)."""
     data = _data()
     whole = _tiny("noisy_bn")
-    _fit(whole, data, tmp_path / "whole", [NoiseState(whole)])
-    def noise_state(model):
-        return NoiseState(model) if keep_noise else (lambda ctx: {})
-
+    _fit(whole, data, tmp_path / "whole", [])
     first = _tiny("noisy_bn")
     with pytest.raises(KeyboardInterrupt):
-        _fit(first, data, tmp_path / "cut", [noise_state(first), _InterruptAt(4)])
+        _fit(first, data, tmp_path / "cut", [_InterruptAt(4)])
+    run = runs.Run(tmp_path / "cut")
+    state = run.load_checkpoint()
+    state["rng"] = state["rng"][0]["torch"]  # the old layout: one ByteTensor
+    run.save_checkpoint(state)
     again = _tiny("noisy_bn")
-    _fit(again, data, tmp_path / "cut", [noise_state(again), lambda ctx: {}], resume=True)
-    same = all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(),
-                                                  again.state_dict().values(), strict=True))
-    assert same == keep_noise  # without the generator state the noise restarts from its seed
+    _fit(again, data, tmp_path / "cut", [lambda ctx: {}], resume=True)
+    assert not all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(),
+                                                      again.state_dict().values(), strict=True))
 
 
 def test_norm_names_build_the_right_layers_with_seeds_from_the_run_seed():

@@ -83,6 +83,24 @@ def test_resume_equals_uninterrupted(tmp_path, data):
     assert s["final_acc"] == ref["final_acc"] and not s["diverged"]
 
 
+def test_a_checkpoint_of_another_number_of_processes_resumes_with_a_warning(tmp_path, data):
+    """Every rank's random state is in the checkpoint; resumed with another number of
+    processes, the run continues from rank 0's and says that its draws differ."""
+    ref_model, _ = train(new_run(tmp_path / "a"), data)
+    run = new_run(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train(run, data, probes=[SigintAt(12)])
+    state = torch.load(run.checkpoint_path, weights_only=False)
+    assert len(state["rng"]) == 1  # one process: one state
+    state["rng"] = [state["rng"][0], {"torch": torch.get_rng_state(), "noise": []}]
+    run.save_checkpoint(state)
+    again, _ = runs.prepare(run.path, {"config": {"a": 1}}, resume=True)
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\), this run has 1"):
+        m, _ = train(again, data, probes=[SigintAt(-1)], resume=True)
+    for (k, a), b in zip(ref_model.state_dict().items(), m.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k  # rank 0's state is this process's own
+
+
 def test_an_interrupt_after_training_resumes_without_training_again(tmp_path, data):
     """The experiment's own work after fit (a final evaluation, artefacts) may be interrupted:
     fit's checkpoint of the finished training lets --resume go straight back to it."""

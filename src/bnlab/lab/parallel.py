@@ -4,7 +4,9 @@ Every rank draws the same *global* batch (same seed and batch order), keeps its 
 (`bnlab.ddp.shard_batch`) and scales its summed loss so that DDP's gradient average is the
 gradient of the global mean loss (`bnlab.ddp.global_mean`). With ``--sync-bn`` every BN takes
 its synchronized form (`bnlab.ddp.sync_in_place`), so the run equals one process on the same
-global batch (but for noisy BN, whose ranks draw their own noise). Evaluation
+global batch (noisy BN included: `SyncNoisyBatchNorm` draws the global batch's noise). Dropout
+masks are each rank's own (`decorrelate`), and `bnlab.lab.train.fit` checkpoints every rank's
+random state (`gather`). Evaluation
 and probes run on every rank on identical parameters (no communication in eval mode); only
 rank 0 writes the run directory, the other ranks keep their run in memory (`MemoryRun`).
 """
@@ -16,13 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnlab import ddp
 from bnlab.lab.runs import Run
 
-__all__ = ["MemoryRun", "Parallel", "broadcast", "current", "init", "prepare_model", "shard"]
+__all__ = ["MemoryRun", "Parallel", "broadcast", "current", "decorrelate", "gather", "init",
+           "prepare_model", "shard"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,33 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process). A
+    collective: every rank calls it at the same point."""
+    if _STATE.world == 1:
+        return [obj]
+    out: list[Any] = [None] * _STATE.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rank_seed(seed: int, *salt: int) -> int:
+    """A 64-bit seed of its own for this rank, derived from ``seed`` (and ``salt``) by NumPy's
+    `SeedSequence`, whose spawned streams are statistically independent."""
+    seq = np.random.SeedSequence(seed, spawn_key=(_STATE.rank, *salt))
+    return int(seq.generate_state(1, np.uint64)[0])
+
+
+def decorrelate(seed: int, *salt: int) -> None:
+    """Give this rank's global generator (dropout's masks) a stream of its own; rank 0 keeps
+    the single process's. Every rank built the model from the same seed and draws the same
+    global batch; without this, the ranks' shards got the same dropout masks row for row.
+    Noise modules keep their shared generators: `bnlab.distributed.SyncNoisyBatchNorm` draws the
+    global batch's noise from them and keeps its shard."""
+    if _STATE.rank > 0:
+        torch.manual_seed(_rank_seed(seed, *salt))
+
+
 def prepare_model(model: nn.Module) -> nn.Module:
     """The module to train: ``model`` with SyncBN when asked (converted in place, parameters
     shared), wrapped in DDP when there is more than one process. ``model`` itself stays the
@@ -75,9 +107,10 @@ def prepare_model(model: nn.Module) -> nn.Module:
     return ddp.wrap_ddp(model, sync_bn=_STATE.sync_bn)
 
 
-def shard(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    xs, ys = ddp.shard_batch(x, y, _STATE.rank, _STATE.world)
-    return xs, ys  # type: ignore[return-value]
+def shard(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """This rank's shard of the global batch (x, y), and its (offset, total) rows in it."""
+    start, stop = ddp.shard_range(len(x), _STATE.rank, _STATE.world)
+    return x[start:stop], y[start:stop], (start, len(x))
 
 
 class MemoryRun(Run):

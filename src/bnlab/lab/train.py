@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -26,6 +27,7 @@ from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig
 from bnlab.lab.data import Batches, Dataset
 from bnlab.lab.runs import Run
 from bnlab.stats import BufferSnapshot
+from bnlab.variants import ActivationNoise, noise_rows
 
 __all__ = ["Probe", "ProbeContext", "evaluate", "fit", "lr_at", "params_finite", "seed_all"]
 
@@ -100,6 +102,37 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
 
 def params_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _rng_state(noise: Sequence[ActivationNoise]) -> dict[str, Any]:
+    """This process's random state: torch's global generator (dropout) and the noise modules'
+    own generators (which no state_dict holds)."""
+    return {"torch": torch.get_rng_state(), "noise": [m.generator.get_state() for m in noise]}
+
+
+def _set_rng_state(noise: Sequence[ActivationNoise], state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["noise"] is not None:
+        for m, g in zip(noise, state["noise"], strict=True):
+            m.generator.set_state(g)
+
+
+def _resume_rng(noise: Sequence[ActivationNoise], ranks: list[dict[str, Any]] | Tensor,
+                seed: int, step: int) -> None:
+    """Each rank continues from its own saved random state. A checkpoint of another number of
+    processes has none for some ranks: those continue from rank 0's, decorrelated."""
+    par = parallel.current()
+    if isinstance(ranks, Tensor):  # a checkpoint of bnlab before 2026-12-08: the global state
+        ranks = [{"torch": ranks, "noise": None}]
+    if len(ranks) == par.world:
+        _set_rng_state(noise, ranks[par.rank])
+        return
+    if par.main:
+        warnings.warn(f"the checkpoint was written by {len(ranks)} process(es), this run has "
+                      f"{par.world}: any random draws (dropout, noise) continue from rank 0's "
+                      "saved state, not as an uninterrupted run's", stacklevel=3)
+    _set_rng_state(noise, ranks[0])
+    parallel.decorrelate(seed, step)
 
 
 class _Interrupt:
@@ -186,6 +219,8 @@ def fit(
     # Under torchrun: SyncBN if asked (in place, parameters shared) and a DDP wrapper; `model`
     # stays the plain module for evaluation, probes and checkpoints. Identity otherwise.
     net, par = parallel.prepare_model(model), parallel.current()
+    noise = [m for m in model.modules() if isinstance(m, ActivationNoise)]
+    parallel.decorrelate(seed)  # (the model is built: its initialization stays the same)
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
                           weight_decay=optim.weight_decay)
@@ -198,18 +233,19 @@ def fit(
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
         start, (loss_sum, loss_n), elapsed = state["step"], state["loss"], state["elapsed"]
         diverged_step = state.get("diverged_step")
         for p, s in zip(probes, state["probes"], strict=True):
             if s is not None:
                 p.load_state_dict(s)  # type: ignore[attr-defined]
+        _resume_rng(noise, state["rng"], seed, start)
         run.truncate_metrics(start)
 
     def checkpoint(step: int, *, done: bool = False) -> None:
+        rng = parallel.gather(_rng_state(noise))  # every rank's (a collective under torchrun)
         run.save_checkpoint({
             "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "rng": torch.get_rng_state(), "loss": (loss_sum, loss_n),
+            "rng": rng, "loss": (loss_sum, loss_n),
             "elapsed": elapsed + time.perf_counter() - t0,
             "probes": [p.state_dict() if hasattr(p, "state_dict") else None for p in probes],
             "done": done, "diverged_step": diverged_step})
@@ -238,6 +274,7 @@ def fit(
     lines = _LogLines(desc, train.steps, progress and not tty and par.main)
     model.train()
     with _Interrupt() as interrupt, bar:
+        stop = False
         if start == 0:
             run.log(record(0, None, lr_at(optim, 0)))
         for step in range(start, train.steps):
@@ -252,15 +289,21 @@ def fit(
                 loss.backward()
                 value = loss.item()
             else:  # this rank's shard: Σ_shard ℓ, then the global batch's mean (or sum) loss
-                xs, ys = parallel.shard(x, y)
-                out = net(xs)
+                xs, ys, rows = parallel.shard(x, y)
+                with noise_rows(*rows):  # every rank's noise: its rows of the global batch's
+                    out = net(xs)
                 if not len(ys):
                     local = out.sum() * 0.0
                 else:
                     local = loss_fn(out, ys) * (len(ys) if loss_reduction == "mean" else 1)
                 per = len(y) if loss_reduction == "mean" else 1  # global_mean(·, 1): the sum
                 ddp.global_mean(local, per).backward()
-                value = float(ddp.all_reduce_sum(local.detach())) / per
+                # One all-reduce for the loss and whether any rank was interrupted, so that all
+                # stop (and checkpoint, a collective) after the same step.
+                both = ddp.all_reduce_sum(torch.stack([
+                    local.detach().double().reshape(()),
+                    torch.tensor(float(interrupt.requested), dtype=torch.float64)]))
+                value, stop = float(both[0]) / per, bool(both[1] > 0)
             opt.step()
             done = step + 1
             bar.update(1)
@@ -284,7 +327,7 @@ def fit(
             if diverged_step is not None:
                 run.log({"step": diverged_step, "diverged": True, "lr": lr})
                 break
-            if interrupt.requested:
+            if stop or (par.world == 1 and interrupt.requested):
                 checkpoint(done)
                 where = "saved" if par.main else "saved by rank 0"  # the others keep no files
                 raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint {where} in "

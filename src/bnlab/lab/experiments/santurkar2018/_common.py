@@ -87,24 +87,6 @@ def parse_variant(variant: str) -> tuple[str, str, float]:
     return model, norm, float(lr[2:])
 
 
-class NoiseState:
-    """Not a measurement: keeps the noise generators' states in the checkpoint (they are not in
-    the ``state_dict``), so that resuming a noisy-BN run reproduces its noise exactly."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.noise = [m for m in model.modules() if isinstance(m, ActivationNoise)]
-
-    def __call__(self, ctx: Any) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generators": [m.generator.get_state() for m in self.noise]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for m, s in zip(self.noise, state["generators"], strict=True):
-            m.generator.set_state(s)
-
-
 # ------------------------------------------------------------------------------------- VGG
 
 
@@ -162,8 +144,7 @@ def run_vgg(data_cfg: DataConfig, train: TrainConfig, optim: OptimConfig, spec: 
     extra = list(probes(model, data)) if probes is not None else []
     summary = fit(model, data, ctx.run, train=train, optim=dataclasses.replace(optim, lr=lr),
                   data_cfg=data_cfg, seed=ctx.seed,
-                  probes=[TrainAccuracy(data.train_x[:n], data.train_y[:n]), *extra,
-                          NoiseState(model)],
+                  probes=[TrainAccuracy(data.train_x[:n], data.train_y[:n]), *extra],
                   progress=ctx.progress, desc=ctx.desc, resume=ctx.resume)
     m = spec.final_examples
     if not summary["diverged"]:
