@@ -25,7 +25,7 @@ from bnlab.distributed import (
     SyncNoisyBatchNorm,
     convert_sync_batchnorm,
 )
-from bnlab.variants import BatchRenorm2d, GhostBatchNorm, NoisyBatchNorm
+from bnlab.variants import BatchRenorm2d, GhostBatchNorm, NoisyBatchNorm, noise_rows
 
 F64 = torch.float64
 C = 3
@@ -131,7 +131,7 @@ class _BNReLU(nn.BatchNorm2d):
 def noisy_case(rank: int) -> dict[str, float]:
     """SyncNoisyBatchNorm equals one process's NoisyBatchNorm on the global batch, noise
     included, over three steps (the ranks' generators stay equal): uneven shards, an empty
-    shard, channels_last input."""
+    shard, channels_last input; and the same whole batch on every rank inside noise_rows()."""
     out = {}
     for name, sizes, fmt in (("uneven", (3, 4), torch.contiguous_format),
                              ("empty", (0, 7), torch.contiguous_format),
@@ -147,6 +147,14 @@ def noisy_case(rank: int) -> dict[str, float]:
             worst = max(worst, err(y, shard(ref(x), sizes, rank)))
         out[name] = max(worst, err(sync.running_mean, ref.running_mean),
                         err(sync.running_var, ref.running_var))
+    # Every rank on the same whole batch (a probe), which noise_rows() says: one process's noise
+    # (the global statistics of two copies of a batch are its own).
+    sync = SyncNoisyBatchNorm(C, dtype=F64, seed=5)
+    ref = NoisyBatchNorm(C, dtype=F64, seed=5)
+    x = torch.randn(6, C, 4, 5, generator=torch.Generator().manual_seed(8), dtype=F64)
+    with noise_rows():
+        y = sync(x)
+    out["same_batch"] = err(y, ref(x))
     return out
 
 

@@ -3,9 +3,10 @@
 Trains a tiny net with dropout and per-rank activation noise through the lab's `fit` on uneven
 shards (a global batch of 5: 3 + 2 rows), as `torchrun -m bnlab run` would. Phases: "whole"
 (uninterrupted), "cut" (rank 1 alone is interrupted at step 4), "resume" (continues the cut
-run). Writes OUT_DIR/PHASE-rank{r}.pt: the final state_dict, the step the run stopped after
-(interrupted), the dropout mask of each step's first shard row and the noise's generator
-state. Usage: lab_ddp_worker.py OUT_DIR PHASE.
+run), "cut_last" (rank 1 alone is interrupted at the last step's evaluation). Writes
+OUT_DIR/PHASE-rank{r}.pt: the final state_dict, the step the run stopped after (interrupted),
+the dropout mask of each step's first shard row and the noise's generator state. Usage:
+lab_ddp_worker.py OUT_DIR PHASE.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ TRAIN = TrainConfig(steps=10, batch_size=5, eval_every=2, checkpoint_every=4)
 
 
 class InterruptOnRank1:
-    """Ctrl-C in one process only: every rank must still stop after the same step."""
+    """Ctrl-C in one process only, during an evaluation: every rank must still stop after the
+    same step (the last one's too)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
 
     def __call__(self, ctx):
-        if ctx.step == 4 and parallel.current().rank == 1:
+        if ctx.step == self.step and parallel.current().rank == 1:
             os.kill(os.getpid(), signal.SIGINT)
         return {}
 
@@ -49,7 +54,7 @@ def main(out: str, phase: str) -> None:
     masks: list[torch.Tensor] = []
     drop.register_forward_hook(
         lambda m, i, o: masks.append(o[0] == 0) if m.training and len(o) else None)
-    path = Path(out) / ("whole" if phase == "whole" else "cut")
+    path = Path(out) / {"resume": "cut"}.get(phase, phase)
     resume = phase == "resume"
     meta = {"experiment": "t", "preset": "t", "variant": "v", "seed": 0, "config": {}}
     run = (runs.prepare(path, meta, resume=resume)[0] if par.main
@@ -58,7 +63,7 @@ def main(out: str, phase: str) -> None:
     try:
         fit(model, data, run, train=TRAIN, optim=OptimConfig(lr=0.1, momentum=0.9),
             data_cfg=DataConfig(), seed=0, progress=False, resume=resume,
-            probes=[InterruptOnRank1() if phase == "cut" else (lambda ctx: {})])
+            probes=[InterruptOnRank1({"cut": 4, "cut_last": TRAIN.steps}.get(phase, -1))])
     except KeyboardInterrupt as e:
         stopped = int(str(e).split("after step ")[1].split(";")[0])
     torch.save({"state": model.state_dict(), "stopped": stopped, "masks": masks,

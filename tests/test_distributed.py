@@ -97,7 +97,7 @@ def test_an_all_empty_global_batch_gives_empty_outputs_and_moves_nothing(
 
 def test_sync_noisy_bn_is_one_process_noisy_bn_noise_included(results: list[dict]) -> None:
     for rank, res in enumerate(results):
-        assert res["noisy"].keys() == {"uneven", "empty", "channels_last"}
+        assert res["noisy"].keys() == {"uneven", "empty", "channels_last", "same_batch"}
         assert all(e < TOL for e in res["noisy"].values()), (rank, res["noisy"])
 
 

@@ -102,7 +102,7 @@ def test_ranks_draw_their_own_dropout_and_resume_their_own_random_state(tmp_path
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     worker = [str(ROOT / "tests" / "lab_ddp_worker.py"), str(tmp_path)]
     out = {}
-    for phase in ("whole", "cut", "resume"):
+    for phase in ("whole", "cut", "resume", "cut_last"):
         procs = []
         e = {**env, "MASTER_PORT": str(free_port())}
         try:
@@ -125,8 +125,11 @@ def test_ranks_draw_their_own_dropout_and_resume_their_own_random_state(tmp_path
             assert p.returncode == 0, (tmp_path / f"{phase}{rank}.log").read_text()[-3000:]
         out[phase] = [torch.load(tmp_path / f"{phase}-rank{r}.pt") for r in range(2)]
     whole, cut, resumed = out["whole"], out["cut"], out["resume"]
-    # rank 1 alone was interrupted (at step 4's evaluation): both stopped after step 5
-    assert [c["stopped"] for c in cut] == [5, 5] and whole[0]["stopped"] is None
+    # rank 1 alone was interrupted (at step 4's evaluation): both stopped after step 4, as one
+    # process does
+    assert [c["stopped"] for c in cut] == [4, 4] and whole[0]["stopped"] is None
+    # ... and at the last step's evaluation, both stopped there (fit did not return)
+    assert [c["stopped"] for c in out["cut_last"]] == [10, 10]
     # each shard's first row got a mask of its own at every step
     m0, m1 = whole[0]["masks"], whole[1]["masks"]
     assert len(m0) == len(m1) == 10 and all(not torch.equal(a, b) for a, b in zip(m0, m1))

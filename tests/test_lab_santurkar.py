@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -178,9 +179,12 @@ def test_resumed_noisy_run_reproduces_its_noise(tmp_path, norm):
         assert torch.equal(a, b), k
 
 
-def test_a_checkpoint_with_only_the_global_rng_state_still_resumes(tmp_path):
-    """Checkpoints written before the noise generators were kept hold torch's global state
-    alone: resuming one works, and its noise restarts from the seeds (so the run differs)."""
+@pytest.mark.parametrize("noise_state", [True, False])
+def test_a_checkpoint_of_the_old_layout_still_resumes(tmp_path, noise_state):
+    """Checkpoints of bnlab before 2026-12-08 hold torch's global state alone as "rng", and the
+    VGG runs kept the noise generators as a last probe's state (NoiseState): such a checkpoint
+    resumes to the uninterrupted run; without that probe's state the noise restarts from its
+    seeds, the run differs, and a warning says so."""
     data = _data()
     whole = _tiny("noisy_bn")
     _fit(whole, data, tmp_path / "whole", [])
@@ -189,12 +193,19 @@ def test_a_checkpoint_with_only_the_global_rng_state_still_resumes(tmp_path):
         _fit(first, data, tmp_path / "cut", [_InterruptAt(4)])
     run = runs.Run(tmp_path / "cut")
     state = run.load_checkpoint()
-    state["rng"] = state["rng"][0]["torch"]  # the old layout: one ByteTensor
+    rng = state["rng"][0]
+    state["rng"] = rng["torch"]  # the old layout: one ByteTensor ...
+    if noise_state:  # ... and the generators as NoiseState's state, after the other probes'
+        state["probes"] = [*state["probes"], {"generators": rng["noise"]}]
     run.save_checkpoint(state)
     again = _tiny("noisy_bn")
-    _fit(again, data, tmp_path / "cut", [lambda ctx: {}], resume=True)
-    assert not all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(),
-                                                      again.state_dict().values(), strict=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(again, data, tmp_path / "cut", [lambda ctx: {}], resume=True)
+    same = all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(),
+                                                  again.state_dict().values(), strict=True))
+    restart = [w for w in caught if "generators restart from their seeds" in str(w.message)]
+    assert same == noise_state and bool(restart) != noise_state
 
 
 def test_norm_names_build_the_right_layers_with_seeds_from_the_run_seed():

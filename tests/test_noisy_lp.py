@@ -163,6 +163,10 @@ def test_noise_rows_context_gives_every_noise_module_its_rows():
         ActivationNoise(3, seed=4)(x[:2])  # 2 rows from offset 4 overrun 5
     with pytest.raises(ValueError, match="rows must be"):
         noise_rows(6, 5).__enter__()
+    with pytest.raises(ValueError, match="both offset and total or neither, got offset=3"):
+        noise_rows(3).__enter__()
+    with noise_rows(), noise_rows():  # every input a whole batch (nested: still)
+        assert torch.equal(ActivationNoise(3, seed=4)(x), want)
 
 
 @pytest.mark.parametrize("rows", [(1, 3), (-1, 5), (0, 2.5), [0, 5], (0,)])

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from bnlab import ddp
 from bnlab.lab.runs import Run
 
-__all__ = ["MemoryRun", "Parallel", "broadcast", "current", "decorrelate", "gather", "init",
-           "prepare_model", "shard"]
+__all__ = ["MemoryRun", "Parallel", "any_rank", "broadcast", "current", "decorrelate", "gather",
+           "init", "prepare_model", "shard"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,16 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (a collective; ``flag`` in a single process)."""
+    if _STATE.world == 1:
+        return flag
+    nccl = dist.get_backend() == "nccl"  # (NCCL reduces CUDA tensors only)
+    t = torch.tensor([float(flag)], device=torch.cuda.current_device() if nccl else "cpu")
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def gather(obj: Any) -> list[Any]:

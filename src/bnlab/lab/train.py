@@ -117,20 +117,39 @@ def _set_rng_state(noise: Sequence[ActivationNoise], state: dict[str, Any]) -> N
             m.generator.set_state(g)
 
 
-def _resume_rng(noise: Sequence[ActivationNoise], ranks: list[dict[str, Any]] | Tensor,
-                seed: int, step: int) -> None:
+def _upgrade_checkpoint(state: dict[str, Any], probes: int) -> bool:
+    """Bring a checkpoint of bnlab before 2026-12-08 to today's layout, in place: its "rng" was
+    torch's global state alone, and the Santurkar VGG runs kept their noise generators as a last
+    probe's state (``{"generators": [...]}``, in the model's module order). True if it was."""
+    if not isinstance(state["rng"], Tensor):
+        return False
+    noise, extra = None, state["probes"][probes:]
+    if len(extra) == 1 and isinstance(extra[0], dict) and set(extra[0]) == {"generators"}:
+        noise, state["probes"] = extra[0]["generators"], state["probes"][:probes]
+    state["rng"] = [{"torch": state["rng"], "noise": noise}]
+    return True
+
+
+def _resume_rng(noise: Sequence[ActivationNoise], ranks: list[dict[str, Any]], *, seed: int,
+                step: int, legacy: bool) -> None:
     """Each rank continues from its own saved random state. A checkpoint of another number of
-    processes has none for some ranks: those continue from rank 0's, decorrelated."""
+    processes (or of an older bnlab) has none for some ranks: those continue from rank 0's,
+    decorrelated; one without the noise layers' states restarts them from their seeds."""
     par = parallel.current()
-    if isinstance(ranks, Tensor):  # a checkpoint of bnlab before 2026-12-08: the global state
-        ranks = [{"torch": ranks, "noise": None}]
+    lost = []
+    if len(ranks) != par.world:
+        lost.append("the other ranks' draws (dropout, noise) continue from rank 0's saved "
+                    "state" if legacy else f"it was written by {len(ranks)} process(es), this "
+                    f"run has {par.world}: any random draws continue from rank 0's saved state")
+    if noise and ranks[0]["noise"] is None:
+        lost.append("the noise layers' generators restart from their seeds")
+    if lost and par.main:
+        old = "a checkpoint of bnlab before 2026-12-08" if legacy else "the checkpoint"
+        warnings.warn(f"resuming {old}: {'; '.join(lost)}, not as in an uninterrupted run",
+                      stacklevel=3)
     if len(ranks) == par.world:
         _set_rng_state(noise, ranks[par.rank])
         return
-    if par.main:
-        warnings.warn(f"the checkpoint was written by {len(ranks)} process(es), this run has "
-                      f"{par.world}: any random draws (dropout, noise) continue from rank 0's "
-                      "saved state, not as an uninterrupted run's", stacklevel=3)
     _set_rng_state(noise, ranks[0])
     parallel.decorrelate(seed, step)
 
@@ -199,10 +218,13 @@ def fit(
     """Train ``model`` for ``train.steps`` SGD steps, logging to ``run``; return the summary.
 
     Every ``train.eval_every`` steps (and at steps 0 and the last) the held-out accuracy and
-    loss, the mean training loss since the last record, the learning rate and every probe's
-    output go to ``metrics.jsonl``. A non-finite loss or parameter marks the run diverged at
-    that step and ends it cleanly. ``resume`` continues from ``run``'s checkpoint; batch order
-    and RNG states are restored, so the result equals an uninterrupted run's.
+    loss, the mean training loss since the last record, the learning rate (``lr``: of the step
+    that led to the record, the first step's at step 0; probes get the next step's,
+    `ProbeContext.lr`) and every probe's output go to ``metrics.jsonl``. A non-finite loss or
+    parameter marks the run diverged at that step and ends it cleanly. ``resume`` continues
+    from ``run``'s checkpoint; batch order and every rank's random state (torch's global
+    generator, the noise layers' own) are restored, so the result equals an uninterrupted
+    run's.
     ``evaluate_fn(model) -> dict`` replaces the held-out classification evaluation (e.g. the
     full-batch regression loss of a deep linear network); its dict is merged into the record.
     ``loss_reduction`` says whether ``loss_fn`` averages or sums over the samples: under
@@ -235,10 +257,11 @@ def fit(
         opt.load_state_dict(state["optimizer"])
         start, (loss_sum, loss_n), elapsed = state["step"], state["loss"], state["elapsed"]
         diverged_step = state.get("diverged_step")
+        legacy = _upgrade_checkpoint(state, len(probes))
         for p, s in zip(probes, state["probes"], strict=True):
             if s is not None:
                 p.load_state_dict(s)  # type: ignore[attr-defined]
-        _resume_rng(noise, state["rng"], seed, start)
+        _resume_rng(noise, state["rng"], seed=seed, step=start, legacy=legacy)
         run.truncate_metrics(start)
 
     def checkpoint(step: int, *, done: bool = False) -> None:
@@ -251,6 +274,12 @@ def fit(
             "done": done, "diverged_step": diverged_step})
 
     def record(step: int, batch: tuple[Tensor, Tensor] | None, lr: float) -> dict[str, Any]:
+        # Every rank evaluates and probes the same (whole) batches: noise drawn there is one
+        # process's (a SyncNoisyBatchNorm would take the input for a shard of a bigger batch).
+        with noise_rows():
+            return _record(step, batch, lr)
+
+    def _record(step: int, batch: tuple[Tensor, Tensor] | None, lr: float) -> dict[str, Any]:
         if evaluate_fn is None:
             acc, loss = evaluate(model, ex, ey, batch_size=train.eval_batch_size)
             held = {"acc": acc, "loss": loss}
@@ -302,7 +331,8 @@ def fit(
                 # stop (and checkpoint, a collective) after the same step.
                 both = ddp.all_reduce_sum(torch.stack([
                     local.detach().double().reshape(()),
-                    torch.tensor(float(interrupt.requested), dtype=torch.float64)]))
+                    torch.tensor(float(interrupt.requested), dtype=torch.float64,
+                                 device=local.device)]))
                 value, stop = float(both[0]) / per, bool(both[1] > 0)
             opt.step()
             done = step + 1
@@ -324,6 +354,8 @@ def fit(
                                     refresh=False)
                     if done % train.checkpoint_every == 0 and done < train.steps:
                         checkpoint(done)
+                    # A Ctrl-C during the evaluation (the last step's too) stops every rank now.
+                    stop = stop or parallel.any_rank(interrupt.requested)
             if diverged_step is not None:
                 run.log({"step": diverged_step, "diverged": True, "lr": lr})
                 break

@@ -22,18 +22,29 @@ from bnlab.layers import BatchNorm
 
 __all__ = ["ActivationNoise", "NoisyBatchNorm", "activation_noise", "noise_rows"]
 
-# (offset, total) set by `noise_rows` for the modules' draws; None: each input is a whole batch.
+# What `noise_rows` says of the inputs of the noise layers: (offset, total), _WHOLE (each input is
+# a whole batch) or None (not said: SyncNoisyBatchNorm then asks the other ranks).
+_WHOLE = (0, -1)
 _ROWS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "bnlab_noise_rows", default=None)
 
 
 @contextlib.contextmanager
-def noise_rows(offset: int, total: int) -> Iterator[None]:
+def noise_rows(offset: int | None = None, total: int | None = None) -> Iterator[None]:
     """Inside, every `ActivationNoise` (so every `NoisyBatchNorm`) in training mode takes its
     input as rows offset … offset + N − 1 of a batch of ``total`` rows (``rows=`` of
     `activation_noise`): a data-parallel loop that shards one global batch says where its
-    shard lies, and the ranks' noise is then exactly one process's on the global batch."""
-    token = _ROWS.set(_check_rows((offset, total), 0))
+    shard lies, and the ranks' noise is then exactly one process's on the global batch.
+
+    Without arguments every input is a whole batch: a forward that runs the same batch on
+    every rank (a probe, an evaluation in training mode) draws one process's noise for it,
+    where `bnlab.distributed.SyncNoisyBatchNorm` would otherwise take it for a shard.
+    """
+    if (offset is None) != (total is None):
+        raise ValueError(f"noise_rows: give both offset and total or neither, got offset="
+                         f"{offset!r}, total={total!r}")
+    rows = _WHOLE if offset is None else _check_rows((offset, total), 0)
+    token = _ROWS.set(rows)
     try:
         yield
     finally:
@@ -125,6 +136,11 @@ def activation_noise(
     # s·a + m with a as the first operand, whose memory format the result takes (channels_last
     # stays channels_last; addcmul(m, s, a) would follow the contiguous m).
     return (a.to(ct) * s).add_(m).to(a.dtype)
+
+
+def _context_rows() -> tuple[int, int] | None:
+    rows = _ROWS.get()
+    return None if rows is _WHOLE else rows
 
 
 def _check_rows(rows: Any, n: int) -> tuple[int, int]:
@@ -226,7 +242,7 @@ class ActivationNoise(FxLeaf, nn.Module):
         g = None if input.device.type == "meta" else self._generator_for(input.device)
         return activation_noise(input, n_mu=self.n_mu, n_sigma=self.n_sigma, r_mu=self.r_mu,
                                 r_sigma=self.r_sigma, generator=g,
-                                rows=_ROWS.get() if rows is None else rows)
+                                rows=_context_rows() if rows is None else rows)
 
     @property
     def mean_scale(self) -> float:
