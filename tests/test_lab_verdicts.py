@@ -128,3 +128,97 @@ def test_ioffe_fig1_steps_to_counts_seeds_that_never_reach_at_the_budget():
     assert steps_text([1500.0, 2500.0, 2000.0], 50_000) == "2000 ± 500 (3/3 reach it)"
     got = steps_text([1500.0, math.inf, math.inf], 50_000)
     assert got.startswith("33833 ± ") and got.endswith("(1/3 reach it)")
+
+
+# ----------------------------------------------------------- numbers that stop at divergence
+
+
+class _Run(FakeRun):
+    """A FakeRun with the config and meta that some reports read."""
+
+    def __init__(self, summary, metrics=(), steps=100, seed=0):
+        super().__init__(summary, metrics)
+        self.config, self.meta = {"train": {"steps": steps}}, {"seed": seed}
+
+
+def _fig1_runs(final, drift, ramp, diverged_at=None, steps=100):
+    """Three seeds of an MLP whose accuracy climbs to ``final`` by step ``ramp`` and whose
+    sigmoid percentiles move by ``drift`` over the run; with ``diverged_at`` every seed diverges
+    there (after reaching ``final``)."""
+    m = [{"step": t, "acc": final * min(1.0, t / ramp),
+          "pct": [[drift * t / steps] * 100] * 3} for t in range(0, steps + 1, 10)]
+    if diverged_at:
+        m = [r for r in m if r["step"] < diverged_at] + [{"step": diverged_at, "diverged": True}]
+    return [_Run(summarize(m, diverged_step=diverged_at, wall_s=1.0, steps=steps), m,
+                 steps=steps, seed=s) for s in range(3)]
+
+
+def test_values_leave_out_what_a_diverged_seed_logged_before_it_diverged():
+    runs = {"v": [FakeRun({"diverged": True, "final_acc": 0.9}),
+                  FakeRun({"diverged": False, "final_acc": 0.8})]}
+    inp = Inputs("x", "paper", {}, runs, "paper")
+    assert inp.values("v", "final_acc") == [0.8] and inp.scored("v", "final_acc") == [0.1, 0.8]
+
+
+def test_ioffe_steps_to_counts_a_seed_that_reached_the_level_then_diverged_as_never():
+    from bnlab.lab.experiments.ioffe2015 import steps_to
+
+    runs = {"a": _ioffe_runs(0.9, until=3000, diverged_at=3010), "b": _ioffe_runs(0.9)}
+    inp = Inputs("x", "paper", {}, runs, "paper")
+    assert steps_to(inp, "a", 0.85) == [math.inf] * 3
+    assert all(math.isfinite(s) for s in steps_to(inp, "b", 0.85))
+
+
+def test_ioffe_fig1_with_bn_diverged_after_its_peak_is_not_reproduced():
+    """BN reached a higher accuracy, sooner and with steadier percentiles, then diverged in
+    every seed: each of fig1's checks once graded it by its numbers before it diverged."""
+    from bnlab.lab.experiments.ioffe2015 import fig1 as ioffe_fig1
+
+    runs = {"bn": _fig1_runs(0.95, 0.01, 20, diverged_at=95), "nobn": _fig1_runs(0.85, 1.0, 100)}
+    sec = section(ioffe_fig1, runs)
+    assert sec.verdict == "not reproduced", sec.why
+    healthy = section(ioffe_fig1, {"bn": _fig1_runs(0.95, 0.01, 20),
+                                   "nobn": _fig1_runs(0.85, 1.0, 100)})
+    assert healthy.verdict == "reproduced", healthy.why
+
+
+def test_a_diverged_run_caps_a_verdict_whose_checks_do_not_grade_divergence(tmp_path):
+    from bnlab.lab.report import Section, _disclose
+
+    runs = {"bn": [_Run({"diverged": True, "diverged_step": 40}, seed=1)],
+            "nobn": [_Run({"diverged": False})]}
+    inp = Inputs("x", "paper", {}, runs, "paper")
+    for grades, want in ((False, "partly"), (True, "reproduced")):
+        sec = Section("t", "c", "p", "s", "reproduced", "all checks hold.",
+                      grades_divergence=grades)
+        _disclose(sec, inp, [], tmp_path)
+        assert sec.verdict == want and sec.notes[0] == "Diverged runs: bn seed1 (step 40)."
+    assert 'would be "reproduced": all checks hold.' in _capped(inp, tmp_path).why
+
+
+def _capped(inp, root):
+    from bnlab.lab.report import Section, _disclose
+
+    sec = Section("t", "c", "p", "s", "reproduced", "all checks hold.")
+    _disclose(sec, inp, [], root)
+    return sec
+
+
+def test_santurkar_fig4_counts_a_blown_up_landscape_against_its_net():
+    from bnlab.lab.experiments.santurkar2018._report import per_run
+    from bnlab.lab.experiments.santurkar2018.fig4 import _median
+
+    recs = [{"step": t, "landscape": {"loss_min": 1.0, "loss_max": v}}
+            for t, v in ((0, 2.0), (10, math.nan), (20, math.inf))]
+    assert _median("loss_width")(recs) == math.inf
+    inp = Inputs("x", "paper", {}, {"v": [FakeRun({}, recs)]}, "paper")
+    assert per_run(inp, "v", _median("loss_width")) == []
+    assert per_run(inp, "v", _median("loss_width"), keep_inf=True) == [math.inf]
+
+
+def test_ioffe_dropout_on_the_whole_training_set_reports_without_dividing_by_zero():
+    from bnlab.lab.experiments.ioffe2015.dropout import _subset
+
+    assert _subset({"train_examples": 0}, 8_000) == "the whole training set (8,000 images seen)"
+    assert _subset({"train_examples": 2_000}, 8_000) == (
+        "the first 2,000 training images (8,000 seen = 4.0 epochs)")

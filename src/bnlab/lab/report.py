@@ -52,6 +52,9 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     figures: list[tuple[str, bytes]] = field(default_factory=list)  # (caption, PNG)
     notes: list[str] = field(default_factory=list)
+    # Whether the checks count a diverged seed against the method it tests (`Inputs.scored`,
+    # an infinite step count or loss); where they do not, a diverged run caps the verdict.
+    grades_divergence: bool = False
 
 
 @dataclass
@@ -75,12 +78,18 @@ class Inputs:
     def seeds(self) -> int:
         return max((len(v) for v in self.runs.values()), default=0)
 
+    def overridden(self, key: str) -> bool:
+        """Whether ``--set key=...`` changed the preset (e.g. "optim.lr")."""
+        return any(o.split("=", 1)[0].strip() == key for o in self.overrides)
+
     def summaries(self, variant: str) -> list[dict[str, Any]]:
         return [r.summary or {} for r in self.runs.get(variant, [])]
 
     def values(self, variant: str, key: str) -> list[float]:
-        """``key`` of every seed's summary (None values dropped)."""
-        return [s[key] for s in self.summaries(variant) if s.get(key) is not None]
+        """``key`` of every seed's summary that did not diverge (None values dropped): a
+        diverged run's numbers are those from before it diverged."""
+        return [s[key] for s in self.summaries(variant)
+                if s.get(key) is not None and not s.get("diverged")]
 
     def scored(self, variant: str, key: str, diverged: float = CHANCE) -> list[float]:
         """``key`` of every finished seed for a verdict's checks, a diverged seed counting as
@@ -252,6 +261,15 @@ def _disclose(sec: Section, inp: Inputs, incomplete: list[str], root: str | Path
                    f"({shown}): finish them with `{cmd}`. On the finished runs alone the "
                    f"verdict would be \"{sec.verdict}\": {sec.why}")
         sec.verdict = "inconclusive"
+    diverged = [f"{v} seed{r.meta.get('seed', '?')} (step {(r.summary or {}).get('diverged_step')})"
+                for v, rs in inp.runs.items() for r in rs if (r.summary or {}).get("diverged")]
+    if diverged:
+        sec.notes.insert(0, f"Diverged runs: {', '.join(diverged)}.")
+    if diverged and not sec.grades_divergence and sec.verdict == "reproduced":
+        sec.why = (f"{len(diverged)} run(s) diverged, and this experiment's checks read numbers "
+                   "that stop where a run diverged: the verdict is at most \"partly\". "
+                   f"Without that rule it would be \"reproduced\": {sec.why}")
+        sec.verdict = "partly"
     if inp.data_dir is not None:
         sec.substitution = (f"These runs used the IDX data in `{inp.data_dir}` (--data-dir), not "
                             f"Fashion-MNIST; the default substitution reads: "

@@ -2,7 +2,8 @@
 (Figures 2–3, BN-Inception and the learning-rate study; Sec. 4.2.3, the ensemble) and Alg. 2
 (inference statistics). MNIST and ImageNet are replaced by Fashion-MNIST (offline).
 
-Shared here: the substitution texts, and the steps-to-a-level figures of Figures 1 and 3.
+Shared here: the substitution texts, the pixels' description, and the steps-to-a-level figures
+of Figures 1 and 3.
 """
 
 from __future__ import annotations
@@ -19,17 +20,27 @@ SUBSTITUTION_MNIST = (
 SUBSTITUTION_IMAGENET = (
     "Fashion-MNIST (28×28 grey, 10 classes, 60k training images) stands in for ImageNet (224×224 "
     "colour, 1000 classes, 1.2M images); a small Inception-style network (~0.1M parameters) for "
-    "BN-Inception (13.6M); thousands of steps for millions; no photometric distortions. "
-    "Learning rates are ours (chosen by a sweep), the paper's multipliers (×5, ×30) are kept.")
+    "BN-Inception (13.6M); thousands of steps for millions; no photometric distortions.")
+
+
+def pixels(data: dict) -> str:
+    """How the runs' pixels were fed, from their ``data`` config, as a sentence."""
+    if data.get("binarize"):
+        return "Binarized pixels (> 0.5 → 1) as in the paper" + (
+            ", then standardized" if data.get("normalize") else "")
+    return ("Greyscale pixels standardized by the training set's mean and std" if
+            data.get("normalize") else "Greyscale pixels in [0, 1]") + ", not binarized"
 
 
 def steps_to(inp: Inputs, variant: str, level: float) -> list[float]:
     """Each seed's first evaluated step with held-out accuracy >= ``level``; inf where it never
-    gets there (inf, not nan: max() over a list holding nan depends on its order)."""
+    gets there, or diverged (a diverged seed counts against its method, whatever it reached
+    before; inf, not nan: max() over a list holding nan depends on its order)."""
     out = []
     for r in inp.runs.get(variant, []):
         hit = [m["step"] for m in r.metrics() if m.get("acc", -1.0) >= level]
-        out.append(float(hit[0]) if hit else math.inf)
+        out.append(float(hit[0]) if hit and not (r.summary or {}).get("diverged")
+                   else math.inf)
     return out
 
 

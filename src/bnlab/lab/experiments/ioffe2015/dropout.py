@@ -115,6 +115,14 @@ def _mean(inp: Inputs, variant: str, key: str) -> float:
     return statistics.fmean(vals) if vals else float("nan")
 
 
+def _subset(cfg: dict[str, Any], seen: int) -> str:
+    """The training images used, in words (0: the whole training set, of unknown size here)."""
+    n = cfg["train_examples"]
+    if not n:
+        return f"the whole training set ({seen:,} images seen)"
+    return f"the first {n:,} training images ({seen:,} seen = {seen / n:.1f} epochs)"
+
+
 def report(inp: Inputs) -> Section:
     cfg = inp.config
     rates = list(cfg["rates"])
@@ -175,11 +183,11 @@ def report(inp: Inputs) -> Section:
               "(Sec. 3.4).",
         paper="ImageNet: BN-Inception removes the 40% dropout \"without increasing overfitting\" "
               "(Sec. 4.2.1); the ensemble members use 5% or 10% (Sec. 4.2.3). No gap is printed.",
-        substitution=SUBSTITUTION_IMAGENET + f" Training on the first {cfg['train_examples']} "
-        f"training images ({steps} steps of {bs} = {steps * bs / cfg['train_examples']:.1f} "
-        f"epochs) to reach overfitting; training accuracy on {cfg['train_probe']} of them, "
-        f"held-out on {cfg['data']['eval_examples']} test images, both in eval mode. Same "
-        "learning rate for every model (no BN-x5 rate increase), to isolate the regularizer.",
+        substitution=SUBSTITUTION_IMAGENET + f" Training on {_subset(cfg, steps * bs)} to "
+        f"reach overfitting; training accuracy on {cfg['train_probe']} of them, held-out on "
+        f"{cfg['data']['eval_examples']} test images, both in eval mode. Same learning rate "
+        f"({cfg['optim']['lr']:g}) for every model (no BN-x5 rate increase), to isolate the "
+        "regularizer.",
         verdict=verdict, why=why,
         tables=[Table(["norm", "dropout", "train acc", "held-out acc", "gap (train − held-out)",
                        "diverged"], rows, "Final accuracies (mean ± std over seeds)")],

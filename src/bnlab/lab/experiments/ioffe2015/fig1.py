@@ -28,6 +28,7 @@ Command: ``bnlab run ioffe2015.fig1 --preset paper [--seeds 3]`` then ``bnlab re
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +37,11 @@ from torch import nn
 
 from bnlab.lab import plots
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, positive, within
-from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST, steps_text, steps_to
+from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST, pixels, steps_text, steps_to
 from bnlab.lab.models import MLP, norm_factory
 from bnlab.lab.probes import InputPercentiles
 from bnlab.lab.registry import Experiment, RunContext
-from bnlab.lab.report import Inputs, Section, Table, curve, mean_std
+from bnlab.lab.report import CHANCE, Inputs, Section, Table, curve, mean_std, scored_text
 from bnlab.lab.train import fit, seed_all
 
 PAPER = {"bn_10k": 0.95, "bn_50k": 0.98, "nobn_10k": 0.90, "nobn_50k": 0.97}
@@ -98,6 +99,10 @@ def _acc_at(inp: Inputs, variant: str, frac: float) -> list[float]:
     out = []
     for r in inp.runs.get(variant, []):
         target = frac * r.config["train"]["steps"]
+        summary = r.summary or {}
+        if summary.get("diverged") and summary["diverged_step"] <= target:
+            out.append(CHANCE)  # diverged before: counts against its method
+            continue
         hit = [m["acc"] for m in r.metrics() if "acc" in m and m["step"] >= target]
         if hit:
             out.append(hit[0])
@@ -107,9 +112,13 @@ def _acc_at(inp: Inputs, variant: str, frac: float) -> list[float]:
 def _drift(inp: Inputs, variant: str) -> list[float]:
     """Mean |change| of the 15/50/85th percentiles of every last-layer sigmoid input from early
     (10–20% of training) to late (90–100%), each averaged over its window to damp eval noise,
-    then over percentiles and units: lower is more stable."""
+    then over percentiles and units: lower is more stable. A diverged seed: inf (against its
+    method)."""
     out = []
     for r in inp.runs.get(variant, []):
+        if (r.summary or {}).get("diverged"):
+            out.append(math.inf)
+            continue
         recs = [m for m in r.metrics() if "pct" in m]
         if len(recs) < 2:
             continue
@@ -137,23 +146,27 @@ def report(inp: Inputs) -> Section:
                               ylim=None)
     figures.append((f"Figure 1(b, c): 15/50/85th percentiles of the input to sigmoid #{unit} of "
                     "the last hidden layer, fixed held-out batch, seed 0", plots.to_png(fig)))
-    # Final accuracies with a diverged seed at chance (`Inputs.scored`); the level to reach is
-    # the weakest no-BN seed that did not diverge.
+    # Every check counts a diverged seed against its method: chance accuracy (`Inputs.scored`),
+    # no step reaching the level, infinite drift. The level to reach is the weakest no-BN seed
+    # that did not diverge (chance if none).
     bn50, nb50 = inp.scored("bn", "final_acc"), inp.scored("nobn", "final_acc")
     bn10, nb10 = _acc_at(inp, "bn", 0.2), _acc_at(inp, "nobn", 0.2)
-    level = min(inp.values("nobn", "final_acc"), default=1.0)
+    level = min(inp.values("nobn", "final_acc"), default=CHANCE)
     bn_steps, nb_steps = steps_to(inp, "bn", level), steps_to(inp, "nobn", level)
     drift_bn, drift_nb = _drift(inp, "bn"), _drift(inp, "nobn")
     steps = cfg["train"]["steps"]
-    rows = [["accuracy at 20% of training (10K of 50K)", f"{PAPER['bn_10k']} / "
-             f"{PAPER['nobn_10k']}", f"{mean_std(bn10)} / {mean_std(nb10)}"],
-            ["final accuracy (50K)", f"{PAPER['bn_50k']} / {PAPER['nobn_50k']}",
-             f"{mean_std(bn50)} / {mean_std(nb50)}"],
+    div_bn, div_nb = inp.diverged("bn"), inp.diverged("nobn")
+    rows = [[f"accuracy at 20% of training (ours: step {steps // 5:,}; paper: 10K of 50K)",
+             f"{PAPER['bn_10k']} / {PAPER['nobn_10k']}", f"{mean_std(bn10)} / {mean_std(nb10)}"],
+            [f"final accuracy (ours: step {steps:,}; paper: 50K)",
+             f"{PAPER['bn_50k']} / {PAPER['nobn_50k']}",
+             f"{scored_text(bn50, div_bn)} / {scored_text(nb50, div_nb)}"],
             ["steps to reach no-BN's final accuracy (a seed that never does: the budget)",
              "10K–50K (≈0.95–0.96 at 10K) / 40–50K (read from plot)",
              f"{steps_text(bn_steps, steps)} / {steps_text(nb_steps, steps)}"],
             ["percentile drift, 10–20% → 90–100% of training", "small / large (plot)",
-             f"{mean_std(drift_bn, '{:.3f}')} / {mean_std(drift_nb, '{:.3f}')}"]]
+             f"{scored_text(drift_bn, div_bn, '{:.3f}')} / "
+             f"{scored_text(drift_nb, div_nb, '{:.3f}')}"]]
     sweep = [[v, mean_std(inp.values(v, "final_acc")), mean_std(inp.values(v, "best_acc"))]
              for v in inp.runs if v.startswith("nobn")]
     faster = bool(bn_steps and nb_steps) and max(bn_steps) < 0.5 * min(nb_steps)
@@ -169,14 +182,15 @@ def report(inp: Inputs) -> Section:
            f"({mean_std(bn50)} vs {mean_std(nb50)} after {steps} steps) and its sigmoid input "
            f"is {'more' if stabler else 'not more'} stable (drift {mean_std(drift_bn, '{:.3f}')}"
            f" vs {mean_std(drift_nb, '{:.3f}')}).")
-    return Section(
+    return Section(grades_divergence=True,
         title="Figure 1: MNIST MLP with and without BN", claim="BN trains faster, reaches higher "
         "accuracy, and keeps the distribution of sigmoid inputs stable.",
         paper="MNIST, 50K steps of 60: with BN ≈0.95 at 10K and ≈0.98 at 50K; without ≈0.90 "
         "and ≈0.97 (read from Fig. 1a). Fig. 1b/c: without BN the percentiles jump and drift, "
         "with BN they stay smooth and centred.",
-        substitution=SUBSTITUTION_MNIST + " Binarized pixels as in the paper. SGD momentum 0.9, "
-        f"lr {cfg['optim']['lr']} for both nets (best no-BN rate of a sweep), N(0, "
+        substitution=SUBSTITUTION_MNIST + f" {pixels(cfg['data'])}. SGD momentum "
+        f"{cfg['optim']['momentum']:g}, lr {cfg['optim']['lr']:g} for both nets"
+        f"{'' if inp.overridden('optim.lr') else ' (best no-BN rate of a sweep)'}, N(0, "
         f"{cfg['init_std']}²) init.",
         verdict=verdict, why=why,
         tables=[Table(["quantity", "paper (BN / no BN)", "ours (BN / no BN)"], rows,

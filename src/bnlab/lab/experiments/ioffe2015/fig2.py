@@ -122,6 +122,9 @@ def report(inp: Inputs) -> Section:
     names = [v for v in inp.runs if v.startswith("inception") and v != "inception_sigmoid"]
     ref = max(names, key=lambda v: best[v], default="inception")
     level = best.get(ref, math.nan)
+    base = inp.config["optim"]["lr"]
+    ref_lr = (float(ref.removeprefix("inception_lr")) if ref.startswith("inception_lr")
+              else 5 * base if ref == "inception_x5" else base)
     fig, axes = plots.figure(2, width=6)
     sweep = [v for v in names if v not in ("inception", "inception_x5")]
     shown = [v for v in MAIN if v in inp.runs] + ([ref] if ref != "inception" else [])
@@ -140,7 +143,8 @@ def report(inp: Inputs) -> Section:
         paper = PAPER.get(v, ("", ""))
         rows.append([v + (" (reference)" if v == ref else ""), paper[0],
                      steps_text(raw, budget),
-                     paper[1], mean_std(inp.values(v, "best_acc")),
+                     paper[1], mean_std([100 * a for a in inp.values(v, "best_acc")],
+                                        "{:.1f}%"),
                      f"{len(div)}/{len(inp.runs[v])}" + (f" (step {div[0]})" if div else "")])
     s_ref, s_x5 = _mean(steps.get(ref, [])), _mean(steps.get("bn_x5", []))
     ratio = s_ref / s_x5 if s_x5 and not math.isnan(s_x5) else math.nan
@@ -163,14 +167,19 @@ def report(inp: Inputs) -> Section:
            f"{len(held)}/{len(checks)} checks hold: " + "; ".join(
         f"{k}: {'yes' if ok else 'no'}" for k, ok in checks.items())
         + f". Step ratio Inception/BN-x5 = {ratio:.1f} (paper 14.8).")
-    return Section(
+    return Section(grades_divergence=True,
         title="Figures 2 and 3: BN-Inception and the learning-rate study",
         claim="BN-Baseline matches Inception in under half the steps; BN-x5 in 14× fewer; "
               "BN-x30 ends higher; BN makes sigmoid trainable; Inception ×5 diverges.",
         paper="ImageNet, steps to 72.2% | max: Inception 31.0M | 72.2%, BN-Baseline 13.3M | "
               "72.7%, BN-x5 2.1M | 73.0%, BN-x30 2.7M | 74.8%, BN-x5-Sigmoid – | 69.8%; "
               "BN-x5 needs 14 times fewer steps (31.0/2.1 = 14.8).",
-        substitution=SUBSTITUTION_IMAGENET + f" {inp.config['train']['steps']} steps of "
+        substitution=SUBSTITUTION_IMAGENET + f" Base learning rate {base:g}: BN-Baseline, BN-x5, "
+        f"BN-x30 and the Inception ×5 control run at 1×, 5×, 30× and 5× it. The reference "
+        f"'Inception' is the best no-BN ReLU run ({ref}, lr {ref_lr:g}), so relative to it they "
+        f"run at {base / ref_lr:.3g}×, {5 * base / ref_lr:.3g}×, {30 * base / ref_lr:.3g}× and "
+        f"{5 * base / ref_lr:.3g}× (the paper's ×5 and ×30 are of Inception's own rate). "
+        f"{inp.config['train']['steps']} steps of "
         f"{inp.config['train']['batch_size']} per model; 'validation' = the first "
         f"{inp.config['data']['eval_examples']} Fashion-MNIST test images.",
         verdict=verdict, why=why,

@@ -42,7 +42,7 @@ from matplotlib import colormaps
 
 from bnlab.lab import plots
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, nonempty, positive
-from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
+from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST, pixels
 from bnlab.lab.experiments.ioffe2015._claims import JacobianSpectrum, build_mlp, log10_edges
 from bnlab.lab.registry import Experiment, RunContext
 from bnlab.lab.report import Inputs, Section, Table, mean_std
@@ -217,8 +217,9 @@ def report(inp: Inputs) -> Section:
               "the precise effect \"remains an area of further study\".",
         paper="No measurement: the argument assumes Gaussian, uncorrelated, linearly related "
               "normalized layers (J Jᵀ = I).",
-        substitution=SUBSTITUTION_MNIST + f" The Sec. 4.1 MLP (binarized pixels, fan-in init ×"
-        f"{cfg['init_factor']:g}, SGD momentum 0.9, lr {cfg['optim']['lr']:g}), "
+        substitution=SUBSTITUTION_MNIST + f" The Sec. 4.1 MLP ({pixels(cfg['data'])}; fan-in "
+        f"init ×{cfg['init_factor']:g}, SGD momentum {cfg['optim']['momentum']:g}, lr "
+        f"{cfg['optim']['lr']:g}), "
         f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']}; Jacobians on "
         f"{cfg['probe_examples']} held-out images in eval mode with Alg. 2 statistics.",
         verdict=verdict, why=why,

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, nonempty, positive
-from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
+from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST, pixels
 from bnlab.lab.experiments.ioffe2015._claims import build_mlp
 from bnlab.lab.experiments.ioffe2015._heatmap import Grid, grid_figure, region
 from bnlab.lab.registry import Experiment, RunContext
@@ -155,7 +155,7 @@ def report(inp: Inputs) -> Section:
            f"{held}/{len(checks)} checks hold: " + "; ".join(
         f"{k}: {'yes' if ok else 'no'}" for k, ok in checks.items()) + ".")
     steps, bs = cfg["train"]["steps"], cfg["train"]["batch_size"]
-    return Section(
+    return Section(grades_divergence=True,
         title="Higher learning rates and less careful initialization (learning rate × init "
               "scale grid)",
         claim="\"Batch Normalization allows us to use much higher learning rates and be less "
@@ -163,10 +163,11 @@ def report(inp: Inputs) -> Section:
         paper="No grid in the paper: BN-Inception trains at 5× and 30× Inception's learning "
               "rate, and \"the same learning rate increase with original Inception caused the "
               "model parameters to reach machine infinity\" (Sec. 4.2.2).",
-        substitution=SUBSTITUTION_MNIST + f" The Sec. 4.1 MLP, binarized pixels, {steps} steps "
-        f"of {bs} per cell (SGD momentum 0.9, constant lr); init = f × the LeCun (sigmoid) or "
-        f"Kaiming (ReLU) std; accuracy on {cfg['data']['eval_examples']} held-out images; a "
-        "diverged seed counts as chance (0.1).",
+        substitution=SUBSTITUTION_MNIST + f" The Sec. 4.1 MLP, {pixels(cfg['data'])}, {steps} "
+        f"steps of {bs} per cell (SGD momentum {cfg['optim']['momentum']:g}, constant lr); "
+        f"init = f × the LeCun (sigmoid) or Kaiming (ReLU) std; accuracy on "
+        f"{cfg['data']['eval_examples']} held-out images; a diverged seed counts as chance "
+        "(0.1).",
         verdict=verdict, why=why,
         tables=[Table(["tolerance (pt)", "panel", "best acc", "good cells (within tolerance)",
                        "largest good lr", "good cells at f=min/max", "init scales with a good "

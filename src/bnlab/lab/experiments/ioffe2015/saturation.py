@@ -35,7 +35,7 @@ from typing import Any
 
 from bnlab.lab import plots
 from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, nonempty, positive
-from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST
+from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST, pixels
 from bnlab.lab.experiments.ioffe2015._claims import Saturation, build_mlp
 from bnlab.lab.registry import Experiment, RunContext
 from bnlab.lab.report import Inputs, Section, Table, curve, mean_std
@@ -171,8 +171,8 @@ def report(inp: Inputs) -> Section:
               "from getting stuck in the saturated modes\" (abstract; Sec. 3.3).",
         paper="ImageNet: BN-x5-Sigmoid reaches 69.8% while Inception with sigmoid \"never "
               "achieves better than 1/1000 accuracy\" (Sec. 4.2.2). No saturation is measured.",
-        substitution=SUBSTITUTION_MNIST + f" The Sec. 4.1 sigmoid MLP (as in fig1: binarized "
-        f"pixels, N(0, {cfg['init_std']:g}²) weights, SGD momentum 0.9), "
+        substitution=SUBSTITUTION_MNIST + f" The Sec. 4.1 sigmoid MLP ({pixels(cfg['data'])}; "
+        f"N(0, {cfg['init_std']:g}²) weights, SGD momentum {cfg['optim']['momentum']:g}), "
         f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']}; saturation on "
         f"{cfg['probe_examples']} fixed held-out images in eval mode.",
         verdict=verdict, why=why,

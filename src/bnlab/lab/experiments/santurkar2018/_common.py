@@ -34,9 +34,10 @@ SUBSTITUTION_VGG = (
     "Fashion-MNIST (60k/10k, 28×28 grey, 10 classes; Debian `dataset-fashion-mnist`) stands in "
     "for CIFAR-10 (50k/10k, 32×32 colour), at its native 28×28 size (the VGG pools in ceil mode: "
     "28→14→7→4→2→1). The VGG-13-style net is narrowed (width multiplier {width}: channels "
-    "{c0}…{c1}, hidden {h}) and trained {steps} steps instead of 15,000 (plain SGD, batch {batch}, "
-    "no momentum, no weight decay, no augmentation, Glorot init, as the paper). Accuracies are "
-    "not comparable in level with the paper's CIFAR-10 numbers; compare orderings and gaps.")
+    "{c0}…{c1}, hidden {h}) and trained {steps} steps instead of 15,000 (SGD, batch {batch}, "
+    "{optim}, no augmentation, Glorot init; the paper's \"standard stochastic gradient descent\" "
+    "is read as plain SGD, its momentum and weight decay are not stated). Accuracies are not "
+    "comparable in level with the paper's CIFAR-10 numbers; compare orderings and gaps.")
 SUBSTITUTION_DLN = (
     "synthetic data, nothing to substitute: Gaussian regression as in the paper (A 10×10 "
     "Gaussian, "
@@ -110,10 +111,13 @@ SMOKE_VGG = VGGSpec(train_acc_examples=100, final_examples=200)
 
 def vgg_substitution(cfg: dict[str, Any]) -> str:
     """`SUBSTITUTION_VGG` filled in from a run's config (its ``vgg`` and ``train`` parts)."""
-    w, train = cfg["vgg"]["width"], cfg["train"]
-    return SUBSTITUTION_VGG.format(width=w, c0=max(1, round(64 * w)), c1=max(1, round(512 * w)),
-                                   h=max(1, round(512 * w)), steps=train["steps"],
-                                   batch=train["batch_size"])
+    w, train, optim = cfg["vgg"]["width"], cfg["train"], cfg.get("optim") or {}
+    m, wd = optim.get("momentum", 0.0), optim.get("weight_decay", 0.0)
+    return SUBSTITUTION_VGG.format(
+        width=w, c0=max(1, round(64 * w)), c1=max(1, round(512 * w)), h=max(1, round(512 * w)),
+        steps=train["steps"], batch=train["batch_size"],
+        optim=f"{f'momentum {m:g}' if m else 'no momentum'}, "
+              f"{f'weight decay {wd:g}' if wd else 'no weight decay'}")
 
 
 class TrainAccuracy:

@@ -52,14 +52,18 @@ def mean_curve(inp: Inputs, variant: str, path: Sequence[str],
             [statistics.pstdev(by_step[s]) for s in steps])
 
 
-def per_run(inp: Inputs, variant: str, fn: Callable[[list[dict[str, Any]]], float | None]
-            ) -> list[float]:
-    """``fn(metrics)`` of every seed of ``variant`` (None and non-finite results dropped)."""
+def per_run(inp: Inputs, variant: str, fn: Callable[[list[dict[str, Any]]], float | None],
+            *, keep_inf: bool = False) -> list[float]:
+    """``fn(metrics)`` of every seed of ``variant`` (None and non-finite results dropped; +inf
+    kept with ``keep_inf``, where it counts against the net: a blown-up loss)."""
     out = []
     for run in inp.runs.get(variant, []):
-        v = _num(fn(run.metrics()))
+        raw = fn(run.metrics())
+        v = _num(raw)
         if v is not None:
             out.append(v)
+        elif keep_inf and isinstance(raw, (int, float)) and raw == math.inf:
+            out.append(math.inf)
     return out
 
 

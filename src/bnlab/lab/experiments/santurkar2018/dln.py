@@ -108,7 +108,7 @@ def report(inp: Inputs) -> Section:
         checks.append((half, f"{'at least' if half else 'less than'} 2× lower "
                        f"(ratio {s / b:.3g}; paper ≈3×)"))
     held = sum(ok for ok, _ in checks)
-    return Section(
+    return Section(grades_divergence=True,
         title="Deep linear network with and without BN",
         claim="BN trains the 25-layer deep linear network faster and to a lower loss.",
         paper="lr 1e-6, 10k steps (read from plot): standard ≈2.8e3 plateau, ≈1.6e3 at the end; "

@@ -181,7 +181,7 @@ def report(inp: Inputs) -> Section:
                        f"{div['noise']} diverged; rule: < 0.3, a diverged seed counting as "
                        "chance, 0.1)"))
     held = sum(ok for ok, _ in checks)
-    return Section(
+    return Section(grades_divergence=True,
         title="Figure 2: noisy BN vs BN vs standard (Fashion-MNIST)",
         claim="Noisy BN has less stable distributions than even the standard net, yet trains "
               "about as well as BN, both better than standard; the same noise stops the "

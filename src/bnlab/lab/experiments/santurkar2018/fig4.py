@@ -30,6 +30,7 @@ Command: ``bnlab run santurkar2018.fig4 --preset paper --threads 1 [--seeds 3]``
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from bnlab.lab.experiments.santurkar2018._probes import LandscapeProbe
 from bnlab.lab.experiments.santurkar2018._report import band, grid, mean_curve, per_run, verdict
 from bnlab.lab.models.dln import dln_loss
 from bnlab.lab.registry import Experiment, RunContext
-from bnlab.lab.report import Inputs, Section, Table, mean_std
+from bnlab.lab.report import Inputs, Section, Table, scored_text
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ def _median(key: str, *, early: bool = False) -> Callable[[list[dict[str, Any]]]
         if early:
             recs = recs[:max(1, len(recs) // 5)]
         vals = [(r["loss_max"] - r["loss_min"]) if key == "loss_width" else r[key] for r in recs]
+        # NaN (a loss or gradient that blew up) as +inf: it counts against the net, and the
+        # median of a list holding NaN depends on its order.
+        vals = [math.inf if isinstance(v, float) and math.isnan(v) else v for v in vals]
         return statistics.median(vals) if vals else None
 
     return fn
@@ -132,24 +136,29 @@ def report(inp: Inputs) -> Section:
             for c, (lo, hi) in enumerate((("loss_min", "loss_max"),
                                           ("grad_change_min", "grad_change_max"),
                                           ("beta_max", "beta_max"))):
-                s, lo_m, _ = mean_curve(inp, v, ("landscape", lo))
-                _, hi_m, _ = mean_curve(inp, v, ("landscape", hi))
+                s_lo, lo_m, _ = mean_curve(inp, v, ("landscape", lo))
+                s_hi, hi_m, _ = mean_curve(inp, v, ("landscape", hi))
+                # (mean_curve drops non-finite values edge by edge: keep steps with both)
+                lo_at, hi_at = dict(zip(s_lo, lo_m, strict=True)), dict(zip(s_hi, hi_m,
+                                                                               strict=True))
+                s = [t for t in s_lo if t in hi_at]
                 if s:
-                    band(axes[r][c], s, lo_m, hi_m, name=name, log=True)
+                    band(axes[r][c], s, [lo_at[t] for t in s], [hi_at[t] for t in s], name=name,
+                         log=True)
         for c, title in enumerate(("(a) loss landscape", "(b) gradient predictiveness",
                                    "(c) effective β-smoothness")):
             axes[r][c].set_title(f"{model.upper()} {title}", fontsize=9)
             axes[r][c].set_xlabel("steps")
         for key, text in QUANTITIES:
-            vals = {n: per_run(inp, variant_name(model, n, lr), _median(key))
+            vals = {n: per_run(inp, variant_name(model, n, lr), _median(key), keep_inf=True)
                     for n in ("bn", "none")}
             early = {n: per_run(inp, variant_name(model, n, lr), _median(key, early=True))
                      for n in ("bn", "none")}
             ratio = (statistics.fmean(early["none"]) / statistics.fmean(early["bn"])
                      if early["bn"] and early["none"] and statistics.fmean(early["bn"]) > 0
                      else float("nan"))
-            rows.append([model.upper(), text, mean_std(vals["none"], "{:.4g}"),
-                         mean_std(vals["bn"], "{:.4g}"), f"{ratio:.3g}"])
+            rows.append([model.upper(), text, scored_text(vals["none"], 0, "{:.4g}"),
+                         scored_text(vals["bn"], 0, "{:.4g}"), f"{ratio:.3g}"])
             if vals["bn"] and vals["none"]:
                 ok = statistics.fmean(vals["bn"]) < statistics.fmean(vals["none"])
                 checks.append((ok, f"{model.upper()} {text}"))

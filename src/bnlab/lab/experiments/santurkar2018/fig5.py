@@ -148,7 +148,7 @@ def report(inp: Inputs) -> Section:
         checks.append((ok, f"DLN: ℓ1 ends {'at least' if ok else 'less than'} 20% below BN "
                        f"({loss('l1')} vs {loss('bn')})"))
     held = sum(ok for ok, _ in checks)
-    return Section(
+    return Section(grades_divergence=True,
         title="Figure 5: ℓp normalizations vs BN (VGG on Fashion-MNIST, DLN)",
         claim="ℓ1, ℓ2 and ℓ∞ normalization perform comparably to BN and better than no "
               "normalization; on the DLN ℓ1 even beats BN.",
