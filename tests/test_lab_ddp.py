@@ -31,18 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args: list[str], env: dict[str, str], logs: list[Path], timeout: float = 180) -> None:
+    """``python ARGS`` in one process per log (ranks 0, 1, … where there are several)."""
     procs = []
     try:
         for rank, log in enumerate(logs):
             e = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)} if len(logs) > 1 else env
             with open(log, "w") as f:
-                procs.append(subprocess.Popen([sys.executable, "-m", "bnlab", *args], env=e,
-                                              stdout=f, stderr=subprocess.STDOUT))
+                procs.append(subprocess.Popen([sys.executable, *args], env=e, stdout=f,
+                                              stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        pytest.fail(f"bnlab run did not finish within {timeout} s (killed)")
+        pytest.fail(f"{args} did not finish within {timeout} s (killed)")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -70,7 +71,7 @@ def _metrics(out: Path) -> dict[str, list[dict]]:
 def test_two_process_sync_bn_run_equals_one_process(tmp_path: Path, name: str, runs: int,
                                                     tol: float | None) -> None:
     data = write_dataset(tmp_path / "data")
-    common = ["run", name, "--preset", "smoke", "--data-dir", str(data),
+    common = ["-m", "bnlab", "run", name, "--preset", "smoke", "--data-dir", str(data),
               "--quiet", "--threads", "1", "--sync-bn"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -103,26 +104,8 @@ def test_ranks_draw_their_own_dropout_and_resume_their_own_random_state(tmp_path
     worker = [str(ROOT / "tests" / "lab_ddp_worker.py"), str(tmp_path)]
     out = {}
     for phase in ("whole", "cut", "resume", "cut_last"):
-        procs = []
-        e = {**env, "MASTER_PORT": str(free_port())}
-        try:
-            for rank in range(2):
-                with open(tmp_path / f"{phase}{rank}.log", "w") as f:
-                    procs.append(subprocess.Popen(
-                        [sys.executable, *worker, phase], stdout=f, stderr=subprocess.STDOUT,
-                        env={**e, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-            deadline = time.monotonic() + 120
-            for p in procs:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{phase}: the workers did not finish within 120 s (killed)")
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        for rank, p in enumerate(procs):
-            assert p.returncode == 0, (tmp_path / f"{phase}{rank}.log").read_text()[-3000:]
+        _run([*worker, phase], {**env, "MASTER_PORT": str(free_port())},
+             [tmp_path / f"{phase}{rank}.log" for rank in range(2)], timeout=120)
         out[phase] = [torch.load(tmp_path / f"{phase}-rank{r}.pt") for r in range(2)]
     whole, cut, resumed = out["whole"], out["cut"], out["resume"]
     # rank 1 alone was interrupted (at step 4's evaluation): both stopped after step 4, as one
