@@ -34,7 +34,7 @@ data:
 THREADS ?= 1
 demo: setup data
 	$(BIN)/python -m bnlab.demo
-	$(BIN)/bnlab run ioffe2015.fig1 --preset paper $(if $(THREADS),--threads $(THREADS))
+	$(BIN)/bnlab run ioffe2015.fig1 --preset paper --resume $(if $(THREADS),--threads $(THREADS))
 	$(BIN)/bnlab report
 
 lint: setup

@@ -155,3 +155,82 @@ def test_ctrl_c_outside_a_run_is_a_word_not_a_traceback(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_list", interrupted)
     assert cli.main(["list"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_resume_and_force_together_are_refused(capsys, tmp_path):
+    """--force deletes the checkpoint --resume would continue from: never both."""
+    argv = ["run", "ioffe2015.fig1", "--preset", "smoke", "--out", str(tmp_path / "r"),
+            "--resume", "--force"]
+    assert main(argv) == 2
+    assert "--resume and --force conflict" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("text", ["{[]}", "{[1]: 2}", "{{1}}"])
+def test_a_set_value_python_cannot_hash_is_a_typed_error_not_a_traceback(text):
+    with pytest.raises(ValueError, match=r"--set optim.lr: expected float like 0.1, got str"):
+        apply_overrides(Fig1Config(), [f"optim.lr={text}"])
+
+
+@pytest.mark.parametrize("name", ["ioffe2015.lr_init", "ioffe2015.jacobian"])
+def test_an_unknown_activation_is_refused_with_the_config(name, capsys, tmp_path):
+    """It was refused inside the run, after its directory was made (and a name holding "/.."
+    made one outside --out, which --force then emptied)."""
+    argv = ["run", name, "--preset", "smoke", "--set", "acts=('/../../x',)",
+            "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "acts must hold names from ['relu', 'sigmoid', 'tanh'], got '/../../x'" in (
+        capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_run_directories_stay_under_out(tmp_path):
+    from bnlab.lab.runs import run_path
+
+    assert run_path(tmp_path, "e", "p", "v", 0) == tmp_path / "e" / "p" / "v" / "seed0"
+    for bad in ("..", "a/../../b", ""):
+        with pytest.raises(ValueError, match="must be a plain name"):
+            run_path(tmp_path, "e", "p", bad, 0)
+
+
+def test_a_data_dir_that_is_a_file_says_so(capsys, tmp_path):
+    (tmp_path / "f").write_text("")
+    argv = ["run", "ioffe2015.fig1", "--preset", "smoke", "--data-dir", str(tmp_path / "f"),
+            "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_too_many_threads_are_refused(capsys, tmp_path):
+    import os
+
+    argv = ["run", "ioffe2015.fig1", "--preset", "smoke", "--threads",
+            str(4 * (os.cpu_count() or 1) + 1), "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "--threads must be at most 4 ×" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_no_error(capsys, monkeypatch):
+    """`bnlab list | head -1` exited 2 with "Broken pipe" when the pipe closed first."""
+    import bnlab.cli as cli
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_list", closed)
+    assert cli.main(["list"]) == 0
+    assert "Broken pipe" not in capsys.readouterr().err
+
+
+def test_a_relative_data_dir_set_is_recorded_resolved(tmp_path, monkeypatch):
+    """`bnlab report` repeats the overrides in its resume command, which may run elsewhere."""
+    import json
+
+    from _lab_idx import write_dataset
+
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "syn")
+    assert main(["run", "ioffe2015.fig1", "--preset", "smoke", "--set", "data.dir=syn",
+                 "--set", "train.steps=4", "--out", "r", "--quiet", "--threads", "1"]) == 0
+    cfg = json.loads(next((tmp_path / "r").glob("**/config.json")).read_text())
+    assert cfg["overrides"] == ["train.steps=4", f"data.dir={str(tmp_path / 'syn')!r}"]

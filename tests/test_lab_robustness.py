@@ -83,7 +83,8 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path) -> None:
     run, _ = runs.prepare(tmp_path / "r", {"experiment": "x", "preset": "smoke", "variant": "v",
                                            "seed": 0, "config": {}})
     run.checkpoint_path.write_bytes(b"")
-    with pytest.raises(ValueError, match=r"checkpoint.pt cannot be read .*rerun it with --force"):
+    with pytest.raises(ValueError, match=r"checkpoint.pt cannot be read .*delete .* and run the "
+                       r"command again"):
         run.load_checkpoint()
     run.save_checkpoint({"step": 3})
     assert run.load_checkpoint() == {"step": 3}

@@ -83,6 +83,24 @@ def test_resume_equals_uninterrupted(tmp_path, data):
     assert s["final_acc"] == ref["final_acc"] and not s["diverged"]
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_scheduler_stop_checkpoints_like_ctrl_c(tmp_path, data, sig):
+    """SIGTERM (a scheduler, `timeout`, `docker stop`) or SIGHUP (a closed terminal) killed
+    the run and lost every step since its last periodic checkpoint."""
+
+    class SignalAt(SigintAt):
+        def __call__(self, ctx):
+            if ctx.step == self.step:
+                os.kill(os.getpid(), getattr(signal, sig))
+            return {}
+
+    run = new_run(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt, match="interrupted after step 12"):
+        train(run, data, probes=[SignalAt(12)])
+    assert torch.load(run.checkpoint_path, weights_only=False)["step"] == 12
+    assert signal.getsignal(getattr(signal, sig)) is signal.SIG_DFL  # restored
+
+
 def test_a_checkpoint_of_another_number_of_processes_resumes_with_a_warning(tmp_path, data):
     """Every rank's random state is in the checkpoint; resumed with another number of
     processes, the run continues from rank 0's and says that its draws differ."""

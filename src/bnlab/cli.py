@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -32,9 +33,15 @@ def _list(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from bnlab.lab.registry import get, run_experiment
 
+    if args.resume and args.force:
+        raise ValueError("--resume and --force conflict: --resume continues the unfinished "
+                         "runs, --force deletes every run of the command and starts over")
     exp = get(args.name)
     _writable_dir(args.out, "--out")
     if args.threads is not None:
+        if args.threads > 4 * (os.cpu_count() or 1):
+            raise ValueError(f"--threads must be at most 4 × this machine's {os.cpu_count()} "
+                             f"CPUs, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -119,6 +126,15 @@ def _writable_dir(path: str, option: str) -> None:
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path}: cannot create it: {base} is not a writable "
                          "directory")
+    if base != p:  # (os.access says yes to root everywhere, /proc included: try it)
+        try:
+            p.mkdir(parents=True)
+        except OSError as e:
+            raise ValueError(f"{option} {path}: cannot create it: {e.strerror}") from None
+        for made in (p, *p.parents):  # leave nothing behind (see above)
+            if made == base:
+                break
+            made.rmdir()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--out", default="runs", help="runs directory (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs")
-    p.add_argument("--force", action="store_true", help="delete and redo existing runs")
+    p.add_argument("--force", action="store_true", help="delete and redo every run of the "
+                   "command, finished ones included (to redo one run, delete its directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads "
                    "(default: torch's; 1 is much faster on a machine shared with other jobs)")
@@ -162,6 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `bnlab list | head -1`: the reader left, nothing went wrong
+        # nor at exit, when Python flushes stdout into the closed pipe (ValueError: a stdout
+        # without a file descriptor)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError, RuntimeError) as e:  # OSError: FileNotFoundError and kin
         print(f"bnlab: error: {e}", file=sys.stderr)
         return 2

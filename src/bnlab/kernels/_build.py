@@ -170,5 +170,6 @@ def info() -> dict[str, object]:
     """What `bnlab kernels` prints: the target, the binary's path, whether it is loaded (this
     builds the kernels if needed) and why not."""
     ok = load()
-    return {"available": ok, "target": _march() or "(compiler default)", "binary": str(_binary()),
+    return {"available": ok, "target": _march() or "(compiler default)",
+            "binary": str(_binary()) if ok else None,  # (no binary where the build failed)
             "error": None if ok else _summary(build_error() or "")}

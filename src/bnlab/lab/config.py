@@ -51,6 +51,15 @@ def nonempty(obj: Any, names: str) -> None:
             raise ValueError(f"{name} must be a non-empty tuple, got ()")
 
 
+def one_of(obj: Any, names: str, valid: Any) -> None:
+    """Each element of the named tuple fields of ``obj`` is one of ``valid`` (checked with the
+    config, before any run directory exists: a variant name is built from it)."""
+    for name in names.split():
+        bad = [v for v in getattr(obj, name) if v not in valid]
+        if bad:
+            raise ValueError(f"{name} must hold names from {sorted(valid)}, got {bad[0]!r}")
+
+
 def at_least(obj: Any, names: str, low: int) -> None:
     """Each named integer field (or tuple element) of ``obj`` is >= ``low``."""
     _each(obj, names, lambda v: v >= low, f"an integer >= {low}", f"integers >= {low}")
@@ -159,8 +168,10 @@ def check_name_digits(cfg: Any) -> None:
 def _parse(text: str) -> Any:
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare word is a string: --set model.norm=bn
+    # a bare word is a string: --set model.norm=bn (and so is "{[]}", which literal_eval fails
+    # on with TypeError: the type check names the key and what it expects)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return text
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

@@ -91,6 +91,9 @@ def check(cfg: DataConfig) -> Path:
     """The data directory of ``cfg`` if it holds the four IDX files, else `FileNotFoundError`
     with the install command (checked before any run directory is created)."""
     directory = Path(cfg.dir or DEFAULT_DIR)
+    if directory.exists() and not directory.is_dir():
+        raise FileNotFoundError(f"data directory {directory} exists and is not a directory; "
+                                f"{INSTALL_HINT}")
     if not directory.is_dir():
         raise FileNotFoundError(f"data directory {directory} does not exist; {INSTALL_HINT}")
     for stem in _FILES.values():

@@ -214,13 +214,20 @@ def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
             raise ValueError(f"train.batch_size is {batch}, more than the {len(data.train_x)} "
                              f"training examples in {data.source}; lower it with --set "
                              f"train.batch_size=...")
+    # The overrides as `bnlab report`'s resume command repeats them: a relative data.dir would
+    # name another directory from elsewhere, so it is given as the config holds it (resolved;
+    # the default directory: dropped).
+    data_dir_set = [s for s in sets if s.split("=", 1)[0].strip() == "data.dir"]
+    shown = [s for s in sets if s not in data_dir_set]
+    if data_dir_set and getattr(getattr(cfg, "data", None), "dir", None) is not None:
+        shown.append(f"data.dir={cfg.data.dir!r}")
     done: list[runs.Run] = []
     busy = 0
     t0 = time.perf_counter()
     for seed in range(seeds):
         for variant in exp.variants(cfg):
             meta = {"experiment": exp.name, "preset": preset, "tag": tag, "variant": variant,
-                    "seed": seed, "overrides": list(sets), "config": to_dict(cfg)}
+                    "seed": seed, "overrides": shown, "config": to_dict(cfg)}
             path = runs.run_path(out, exp.name, tag, variant, seed)
             try:
                 with _claimed(path):  # one process per run: a second `bnlab run` moves on

@@ -50,6 +50,11 @@ class RunBusyError(RunExistsError):
 
 def run_path(out: str | os.PathLike, experiment: str, preset: str, variant: str,
              seed: int) -> Path:
+    """``out/experiment/preset/variant/seed<k>``; a part that would leave its directory (a
+    separator, "..", "") is refused: ``--force`` deletes what this path names."""
+    for part in (experiment, preset, variant):
+        if part in ("", ".", "..") or "/" in part or os.sep in part:
+            raise ValueError(f"a run directory part must be a plain name, got {part!r}")
     return Path(out) / experiment / preset / variant / f"seed{seed}"
 
 
@@ -96,7 +101,9 @@ class Run:
         try:
             return json.loads(p.read_text())
         except json.JSONDecodeError as e:  # an empty or cut file: name it
-            raise ValueError(f"{p} is not JSON ({e}); rerun that run with --force") from None
+            raise ValueError(f"{p} is not JSON ({e}); delete {self.path} and run the command "
+                             "again to redo that run (--force would redo every run of the "
+                             "command)") from None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -160,7 +167,9 @@ class Run:
             return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         except Exception as e:  # torch.load raises anything from EOFError to pickle's errors
             raise ValueError(f"{self.checkpoint_path} cannot be read ({type(e).__name__}: {e}); "
-                             "the run cannot be resumed: rerun it with --force") from None
+                             f"the run cannot be resumed: delete {self.path} and run the command "
+                             "again to redo it (--force would redo every run of the command)"
+                             ) from None
 
     def save_artifact(self, name: str, obj: Any) -> None:
         buf = io.BytesIO()
@@ -238,15 +247,18 @@ def prepare(path: Path, meta: dict[str, Any], *, resume: bool = False,
             if same:
                 return run, "skip"
             raise RunExistsError(f"{run.path} holds a finished run with a different config; "
-                                 "pass --force to overwrite it or --out for another directory")
+                                 "pass --out for another directory, or delete it (--force "
+                                 "deletes and redoes every run of the command)")
         if not run.checkpoint_path.exists():
             pass  # it stopped before its first checkpoint: nothing to keep, start it again
         elif not resume:
             raise RunExistsError(f"{run.path} holds an unfinished run; pass --resume to continue "
-                                 "it or --force to start over")
+                                 "it, or delete it to start it over (--force deletes and redoes "
+                                 "every run of the command)")
         elif not same:
             raise RunExistsError(f"{run.path}: cannot resume, the config differs from the saved "
-                                 "one; pass --force to start over")
+                                 "one; delete it to start it over (--force deletes and redoes "
+                                 "every run of the command)")
         else:
             return run, "resume"
     run.path.mkdir(parents=True, exist_ok=True)

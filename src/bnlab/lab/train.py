@@ -154,16 +154,22 @@ def _resume_rng(noise: Sequence[ActivationNoise], ranks: list[dict[str, Any]], *
     parallel.decorrelate(seed, step)
 
 
+# Ctrl-C, and what a scheduler, `timeout`, `docker stop` or a closed terminal sends.
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                      if hasattr(signal, n))
+
+
 class _Interrupt:
-    """First Ctrl-C: finish the current step, checkpoint and stop; a second one stops at once."""
+    """First Ctrl-C (or SIGTERM, SIGHUP): finish the current step, checkpoint and stop; a
+    second one stops at once."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._old: Any = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {sig: signal.signal(sig, self._handle) for sig in _STOP_SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -172,8 +178,8 @@ class _Interrupt:
         self.requested = True
 
     def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 LOG_EVERY_S = 60.0  # the most often a progress line is written where there is no bar

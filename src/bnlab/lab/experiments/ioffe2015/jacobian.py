@@ -41,9 +41,18 @@ from typing import Any
 from matplotlib import colormaps
 
 from bnlab.lab import plots
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, at_least, nonempty, positive
+from bnlab.lab.config import (
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    at_least,
+    nonempty,
+    one_of,
+    positive,
+)
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST, pixels
 from bnlab.lab.experiments.ioffe2015._claims import JacobianSpectrum, build_mlp, log10_edges
+from bnlab.lab.models import ACTIVATIONS
 from bnlab.lab.registry import Experiment, RunContext
 from bnlab.lab.report import Inputs, Section, Table, mean_std
 from bnlab.lab.train import fit, seed_all
@@ -65,6 +74,7 @@ class JacobianConfig:
 
     def __post_init__(self) -> None:
         nonempty(self, "acts")
+        one_of(self, "acts", ACTIVATIONS)
         positive(self, "init_factor")
         at_least(self, "probe_examples calib_batches", 1)
 

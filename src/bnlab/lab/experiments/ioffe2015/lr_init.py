@@ -37,10 +37,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, nonempty, positive
+from bnlab.lab.config import DataConfig, OptimConfig, TrainConfig, nonempty, one_of, positive
 from bnlab.lab.experiments.ioffe2015 import SUBSTITUTION_MNIST, pixels
 from bnlab.lab.experiments.ioffe2015._claims import build_mlp
 from bnlab.lab.experiments.ioffe2015._heatmap import Grid, grid_figure, region
+from bnlab.lab.models import ACTIVATIONS
 from bnlab.lab.registry import Experiment, RunContext
 from bnlab.lab.report import Inputs, Section, Table
 from bnlab.lab.train import fit, seed_all
@@ -60,6 +61,7 @@ class LrInitConfig:
 
     def __post_init__(self) -> None:
         nonempty(self, "lrs inits acts tolerances")
+        one_of(self, "acts", ACTIVATIONS)
         positive(self, "lrs inits")
     acts: tuple[str, ...] = ACTS
     # The good region: within this of the panel's best accuracy. 1 point is the width asked
