@@ -222,3 +222,18 @@ def test_ioffe_dropout_on_the_whole_training_set_reports_without_dividing_by_zer
     assert _subset({"train_examples": 0}, 8_000) == "the whole training set (8,000 images seen)"
     assert _subset({"train_examples": 2_000}, 8_000) == (
         "the first 2,000 training images (8,000 seen = 4.0 epochs)")
+
+
+def test_santurkar_fig3_relative_ics_divides_within_one_run():
+    """The ratio column zipped the seeds' ℓ2 and gradient-norm medians after each list had
+    dropped its own missing values, pairing one seed's ℓ2 with another's norm."""
+    from bnlab.lab.experiments.santurkar2018._report import per_run
+    from bnlab.lab.experiments.santurkar2018.fig3 import _relative
+
+    def run(l2, norm):
+        return FakeRun({}, [{"step": t, "ics": {"k": {"l2": l2, "grad_norm": norm}}}
+                            for t in (0, 1, 2)])
+
+    runs = {"v": [run(None, 10.0), run(4.0, 2.0), run(9.0, 3.0)]}
+    inp = Inputs("x", "paper", {}, runs, "paper")
+    assert per_run(inp, "v", _relative("k")) == [2.0, 3.0]

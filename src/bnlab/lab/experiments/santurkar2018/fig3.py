@@ -119,6 +119,18 @@ def _settings(cfg: dict[str, Any]) -> list[tuple[str, float, list[int]]]:
             + [("dln", lr, cfg["dln_layers"]) for lr in cfg["dln_lrs"]])
 
 
+def _relative(key: str) -> Any:
+    """A `per_run` function: the median ℓ2 ICS over the median gradient norm of one run (the
+    two medians of the same run: per_run drops a missing value from one list only)."""
+    l2, norm = median_of(("ics", key, "l2")), median_of(("ics", key, "grad_norm"))
+
+    def fn(metrics: list[dict[str, Any]]) -> float | None:
+        a, b = l2(metrics), norm(metrics)
+        return a / b if a is not None and b is not None and b > 0 else None
+
+    return fn
+
+
 def report(inp: Inputs) -> Section:
     cfg = inp.config
     settings = _settings(cfg)
@@ -138,8 +150,8 @@ def report(inp: Inputs) -> Section:
                     ax.set_yscale("log")
             med = {(n, m): per_run(inp, variant_name(model, n, lr), median_of(("ics", key, m)))
                    for n in ("bn", "none") for m in ("l2", "cosine", "grad_norm")}
-            rel = {n: [a / b for a, b in zip(med[(n, "l2")], med[(n, "grad_norm")], strict=False)
-                       if b > 0] for n in ("bn", "none")}
+            rel = {n: per_run(inp, variant_name(model, n, lr), _relative(key))
+                   for n in ("bn", "none")}
             rows.append([f"{model.upper()} lr {lr:g}", f"#{layer}",
                          mean_std(med[("bn", "l2")], "{:.3g}"),
                          mean_std(med[("none", "l2")], "{:.3g}"),
