@@ -234,3 +234,18 @@ def test_a_relative_data_dir_set_is_recorded_resolved(tmp_path, monkeypatch):
                  "--set", "train.steps=4", "--out", "r", "--quiet", "--threads", "1"]) == 0
     cfg = json.loads(next((tmp_path / "r").glob("**/config.json")).read_text())
     assert cfg["overrides"] == ["train.steps=4", f"data.dir={str(tmp_path / 'syn')!r}"]
+
+
+def test_a_data_parallel_run_without_sync_bn_is_not_one_process_run(monkeypatch):
+    """Its BN layers normalize by each shard's statistics: a finished one-process run of the
+    same config was skipped as if it were the same run (and the other way round)."""
+    from bnlab.lab import parallel
+    from bnlab.lab.config import to_dict
+    from bnlab.lab.registry import run_config
+
+    cfg = Fig1Config()
+    assert run_config(cfg) == to_dict(cfg)
+    monkeypatch.setattr(parallel, "_STATE", parallel.Parallel(rank=0, world=2, sync_bn=True))
+    assert run_config(cfg) == to_dict(cfg)  # equal to one process's: the same runs
+    monkeypatch.setattr(parallel, "_STATE", parallel.Parallel(rank=0, world=2, sync_bn=False))
+    assert run_config(cfg) == {**to_dict(cfg), "processes_without_sync_bn": 2}

@@ -184,6 +184,18 @@ def _prepare(path: Path, meta: dict[str, Any], *, resume: bool,
     return parallel.MemoryRun(path, resume=decision[1] == "resume"), decision[1]
 
 
+def run_config(cfg: Any) -> dict[str, Any]:
+    """The config a run is identified by: ``cfg``, and under torchrun without ``--sync-bn`` the
+    number of processes, whose BN layers then normalize by each shard's statistics, another
+    method than one process's (with ``--sync-bn`` the runs equal one process's and share its
+    run directories). A finished run of the other kind is then refused, not skipped."""
+    par = parallel.current()
+    config = to_dict(cfg)
+    if par.world > 1 and not par.sync_bn:
+        config["processes_without_sync_bn"] = par.world
+    return config
+
+
 def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
                    sets: Sequence[str] = (), data_dir: str | None = None,
                    out: str | Path = "runs", resume: bool = False, force: bool = False,
@@ -227,7 +239,7 @@ def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
     for seed in range(seeds):
         for variant in exp.variants(cfg):
             meta = {"experiment": exp.name, "preset": preset, "tag": tag, "variant": variant,
-                    "seed": seed, "overrides": shown, "config": to_dict(cfg)}
+                    "seed": seed, "overrides": shown, "config": run_config(cfg)}
             path = runs.run_path(out, exp.name, tag, variant, seed)
             try:
                 with _claimed(path):  # one process per run: a second `bnlab run` moves on
