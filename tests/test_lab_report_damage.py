@@ -59,7 +59,8 @@ def test_damaged_and_stray_run_files_are_skipped_and_named(fig1_runs, tmp_path, 
     assert "## ioffe2015.fig1" in md and "## Problems" in md
     # the damaged run counts as missing: the section says so and how to finish it
     assert "nobn_lr0.1 seed0" in md and "--resume --out" in md
-    with pytest.raises(ValueError, match=r"summary.json is not JSON .*rerun that run"):
+    with pytest.raises(ValueError, match=r"summary.json is not JSON .*delete .*seed0 and run the "
+                       r"command again to redo that run"):
         runs.Run(tag / "nobn_lr0.1" / "seed0").summary  # noqa: B018
     art = tag / "bn" / "seed0" / "broken.pt"
     art.write_bytes(b"PK\x03")
