@@ -49,8 +49,9 @@ def main(out: str, phase: str) -> None:
     data = Dataset(x[:40], y[:40], x[40:], y[40:], "synthetic")
     seed_all(0)
     drop = nn.Dropout(0.5)
+    # Dropout before the ReLU: its input is non-zero, so its zeros are its mask alone.
     model = nn.Sequential(nn.Flatten(), nn.Linear(9, 16, bias=False), BatchNorm1d(16),
-                          ActivationNoise(16, seed=3), nn.ReLU(), drop, nn.Linear(16, 4))
+                          ActivationNoise(16, seed=3), drop, nn.ReLU(), nn.Linear(16, 4))
     masks: list[torch.Tensor] = []
     drop.register_forward_hook(
         lambda m, i, o: masks.append(o[0] == 0) if m.training and len(o) else None)

@@ -62,6 +62,11 @@ def test_freeze_stats_only_keeps_affine_trainable_and_pickles() -> None:
     assert model[1].weight.grad is not None
     clone = pickle.loads(pickle.dumps(model))  # hooks are module-level functions: picklable
     assert is_frozen(clone[1])
+    for m in (model, clone):  # the statistics stay put in training mode, after pickling too
+        before = (m[1].running_mean.clone(), m[1].running_var.clone())
+        m.train()(torch.randn(4, 2, 5, 5) * 3 + 1)
+        assert torch.equal(m[1].running_mean, before[0])
+        assert torch.equal(m[1].running_var, before[1])
 
 
 def test_freeze_affine_only_keeps_statistics_learning() -> None:

@@ -120,13 +120,28 @@ def test_conv_feeding_two_consumers_is_not_folded():
 
 
 def test_fold_precision_with_tiny_running_var():
-    """Folding happens in float64: a tiny running_var (huge scale) stays accurate."""
+    """Folding happens in float64: a tiny running_var (huge scale) stays accurate, and with
+    β ≈ μ·s (a large mean that the bias nearly cancels) the folded bias is the float64
+    s·(b − μ) + β rounded once (a float32 fold was off by 0.07 here; the float32 model, which
+    cancels the same way, could not tell)."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNorm2d(4, eps=1e-8)).eval()
     with torch.no_grad():
         model[1].running_var.fill_(1e-6)
         model[1].running_mean.normal_()
     x = torch.randn(2, 3, 6, 6)
     assert _max_rel_err(fold(model)(x), model(x)) <= 1e-5
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3), bnlab.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(900, 1100)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        s = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+        bn.bias.copy_(s * bn.running_mean.double() + torch.rand(4, dtype=torch.float64))
+    folded = fold(nn.Sequential(conv, bn))[0]
+    want_w = conv.weight.double() * s.view(-1, 1, 1, 1)
+    want_b = s * (conv.bias.double() - bn.running_mean.double()) + bn.bias.double()
+    assert torch.equal(folded.weight, want_w.float()) and torch.equal(folded.bias, want_b.float())
 
 
 def test_fold_refuses_without_running_stats():

@@ -24,14 +24,30 @@ def _core_files():
 
 
 def _imports(f: pathlib.Path) -> list[str]:
-    """Every module name an import statement of file f names."""
+    return _imports_of(f.read_text(), f)
+
+
+def _imports_of(code: str, f: pathlib.Path) -> list[str]:
+    """Every module name an import statement in ``code`` (file f's) names, anywhere in it (in
+    functions too): ``from bnlab import lab`` names bnlab.lab, relative imports are resolved."""
+    package = ["bnlab", *f.parent.relative_to(SRC).parts]
     names = []
-    for node in ast.walk(ast.parse(f.read_text())):
+    for node in ast.walk(ast.parse(code)):
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.append(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names += [module, *(f"{module}.{a.name}" for a in node.names)]
     return names
+
+
+def test_the_import_reader_sees_every_spelling() -> None:
+    """`from bnlab import lab` and relative imports were read as "bnlab" and nothing."""
+    code = ("def g():\n    from bnlab import lab\n    from . import diagnostics\n"
+            "    from ..lab import runs\n    import bnlab.cli\n")
+    got = set(_imports_of(code, SRC / "variants" / "x.py"))
+    assert {"bnlab.lab", "bnlab.variants.diagnostics", "bnlab.lab.runs", "bnlab.cli"} <= got
 
 
 def test_core_modules_import_nothing_from_upper_layers():

@@ -143,6 +143,14 @@ def test_old_checkpoint_without_num_batches_tracked_loads():
     sd._metadata = OrderedDict({"": {"version": 1}})  # type: ignore[attr-defined]
     ours.load_state_dict(sd)  # strict, version 1: num_batches_tracked defaults to 0
     assert ours.num_batches_tracked.item() == 0
+    # A layer that has counted batches keeps its count, as torch's does
+    ref = torch.nn.BatchNorm1d(3)
+    for _ in range(5):
+        x = torch.randn(4, 3)
+        ours(x), ref(x)
+    ours.load_state_dict(sd)
+    ref.load_state_dict(sd)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 5
 
 
 def test_repr_matches_torch():
