@@ -245,7 +245,8 @@ def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
                 with _claimed(path):  # one process per run: a second `bnlab run` moves on
                     run, action = _prepare(path, meta, resume=resume, force=force)
                     if action == "skip":
-                        _say(f"skip {path}: finished with the same config (--force reruns it)")
+                        _say(f"skip {path}: finished with the same config (delete it to rerun "
+                             "it; --force reruns every run of the command)")
                     else:
                         ctx = RunContext(run, variant, seed, progress, action == "resume", cache)
                         summary = exp.run(cfg, variant, ctx)
