@@ -158,6 +158,23 @@ def noisy_case(rank: int) -> dict[str, float]:
     return out
 
 
+def cumulative_probe_case(rank: int) -> dict[str, float]:
+    """The lab's CumulativeBatchStats (ioffe2015.alg2) on a synchronized layer records the
+    global batch's statistics, as one process's probe on the concatenated batch."""
+    from bnlab.lab.probes import CumulativeBatchStats
+
+    sync, ref = nn.Sequential(SyncBatchNorm(C)), nn.Sequential(BatchNorm2d(C))
+    got, want = CumulativeBatchStats(sync), CumulativeBatchStats(ref)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        x = torch.randn(7, C, 4, 5, generator=g) * 2 + 3
+        sync(shard(x, (3, 4), rank))
+        ref(x)
+    return {"mean": err(got.sums["0"][0], want.sums["0"][0]),
+            "var": err(got.sums["0"][1], want.sums["0"][1]),
+            "counts": float(got.count["0"] == want.count["0"] == 3)}
+
+
 def ddp_local_layer(rank: int, world: int) -> dict[str, float]:
     """DDP with sync_bn and a layer that stays local (Ghost BN): rank 0's running statistics
     are broadcast at every forward, so every rank starts each step from the same buffers."""
@@ -302,7 +319,8 @@ def main(out_dir: str) -> None:
     res = {"sync_bn": sync_bn_cases(rank), "renorm": renorm_case(rank),
            "eval": eval_has_no_collective(rank), "all_empty": all_empty_case(rank),
            "ddp": ddp_smoke(rank, world), "noisy": noisy_case(rank),
-           "ddp_local": ddp_local_layer(rank, world), "recalibrate": recalibrate_case(rank)}
+           "ddp_local": ddp_local_layer(rank, world), "recalibrate": recalibrate_case(rank),
+           "cumulative": cumulative_probe_case(rank)}
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(res, f)
     ddp.teardown()

@@ -95,6 +95,12 @@ def test_an_all_empty_global_batch_gives_empty_outputs_and_moves_nothing(
                      "one_value_refused": 1.0}, (rank, d)
 
 
+def test_the_labs_cumulative_probe_records_the_global_batch(results: list[dict]) -> None:
+    for rank, res in enumerate(results):
+        c = res["cumulative"]
+        assert c["counts"] == 1.0 and c["mean"] < 1e-5 and c["var"] < 1e-4, (rank, c)
+
+
 def test_sync_noisy_bn_is_one_process_noisy_bn_noise_included(results: list[dict]) -> None:
     for rank, res in enumerate(results):
         assert res["noisy"].keys() == {"uneven", "empty", "channels_last", "same_batch"}

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.diagnostics import probing
+from bnlab.distributed import SyncBatchNorm, sync_batch_stats
 from bnlab.lab.train import ProbeContext
 
 __all__ = ["InputPercentiles"]
@@ -60,7 +61,9 @@ class InputPercentiles:
 class CumulativeBatchStats:
     """The cumulative (simple) average of every BN layer's training batch statistics since step
     0: what ``momentum=None`` keeps. Forward pre-hooks record (μ_B, m/(m−1)·σ²_B) on training
-    forwards with gradients enabled (so no_grad probes are not counted).
+    forwards with gradients enabled (so no_grad probes are not counted). A synchronized layer
+    (`bnlab.SyncBatchNorm` under torchrun) records the global batch's, which it normalizes by
+    (one more all_gather per layer and step); a local one its own shard's.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -78,8 +81,12 @@ class CumulativeBatchStats:
         if not (mod.training and torch.is_grad_enabled()) or probing():
             return
         with torch.no_grad():
-            dims = [0, *range(2, x.dim())]
-            var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=1)  # unbiased
+            if isinstance(mod, SyncBatchNorm) and mod._syncing(True):
+                mean, var, m = sync_batch_stats(x.detach().float(), mod.process_group)
+                var = var * (m / (m - 1))  # unbiased, over the global batch's m values
+            else:
+                dims = [0, *range(2, x.dim())]
+                var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=1)
         if name in self.sums:
             self.sums[name][0] += mean
             self.sums[name][1] += var
