@@ -178,6 +178,28 @@ def _synced(m: nn.Module) -> bool:
             and _sync_active(m.process_group))
 
 
+_END = object()  # what the batches hold no more of
+
+
+def _every_rank_has(has: bool, groups: list[Any], seen: int) -> bool:
+    """Whether every rank of the synchronized layers' process groups fetched a batch, all
+    agreeing (a collective per batch): a rank that ran out while others went on hung in the
+    next SyncBatchNorm forward; now every rank raises instead."""
+    import torch.distributed as dist
+
+    for group in groups:
+        nccl = dist.get_backend(group) == "nccl"  # (NCCL reduces CUDA tensors only)
+        t = torch.tensor([float(has), float(not has)],
+                         device=torch.cuda.current_device() if nccl else "cpu")
+        dist.all_reduce(t, group=group)
+        if t[0] > 0 and t[1] > 0:
+            raise ValueError(f"population_statistics: the ranks of a SyncBatchNorm's process "
+                             f"group fed different numbers of batches (after {seen}, "
+                             f"{int(t[0])} had another and {int(t[1])} did not); every rank "
+                             "must feed as many (pass num_batches= to cut them alike)")
+    return has
+
+
 @torch.no_grad()
 def population_statistics(
     model: nn.Module,
@@ -197,7 +219,8 @@ def population_statistics(
     after them are measured under that normalization, which eval mode also uses.
     A SyncBatchNorm in a process group of several ranks contributes the global batch's
     statistics, the same on every rank; each rank feeds its shard, and all must run the same
-    number of batches (the statistics are a collective, as in training).
+    number of batches (the statistics are a collective, as in training): a rank that runs out
+    before the others makes every rank raise (one small all_reduce per batch), not hang.
 
     Args:
         model: any module containing bnlab or torch BN layers.
@@ -268,13 +291,19 @@ def population_statistics(
         lambda m, args, kwargs, a=acc[n]: observe(m, args, kwargs, a), with_kwargs=True)
         for n, m in layers.items()]
     seen = 0
+    groups = list({id(m.process_group): m.process_group for m in synced}.values())
     try:
         model.train()
-        for batch in batches:
+        it = iter(batches)
+        # (stops before the fetch after the last batch wanted: a one-shot iterator loses none)
+        while num_batches is None or seen < num_batches:
+            batch = next(it, _END)
+            if groups:
+                _every_rank_has(batch is not _END, groups, seen)
+            if batch is _END:
+                break
             (forward or _default_forward)(model, batch)
             seen += 1
-            if num_batches is not None and seen >= num_batches:
-                break  # before the next fetch: a one-shot iterator loses no batch
     finally:
         for h in hooks:
             h.remove()
