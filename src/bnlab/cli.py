@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,14 +128,12 @@ def _writable_dir(path: str, option: str) -> None:
         raise ValueError(f"{option} {path}: cannot create it: {base} is not a writable "
                          "directory")
     if base != p:  # (os.access says yes to root everywhere, /proc included: try it)
+        # A directory of a unique name, removed at once: torchrun's ranks check the same
+        # --out at the same time (creating --out itself raced: one rank found it existing).
         try:
-            p.mkdir(parents=True)
+            os.rmdir(tempfile.mkdtemp(prefix=".bnlab-check-", dir=base))
         except OSError as e:
             raise ValueError(f"{option} {path}: cannot create it: {e.strerror}") from None
-        for made in (p, *p.parents):  # leave nothing behind (see above)
-            if made == base:
-                break
-            made.rmdir()
 
 
 def build_parser() -> argparse.ArgumentParser:
