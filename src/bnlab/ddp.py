@@ -24,6 +24,7 @@ from bnlab.variants import FrozenBatchNorm
 
 __all__ = [
     "all_reduce_sum",
+    "collective_device",
     "global_mean",
     "is_main",
     "local_running_stats",
@@ -98,6 +99,14 @@ def global_mean(loss_sum: Tensor, global_batch_size: int) -> Tensor:
     is then ∇ (1/N) Σ_all ℓ, the single-process mean loss, even when shards are uneven.
     """
     return loss_sum * (world()[1] / global_batch_size)
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a small tensor for a collective of ``group`` must live: the current CUDA device
+    under NCCL (which reduces CUDA tensors only), else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

@@ -181,23 +181,22 @@ def _synced(m: nn.Module) -> bool:
 _END = object()  # what the batches hold no more of
 
 
-def _every_rank_has(has: bool, groups: list[Any], seen: int) -> bool:
-    """Whether every rank of the synchronized layers' process groups fetched a batch, all
-    agreeing (a collective per batch): a rank that ran out while others went on hung in the
-    next SyncBatchNorm forward; now every rank raises instead."""
+def _check_every_rank_has(has: bool, groups: list[Any], seen: int) -> None:
+    """Raise unless every rank of the synchronized layers' process groups agrees on whether it
+    fetched another batch (a collective per batch): a rank that ran out while others went on
+    hung in the next SyncBatchNorm forward; now every rank raises instead."""
     import torch.distributed as dist
 
+    from bnlab.ddp import collective_device
+
     for group in groups:
-        nccl = dist.get_backend(group) == "nccl"  # (NCCL reduces CUDA tensors only)
-        t = torch.tensor([float(has), float(not has)],
-                         device=torch.cuda.current_device() if nccl else "cpu")
+        t = torch.tensor([float(has), float(not has)], device=collective_device(group))
         dist.all_reduce(t, group=group)
         if t[0] > 0 and t[1] > 0:
             raise ValueError(f"population_statistics: the ranks of a SyncBatchNorm's process "
                              f"group fed different numbers of batches (after {seen}, "
                              f"{int(t[0])} had another and {int(t[1])} did not); every rank "
                              "must feed as many (pass num_batches= to cut them alike)")
-    return has
 
 
 @torch.no_grad()
@@ -299,7 +298,7 @@ def population_statistics(
         while num_batches is None or seen < num_batches:
             batch = next(it, _END)
             if groups:
-                _every_rank_has(batch is not _END, groups, seen)
+                _check_every_rank_has(batch is not _END, groups, seen)
             if batch is _END:
                 break
             (forward or _default_forward)(model, batch)

@@ -26,6 +26,7 @@ __all__ = [
     "config_hash",
     "flat_keys",
     "fraction",
+    "override_key",
     "positive",
     "to_dict",
     "within",
@@ -165,6 +166,11 @@ def check_name_digits(cfg: Any) -> None:
                                  f"names keep ({v:g}); give at most 6")
 
 
+def override_key(item: str) -> str:
+    """The key of a ``--set key=value`` item, as `apply_overrides` reads it."""
+    return item.partition("=")[0].strip()
+
+
 def _parse(text: str) -> Any:
     try:
         return ast.literal_eval(text)
@@ -262,8 +268,8 @@ def apply_overrides(cfg: Any, sets: list[str]) -> Any:
     """
     valid = flat_keys(cfg)
     for item in sets:
-        key, sep, text = item.partition("=")
-        key = key.strip()
+        _, sep, text = item.partition("=")
+        key = override_key(item)
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
         if key not in valid:

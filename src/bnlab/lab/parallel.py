@@ -77,10 +77,8 @@ def any_rank(flag: bool) -> bool:
     """Whether ``flag`` is true on any rank (a collective; ``flag`` in a single process)."""
     if _STATE.world == 1:
         return flag
-    nccl = dist.get_backend() == "nccl"  # (NCCL reduces CUDA tensors only)
-    t = torch.tensor([float(flag)], device=torch.cuda.current_device() if nccl else "cpu")
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
+    t = torch.tensor([float(flag)], device=ddp.collective_device())
+    return bool(ddp.all_reduce_sum(t).item() > 0)
 
 
 def gather(obj: Any) -> list[Any]:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from bnlab.diagnostics import probing
 from bnlab.distributed import SyncBatchNorm, sync_batch_stats
 from bnlab.lab.train import ProbeContext
+from bnlab.variants._common import unbiased
 
 __all__ = ["InputPercentiles"]
 
@@ -83,7 +84,7 @@ class CumulativeBatchStats:
         with torch.no_grad():
             if isinstance(mod, SyncBatchNorm) and mod._syncing(True):
                 mean, var, m = sync_batch_stats(x.detach().float(), mod.process_group)
-                var = var * (m / (m - 1))  # unbiased, over the global batch's m values
+                var = unbiased(var, m)  # over the global batch's m values, as the layer stores
             else:
                 dims = [0, *range(2, x.dim())]
                 var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=1)

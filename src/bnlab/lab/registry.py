@@ -22,6 +22,7 @@ from bnlab.lab.config import (
     apply_overrides,
     check_name_digits,
     config_hash,
+    override_key,
     to_dict,
 )
 
@@ -229,7 +230,7 @@ def run_experiment(exp: Experiment, *, preset: str = "quick", seeds: int = 1,
     # The overrides as `bnlab report`'s resume command repeats them: a relative data.dir would
     # name another directory from elsewhere, so it is given as the config holds it (resolved;
     # the default directory: dropped).
-    data_dir_set = [s for s in sets if s.split("=", 1)[0].strip() == "data.dir"]
+    data_dir_set = [s for s in sets if override_key(s) == "data.dir"]
     shown = [s for s in sets if s not in data_dir_set]
     if data_dir_set and getattr(getattr(cfg, "data", None), "dir", None) is not None:
         shown.append(f"data.dir={cfg.data.dir!r}")

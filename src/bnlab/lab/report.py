@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.lab import runs as runs_mod
+from bnlab.lab.config import override_key
 from bnlab.lab.plots import Curve
 
 __all__ = ["CHANCE", "Inputs", "Section", "Table", "curve", "mean_std", "scored_text",
@@ -80,7 +81,7 @@ class Inputs:
 
     def overridden(self, key: str) -> bool:
         """Whether ``--set key=...`` changed the preset (e.g. "optim.lr")."""
-        return any(o.split("=", 1)[0].strip() == key for o in self.overrides)
+        return any(override_key(o) == key for o in self.overrides)
 
     def summaries(self, variant: str) -> list[dict[str, Any]]:
         return [r.summary or {} for r in self.runs.get(variant, [])]
@@ -228,7 +229,7 @@ def resume_command(experiment: str, preset: str, overrides: Sequence[str], data_
              "--out", str(root)]
     for o in overrides:
         parts += ["--set", o]
-    if data_dir is not None and not any(o.startswith("data.dir=") for o in overrides):
+    if data_dir is not None and not any(override_key(o) == "data.dir" for o in overrides):
         parts += ["--data-dir", data_dir]
     return shlex.join(parts)
 

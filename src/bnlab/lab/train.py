@@ -309,7 +309,6 @@ def fit(
     lines = _LogLines(desc, train.steps, progress and not tty and par.main)
     model.train()
     with _Interrupt() as interrupt, bar:
-        stop = False
         if start == 0:
             run.log(record(0, None, lr_at(optim, 0)))
         for step in range(start, train.steps):
@@ -333,13 +332,7 @@ def fit(
                     local = loss_fn(out, ys) * (len(ys) if loss_reduction == "mean" else 1)
                 per = len(y) if loss_reduction == "mean" else 1  # global_mean(·, 1): the sum
                 ddp.global_mean(local, per).backward()
-                # One all-reduce for the loss and whether any rank was interrupted, so that all
-                # stop (and checkpoint, a collective) after the same step.
-                both = ddp.all_reduce_sum(torch.stack([
-                    local.detach().double().reshape(()),
-                    torch.tensor(float(interrupt.requested), dtype=torch.float64,
-                                 device=local.device)]))
-                value, stop = float(both[0]) / per, bool(both[1] > 0)
+                value = float(ddp.all_reduce_sum(local.detach())) / per
             opt.step()
             done = step + 1
             bar.update(1)
@@ -360,12 +353,12 @@ def fit(
                                     refresh=False)
                     if done % train.checkpoint_every == 0 and done < train.steps:
                         checkpoint(done)
-                    # A Ctrl-C during the evaluation (the last step's too) stops every rank now.
-                    stop = stop or parallel.any_rank(interrupt.requested)
             if diverged_step is not None:
                 run.log({"step": diverged_step, "diverged": True, "lr": lr})
                 break
-            if stop or (par.world == 1 and interrupt.requested):
+            # A Ctrl-C on any rank, at any point of the step (its evaluation too), stops every
+            # rank after it: they checkpoint (a collective) and stop together.
+            if parallel.any_rank(interrupt.requested):
                 checkpoint(done)
                 where = "saved" if par.main else "saved by rank 0"  # the others keep no files
                 raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint {where} in "
