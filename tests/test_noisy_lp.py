@@ -360,3 +360,49 @@ def test_noisy_layers_keep_shape_and_dtype(shape, dtype):
     for layer in (NoisyBatchNorm(shape[1], seed=0, dtype=dtype), LpNorm(shape[1], dtype=dtype)):
         y = layer(x)
         assert y.shape == x.shape and y.dtype == dtype and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_lp_norm_all_zero_channel_has_finite_closed_form_gradient(p):
+    # A dead channel (all zeros over the batch): μ = s_p = 0, so y = γ·(x − μ)/ε there and
+    # ∂ℓ/∂x = γ·(g − mean(g))/ε (the scale's gradient meets x − μ = 0). √(mean(x²))'s backward
+    # at 0 is inf, and inf·0 made this NaN for p = 2.
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 2, dtype=torch.float64)
+    x[:, 1] = 0.0
+    x.requires_grad_(True)
+    w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    g = torch.randn(5, 3, 2, dtype=torch.float64)
+    eps = 1e-3
+    (lp_norm(x, None, None, w, None, True, eps=eps, p=p) * g).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    g1 = g[:, 1]
+    torch.testing.assert_close(x.grad[:, 1], 2.0 * (g1 - g1.mean()) / eps)
+
+
+LAYOUTS = {  # inputs whose BN output torch makes contiguous (or channels_last for 4-D)
+    "nlc_transposed": lambda: torch.randn(4, 7, 5).transpose(1, 2),
+    "transposed_2d": lambda: torch.randn(5, 8).t(),
+    "permuted": lambda: torch.randn(2, 6, 5, 7).permute(0, 2, 1, 3),
+    "channels_last": lambda: torch.randn(2, 5, 6, 7).to(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_lp_norm_output_strides_are_bns(layout, train):
+    # Elementwise ops keep a permuted input's strides; BN returns torch's layout, which a
+    # following .view() relies on.
+    x = LAYOUTS[layout]()
+    y_bn = BatchNorm(5).train(train)(x)
+    y = LpNorm(5).train(train)(x)
+    assert y.stride() == y_bn.stride()
+    if y.is_contiguous():
+        y.view(y.shape[0], -1)
+
+
+def test_activation_noise_checks_its_input():
+    with pytest.raises(TypeError, match=r"floating point, got dtype torch\.int64"):
+        activation_noise(torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"a must be a torch\.Tensor, got list"):
+        activation_noise([[1.0, 2.0]])  # type: ignore[arg-type]

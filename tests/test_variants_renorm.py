@@ -225,3 +225,22 @@ def test_unset_buffers_that_renorm_needs_are_named(unset: tuple[str, ...]) -> No
         setattr(m, name, None)
     with pytest.raises(ValueError, match=rf"BatchRenorm2d\(3\): Batch Renorm needs {unset[0]}"):
         m(torch.randn(4, 3, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_module_computes_r_and_d_products_in_float32(dtype: torch.dtype) -> None:
+    # γ·r and γ·d + β in the module's dtype were rounded once more before the normalization:
+    # a bfloat16 module's output then carried about twice the float32 module's error. Now a
+    # half module equals a float32 module holding the same (half-representable) values.
+    torch.manual_seed(3)
+    half = BatchRenorm2d(8, r_max=3.0, d_max=5.0, momentum=0.0, **NO_WARMUP)
+    with torch.no_grad():
+        half.running_mean.uniform_(-2, 2)
+        half.running_var.uniform_(0.5, 4)
+        half.weight.uniform_(0.5, 2)
+        half.bias.normal_()
+    half = half.to(dtype)
+    full = BatchRenorm2d(8, r_max=3.0, d_max=5.0, momentum=0.0, **NO_WARMUP)
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    x = (torch.randn(16, 8, 4, 4) * 2 + 1).to(dtype)
+    torch.testing.assert_close(half(x), full(x), rtol=0, atol=0)

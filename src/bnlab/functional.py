@@ -96,7 +96,7 @@ def normalize(
         y = y + channel_view(bias.to(ct), x)
     # Elementwise ops keep any dense permutation of x; torch's BN returns its suggested memory
     # format (channels_last 4-D/5-D, else contiguous), which code after it may .view().
-    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
 
 
 def suggest_memory_format(x: Tensor) -> torch.memory_format:
@@ -107,8 +107,9 @@ def suggest_memory_format(x: Tensor) -> torch.memory_format:
     return _prims_common.suggest_memory_format(x)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """The output layout for ``x``: contiguous where x is, else `suggest_memory_format`."""
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """The output layout for ``x``, as torch's BN gives it: contiguous where x is, else
+    `suggest_memory_format`."""
     if x.dim() in (4, 5) and not x.is_contiguous():
         return suggest_memory_format(x)
     return torch.contiguous_format

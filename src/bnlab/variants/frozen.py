@@ -4,10 +4,11 @@ y = γ(x − E[x])/√(Var[x] + ε) + β with γ, β, E[x], Var[x] all buffers, 
 alike (torchvision/detectron2 ``FrozenBatchNorm2d``, for fine-tuning with small batches). For a
 BN that stays a BN but stops learning statistics, use `bnlab.freeze` instead.
 
-Better than the peers where they hurt (peers.md, torchvision): ε defaults to 1e-5 and must be
-> 0 (ε = 0 turned tiny fp16 variances into NaN, vision#2599); any rank >= 2; statistics math in
-float32 for half/bfloat16 input; state_dict keys are BN's (``num_batches_tracked`` included),
-so BN checkpoints load into it and its checkpoints load back into BN.
+Better than the peers where they hurt (peers.md, torchvision): ε defaults to 1e-5, not 0 (ε = 0
+turned tiny fp16 variances into NaN, vision#2599; it is still taken, as torch's BN takes it in
+eval mode); any rank >= 2; statistics math in float32 for half/bfloat16 input; state_dict keys
+are BN's (``num_batches_tracked`` included), so BN checkpoints load into it and its
+checkpoints load back into BN.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class FrozenBatchNorm(FxLeaf, nn.Module):
 
     Args:
         num_features: C.
-        eps: ε > 0 added to ``running_var`` (default 1e-5, BN's).
+        eps: ε ≥ 0 added to ``running_var`` (default 1e-5, BN's; 0 is taken, as torch's BN
+            takes it in eval mode, but a zero variance then divides by zero).
 
     Buffers (state_dict keys as `torch.nn.BatchNorm2d`): ``weight``, ``bias``,
     ``running_mean``, ``running_var``, ``num_batches_tracked`` (kept for round trips; unused).

@@ -36,6 +36,7 @@ from bnlab.functional import (
     compute_dtype,
     empty_batch,
     lerp_buffer_,
+    output_memory_format,
     reduce_dims,
 )
 
@@ -65,7 +66,11 @@ def lp_stats(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
     if p == 1:
         scale = xc.abs().mean(dims)
     elif p == 2:
-        scale = xc.square().mean(dims).sqrt()
+        # ‖x‖₂/√m rather than √(mean(x²)): sqrt's backward at 0 is inf, and inf·0 made the
+        # gradient of an all-zero channel (a dead ReLU's, a zero-initialized filter's) NaN;
+        # the norm's backward is 0 there.
+        m = x.numel() // x.shape[1] if x.shape[1] else 0
+        scale = torch.linalg.vector_norm(xc, 2, dim=dims) * (m ** -0.5 if m else math.nan)
     else:
         scale = xc.abs().amax(dims)
     return mean, scale
@@ -136,7 +141,8 @@ def _lp_norm(input: Tensor, running_mean: Tensor | None, running_scale: Tensor |
     y = (input.to(ct) - channel_view(mean.to(ct), input)) * channel_view(inv, input)
     if bias is not None:
         y = y + channel_view(bias.to(ct), input)
-    return y.to(input.dtype), finite
+    # the layout torch's BN returns (elementwise ops keep a permuted input's strides)
+    return y.to(input.dtype).contiguous(memory_format=output_memory_format(input)), finite
 
 
 @torch.no_grad()

@@ -114,9 +114,13 @@ def activation_noise(
         A tensor like ``a``. Noise is drawn in float32 (or wider) for half/bfloat16 input.
     """
     _check_noise_args(n_mu, n_sigma, r_mu, r_sigma, "activation_noise")
+    if not isinstance(a, Tensor):
+        raise TypeError(f"activation_noise: a must be a torch.Tensor, got {type(a).__name__}")
     if a.dim() < 2:
         raise ValueError(f"activation_noise: expected input of rank >= 2 (N, C, *), got shape "
                          f"{tuple(a.shape)}")
+    if not a.is_floating_point():
+        raise TypeError(f"activation_noise: a must be floating point, got dtype {a.dtype}")
     offset, total = _check_rows(rows, a.shape[0])
     ct = compute_dtype(a.dtype)
     opts: dict[str, Any] = {"device": a.device, "dtype": ct, "generator": generator}

@@ -108,10 +108,13 @@ def renorm_factors(mean: Tensor, var: Tensor, running_mean: Tensor, running_var:
 
 def renorm_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor,
                   d: Tensor) -> tuple[Tensor, Tensor]:
-    """(γ·r, γ·d + β): γ·(x̂·r + d) + β is BN's affine step with these, differentiable in γ, β."""
-    w = r if weight is None else weight * r.to(weight.dtype)
-    b = d if weight is None else weight * d.to(weight.dtype)
-    return w, (b if bias is None else b + bias)
+    """(γ·r, γ·d + β): γ·(x̂·r + d) + β is BN's affine step with these, differentiable in γ, β.
+    Computed in r's dtype (the statistics' float32 or wider): in a bfloat16 or half module's
+    dtype the products were rounded once more before the normalization (about twice the
+    output error of the plain BN)."""
+    w = r if weight is None else weight.to(r.dtype) * r
+    b = d if weight is None else weight.to(d.dtype) * d
+    return w, (b if bias is None else b + bias.to(b.dtype))
 
 
 def batch_renorm(
