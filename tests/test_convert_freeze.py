@@ -142,3 +142,13 @@ def test_no_stats_update_on_a_lazy_bn_not_yet_run(lazy: type) -> None:
     bn = model[1]
     assert bn.running_mean.eq(0).all() and bn.running_var.eq(1).all()
     assert bn.num_batches_tracked == 0
+
+
+def test_a_freeze_that_raises_changes_nothing() -> None:
+    # The layers were frozen one by one: those before the one without statistics stayed frozen.
+    model = nn.Sequential(bnlab.BatchNorm2d(3), nn.BatchNorm2d(3),
+                          bnlab.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="layer '2' has no running statistics"):
+        bnlab.freeze(model)
+    assert not any(is_frozen(m) for m in model) and all(p.requires_grad
+                                                         for p in model.parameters())

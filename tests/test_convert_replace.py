@@ -235,3 +235,66 @@ def test_a_bn_without_beta_becomes_a_variant_without_beta(factory) -> None:
     new = bnlab.replace_norm(nn.Sequential(nn.BatchNorm2d(3, bias=False)), factory)
     assert new[0].bias is None and new[0].weight is not None
     assert new[0](torch.randn(4, 3, 2, 2)).shape == (4, 3, 2, 2)
+
+
+def _trained_flag_off() -> nn.BatchNorm2d:
+    """A BN with statistics whose track_running_stats was then turned off: they stop moving and
+    eval keeps normalizing with them (torch's semantics)."""
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.normal_(2.0, 1.0)
+        bn.running_var.uniform_(0.5, 3.0)
+        bn.weight.normal_()
+    bn.track_running_stats = False
+    return bn
+
+
+@pytest.mark.parametrize("factory", ["bnlab", BatchRenorm2d,
+                                     functools.partial(GhostBatchNorm, virtual_batch_size=2)])
+def test_a_layer_with_its_statistics_flag_off_keeps_them(factory) -> None:
+    # The new layer was built from the flag alone: no buffers, so eval normalized with the
+    # batch's statistics (max difference 2.1) and no warning said so.
+    old = _trained_flag_off()
+    x = torch.randn(4, 3, 2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it computes the same: nothing to warn about
+        new = bnlab.replace_norm(old, factory)
+    assert torch.equal(new.running_mean, old.running_mean) and not new.track_running_stats
+    torch.testing.assert_close(new.eval()(x), old.eval()(x))
+    before = new.running_mean.clone()
+    new.train()(x)
+    assert torch.equal(new.running_mean, before)  # still not updated in training
+    if factory == "bnlab":  # and back
+        back = bnlab.replace_norm(new, "torch")
+        assert not back.track_running_stats
+        torch.testing.assert_close(back.eval()(x), old.eval()(x))
+
+
+def test_a_fused_layers_hooks_stay_after_its_relu() -> None:
+    # Wrapped as Sequential(new, ReLU), the hooks had moved onto the inner layer, before the
+    # ReLU: a hook that edits the output changed the model's output.
+    model = nn.Sequential(bnlab.BatchNormReLU2d(3), nn.Flatten())
+    seen: list[float] = []
+    model[0].register_forward_hook(lambda m, a, out: seen.append(out.min().item()) or out - 1)
+    x = torch.randn(4, 3, 2, 2)
+    want = model(x)
+    new = bnlab.replace_norm(model, BatchRenorm2d)
+    assert isinstance(new[0], nn.Sequential)
+    torch.testing.assert_close(new(x), want)
+    assert seen[0] >= 0 and seen[1] >= 0
+
+
+@pytest.mark.parametrize("kind", ["torch", "bnlab"])
+def test_hook_handles_still_remove_the_hooks_after_inplace_replacement(kind: str) -> None:
+    model = nn.Sequential(nn.BatchNorm2d(3) if kind == "torch" else bnlab.BatchNorm2d(3))
+    calls: list[int] = []
+    pre = model[0].register_forward_pre_hook(lambda m, a: calls.append(0))
+    post = model[0].register_forward_hook(lambda m, a, out: calls.append(1), always_call=True)
+    bnlab.replace_norm(model, "bnlab" if kind == "torch" else "torch", inplace=True)
+    x = torch.randn(2, 3, 2, 2)
+    model(x)
+    assert calls == [0, 1]
+    pre.remove()
+    post.remove()
+    model(x)
+    assert calls == [0, 1]

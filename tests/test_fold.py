@@ -239,3 +239,54 @@ def test_tied_weights_keep_their_other_users_and_sizes_must_match() -> None:
     assert isinstance(folded[1], ChannelAffine)
     x = torch.randn(3, 4, 6)
     assert _max_rel_err(folded(x), seq(x)) <= 1e-5
+
+
+class _Group:
+    """Stands in for a torch.distributed process group: a handle that cannot be deep-copied."""
+
+    def __deepcopy__(self, memo: dict) -> _Group:
+        raise TypeError("cannot pickle 'ProcessGroup' object")
+
+
+@pytest.mark.parametrize("sync", [nn.SyncBatchNorm, bnlab.SyncBatchNorm])
+def test_fold_and_batchnormify_copy_a_model_sharing_its_process_group(sync: type) -> None:
+    group = _Group()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), sync(4, process_group=group), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1), nn.ReLU())
+    model.eval()
+    x = torch.randn(2, 3, 5, 5)
+    folded = fold(model)  # a deep copy: TypeError before
+    assert isinstance(folded[1], nn.Identity)
+    assert _max_rel_err(folded(x), model(x)) <= 1e-5
+    more = bnlab.batchnormify(model)
+    assert more[1].process_group is group
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_channel_affine_computes_half_input_in_float32(dtype: torch.dtype) -> None:
+    # A BN that cannot fold becomes scale·x + shift, which cancels where |E[x]| ≫ √Var[x]:
+    # in bfloat16 its error was 15x the BN's own (mean 20, std 0.5).
+    torch.manual_seed(0)
+    bn = bnlab.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.uniform_(18, 22)
+        bn.running_var.uniform_(0.2, 0.3)
+        bn.weight.uniform_(0.5, 1.5)
+    bn = bn.eval().to(dtype)
+    affine = fold(bn)
+    x = (bn.running_mean.float().view(1, -1, 1, 1) + 0.5 * torch.randn(16, 8, 4, 4)).to(dtype)
+    want = bn.double()(x.double())
+    bn_err = (bn.to(dtype)(x).double() - want).abs().max()
+    assert (affine(x).double() - want).abs().max() <= 2 * bn_err
+    assert affine(x).dtype == dtype
+
+
+def test_hook_handles_still_remove_the_hooks_after_an_inplace_fold() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Identity(), bnlab.BatchNorm2d(4))
+    calls: list[int] = []
+    handle = model[2].register_forward_hook(lambda m, a, out: calls.append(1))
+    fold(model, inplace=True)
+    model(torch.randn(2, 3, 2, 2))
+    handle.remove()
+    model(torch.randn(2, 3, 2, 2))
+    assert calls == [1]

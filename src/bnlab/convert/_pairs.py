@@ -8,6 +8,7 @@ adjacent children of `nn.Sequential` containers; all three replace modules by do
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,13 @@ Layer = nn.Linear | _ConvNd
 Norm = BatchNorm | _BatchNorm | FrozenBatchNorm
 
 ModulePredicate = Callable[[nn.Module], bool]
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares its process groups (a SyncBatchNorm's), which are
+    handles to the processes' communicator, not state (and cannot be deep-copied)."""
+    groups = [getattr(m, "process_group", None) for m in model.modules()]
+    return copy.deepcopy(model, {id(g): g for g in groups if g is not None})
 
 
 def is_layer(m: nn.Module) -> TypeGuard[Layer]:

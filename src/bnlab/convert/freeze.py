@@ -72,13 +72,21 @@ def user_hooks(module: nn.Module) -> bool:
 
 def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """Make ``new`` also run ``old``'s forward hooks (but `freeze`'s), in the same order, after
-    any of its own: a replaced or folded layer keeps its users' hooks."""
-    for d in ("_forward_pre_hooks", "_forward_hooks"):
-        getattr(new, d).update((k, h) for k, h in getattr(old, d).items()
-                               if h not in _OWN_HOOKS)
-    for d in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-              "_forward_hooks_always_called"):
-        getattr(new, d).update(getattr(old, d))
+    any of its own: a replaced or folded layer keeps its users' hooks.
+
+    ``new`` takes over ``old``'s hook dicts themselves (``old`` keeps them too, less
+    `freeze`'s hooks, and leaves the model): the handles that registration returned point at
+    those dicts, so ``handle.remove()`` still removes a hook from the new layer. (With copies
+    of the entries, a removed hook kept running on it.)"""
+    for d in ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+              "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        shared, own = getattr(old, d), getattr(new, d)
+        if shared is own:
+            continue
+        carried = [(k, h) for k, h in shared.items() if h not in _OWN_HOOKS]
+        shared.clear()
+        shared.update([*own.items(), *carried])  # new's own first
+        setattr(new, d, shared)
 
 
 def is_frozen(module: nn.Module) -> bool:
@@ -107,12 +115,14 @@ def freeze(model: nn.Module, *, stats: bool = True, affine: bool = True) -> nn.M
             freeze to); the message names the layer.
     """
     check_materialized(model, "freeze")
-    for name, m in _bn_modules(model):
+    layers = _bn_modules(model)
+    for name, m in layers if stats else ():  # all checked first: an error changes nothing
+        if not _has_running_stats(m):
+            raise ValueError(f"freeze: layer {name or type(m).__name__!r} has no running "
+                             "statistics (track_running_stats=False); pass stats=False or "
+                             "recalibrate it with running statistics first")
+    for _, m in layers:
         if stats:
-            if not _has_running_stats(m):
-                raise ValueError(f"freeze: layer {name or type(m).__name__!r} has no running "
-                                 "statistics (track_running_stats=False); pass stats=False or "
-                                 "recalibrate it with running statistics first")
             if isinstance(m, _FLAGGED):
                 m.frozen = True
             elif _HANDLES not in m.__dict__:

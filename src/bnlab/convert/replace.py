@@ -12,7 +12,6 @@ factory's.
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import warnings
@@ -45,9 +44,18 @@ def _same_kind(target: str) -> dict[type, type]:
     return dict(pairs) if target == "bnlab" else {b: t for t, b in pairs}
 
 
+def _holds_stats(m: nn.Module) -> bool:
+    """Whether ``m`` has running statistics, which its eval mode normalizes with. Not its
+    ``track_running_stats`` flag: turned off on a trained layer, the flag stops the updates
+    and eval keeps the statistics (and deleted by hand, they are gone with the flag on)."""
+    return getattr(m, "running_mean", None) is not None
+
+
 def _same_config(old: nn.Module, cls: type) -> nn.Module:
+    # Built to hold statistics where ``old`` holds them; ``old``'s flag is set after the state
+    # is loaded (`_carry_over`).
     kwargs: dict[str, Any] = {"eps": old.eps, "momentum": old.momentum, "affine": old.affine,
-                              "track_running_stats": old.track_running_stats}
+                              "track_running_stats": _holds_stats(old)}
     if old.affine and _takes(cls, "bias"):
         kwargs["bias"] = old.bias is not None
     if hasattr(old, "process_group"):
@@ -67,10 +75,8 @@ def _takes(factory: NormFactory, name: str) -> bool:
 
 
 def _structure(m: nn.Module) -> dict[str, bool]:
-    # FrozenBatchNorm has neither attribute: γ, β and running statistics always.
-    return {"affine": bool(getattr(m, "affine", True)),
-            "track_running_stats": bool(getattr(m, "track_running_stats",
-                                                getattr(m, "running_mean", None) is not None))}
+    # FrozenBatchNorm has no ``affine``: γ and β always.
+    return {"affine": bool(getattr(m, "affine", True)), "track_running_stats": _holds_stats(m)}
 
 
 def _loses(old: nn.Module, new: nn.Module) -> bool:
@@ -106,9 +112,10 @@ def _match_dtypes(old: nn.Module, new: nn.Module) -> None:
 
 
 def _carry_over(old: nn.Module, new: nn.Module, copy_eps: bool,
-                device: torch.device | None) -> None:
-    """State, ε, frozen flag, requires_grad, forward hooks and mode of ``old`` onto ``new``
-    (on ``device``, the model's, where ``old`` holds no tensor to take it from)."""
+                device: torch.device | None, hooks: bool = True) -> None:
+    """State, ε, ``track_running_stats``, frozen flag, requires_grad, forward hooks (unless
+    not ``hooks``) and mode of ``old`` onto ``new`` (on ``device``, the model's, where ``old``
+    holds no tensor to take it from)."""
     ref = next(iter([*old.parameters(), *old.buffers()]), None)
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
@@ -124,9 +131,13 @@ def _carry_over(old: nn.Module, new: nn.Module, copy_eps: bool,
             p.requires_grad_(old_params[k].requires_grad)
     if copy_eps and hasattr(new, "eps"):
         new.eps = old.eps
-    if is_frozen(old) and not is_frozen(new) and is_batchnorm(new) and new.track_running_stats:
+    if (hasattr(old, "track_running_stats") and hasattr(new, "track_running_stats")
+            and _holds_stats(old) == _holds_stats(new)):
+        new.track_running_stats = old.track_running_stats  # (built from _holds_stats)
+    if is_frozen(old) and not is_frozen(new) and is_batchnorm(new) and _holds_stats(new):
         freeze(new, stats=True, affine=False)
-    carry_hooks(old, new)
+    if hooks:
+        carry_hooks(old, new)
     new.train(old.training)
 
 
@@ -179,8 +190,7 @@ def replace_norm(model: nn.Module,
                         f"(num_features) -> nn.Module, got {type(factory).__name__}")
     check_materialized(model, "replace_norm")
     if not inplace:  # process groups are shared, not copied (nor copyable, for real ones)
-        groups = [getattr(m, "process_group", None) for m in model.modules()]
-        model = copy.deepcopy(model, {id(g): g for g in groups if g is not None})
+        model = _pairs.copy_model(model)
     kinds = _same_kind(factory) if isinstance(factory, str) else {}
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), None)
     left: list[str] = []
@@ -204,11 +214,13 @@ def replace_norm(model: nn.Module,
                 custom.append(label)
                 continue
             new = _build(old, factory)
-            _carry_over(old, new, copy_eps, device)
+            wrap = isinstance(old, BatchNormReLU) and not isinstance(new, BatchNormReLU)
+            _carry_over(old, new, copy_eps, device, hooks=not wrap)
             if _pairs.is_norm(new) and _loses(old, new):
                 changed.append(f"{label} -> {type(new).__name__}")
-            if isinstance(old, BatchNormReLU) and not isinstance(new, BatchNormReLU):
-                new = nn.Sequential(new, nn.ReLU())  # the fused layer's ReLU stays
+            if wrap:  # the fused layer's ReLU stays, and its hooks see the ReLU's output
+                new = nn.Sequential(new, nn.ReLU())
+                carry_hooks(old, new)
                 new.train(old.training)
         if not name:
             out = new

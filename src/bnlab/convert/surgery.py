@@ -8,8 +8,6 @@ effect will be canceled by the subsequent mean subtraction"). It keeps the model
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx, nn
 from torch.nn import functional as TF
@@ -92,7 +90,7 @@ def batchnormify(model: nn.Module, norm_layer: NormFactory | None = None, *,
         The model with BN inserted, in ``model``'s train/eval mode.
     """
     check_materialized(model, "batchnormify")
-    model = model if inplace else copy.deepcopy(model)
+    model = model if inplace else _pairs.copy_model(model)
     for name in nonlinearity_pairs(model):
         layer = _pairs.layer_at(model, name)
         norm = (norm_layer or _default_norm(layer))(_pairs.out_features(layer))
