@@ -13,6 +13,7 @@ from torch import nn
 
 from bnlab.diagnostics import (
     ActivationTracker,
+    default_layers,
     distribution_shift,
     gradient_ics,
     landscape_probe,
@@ -175,6 +176,63 @@ def test_wrappers_and_inference_mode_are_refused_with_the_fix():
         gradient_ics(nn.DataParallel(model), mse, b, lr=0.1)
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inference_mode"):
         landscape_probe(model, mse, b, [0.1])
+
+
+def test_a_compiled_model_is_refused_with_the_fix():
+    """Dynamo traces the probes' hooks and swapped-in parameters and failed inside its tracer
+    (or, for landscape_probe, ran): the compiled module's _orig_mod is the one to probe."""
+    model, b = mlp(), batch()
+    compiled = torch.compile(model, backend="eager")
+    probes = [lambda m: gradient_ics(m, mse, b, lr=0.1),
+              lambda m: landscape_probe(m, mse, b, [0.1]),
+              lambda m: layer_jacobians(m, b[0]),
+              lambda m: default_layers(m, b[0])]
+    for probe in probes:
+        with pytest.raises(TypeError, match=r"model is a torch.compile'd OptimizedModule; probe "
+                           r"the module it compiles \(model._orig_mod\)"):
+            probe(compiled)
+        probe(compiled._orig_mod)
+
+
+def test_a_single_name_as_a_str_is_refused_not_read_letter_by_letter():
+    layers = [nn.Linear(4, 4)] + [m for _ in range(6) for m in (nn.Linear(4, 4), nn.Tanh())]
+    model = nn.Sequential(*layers).to(D)  # children '0'..'12': '1' and '2' exist too
+    x, y = batch(d_out=4)
+    with pytest.raises(TypeError, match=r"modules: expected a list of modules or module names, "
+                       r"got the str '12' \(write \['12'\]\)"):
+        ActivationTracker(model, "12")
+    with pytest.raises(TypeError, match=r"layers: expected a list of modules, module names or "
+                       r"groups of them, got the str '11'"):
+        gradient_ics(model, mse, (x, y), lr=0.1, layers="11")
+    with pytest.raises(TypeError, match=r"modules: expected a list .*got the str '12'"):
+        layer_jacobians(model, x, modules="12")
+    with pytest.raises(TypeError, match=r"measure: expected a list of layer numbers in 1..7, "
+                       r"got the str '12'$"):
+        gradient_ics(model, mse, (x, y), lr=0.1, measure="12")
+    assert list(ActivationTracker(model, ["12"]).modules) == ["12"]
+
+
+def test_errors_name_the_argument_and_numpy_integers_are_integers():
+    model, b = mlp(), batch()
+    with pytest.raises(TypeError, match=r"measure: expected a list of layer numbers in 1..2, "
+                       r"got the int 1 \(write \[1\]\)"):
+        gradient_ics(model, mse, b, lr=0.1, measure=1)
+    with pytest.raises(ValueError, match=r"modules: 'nope' is not the name of a submodule of "
+                       r"the model"):
+        layer_jacobians(model, b[0], modules=["0", "nope"])
+    frozen = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"landscape_probe: the model has no parameter that "
+                       r"requires grad, so no step moves it; pass params="):
+        landscape_probe(frozen, mse, b, [0.1])
+    res = landscape_probe(frozen, mse, b, [0.1], params=["0.weight"])  # as the message says
+    assert torch.isfinite(res.beta).all()
+    # A bare tensor is one input, as for the other probes (it was spread over its rows).
+    assert default_layers(model, b[0]) == default_layers(model, (b[0],)) == ["0", "2"]
+    tracker = ActivationTracker(model, bins=np.int64(10), saturation_threshold=np.float32(2))
+    tracker.record(b[0])
+    assert tracker.history()["1"]["hist"].shape == (1, 1, 10)
+    _, jacs = layer_jacobians(model, b[0], [model[0], model[2]], max_examples=np.int64(2))
+    assert jacs[0].shape == (2, 3, 5)
 
 
 def test_quantiles_past_float32_positions():

@@ -15,7 +15,8 @@ from bnlab.diagnostics import (
     layer_jacobians,
     spectrum_summary,
 )
-from bnlab.layers import BatchNorm
+from bnlab.distributed import SyncBatchNormReLU
+from bnlab.layers import BatchNorm, BatchNormReLU1d
 
 D = torch.float64
 
@@ -173,6 +174,43 @@ def test_jacobian_through_inplace_relu_is_w_times_relu_mask():
     mask = (model[0](x) > 0).to(D)  # (N, 5)
     expected = model[2].weight.detach()[None] * mask[:, None, :]
     torch.testing.assert_close(jacs[0], expected)
+
+
+@pytest.mark.parametrize("fused_cls", [BatchNormReLU1d, SyncBatchNormReLU])
+def test_a_fused_bn_relu_is_cut_before_its_relu_as_bn_then_relu(fused_cls):
+    """relu(γx̂ + β) is 0 wherever γx̂ + β < 0, so x̂ = (y − β)/γ cannot be read from a fused
+    layer's output: it is cut before its ReLU, as the BN of a BN + nn.ReLU pair. In eval mode,
+    x̂₂ = (W₂ relu(γ₁x̂₁ + β₁) + b₂ − μ₂)/σ₂: J = diag(1/σ₂) W₂ diag(1[γ₁x̂₁ + β₁ > 0]·γ₁)."""
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(5, 6), nn.Linear(6, 6)
+    sep = nn.Sequential(lin1, BatchNorm(6), nn.ReLU(), lin2, BatchNorm(6), nn.ReLU()).to(D)
+    fused = nn.Sequential(lin1, fused_cls(6), lin2, fused_cls(6)).to(D)
+    bn1, bn2 = sep[1], sep[4]
+    with torch.no_grad():
+        for bn in (bn1, bn2):
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2)
+    fused[1].load_state_dict(bn1.state_dict())
+    fused[3].load_state_dict(bn2.state_dict())
+    x = torch.randn(8, 5, dtype=D)
+    with torch.no_grad():
+        z1 = bn1.weight * (lin1(x) - bn1.running_mean) / torch.sqrt(bn1.running_var + bn1.eps) \
+            + bn1.bias
+    mask = (z1 > 0).to(D)
+    assert 0 < mask.mean() < 1  # both sides of the ReLU
+    hand = (lin2.weight / torch.sqrt(bn2.running_var + bn2.eps)[:, None]).detach() \
+        * (mask * bn1.weight.detach())[:, None, :]
+    _, (jac,) = layer_jacobians(fused, x)
+    torch.testing.assert_close(jac, hand)
+    for train in (False, True):
+        for normalized in (True, False):
+            _, (want,) = layer_jacobians(sep, x, train=train, normalized=normalized)
+            _, (got,) = layer_jacobians(fused, x, train=train, normalized=normalized)
+            torch.testing.assert_close(got, want)
+    assert "_normalize" not in vars(fused[1])  # fused again after the probe
+    torch.testing.assert_close(fused.eval()(x), sep.eval()(x))
 
 
 def test_spectrum_summary_closed_form():

@@ -4,11 +4,14 @@
 e.g. BN running statistics and counters; every `torch.Generator` held by a module, e.g.
 `ActivationNoise`; the global CPU/CUDA RNG, e.g. dropout and data shuffling) and puts it back.
 `loss_and_grad` evaluates the loss at a parameter dict with `torch.func.functional_call`, so
-the module's parameters and their ``.grad`` are never touched.
+the module's parameters and their ``.grad`` are never touched, on `fresh` copies of the batch's
+tensors, so a forward that edits its input in place changes neither the user's batch nor what
+the next evaluation sees.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -50,15 +53,31 @@ def _module_generators(model: nn.Module) -> list[torch.Generator]:
     return gens
 
 
-def check_probe_model(model: nn.Module, who: str) -> None:
-    """Refuse what `functional_call` cannot evaluate, naming the fix: DataParallel-style
-    wrappers (probe ``model.module``) and inference mode (its tensors cannot need grad)."""
+def check_probe_model(model: nn.Module, who: str, *, grad: bool = True) -> None:
+    """Refuse what `functional_call` and hooks cannot evaluate, naming the fix: DataParallel-style
+    wrappers (probe ``model.module``), a `torch.compile`d module (probe ``model._orig_mod``) and,
+    with ``grad``, inference mode (its tensors cannot need grad)."""
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise TypeError(f"{who}: model is a {type(model).__name__}; probe the wrapped module "
                         f"(model.module) instead")
-    if torch.is_inference_mode_enabled():
+    # Dynamo traces a compiled module's forward, with the probes' hooks and swapped-in
+    # parameters in it, and fails inside its tracer. Looked up, not imported: importing
+    # torch._dynamo costs seconds, and without it no module is compiled.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        raise TypeError(f"{who}: model is a torch.compile'd OptimizedModule; probe the module "
+                        f"it compiles (model._orig_mod) instead")
+    if grad and torch.is_inference_mode_enabled():
         raise RuntimeError(f"{who}: called inside torch.inference_mode(), where no gradient "
                            f"can be taken; call it outside (torch.no_grad() is fine)")
+
+
+def check_not_str(value: Any, arg: str, what: str) -> None:
+    """Refuse a str where a list is expected: a str is iterable, and one name "12" would read as
+    the names '1' and '2'."""
+    if isinstance(value, str):
+        raise TypeError(f"{arg}: expected a list of {what}, got the str {value!r} "
+                        f"(write [{value!r}])")
 
 
 class SideEffectGuard:
@@ -121,9 +140,7 @@ def current_params(model: nn.Module, names: Iterable[str] | None = None) -> dict
     params = dict(model.named_parameters())
     if names is None:
         return {n: p.detach() for n, p in params.items() if p.requires_grad}
-    if isinstance(names, str):  # a str is iterable: "0.weight" would read as '0', '.', ...
-        raise TypeError(f"params: expected a list of parameter names, got the str {names!r} "
-                        f"(write [{names!r}])")
+    check_not_str(names, "params", "parameter names")
     names = list(names)
     unknown = [n for n in names if n not in params]
     if unknown or not names:
@@ -132,10 +149,27 @@ def current_params(model: nn.Module, names: Iterable[str] | None = None) -> dict
     return {n: params[n].detach() for n in names}
 
 
+def fresh(x: Any) -> Any:
+    """``x`` with every tensor cloned, inside tuples (named ones too), lists and dicts: what one
+    evaluation of the model gets, so that a forward editing its input in place (``x.div_(255)``)
+    leaves the caller's batch as it was, and every evaluation sees the same values."""
+    if isinstance(x, Tensor):
+        return x.clone()
+    if isinstance(x, tuple):
+        items = [fresh(v) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+    if isinstance(x, list):
+        return [fresh(v) for v in x]
+    if isinstance(x, Mapping):
+        return {k: fresh(v) for k, v in x.items()}
+    return x
+
+
 def loss_at(model: nn.Module, params: Mapping[str, Tensor], loss_fn: LossFn,
             batch: Any) -> Tensor:
-    """L(params; batch) = loss_fn(model(*inputs), target) with ``params`` swapped in."""
-    inputs, target = split_batch(batch)
+    """L(params; batch) = loss_fn(model(*inputs), target) with ``params`` swapped in, on `fresh`
+    copies of the batch's tensors."""
+    inputs, target = split_batch(fresh(batch))
     return loss_fn(functional_call(model, dict(params), inputs), target)
 
 
@@ -150,9 +184,17 @@ def loss_and_grad(model: nn.Module, params: Mapping[str, Tensor], loss_fn: LossF
         if loss.dim() != 0:
             raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
         grads = torch.autograd.grad(loss, [leaves[n] for n in wrt], allow_unused=True)
-    out = {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(wrt, grads,
-                                                                                   strict=True)}
+    out = {n: _dense(g, params[n]) for n, g in zip(wrt, grads, strict=True)}
     return loss.detach(), out
+
+
+def _dense(g: Tensor | None, p: Tensor) -> Tensor:
+    """A parameter's gradient as a strided tensor of its shape: zeros where it is unused, dense
+    where autograd gives a sparse one (``nn.Embedding(sparse=True)``), which `flat` and the
+    updates' arithmetic cannot reshape."""
+    if g is None:
+        return torch.zeros_like(p)
+    return g.to_dense() if g.layout != torch.strided else g
 
 
 def flat(tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> Tensor:

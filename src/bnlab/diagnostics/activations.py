@@ -18,8 +18,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bnlab._checks import call_input
-from bnlab.diagnostics._common import SideEffectGuard, submodule
+from bnlab._checks import call_input, is_integer, is_real
+from bnlab.diagnostics._common import SideEffectGuard, check_not_str, fresh, submodule
 
 __all__ = ["NONLINEARITIES", "ActivationTracker", "distribution_shift", "saturation_fraction"]
 
@@ -84,7 +84,7 @@ class ActivationTracker:
         if q.dim() != 1 or q.numel() == 0 or not bool(((q >= 0) & (q <= 1)).all()):
             raise ValueError(f"quantiles must be a non-empty list of levels in [0, 1], "
                              f"got {quantiles!r}")
-        if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+        if not is_integer(bins) or bins < 1:
             raise ValueError(f"bins must be an int >= 1, got {bins!r}")
         try:
             lo_hi = [float(v) for v in hist_range]
@@ -98,15 +98,16 @@ class ActivationTracker:
             raise ValueError(f"units: expected a non-empty list of channel indices (or None "
                              f"to pool all values), got {units!r}")
         if saturation_threshold is not None and not (
-                isinstance(saturation_threshold, (int, float)) and saturation_threshold >= 0
-                and math.isfinite(saturation_threshold)):
+                is_real(saturation_threshold) and not isinstance(saturation_threshold, bool)
+                and saturation_threshold >= 0 and math.isfinite(saturation_threshold)):
             raise ValueError(f"saturation_threshold: expected a finite number >= 0 (or None), "
                              f"got {saturation_threshold!r}")
-        self.model, self.where, self.q, self.bins = model, where, q, bins
+        self.model, self.where, self.q, self.bins = model, where, q, int(bins)
         self.hist_range = (float(hist_range[0]), float(hist_range[1]))
         self.bin_edges = torch.linspace(*self.hist_range, bins + 1, dtype=torch.float64)
         self.units = None if units is None else [int(u) for u in units]
-        self.saturation_threshold = saturation_threshold
+        self.saturation_threshold = (None if saturation_threshold is None
+                                     else float(saturation_threshold))
         self.modules = self._resolve(modules)
         self._records: dict[str, list[dict[str, Tensor]]] = {n: [] for n in self.modules}
         self.steps: list[int] = []
@@ -123,6 +124,7 @@ class ActivationTracker:
             return found
         if isinstance(modules, Mapping):
             return dict(modules)
+        check_not_str(modules, "modules", "modules or module names")
         out = {}
         for m in modules:
             if isinstance(m, str):
@@ -186,6 +188,15 @@ class ActivationTracker:
                                    f"{widths} channels in one step (one module shared by "
                                    "layers of different widths?); watch modules that each "
                                    "serve one layer")
+            # A layer's records stack into its history: one width at every step.
+            earlier = self._records[name][0]["channel_mean"].shape[0] \
+                if self._records[name] else widths[0]
+            if widths[0] != earlier:
+                raise RuntimeError(f"ActivationTracker: the {self.where} of {name!r} has "
+                                   f"{widths[0]} channels (dimension 1) at this step, {earlier} "
+                                   "at earlier ones; a layer's records must have one width (a "
+                                   "(N, T, D) sequence has T in dimension 1: record batches "
+                                   "of one length)")
         described = {name: self._describe(torch.cat(chunks, dim=1))
                      for name, chunks in seen.items()}
         self.steps.append(len(self.steps) if step is None else int(step))
@@ -195,9 +206,10 @@ class ActivationTracker:
     @torch.no_grad()
     def record(self, *inputs: Any, step: int | None = None) -> None:
         """Run ``model(*inputs)`` without gradients and record one step; the model keeps its
-        mode, and its buffers and RNG states are restored (no running-statistics update)."""
+        mode, and its buffers and RNG states are restored (no running-statistics update), and
+        ``inputs`` are untouched (the model gets copies)."""
         with SideEffectGuard(self.model), self.capture(step):
-            self.model(*inputs)
+            self.model(*fresh(inputs))  # copies: a forward editing its input leaves it be
 
     def _describe(self, v: Tensor) -> dict[str, Tensor]:
         """Statistics of one layer at one step from its values v (C, n)."""

@@ -17,7 +17,7 @@ import math
 import numbers
 import operator
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +27,11 @@ from torch import Tensor, nn
 from bnlab.diagnostics._common import (
     LossFn,
     SideEffectGuard,
+    check_not_str,
     check_probe_model,
     current_params,
     flat,
+    fresh,
     loss_and_grad,
     split_batch,
     submodule,
@@ -87,7 +89,7 @@ NORM_KINDS: tuple[type[nn.Module], ...] = (
     nn.modules.instancenorm._InstanceNorm)
 
 
-def default_layers(model: nn.Module, example_inputs: Sequence[Any], *,
+def default_layers(model: nn.Module, example_inputs: Tensor | Sequence[Any], *,
                    with_norms: bool = False) -> list[str] | list[list[str]]:
     """Names of every layer module (`LAYER_KINDS`: Linear, Conv and ConvTranspose, Embedding,
     ...) in the order the forward pass calls them; with ``with_norms``, each as a group with the
@@ -95,8 +97,13 @@ def default_layers(model: nn.Module, example_inputs: Sequence[Any], *,
     and before the next layer: a layer's parameters W_i, γ_i and β_i included (a norm layer
     called before the first layer is a layer of its own).
 
-    Forward order is recorded with hooks (registration order can differ from it).
+    Forward order is recorded with hooks (registration order can differ from it), in one no-grad
+    forward of ``example_inputs`` (a tensor, or a tuple of positional arguments, as the other
+    probes take them).
     """
+    check_probe_model(model, "default_layers", grad=False)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) \
+        else (example_inputs,)
     kinds = LAYER_KINDS
     order: list[str] = []
     names = {m: n for n, m in model.named_modules()}
@@ -106,7 +113,7 @@ def default_layers(model: nn.Module, example_inputs: Sequence[Any], *,
              for m in watched]
     try:
         with SideEffectGuard(model), torch.no_grad():
-            model(*example_inputs)
+            model(*fresh(inputs))
     finally:
         for h in hooks:
             h.remove()
@@ -180,6 +187,23 @@ def _check_update(new: Any, params: Mapping[str, Tensor]) -> None:
                              f"parameter {n!r}, got {got}")
 
 
+def _layer_numbers(measure: Any, k: int) -> list[int]:
+    """``measure`` as a non-empty list of layer numbers in 1..k."""
+    if measure is None:
+        return list(range(1, k + 1))
+    one = isinstance(measure, numbers.Number) or (isinstance(measure, Tensor)
+                                                  and measure.dim() == 0)
+    # (a str is iterable too: "12" would read as layers 1 and 2, or fail on its characters)
+    if one or isinstance(measure, str) or not isinstance(measure, Iterable):
+        raise TypeError(f"measure: expected a list of layer numbers in 1..{k}, got the "
+                        f"{type(measure).__name__} {measure!r}"
+                        + (f" (write [{measure!r}])" if one else ""))
+    chosen = [_layer_number(i, k) for i in measure]
+    if not chosen:
+        raise ValueError("measure: expected at least one layer number, got none")
+    return chosen
+
+
 def _layer_number(i: Any, k: int) -> int:
     """``i`` as a layer number in 1..k (NumPy and torch integers too; not a bool)."""
     try:
@@ -248,15 +272,12 @@ def gradient_ics(
                 raise ValueError("gradient_ics: the model has no layer (Linear, Conv, ...: "
                                  "LAYER_KINDS) with trainable parameters to measure; pass layers")
         else:
+            check_not_str(layers, "layers", "modules, module names or groups of them")
             names = list(layers)
         shown, groups = _layer_params(model, names)
         if layers is None:
             _warn_unmeasured(trainable, groups)
-        k = len(groups)
-        measure = list(range(1, k + 1)) if measure is None else [_layer_number(i, k)
-                                                                 for i in measure]
-        if not measure:
-            raise ValueError("measure: expected at least one layer number, got none")
+        measure = _layer_numbers(measure, len(groups))
         params = current_params(model)
         guard.reset()
         loss, grads = loss_and_grad(model, params, loss_fn, batch, params.keys())

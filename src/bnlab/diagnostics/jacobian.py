@@ -4,20 +4,30 @@ magnitudes during back-propagation ("remains an area of further study").
 
 For watched modules M_1..M_K in forward order (default: the BN layers, or the Conv/Linear layers
 of a network without any), with outputs ẑ_k, this computes per example n the singular values of
-J_k[n] = ∂ẑ_{k+1}[n] / ∂ẑ_k[n]. No plotting; works on any module.
+J_k[n] = ∂ẑ_{k+1}[n] / ∂ẑ_k[n]. A fused `BatchNormReLU` counts as its BN: ẑ is taken before
+its ReLU, as for a BN followed by ``nn.ReLU``. No plotting; works on any module.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bnlab.diagnostics._common import SideEffectGuard, check_probe_model
+from bnlab._checks import is_integer
+from bnlab.diagnostics._common import (
+    SideEffectGuard,
+    check_not_str,
+    check_probe_model,
+    fresh,
+    submodule,
+)
+from bnlab.distributed import SyncBatchNorm
+from bnlab.layers import BatchNorm, BatchNormReLU
 from bnlab.stats import is_batchnorm
 from bnlab.variants import LpNorm
 
@@ -101,7 +111,9 @@ def layer_jacobians(
 
     Every watched output is cut from the graph (replaced by a leaf), so J_k is the derivative of
     the stretch of network between M_k and M_{k+1} alone; this assumes they follow each other
-    along one path (a sequential network, as Ioffe's MLP).
+    along one path (a sequential network, as Ioffe's MLP). A watched fused `BatchNormReLU` (or
+    `SyncBatchNormReLU`) is cut between its BN and its ReLU, which then belongs to the next
+    stretch: the result is that of the same weights as a BN followed by ``nn.ReLU``.
 
     Modes: ``train=False`` (default) runs the model in eval mode: BN uses its running statistics,
     examples are independent and J_k[n] is exact at one backward pass per output value (a BN
@@ -128,14 +140,14 @@ def layer_jacobians(
         ValueError: ``normalized`` and a γ of exactly 0 at M_{k+1} (x̂ is not determined there).
     """
     check_probe_model(model, "layer_jacobians")
-    if max_examples is not None and (isinstance(max_examples, bool)
-                                     or not isinstance(max_examples, int) or max_examples < 1):
+    if max_examples is not None and (not is_integer(max_examples) or max_examples < 1):
         raise ValueError(f"max_examples: expected an int >= 1 (or None for all), "
                          f"got {max_examples!r}")
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     names = {m: n for n, m in model.named_modules()}
-    points = [model.get_submodule(m) if isinstance(m, str) else m
-              for m in (modules if modules is not None else _default_points(model))]
+    check_not_str(modules, "modules", "modules or module names")
+    points = [_point(model, m) for m in (modules if modules is not None
+                                         else _default_points(model))]
     if len(points) < 2:
         raise ValueError(f"layer_jacobians: need at least 2 watched modules, got {len(points)}")
     for p in points:
@@ -155,6 +167,8 @@ def layer_jacobians(
                              "weights); watch modules that run once (modules=...)")
         outs[mod] = out  # connected to the previous leaf
         leaves[mod] = out.detach().requires_grad_(True)
+        if isinstance(mod, BatchNormReLU):  # out is its BN's (`_unfused`): the ReLU follows
+            return torch.relu(leaves[mod])
         # The rest of the network sees a copy of a fresh leaf: a copy, so that an in-place op
         # that follows (ReLU(inplace=True)) is legal and leaves the leaf itself intact.
         return leaves[mod].clone()
@@ -164,10 +178,13 @@ def layer_jacobians(
                            and getattr(m, "running_mean", None) is None for m in model.modules())
     modes = {m: m.training for m in model.modules()}
     handles = [p.register_forward_hook(cut) for p in points]
+    fused = [p for p in points if isinstance(p, BatchNormReLU)]
     try:
         with SideEffectGuard(model), torch.enable_grad():
             model.train(train)
-            model(*inputs)
+            for p in fused:  # on the instance, for this forward only
+                vars(p)["_normalize"] = _unfused(p)
+            model(*fresh(inputs))
             missed = [names[p] or "<root>" for p in points if p not in outs]
             if missed:
                 raise ValueError(f"layer_jacobians: the forward did not call {', '.join(missed)}")
@@ -185,10 +202,37 @@ def layer_jacobians(
     finally:
         for h in handles:
             h.remove()
+        for p in fused:
+            vars(p).pop("_normalize", None)
         for m, mode in modes.items():
             m.training = mode  # (not train(mode): it would recurse, and a module under two
             # parents would take the second parent's mode)
     return pairs, jacs
+
+
+def _point(model: nn.Module, m: Any) -> nn.Module:
+    """A watched module given as itself or by name (checked against the model by the caller)."""
+    if not isinstance(m, str):
+        return m
+    mod = submodule(model, m)
+    if mod is None:
+        raise ValueError(f"modules: {m!r} is not the name of a submodule of the model (e.g. "
+                         f"{next((n for n, _ in model.named_modules() if n), 'none')!r})")
+    return mod
+
+
+def _unfused(m: BatchNormReLU) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    """A fused layer's transform without its ReLU: BN's (y, finite flag), from the same
+    statistics (the synchronized ones where a `SyncBatchNormReLU` syncs). Its output relu(y) is
+    0 wherever y < 0, so x̂ = (y − β)/γ cannot be read back from it: the probe cuts at y."""
+    def normalize(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                  training: bool, momentum: float | Tensor) -> tuple[Tensor, Tensor | None]:
+        # SyncBatchNorm's transform applies no ReLU where it syncs; elsewhere it defers to the
+        # next class in the MRO, the fused one, so BatchNorm's is called by name.
+        sync = isinstance(m, SyncBatchNorm) and m._syncing(training)
+        base = SyncBatchNorm if sync else BatchNorm
+        return base._normalize(m, input, running_mean, running_var, training, momentum)
+    return normalize
 
 
 def _gamma(m: nn.Module, out: Tensor) -> Tensor | None:

@@ -4,7 +4,11 @@ At weights w with gradient g = ∇L(w) on a batch, for each step size η in a sw
 
     loss(η)             = L(w − η·d)                        (d = g unless another direction)
     grad_change(η)      = ‖∇L(w − η·d) − ∇L(w)‖₂            "gradient predictiveness"
-    beta(η)             = grad_change(η) / ‖η·d‖₂           "effective β-smoothness"
+    beta(η)             = grad_change(η) / ‖w(η) − w‖₂      "effective β-smoothness"
+
+where w(η) is w − η·d as the weights' dtype holds it: the distance moved, η‖d‖₂ up to
+rounding, which in bfloat16 or float16 can be far from it for small steps (a weight's change
+below half its spacing rounds away).
 
 and the summaries the paper plots: the range [min, max] of loss(η), the range of
 grad_change(η), and max_η beta(η). "This is not a training procedure, but an evaluation of the
@@ -41,7 +45,7 @@ class LandscapeResult:
     grad_norm: float  # ‖∇L(w)‖₂
     loss: Tensor  # (S,) L(w − η·d)
     grad_change: Tensor  # (S,) ‖∇L(w − η·d) − ∇L(w)‖₂
-    beta: Tensor  # (S,) grad_change / ‖η·d‖₂
+    beta: Tensor  # (S,) grad_change / ‖w(η) − w‖₂, the distance moved (≈ ‖η·d‖₂)
 
     @property
     def loss_range(self) -> tuple[float, float]:
@@ -113,6 +117,10 @@ def landscape_probe(
 
     Returns:
         A `LandscapeResult`. Cost: one gradient per step size, plus one.
+
+    Raises:
+        ValueError: no parameter moves (the model is frozen and ``params`` not given, g or
+            ``direction`` is zero, or a step size changes no weight in the weights' dtype).
     """
     check_probe_model(model, "landscape_probe")
     etas = torch.as_tensor(step_sizes, dtype=torch.float64).reshape(-1).cpu()
@@ -121,6 +129,9 @@ def landscape_probe(
                          f"got {etas.tolist()}")
     with SideEffectGuard(model) as guard:
         w = current_params(model, params)
+        if not w:  # (current_params refuses an empty params=)
+            raise ValueError("landscape_probe: the model has no parameter that requires grad, so "
+                             "no step moves it; pass params=[names] to probe frozen ones")
         guard.reset()
         loss0, g = loss_and_grad(model, w, loss_fn, batch, w.keys())
         if direction is None:
@@ -130,14 +141,20 @@ def landscape_probe(
             if missing:
                 raise ValueError(f"direction lacks parameters {sorted(missing)}")
             d = {n: _direction_part(direction, n, w[n]) for n in w}
-        g_flat, d_norm = flat(g), torch.linalg.vector_norm(flat(d))
+        w_flat, g_flat, d_norm = flat(w), flat(g), torch.linalg.vector_norm(flat(d))
         if float(d_norm) == 0:  # no step leaves w, and beta would be 0 / 0 (nan stays nan)
             what = "the gradient at w" if direction is None else "direction"
             raise ValueError(f"landscape_probe: {what} is zero, so no step size moves the "
                              f"weights and beta is undefined; pass another direction=")
-        losses, changes = [], []
+        losses, changes, dists = [], [], []
         for eta in etas.tolist():
             moved = {n: w[n] - eta * d[n] for n in w}
+            # β per distance actually moved: w − η·d is rounded to the weights' dtype
+            dists.append(torch.linalg.vector_norm(flat(moved) - w_flat).cpu())
+            if float(dists[-1]) == 0:
+                dtypes = ", ".join(sorted({str(t.dtype) for t in w.values()}))
+                raise ValueError(f"step_sizes: η = {eta:g} moves no weight (w − η·d rounds to "
+                                 f"w in {dtypes}), so beta is undefined; use larger step sizes")
             guard.reset()
             loss, g_eta = loss_and_grad(model, moved, loss_fn, batch, w.keys())
             losses.append(loss.to(torch.float64).cpu())
@@ -145,5 +162,5 @@ def landscape_probe(
     change = torch.stack(changes)
     return LandscapeResult(
         step_sizes=etas, loss0=float(loss0), grad_norm=float(torch.linalg.vector_norm(g_flat)),
-        loss=torch.stack(losses), grad_change=change, beta=change / (etas * d_norm.cpu()),
+        loss=torch.stack(losses), grad_change=change, beta=change / torch.stack(dists),
     )
