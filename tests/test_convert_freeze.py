@@ -152,3 +152,17 @@ def test_a_freeze_that_raises_changes_nothing() -> None:
         bnlab.freeze(model)
     assert not any(is_frozen(m) for m in model) and all(p.requires_grad
                                                          for p in model.parameters())
+
+
+@pytest.mark.parametrize(("reentrant", "after", "updates"), [
+    (False, False, 1), (False, True, 2), (True, False, 2), (True, True, 2)])
+def test_checkpointing_without_no_stats_update(reentrant: bool, after: bool,
+                                               updates: int) -> None:
+    # As README says: twice, as torch's BN, but where non-reentrant recomputation stops early
+    # at a BN that ends the region (its tensors are saved before its running update).
+    torch.manual_seed(0)
+    bn = bnlab.BatchNorm2d(3)
+    model = nn.Sequential(bn, nn.ReLU()) if after else bn
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    checkpoint(model, x, use_reentrant=reentrant).square().sum().backward()
+    assert bn.num_batches_tracked.item() == updates

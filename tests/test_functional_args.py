@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
+import bnlab
 from bnlab import functional as F
 from bnlab.kernels import bn_add_relu, bn_relu
 
@@ -146,3 +147,16 @@ def test_training_inside_inference_mode_updates_its_inference_buffers() -> None:
         x = torch.randn(8, 3, dtype=torch.float64) + 2
         F.batch_norm(x, rm, rv, None, None, True, 0.5)
     torch.testing.assert_close(rm, 0.5 * x.mean(0))
+
+
+def test_a_tensor_eps_is_taken_as_torchs() -> None:
+    # torch's layer and F.batch_norm take a 0-d tensor ε; bnlab refused it as "not a number".
+    x = torch.randn(4, 3, 2, 2)
+    eps = torch.tensor(1e-3)
+    ours = bnlab.BatchNorm2d(3, eps=eps)
+    assert isinstance(ours.eps, float)
+    torch.testing.assert_close(ours(x), torch.nn.BatchNorm2d(3, eps=eps)(x))
+    torch.testing.assert_close(F.batch_norm(x, None, None, training=True, eps=eps),
+                               TF.batch_norm(x, None, None, training=True, eps=1e-3))
+    converted = bnlab.replace_norm(torch.nn.BatchNorm2d(3, eps=eps))
+    assert isinstance(converted.eps, float)

@@ -62,3 +62,25 @@ def test_native_dispatch_keeps_the_nonfinite_guard(native_everywhere):
 
 def test_native_is_not_used_on_cpu_by_default():
     assert not F._use_native(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize(("x_dtype", "p_dtype"), [
+    (torch.float32, torch.float64), (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float64), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32)])
+def test_mixed_dtypes_take_a_path_that_computes_them(native_everywhere, monkeypatch, x_dtype,
+                                                     p_dtype):
+    # torch's op takes only parameters in x's dtype, or float32 ones for half x: the other
+    # combinations, which bnlab's layers take, reached it and failed ("mixed dtype").
+    monkeypatch.setattr(F, "_fast", None)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5).to(x_dtype)
+    w, b = torch.rand(3).to(p_dtype) + 0.5, torch.randn(3).to(p_dtype)
+    rm, rv = torch.randn(3).to(p_dtype), torch.rand(3).to(p_dtype) + 0.5
+    for training in (True, False):
+        y = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+        monkeypatch.setattr(F, "_use_native", lambda x: False)
+        want = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+        monkeypatch.setattr(F, "_use_native", lambda x: True)
+        assert y.dtype == x_dtype
+        torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-2)

@@ -172,3 +172,32 @@ def test_population_statistics_reads_an_input_passed_by_keyword() -> None:
     x = torch.randn(8, 3, dtype=torch.float64)
     got = bnlab.population_statistics(KwargBN().double(), [x])["bn"]
     torch.testing.assert_close(got.mean, x.mean(0))
+
+
+class _WithHead(nn.Module):
+    """A net with an auxiliary head its forward does not call (as torch's update_bn allows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _net()
+        self.aux_bn = bnlab.BatchNorm1d(4).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_a_layer_the_forward_never_calls_is_left_out_with_a_warning() -> None:
+    # It raised "saw 0 value(s)" for the whole model, recalibrating nothing.
+    net = _WithHead()
+    batches = [torch.randn(4, 2, 5, 5, dtype=torch.float64) for _ in range(3)]
+    with torch.no_grad():
+        net.aux_bn.running_mean.fill_(7.0)
+    with pytest.warns(RuntimeWarning, match="never called aux_bn"):
+        stats = recalibrate(net, batches)
+    assert "aux_bn" not in stats and set(stats) == {"body.1", "body.5"}
+    assert net.aux_bn.running_mean.eq(7.0).all()
+    want = population_statistics(net.body, batches)
+    torch.testing.assert_close(stats["body.1"].var, want["1"].var)
+    with pytest.raises(ValueError, match="called none of the BatchNorm layers"):
+        population_statistics(nn.Sequential(net.aux_bn, nn.Linear(4, 4)),
+                              batches, forward=lambda m, b: None)

@@ -95,9 +95,11 @@ def plain(x: Any) -> Any:
 def check_eps(eps: float, who: str, *, allow_zero: bool = False) -> None:
     """ε a finite number > 0, or >= 0 with ``allow_zero``: torch builds a BN with ε = 0 and
     evaluates it (a frozen or converted model's), refusing it only when training."""
+    value = plain(eps)  # a 0-d tensor too, as torch takes one (the message shows eps as given)
     # Comparisons, not math.isfinite: torch.compile(dynamic=True) traces a module's float
     # attributes as symbolic floats, which math.isfinite cannot take. NaN fails both.
-    if not is_real(eps) or not (eps >= 0 if allow_zero else eps > 0) or not eps < math.inf:
+    if (not is_real(value) or not (value >= 0 if allow_zero else value > 0)
+            or not value < math.inf):
         raise ValueError(f"{who}: eps must be a finite number "
                          f"{'>= 0' if allow_zero else '> 0 when training'}, got {eps!r}")
 

@@ -22,6 +22,7 @@ from bnlab import _autograd
 from bnlab._checks import (  # check_args, host_readable: part of this module's API
     check_args,
     host_readable,
+    plain,
     user_stacklevel,
 )
 from bnlab._checks import force_reference as _force_reference
@@ -258,12 +259,23 @@ def _use_native(x: Tensor) -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
+def _native_takes(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether torch's op takes these dtypes: every parameter and buffer in x's dtype, or all in
+    float32 for half/bfloat16 x (its one mixed case; CPU and CUDA alike refuse others, which
+    bnlab takes: the reference path computes them)."""
+    dtypes = {t.dtype for t in params if t is not None}
+    return dtypes <= {x.dtype} or (x.dtype in (torch.float16, torch.bfloat16)
+                                   and dtypes == {torch.float32})
+
+
 def native_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(y, μ_B, σ²_B) from ``torch.native_batch_norm`` (autograd through PyTorch's backward).
 
-    The op returns 1/√(σ²_B + ε), so σ²_B = invstd⁻² − ε (exact to float32 rounding of invstd,
-    enough for the running average); statistics in float32 for half input, as cuDNN keeps them.
+    The op returns 1/√(σ²_B + ε), so σ²_B = invstd⁻² − ε: exact to float32 rounding of invstd
+    relative to σ²_B + ε, so to σ²_B only where σ²_B is not far below ε (σ = 1e-4 with ε = 1e-3:
+    0.5%; the running variance then feeds √(Var + ε), where it is lost beside ε anyway);
+    statistics in float32 for half input, as cuDNN keeps them.
     """
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     var = (invstd.detach().pow(-2) - eps).clamp_min(0)
@@ -311,8 +323,9 @@ def batch_norm(
     Raises:
         ValueError: a bad argument (the message names it, the expected and the actual value).
     """
+    # (a 0-d tensor ε, as torch's takes, as the number it holds: the kernels take a double)
     y, _ = batch_norm_with_flag(input, running_mean, running_var, weight, bias, training,
-                                momentum, eps, "batch_norm")
+                                momentum, plain(eps), "batch_norm")
     return y
 
 
@@ -356,7 +369,7 @@ def batch_norm_with_flag(
             # normalize + the same running update as below, in one C++ call where it can
             return _kernels_module()._train_update(input, weight, bias, eps, running_mean,
                                                    running_var, momentum)
-        if _use_native(input):
+        if _use_native(input) and _native_takes(input, weight, bias):
             y, mean, var = native_train(input, weight, bias, eps)
         else:
             y, mean, var = _autograd.batch_norm_train(input, weight, bias, eps)
@@ -371,8 +384,7 @@ def batch_norm_with_flag(
     if _use_kernels_eval(input):
         return (_kernels_module()._eval(input, running_mean, running_var, weight, bias, eps),
                 None)
-    if _use_native(input) and all(t is None or t.dtype == running_mean.dtype
-                                  for t in (running_var, weight, bias)):
+    if _use_native(input) and _native_takes(input, running_mean, running_var, weight, bias):
         return torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,
                                        eps)[0], None
     return normalize(input, running_mean, running_var, weight, bias, eps), None

@@ -14,6 +14,7 @@ Holds no training code; works on torch's BN modules as well as bnlab's.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -233,9 +234,12 @@ def population_statistics(
     Returns:
         Layer name → `PopulationStats` (float64).
 
+    Layers the forward never calls (an unused head, a branch not taken) are left out too,
+    named in a RuntimeWarning, as torch's ``swa_utils.update_bn`` leaves them.
+
     Raises:
-        ValueError: no BN layer (or every one frozen), a bad argument, or a layer that saw
-            fewer than 2 values.
+        ValueError: no BN layer (or every one frozen), a bad argument, a layer that saw fewer
+            than 2 values, or no layer called at all.
     """
     if estimator not in ("alg2", "population"):
         raise ValueError(f"estimator must be 'alg2' or 'population', got {estimator!r}")
@@ -310,17 +314,29 @@ def population_statistics(
         for m, mode in modes.items():
             m.train(mode)
     out = {}
+    unreached = []
     for name, a in acc.items():
         if a.calls == 0 and layers[name] in evaluated:
             continue  # kept in eval mode by the model: no batch statistics to estimate
+        if a.calls == 0 and seen:  # an unused head, a branch not taken: as torch's update_bn
+            unreached.append(name)
+            continue
         if a.n - a.batches < 1 or a.n < 2:
             raise ValueError(f"population_statistics: layer {name!r} saw {a.n} value(s) per "
                              f"channel in {a.batches} batch(es); need batches of >= 2 values")
         out[name] = a.result(estimator)
+    if not out and unreached:
+        raise ValueError(f"population_statistics: the forward called none of the BatchNorm "
+                         f"layers of {type(model).__name__} ({', '.join(unreached)}) in {seen} "
+                         "batch(es); pass forward= if the model needs another call")
     if not out:
         raise ValueError(f"population_statistics: every BatchNorm layer of "
                          f"{type(model).__name__} ran in eval mode under model.train() (a "
                          "train() that keeps them in eval), so none has batch statistics")
+    if unreached:
+        warnings.warn(f"population_statistics: the forward never called {', '.join(unreached)}"
+                      " (left out; recalibrate leaves their statistics as they are)",
+                      RuntimeWarning, stacklevel=2)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bnlab._checks import check_materialized
+from bnlab._checks import check_materialized, plain
 from bnlab.convert import _pairs
 from bnlab.convert.freeze import carry_hooks, freeze, is_frozen
 from bnlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU
@@ -130,7 +130,7 @@ def _carry_over(old: nn.Module, new: nn.Module, copy_eps: bool,
         if k in old_params:
             p.requires_grad_(old_params[k].requires_grad)
     if copy_eps and hasattr(new, "eps"):
-        new.eps = old.eps
+        new.eps = plain(old.eps)  # (torch's layer keeps a tensor ε as given)
     if (hasattr(old, "track_running_stats") and hasattr(new, "track_running_stats")
             and _holds_stats(old) == _holds_stats(new)):
         new.track_running_stats = old.track_running_stats  # (built from _holds_stats)
