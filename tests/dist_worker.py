@@ -232,6 +232,31 @@ def all_empty_case(rank: int) -> dict[str, float]:
     return out
 
 
+def checks_and_counts_case(rank: int) -> dict[str, float]:
+    """The training path across ranks checks the layer's arguments as one process does (eps = 0
+    gave NaN on a constant channel, momentum 1.5 extrapolated), before any collective; and a
+    layer whose buffers were set to None counts the global batch on a rank with an empty shard
+    (its num_batches_tracked stayed behind: the ranks' buffers differed)."""
+    out = {}
+    x = torch.randn(4, C, 2, 2, dtype=F64)
+    for name, make in (("eps", lambda: SyncBatchNorm(C, eps=0.0, dtype=F64)),
+                       ("renorm_eps", lambda: SyncBatchRenorm(C, eps=0.0, dtype=F64)),
+                       ("momentum", lambda: SyncBatchNorm(C, momentum=0.5, dtype=F64))):
+        m = make()
+        m.momentum = 1.5 if name == "momentum" else m.momentum
+        try:
+            m(x)
+            out[f"{name}_refused"] = 0.0
+        except ValueError as e:
+            out[f"{name}_refused"] = float(("eps must be" if "eps" in name else "momentum must")
+                                           in str(e))
+    untracked = SyncBatchNorm(C, dtype=F64)
+    untracked.running_mean = untracked.running_var = None
+    untracked(x if rank == 0 else x[:0])
+    out["untracked_counted"] = float(untracked.num_batches_tracked)
+    return out
+
+
 def eval_has_no_collective(rank: int) -> dict[str, float]:
     calls = {"n": 0}
     names = ("all_gather_single", "all_gather_into_tensor", "all_reduce")
@@ -326,7 +351,7 @@ def main(out_dir: str) -> None:
            "eval": eval_has_no_collective(rank), "all_empty": all_empty_case(rank),
            "ddp": ddp_smoke(rank, world), "noisy": noisy_case(rank),
            "ddp_local": ddp_local_layer(rank, world), "recalibrate": recalibrate_case(rank),
-           "cumulative": cumulative_probe_case(rank)}
+           "cumulative": cumulative_probe_case(rank), "checks": checks_and_counts_case(rank)}
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(res, f)
     ddp.teardown()

@@ -124,6 +124,13 @@ def test_ddp_broadcasts_the_buffers_of_layers_that_stay_local(results: list[dict
         assert d["start_of_step_diff"] == 0.0 and d["moved"] == 1.0, (rank, d)
 
 
+def test_arguments_are_checked_and_batches_counted_as_in_one_process(
+        results: list[dict]) -> None:
+    for rank, res in enumerate(results):
+        assert res["checks"] == {"eps_refused": 1.0, "renorm_eps_refused": 1.0,
+                                 "momentum_refused": 1.0, "untracked_counted": 1.0}, (rank, res)
+
+
 def test_eval_mode_does_no_collective(results: list[dict]) -> None:
     for res in results:
         assert res["eval"] == {"eval_calls": 0.0, "train_calls": 1.0}

@@ -277,10 +277,11 @@ def check_training(training: bool, who: str) -> None:
 def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None, bias: Tensor | None, training: bool,
                momentum: float | Tensor, eps: float, who: str,
-               var_name: str = "running_var") -> None:
+               var_name: str = "running_var", *, local_size: bool = True) -> None:
     """The argument checks of `batch_norm` (and the fused `bnlab.kernels.bn_relu`, and
     `lp_norm` with ``var_name="running_scale"``): ε, momentum (a number in [0, 1] or a 0-d
-    tensor), per-channel shapes, more than one value per channel when training, running
+    tensor), per-channel shapes, more than one value per channel when training (unless not
+    ``local_size``: a SyncBatchNorm shard, whose global batch is checked instead), running
     statistics when not."""
     check_training(training, who)
     check_eps(eps, who, allow_zero=not training)
@@ -297,7 +298,8 @@ def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         raise ValueError(f"{who}: momentum must be in [0, 1], got {float(momentum)!r}")
     check_per_channel(input, running_mean, running_var, weight, bias, who, var_name)
     if training:
-        check_training_size(input, who)
+        if local_size:
+            check_training_size(input, who)
     elif running_mean is None or running_var is None:
         raise ValueError(
             f"{who}: running_mean and {var_name} are required when training=False, "

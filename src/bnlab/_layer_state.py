@@ -52,15 +52,19 @@ def count_batch(module: BatchNorm, finite: Tensor) -> None:
         nonfinite.add_(1)
 
 
-def count_untracked(m: StatsLayer, input: Tensor) -> None:
+def count_untracked(m: StatsLayer, input: Tensor, nonempty: Tensor | None = None) -> None:
     """torch's BN counts every training batch while ``track_running_stats`` is set and the
     counter exists, also where the running statistics were set to None (then nothing else is
     updated); so does this one. (Batches that update the statistics are counted by
-    `count_batch`; an empty batch counts in neither, as documented for bnlab's BN.)"""
+    `count_batch`; an empty batch counts in neither, as documented for bnlab's BN.)
+    ``nonempty``: whether the batch has values, as a 0-d bool tensor (a SyncBatchNorm's global
+    batch, whose shard ``input`` may be empty); default: ``input`` has values."""
     if (m.training and m.running_mean is None and m.track_running_stats
-            and m.num_batches_tracked is not None and not m._stats_update_blocked
-            and input.numel() > 0):
-        m.num_batches_tracked.add_(1)
+            and m.num_batches_tracked is not None and not m._stats_update_blocked):
+        if nonempty is not None:
+            m.num_batches_tracked.add_(nonempty)  # (bool adds as 0/1, without a host sync)
+        elif input.numel() > 0:
+            m.num_batches_tracked.add_(1)
 
 
 def reset_stats(mean: Tensor | None, spread: Tensor | None, count: Tensor | None) -> None:

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from bnlab import functional as F
-from bnlab._checks import check_materialized
+from bnlab._checks import check_args, check_materialized
+from bnlab._layer_state import count_untracked
 from bnlab.convert.freeze import carry_hooks, is_frozen
 from bnlab.layers import (
     BatchNorm,
@@ -210,8 +211,16 @@ class SyncBatchNorm(BatchNorm):
         # forward around it.
         if not self._syncing(training):
             return super()._normalize(input, running_mean, running_var, training, momentum)
+        # One process checks these in batch_norm; the shard's size is checked globally (every
+        # rank is configured alike, so all raise together and none waits in the collective)
+        check_args(input, running_mean, running_var, self.weight, self.bias, True, momentum,
+                   self.eps, self._who(), local_size=False)
         y, mean, var, count = sync_batch_norm_train(input, self.weight, self.bias, self.eps,
                                                     self.process_group)
+        if running_mean is None and input.numel() == 0:
+            # the layer's forward counts a batch by this shard: an empty one by the global
+            # batch here, so every rank's num_batches_tracked moves alike
+            count_untracked(self, input, nonempty=count > 0)
         if not _has_stats(count, self._who()) or running_mean is None or running_var is None:
             return y, None
         return y, store_running_stats(running_mean, running_var, mean, unbiased(var, count),
@@ -267,10 +276,12 @@ class SyncBatchRenorm(BatchRenorm):
                       update: bool) -> tuple[Tensor, Tensor | None]:
         if not _sync_active(self.process_group):
             return super()._renorm_train(input, r_max, d_max, update)
+        running_mean, running_var = self.running_stats()
+        check_args(input, running_mean, running_var, self.weight, self.bias, True,
+                   self._momentum(), self.eps, self._who(), local_size=False)  # (as above)
         mean, var, count = sync_batch_stats(input, self.process_group)
         if not _has_stats(count, self._who()):  # every shard empty: no r, d, no update
             return F.empty_batch(input, self.weight, self.bias), None
-        running_mean, running_var = self.running_stats()
         r, d = renorm_factors(mean, var, running_mean, running_var, self.eps, r_max, d_max)
         w, b = renorm_affine(self.weight, self.bias, r, d)
         y = _SyncBatchNormFn.apply(input, w, b, mean, var, count, self.eps, self.process_group)
