@@ -99,8 +99,12 @@ class Inception(nn.Module):
         self.stem = nn.Sequential(*stem)
         mods: list[Mixed] = []
         cin = c(32)
-        # (c1, c3r, c3, cdr, cd, cp, stride, pool): the paper's 3a, 3c, 4a, 4e and 5a with
-        # about 1/8 of their channels (3b, 4b–4d are left out to keep a step in tens of ms).
+        # (c1, c3r, c3, cdr, cd, cp, stride, pool): modules in the places of the paper's 3a, 3c,
+        # 4a, 4e and 5a (Fig. 5) with about 1/8 of their channels, not exactly: 3c and 4e are
+        # 1/8 of the paper's; 3a's 3×3 (12, not 8) and pool projection (8, not 4), 4a's 3×3
+        # (16, not 12) are wider, and the last module max-pools (5a avg-pools; 5b max-pools).
+        # Every result the lab reports is this network's. (3b, 4b–4d are left out to keep a
+        # step in tens of ms.)
         spec = [(8, 8, 12, 8, 12, 8, 1, "avg"), (0, 16, 20, 8, 12, 0, 2, "max"),
                 (28, 8, 16, 12, 16, 16, 1, "avg"), (0, 16, 24, 24, 32, 0, 2, "max"),
                 (44, 24, 40, 20, 28, 16, 1, "max")]
