@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def test_bench_writes_every_case_summary_and_machine_info(tmp_path, capsys) -> N
     assert set(payload["summary"]) == set(modes)
     assert payload["machine"]["threads"] == 1
     assert {"cpu", "cores", "torch", "kernels", "malloc_tuned"} <= set(payload["machine"])
+    # what the figures depend on: the build's vector target and the sampling
+    assert payload["machine"]["rounds"] == 1 and payload["machine"]["repeats"] == 1
+    assert payload["machine"]["kernels_target"] == (os.environ.get("BNLAB_KERNELS_MARCH",
+                                                                   "native")
+                                                    or "(compiler default)")
     printed = capsys.readouterr().out
     assert "relu_fwd_bwd" in printed
     assert [(t["mode"], t["statistic"]) for t in payload["targets"]] == \
@@ -309,3 +315,14 @@ def test_repeated_values_are_timed_once_and_forced_reference_is_recorded(capsys,
     assert len(timed) == 1
     assert "BNLAB_FORCE_REFERENCE is on" in capsys.readouterr().err
     assert json.loads(out.read_text())["machine"]["force_reference"] is True
+
+
+@pytest.mark.parametrize(("kw", "name"), [({"steps": 0}, "steps"), ({"rounds": -1}, "rounds"),
+                                          ({"steps": 2.5}, "steps")])
+def test_run_e2e_names_a_bad_count_before_building_anything(kw, name) -> None:  # type: ignore[no-untyped-def]
+    from bnlab.kernels import e2e
+
+    def never(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("built a net")
+    with pytest.raises(ValueError, match=f"run_e2e: {name} must be an integer >= 1"):
+        e2e.run_e2e(**kw, nets={"x": (never, 2, 8)})

@@ -53,12 +53,31 @@ def test_public_entry_points_check_their_arguments(call, kind, message):
         call(x)
 
 
-def test_nan_momentum_cannot_poison_the_buffers():
+@pytest.mark.parametrize("momentum", [float("nan"), torch.tensor(float("nan")),
+                                      torch.tensor(1.5), torch.full((3,), 0.1)])
+def test_nan_momentum_cannot_poison_the_buffers(momentum):
+    # update_running_stats checked a number but took any tensor: a NaN one wrote NaN into both
+    # buffers, and a (3,) one failed in C++ without naming momentum
     rm, rv = torch.zeros(3), torch.ones(3)
-    with pytest.raises(ValueError):
-        kernels.batch_norm_train_update(torch.randn(4, 3), None, None, 1e-5, rm, rv,
-                                        float("nan"))
+    with pytest.raises(ValueError, match="momentum must be"):
+        kernels.batch_norm_train_update(torch.randn(4, 3), None, None, 1e-5, rm, rv, momentum)
+    with pytest.raises(ValueError, match="update_running_stats: momentum must be"):
+        kernels.update_running_stats(rm, rv, torch.ones(3), torch.ones(3), 4, momentum)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_direct_training_calls_take_an_empty_batch_as_functional_does():
+    # The C++ op refused it ("at least one value per channel"): an empty output, no update.
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    w = torch.rand(3, requires_grad=True)
+    y, mean, var = kernels.batch_norm_train(x, w, None, 1e-5)
+    assert y.shape == x.shape and mean.isnan().all() and var.isnan().all()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y2, finite = kernels.batch_norm_train_update(x, w, None, 1e-5, rm, rv, 0.1)
+    assert finite is None and torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    torch.testing.assert_close(y2, F.batch_norm(x, None, None, w, None, True))
+    (y.sum() + y2.sum()).backward()
+    assert torch.equal(w.grad, torch.zeros(3))
 
 
 def test_batch_norm_eval_differentiates_running_statistics_that_require_grad():

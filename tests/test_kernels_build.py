@@ -132,3 +132,45 @@ def test_summary_keeps_diagnostics_and_drops_command_lines() -> None:
     assert "x.cpp:3:1: error: 'foo' was not declared" in got
     assert got.count("FAILED: x.o") == 1 and "-isystem" not in got
     assert len(_build._summary(err + "y.cpp:1:1: error: " + "z" * 250 + "\n", limit=120)) == 120
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # torch's build lock is a file it deletes when done and waits on without a timeout: one left
+    # by a killed first build made every later process hang at its first BN call
+    so = tmp_path / "ext" / "bnlab_kernels_x.so"
+    so.parent.mkdir()
+    (so.parent / "lock").touch()
+    with _build._build_lock(so):
+        assert not (so.parent / "lock").exists()
+        # held: a second process cannot take it (it would wait for this build)
+        probe = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, os
+            fd = os.open({str(so.parent / "bnlab.lock")!r}, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                print("taken")
+            except BlockingIOError:
+                print("held")""")], capture_output=True, text=True, timeout=60)
+        assert probe.stdout.strip() == "held", probe.stderr
+
+
+_LOAD_THEN_COMPILE = """
+import torch, bnlab
+from bnlab import functional as F
+from bnlab.cli import main
+assert main(["kernels"]) == 0  # loads through _build.info(), not kernels.available()
+bn = bnlab.BatchNorm2d(3)
+y = torch.compile(bn, fullgraph=True, backend="aot_eager")(torch.randn(4, 3, 5, 5))
+print(F._fast is not None, tuple(y.shape))
+"""
+
+
+def test_loading_through_the_cli_first_still_registers_the_fake_kernels() -> None:
+    # available() registered them only on the first load: after `bnlab kernels` in the same
+    # process, compiling found no fake kernel ("does not support running with fake tensors")
+    if not _build.load():
+        pytest.skip("bnlab CPU kernels could not be built here")
+    out = subprocess.run([sys.executable, "-c", _LOAD_THEN_COMPILE], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "True (4, 3, 5, 5)"

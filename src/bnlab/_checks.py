@@ -274,6 +274,23 @@ def check_training(training: bool, who: str) -> None:
                         f"{training!r}")
 
 
+def check_step_momentum(momentum: float | Tensor, device: torch.device, who: str) -> None:
+    """A running update's factor: a number in [0, 1], or a 0-d floating-point tensor on
+    ``device`` (or the CPU) whose value, where it can be read without a host sync, is in
+    [0, 1] (a NaN one overwrote both buffers with NaN)."""
+    if not isinstance(momentum, Tensor):
+        check_momentum(momentum, who, allow_none=False)
+    elif momentum.dim() != 0 or not momentum.is_floating_point():
+        raise ValueError(f"{who}: momentum must be a number in [0, 1] or a 0-d floating-point "
+                         f"tensor, got a tensor of shape {tuple(momentum.shape)} and dtype "
+                         f"{momentum.dtype}")
+    elif momentum.device != device and not momentum.is_cpu:
+        raise ValueError(f"{who}: momentum must be on the input's device ({device}) or "
+                         f"a CPU scalar, got a tensor on {momentum.device}")
+    elif host_readable(momentum) and not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"{who}: momentum must be in [0, 1], got {float(momentum)!r}")
+
+
 def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None, bias: Tensor | None, training: bool,
                momentum: float | Tensor, eps: float, who: str,
@@ -285,17 +302,7 @@ def check_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     statistics when not."""
     check_training(training, who)
     check_eps(eps, who, allow_zero=not training)
-    if not isinstance(momentum, Tensor):
-        check_momentum(momentum, who, allow_none=False)
-    elif momentum.dim() != 0 or not momentum.is_floating_point():
-        raise ValueError(f"{who}: momentum must be a number in [0, 1] or a 0-d floating-point "
-                         f"tensor, got a tensor of shape {tuple(momentum.shape)} and dtype "
-                         f"{momentum.dtype}")
-    elif momentum.device != input.device and not momentum.is_cpu:
-        raise ValueError(f"{who}: momentum must be on the input's device ({input.device}) or "
-                         f"a CPU scalar, got a tensor on {momentum.device}")
-    elif host_readable(momentum) and not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"{who}: momentum must be in [0, 1], got {float(momentum)!r}")
+    check_step_momentum(momentum, input.device, who)
     check_per_channel(input, running_mean, running_var, weight, bias, who, var_name)
     if training:
         if local_size:

@@ -102,11 +102,12 @@ def _bench(args: argparse.Namespace) -> int:
 def _kernels(args: argparse.Namespace) -> int:
     import warnings
 
-    from bnlab import functional
+    from bnlab import functional, kernels
     from bnlab.kernels import _build
 
     with warnings.catch_warnings():  # the failure is printed below, not warned
         warnings.simplefilter("ignore", RuntimeWarning)
+        kernels.available()  # loaded as a BN call loads them: fake kernels, eager entry points
         info = _build.info()
     for key, value in info.items():
         if value is not None:

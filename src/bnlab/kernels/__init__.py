@@ -25,8 +25,8 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from bnlab import functional as _F
-from bnlab._checks import check_momentum as _check_momentum
 from bnlab._checks import check_per_channel as _check_per_channel
+from bnlab._checks import check_step_momentum as _check_step_momentum
 from bnlab._checks import is_integer as _is_integer
 from bnlab.kernels import _build
 
@@ -42,19 +42,24 @@ __all__ = [
 ]
 
 _DTYPES = (torch.float32, torch.bfloat16)
+_registered = False  # the fake kernels and the eager entry points (`available`)
 
 
 def available() -> bool:
     """Whether the kernels are built and loaded (builds them on the first call; warns once if
     the build fails). Ignores ``BNLAB_FORCE_REFERENCE``."""
+    global _registered
     ok = _build._state.get("ok")
     if ok is None:
         ok = _build.load()
-        if ok:
-            from bnlab.kernels import ops
+    if ok and not _registered:
+        # (keyed on this, not on the first load: `bnlab kernels` loads through `_build.info()`,
+        # and compiling afterwards found no fake kernels)
+        from bnlab.kernels import ops
 
-            ops.register()
-            _F._fast = _build.module()  # the C++ entry points of the eager path
+        ops.register()
+        _F._fast = _build.module()  # the C++ entry points of the eager path
+        _registered = True
     # What `functional._kernels_module` would set on the first BN call: set here, a compiled
     # model's first call would change a global that Dynamo guards on (one spurious recompile).
     _F._kernels = sys.modules[__name__]
@@ -93,8 +98,9 @@ def supports(x: Tensor) -> bool:
         return False
     if torch.compiler.is_compiling():
         # Export (torch.export, ONNX) keeps standard ops so the program runs without this
-        # extension; torch.compile uses the kernels if already loaded (building is not traced).
-        return _build._state.get("ok") is True and not torch.compiler.is_exporting()
+        # extension; torch.compile uses the kernels if already loaded and their fake kernels
+        # registered (`available`; building is not traced).
+        return _registered and not torch.compiler.is_exporting()
     return available()
 
 
@@ -109,6 +115,9 @@ def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         x: (N, C, *); weight, bias: (C,) or None. Returns y like x and two (C,) tensors.
     """
     _F.check_args(x, None, None, weight, bias, True, 0.0, eps, "batch_norm_train")
+    if x.numel() == 0:  # no statistics (NaN, as torch's mean of nothing): `functional`'s output
+        nan = torch.full((x.shape[1],), float("nan"), device=x.device)
+        return _F.empty_batch(x, weight, bias), nan, nan.clone()
     _require()
     return _train(x, weight, bias, eps)
 
@@ -161,6 +170,8 @@ def batch_norm_train_update(x: Tensor, weight: Tensor | None, bias: Tensor | Non
     are checked as `bnlab.functional`'s."""
     _F.check_args(x, running_mean, running_var, weight, bias, True, momentum, eps,
                   "batch_norm_train_update")
+    if x.numel() == 0:  # as `functional.batch_norm`: an empty output, nothing updated
+        return _F.empty_batch(x, weight, bias), None
     _require()
     return _train_update(x, weight, bias, eps, running_mean, running_var, momentum)
 
@@ -198,8 +209,7 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
     if not _is_integer(count) or count < 1:
         raise ValueError(f"{who}: count must be an integer >= 1 (values per channel), got "
                          f"{count!r}")
-    if not isinstance(momentum, Tensor):
-        _check_momentum(momentum, who, allow_none=False)
+    _check_step_momentum(momentum, mean.device, who)
     if not available():
         return _F.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return _update(running_mean, running_var, mean, var, count, momentum)

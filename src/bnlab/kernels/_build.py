@@ -26,8 +26,15 @@ import os
 import platform
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no stale-lock recovery
+    fcntl = None  # type: ignore[assignment]
 
 from bnlab._checks import user_stacklevel
 
@@ -110,6 +117,32 @@ def _summary(error: str, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@contextmanager
+def _build_lock(so: Path | None) -> Iterator[None]:
+    """Hold bnlab's own lock on the build directory of ``so`` while torch builds or loads there.
+
+    torch's `cpp_extension` guards a build with a lock *file* it creates and deletes, and waits
+    without a timeout while one exists: a first build killed part-way (the OOM killer, a CI
+    timeout, kill -9) left it behind, and every later process hung at its first BN call. This
+    lock is an flock, which the kernel releases when its holder dies; every process that loads
+    these kernels takes it first, so whoever holds it knows that nobody is building, and a
+    lock file of torch's found then is stale: it is removed."""
+    if fcntl is None or so is None:
+        yield
+        return
+    so.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(so.parent / "bnlab.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # (waits for a build in progress, however long)
+        stale = so.parent / "lock"
+        if stale.exists():
+            _log.warning("bnlab: removing %s, left by a build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (the file stays: see lab.runs' lock)
+
+
 def _do_load() -> ModuleType | None:
     from torch.utils import cpp_extension
 
@@ -139,7 +172,8 @@ def load() -> bool:
                          "about a minute on 2 cores; cached in %s)",
                          so.parent if so else "torch's extensions directory")
         try:
-            _state["module"] = _do_load()
+            with _build_lock(so):
+                _state["module"] = _do_load()
             _state["ok"] = True
         except Exception as exc:  # any failure means: use the reference path
             _state["ok"] = False

@@ -325,6 +325,14 @@ def run(args: argparse.Namespace, e2e_nets: dict[str, Any] | None = None) -> int
         print("bnlab bench: the CPU kernels are not available; bnlab runs the reference path",
               file=sys.stderr)
     info["kernels"] = kernels.available()
+    from bnlab.kernels import _build
+
+    # what the figures depend on besides the machine: the vector width the build targets
+    # (BNLAB_KERNELS_MARCH: 16, 8 or 4 lanes) and the sampling
+    info["kernels_target"] = _build._march() or "(compiler default)"
+    info["rounds"] = args.rounds
+    if not args.e2e:
+        info["repeats"] = args.repeats
     from bnlab import functional as F
 
     info["force_reference"] = F._force_reference()

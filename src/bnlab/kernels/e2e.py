@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnlab._checks import is_integer as _is_integer
+
 __all__ = ["STAND_INS", "TARGET_OVERHEAD", "InceptionNet", "Net", "TorchBatchNorm", "VGGNet",
            "any_rank_norms", "meets_target", "print_e2e", "run_e2e", "step_orders"]
 
@@ -296,7 +298,10 @@ def run_e2e(steps: int = 8, rounds: int = 3, memory_format: str = "nchw",
     """Median step time (ms) per net and norm, the overhead of BN over no normalization, and
     the profiled time of BN's own ops per step; nets and inputs in ``memory_format``. ``nets``
     (default `STAND_INS`; `bnlab bench --e2e` adds the lab's own nets) as in `STAND_INS`."""
-    _memory_format(memory_format)  # a bad name fails before minutes of timing
+    _memory_format(memory_format)  # bad arguments fail before minutes of timing
+    for name, value in (("steps", steps), ("rounds", rounds)):
+        if not _is_integer(value) or value < 1:
+            raise ValueError(f"run_e2e: {name} must be an integer >= 1, got {value!r}")
     out: dict[str, Any] = {}
     for net_name, (build, batch, image) in (STAND_INS if nets is None else nets).items():
         steppers = {k: _train_step(*_build(functools.partial(build, k), batch, image,
