@@ -87,6 +87,30 @@ def test_a_failing_section_leaves_the_others_and_exits_1(fig1_runs, tmp_path, ca
     assert "## Not run yet" in md and "- section ioffe2015.fig1" in md
 
 
+def test_the_report_cites_the_papers_and_refuses_an_unknown_verdict(fig1_runs, tmp_path,
+                                                                   monkeypatch):
+    runs_dir, _ = _copy(fig1_runs, tmp_path)
+    exp = get("ioffe2015.fig1")
+
+    def typo(inputs):  # a verdict the report's rules (and readers) do not know
+        sec = exp.report(inputs)
+        sec.verdict = "reproducd"
+        return sec
+
+    fake = {**registry.all_experiments(), "ioffe2015.fig1": Experiment(
+        exp.title, exp.claim, exp.presets, exp.runtime, exp.variants, exp.run, typo,
+        name=exp.name)}
+    monkeypatch.setattr(registry, "all_experiments", lambda: fake)
+    problems: list[str] = []
+    write_report(runs_dir, tmp_path / "rep", problems)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    html_text = (tmp_path / "rep" / "index.html").read_text()
+    for text in (md, html_text):
+        assert "arXiv:1502.03167v3" in text and "arXiv:1805.11604v3" in text
+    assert len(problems) == 1 and "verdict must be one of" in problems[0]
+    assert "'reproducd'" in problems[0]
+
+
 def test_experiments_with_only_unfinished_runs_say_how_to_finish_them(fig1_runs, tmp_path):
     runs_dir, tag = _copy(fig1_runs, tmp_path)
     for summary in tag.glob("*/seed*/summary.json"):

@@ -221,7 +221,8 @@ def _fast_allowed() -> bool:
 
 
 def _kernels_module() -> ModuleType:
-    """`bnlab.kernels`, imported on first use (it imports this module; it builds lazily)."""
+    """`bnlab.kernels` (it imports this module, and builds lazily); imported when this module
+    is (below), and again here should a test have reset it."""
     global _kernels
     if _kernels is None:
         from bnlab import kernels

@@ -59,7 +59,8 @@ class BatchNorm(FxLeaf, nn.Module):
 
     Args:
         num_features: C, the number of channels (features) to normalize.
-        eps: ε > 0 added to the variance (the paper gives no value; PyTorch's 1e-5).
+        eps: ε ≥ 0 added to the variance, > 0 when training (the paper gives no value;
+            PyTorch's 1e-5).
         momentum: in [0, 1], or None for the cumulative average.
         affine: learn γ (``weight``, init 1) and β (``bias``, init 0).
         bias: keyword-only, as in torch 2.13: with ``affine``, False learns γ only.

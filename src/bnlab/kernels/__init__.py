@@ -8,9 +8,10 @@ in `csrc/`, are built just in time on first use (`_build.py`, cached) and are re
 `torch.library` ops with fake kernels and autograd (`ops.py`), so autograd and `torch.compile`
 work through them.
 
-`bnlab.functional` calls `supports(x)` and then `batch_norm_train` / `batch_norm_eval`; when
-`supports` says no (another device, another dtype, the build failed, or
-``BNLAB_FORCE_REFERENCE=1``) the reference path runs. In eager mode the common case skips that
+`bnlab.functional` calls `supports(x)` and then `_train_update` / `_eval` (`batch_norm_train_update`
+and `batch_norm_eval` without the argument checks it has made); when `supports` says no
+(another device, another dtype, the build failed, or ``BNLAB_FORCE_REFERENCE=1``) the
+reference path runs. In eager mode the common case skips that
 Python: the extension is also a Python module (`csrc/bn_fast.cpp`) whose entry points check the
 arguments and call the same op in C++, and hand anything unusual back (`functional._fast`).
 `bn_relu` and `bn_add_relu` are the fused variants with PyTorch-style signatures.
@@ -60,8 +61,9 @@ def available() -> bool:
         ops.register()
         _F._fast = _build.module()  # the C++ entry points of the eager path
         _registered = True
-    # What `functional._kernels_module` would set on the first BN call: set here, a compiled
-    # model's first call would change a global that Dynamo guards on (one spurious recompile).
+    # `functional` sets this when it is imported; set again here in case it was reset (as a
+    # test does), since a compiled model's first call would otherwise change a global that
+    # Dynamo guards on (one spurious recompile).
     _F._kernels = sys.modules[__name__]
     return bool(ok)
 

@@ -3,7 +3,7 @@
 The library is compiled once per machine kind and cached in torch's extensions directory
 (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); later imports load it in well
 under a second. `-march=native` is used because the vector width follows the target's widest
-ISA (16 lanes with AVX-512, 8 with AVX2, 4 otherwise: `csrc/simd.h`); the extension's name
+ISA (16 lanes with AVX-512, 8 with AVX, 4 otherwise: `csrc/simd.h`); the extension's name
 carries a hash of the CPU's feature flags, the target and the source directory, so a cache
 shared between different machines never loads a binary built for another CPU, and two checkouts
 on one machine each keep their own build. `BNLAB_KERNELS_MARCH` overrides the target

@@ -1,6 +1,6 @@
 """torch.library registration of the C++ kernels: fake (meta) kernels.
 
-The C++ library defines four operators (schemas in `csrc/bn_ops.cpp`, `csrc/bn_autograd.cpp`):
+The C++ library defines five operators (schemas in `csrc/bn_ops.cpp`, `csrc/bn_autograd.cpp`):
 
 * ``bnlab::bn_train_fwd(input, weight?, bias?, eps, residual?, relu, save_mask)
   -> (y, mean, var, mask)`` — Alg. 1 of Ioffe & Szegedy (2015) with the biased σ²_B, optionally
@@ -98,7 +98,8 @@ def _fake_train_fwd_update(input: Tensor, weight: Tensor | None, bias: Tensor | 
 
 
 def register() -> None:
-    """Attach fake kernels and autograd to the loaded `bnlab::*` ops (idempotent)."""
+    """Attach fake kernels to the loaded `bnlab::*` ops (idempotent; their autograd is
+    registered in C++)."""
     global _registered
     if _registered:
         return

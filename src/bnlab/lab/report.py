@@ -22,6 +22,7 @@ from typing import Any
 
 from bnlab.lab import runs as runs_mod
 from bnlab.lab.config import override_key
+from bnlab.lab.experiments import CITATIONS
 from bnlab.lab.plots import Curve
 
 __all__ = ["CHANCE", "Inputs", "Section", "Table", "curve", "mean_std", "scored_text",
@@ -290,6 +291,8 @@ def _section(exp: Any, inp: Inputs, root: str | Path, figures: Path) -> tuple[li
     """The markdown and HTML lines of one experiment's section (its PNGs written to
     ``figures``)."""
     sec: Section = exp.report(inp)
+    if sec.verdict not in VERDICTS:  # (a section that fails is listed under Problems)
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {sec.verdict!r}")
     _disclose(sec, inp, _incomplete(exp, inp), root)
     head = f"{inp.experiment} — {sec.title} (preset `{inp.tag}`, {inp.seeds} seed(s))"
     md = ["", f"## {head}", "", f"**Claim (paper).** {sec.claim}", "",
@@ -332,10 +335,15 @@ def write_report(root: str | Path = "runs", out: str | Path = "report",
     exps = all_experiments()
     found: list[str] = []
     inputs = [i for i in collect(root, found) if i.experiment in exps]
-    md = ["# bnlab report", "", f"Finished runs read from `{root}`."]
+    md = ["# bnlab report", "", f"Finished runs read from `{root}`. The papers (sections"
+          " name their figures in these versions):", ""]
+    md += [f"- [{key}] {cite}" for key, cite in CITATIONS.items()]
     hb = ["<!doctype html><meta charset='utf-8'><title>bnlab report</title>",
           f"<style>{_CSS}</style><h1>bnlab report</h1>",
-          f"<p>Finished runs read from <code>{html.escape(str(root))}</code>.</p>"]
+          f"<p>Finished runs read from <code>{html.escape(str(root))}</code>. The papers "
+          "(sections name their figures in these versions):</p><ul>"
+          + "".join(f"<li>[{key}] {html.escape(cite)}</li>" for key, cite in CITATIONS.items())
+          + "</ul>"]
     started: list[str] = []
     for inp in inputs:
         if not inp.runs:  # only unfinished runs: nothing to grade yet

@@ -45,7 +45,7 @@ inline int64_t grain_for(int64_t per_item) {
 struct Shape {
   int64_t N, C, S;
   bool rows;
-  bool nt = false;  // write outputs with streaming stores (see stream_outputs in bn_ops.cpp)
+  bool nt = false;  // write outputs with streaming stores (see stream_outputs in bn_tensors.h)
   bool resident = false;  // the pass's tensors fit in the LLC (cache_resident, bn_tensors.h)
   int64_t m() const { return N * S; }  // values per channel
 };

@@ -134,7 +134,8 @@ inline bool channel_parallel(const Shape& s) {
 // planes alone jumps C·S·4 bytes after every S values, which costs 1.5-2x in time on its own.
 // The block's slab (N·cb·S values of `per_elem` bytes) is bounded by SLAB so it is still in
 // L2/L3 when the elementwise sweep reads it again. On 7x7 planes a forward block of 335
-// channels keeps 42 KB of accumulators (block_reduce), more than L1 holds; capping blocks at
+// channels keeps 42 KB of accumulators (block_reduce), more than the 32 KB L1 of the AMD EPYC
+// VM these runs were measured on holds; capping blocks at
 // 128 channels (16 KB) cost the training forward 6% on (32, 2048, 7, 7), (128, 512, 7, 7) and
 // (64, 1024, 7, 7) in an A/B run (and saved 4% on (32, 512, 7, 7)), and RUN = 128 KB measured
 // 0.97-1.04x: both dropped. So was SLAB = 512 KB (L2-sized, runs ≥ 16 KB): the backward took
@@ -327,7 +328,7 @@ inline void block_reduce(const Shape& s, int64_t c0, int64_t nb, const MakeOp& m
 // 5-7% less. With more channels the pairs spill from L1 and nothing was gained: (32, 512, 7, 7)
 // and (32, 2048, 7, 7) measured 0.97-1.02x, so they keep the channel blocks.
 inline bool samples_split(const Shape& s) {
-  constexpr int64_t L1D = 32 << 10;  // per core, this machine (Zen 4)
+  constexpr int64_t L1D = 32 << 10;  // per core on the AMD EPYC VM (Zen 4) this was tuned on
   return s.resident && !s.rows && s.S <= SMALL_PLANE && s.N >= at::get_num_threads() &&
          s.C * 2 * static_cast<int64_t>(sizeof(vf)) <= L1D;
 }

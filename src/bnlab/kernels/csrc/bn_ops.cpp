@@ -1,6 +1,6 @@
 // bnlab CPU batch-norm operators: the drivers (which pass runs where) and their registration as
 // torch.library ops `bnlab::bn_train_fwd`, `bnlab::bn_bwd`, `bnlab::bn_eval_fwd` (CPU kernels;
-// fake kernels and autograd are registered from Python in bnlab/kernels/ops.py).
+// autograd is registered in bn_autograd.cpp, fake kernels from Python in bnlab/kernels/ops.py).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

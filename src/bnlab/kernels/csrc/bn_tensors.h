@@ -43,9 +43,11 @@ inline Prepared prepare(const at::Tensor& x) {
 
 // Whether a pass writes its outputs with streaming stores: when the k tensors it streams
 // (x.nbytes() each: x and y forward; x, grad and dx backward) exceed a last-level cache of
-// 32 MiB, the output would be evicted before use anyway. Measured here for y = a·x + b at
-// 2 threads: 30% faster on 102 MB, 10% on 25.7 MB, but 2x slower on cache-resident tensors.
-// (sysconf's L3 size is the host's total on this VM, 384 MiB, so a fixed figure is used.)
+// 32 MiB, the output would be evicted before use anyway. Measured on the AMD EPYC VM (Zen 4,
+// L3 32 MiB) this was tuned on, for y = a·x + b at 2 threads: 30% faster on 102 MB, 10% on
+// 25.7 MB, but 2x slower on cache-resident tensors. (sysconf's L3 size is the host's total
+// on these VMs, 384 MiB there and 480 MiB on the Intel Xeon VM since 2026-12-07, so a fixed
+// figure is used; on the Xeon the knee lies higher: docs/benchmarks.md, 610b905.)
 // Only when every plane (row) is whole vectors: with 7x7 planes most vectors are misaligned
 // and stored normally, and a normal store into a line that a streaming store just wrote
 // flushes the write-combining buffer — 7x7 backward ran at 6x a copy instead of 3x.

@@ -52,7 +52,7 @@ def fan_in_init_(model: nn.Module, act: str, factor: float) -> nn.Module:
 
 
 def build_mlp(data: Dataset, norm: str, act: str, *, init_std: float | None = None,
-              init_factor: float | None = None, dropout: float = 0.0) -> MLP:
+              init_factor: float | None = None) -> MLP:
     """The Sec. 4.1 network (784-100-100-100-10; BN before each nonlinearity, bias dropped)
     with weights N(0, init_std²) as in fig1, or fan-in scaled by ``init_factor``."""
     model = MLP(data.train_x[0].numel(), (100, 100, 100), data.num_classes,

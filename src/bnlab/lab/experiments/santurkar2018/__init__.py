@@ -8,8 +8,3 @@ App. A.1). CIFAR-10 is not available offline: the VGG experiments train on Fashi
 (28×28 grey, native size; the lab's VGG handles 28 with ceil-mode pooling) with a narrower VGG
 and fewer steps; each module's docstring says exactly how. Shared helpers: ``_common``.
 """
-
-from __future__ import annotations
-
-CITATION = ("S. Santurkar, D. Tsipras, A. Ilyas, A. Madry. How Does Batch Normalization Help "
-            "Optimization? NeurIPS 2018, arXiv:1805.11604v3.")

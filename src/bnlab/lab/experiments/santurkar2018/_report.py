@@ -18,9 +18,7 @@ from bnlab.lab import plots
 from bnlab.lab.plots import Curve
 from bnlab.lab.report import Inputs
 
-__all__ = ["PAPER_NOTE", "get", "label", "mean_curve", "per_run", "verdict"]
-
-PAPER_NOTE = "(read from plot)"
+__all__ = ["get", "label", "mean_curve", "per_run", "verdict"]
 
 
 def get(rec: dict[str, Any], path: Sequence[str]) -> Any:
