@@ -208,3 +208,60 @@ def test_non_finite_or_negative_statistics_are_refused_and_bf16_exports_as_float
     assert all(w.dtype == torch.float32 for w in out.weights)
     assert flax_variables(bn).variables["params"]["scale"].dtype == torch.float32
     assert keras_weights(bnlab.BatchNorm1d(C, dtype=F64)).weights[0].dtype == F64
+
+
+def test_a_noisy_bn_takes_and_gives_the_sources_function() -> None:
+    # Its eval output is E[s]·BN(x): loaded as a plain BN it was 1.125x Keras's output, and
+    # its export described another function than its own (fold and FrozenBatchNorm take E[s]).
+    arrays = _keras_arrays(10)
+    noisy = bnlab.variants.NoisyBatchNorm(C, dtype=F64, seed=0)
+    load_keras_weights(noisy, arrays, epsilon=1e-3)
+    x = torch.randn(6, C, dtype=F64)
+    torch.testing.assert_close(noisy.eval()(x), _keras_inference(x, *arrays, 1e-3))
+    out = keras_weights(noisy)
+    torch.testing.assert_close(_keras_inference(x, *out.weights, out.config["epsilon"]),
+                               noisy(x))
+    torch.testing.assert_close(out.weights[0], arrays[0])  # a round trip
+    with pytest.raises(ValueError, match=r"affine=False evaluates to E\[s\] = 1\.125 times"):
+        load_keras_weights(bnlab.variants.NoisyBatchNorm(C, affine=False), arrays[2:],
+                           center=False, scale=False)
+
+
+def test_python_lists_load_at_the_layers_precision() -> None:
+    # lists went through float32 on their way to a float64 layer (0.3 -> 0.30000001192...)
+    bn = load_flax_variables(bnlab.BatchNorm1d(2, dtype=F64),
+                             {"batch_stats": {"mean": [0.3, 0.7], "var": [0.1, 2.0]}})
+    assert bn.running_mean.tolist() == [0.3, 0.7] and bn.running_var.tolist() == [0.1, 2.0]
+    with pytest.raises(ValueError, match=r"moving_variance is not representable in the "
+                       r"layer's torch.float16"):
+        load_keras_weights(bnlab.BatchNorm1d(2, dtype=torch.float16),
+                           [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1e5, 1.0]])
+
+
+def test_source_arguments_are_named_as_the_source_names_them() -> None:
+    arrays = _keras_arrays(11)
+    with pytest.raises(ValueError, match=r"load_keras_weights: momentum \(the source's decay "
+                       r"of the old value\) must be a number in \[0, 1\], got 1.5"):
+        load_keras_weights(bnlab.BatchNorm1d(C), arrays, momentum=1.5)
+    with pytest.raises(ValueError, match=r"load_flax_variables: epsilon must be a finite number "
+                       r">= 0, got -1"):
+        load_flax_variables(bnlab.BatchNorm1d(C), {"batch_stats": {"mean": arrays[2],
+                                                                  "var": arrays[3]}}, epsilon=-1)
+    frozen = load_keras_weights(bnlab.variants.FrozenBatchNorm1d(C, eps=0.0), arrays, epsilon=0)
+    assert frozen.eps == 0.0  # ε = 0 evaluates, as the layers take it
+
+
+def test_shapes_are_checked_where_the_layer_has_nowhere_to_put_them_and_state_is_whole() -> None:
+    arrays = _keras_arrays(12)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(4,\), got \(3,\)"):
+        load_keras_weights(bnlab.BatchNorm1d(C, affine=False),
+                           [torch.ones(3), torch.zeros(5), *arrays[2:]])
+    half = bnlab.BatchNorm1d(C)
+    half.running_var = None
+    with pytest.raises(ValueError, match="running_mean and running_var must both be None"):
+        load_keras_weights(half, arrays)
+    assert torch.equal(half.running_mean, torch.zeros(C))  # nothing copied
+    with pytest.raises(ValueError, match="running_mean and running_var must both be None"):
+        keras_weights(half)
+    with pytest.raises(ValueError, match="LazyBatchNorm1d"):
+        flax_variables(bnlab.LazyBatchNorm1d())

@@ -36,7 +36,9 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor, nn
 
-from bnlab._checks import check_eps, check_materialized, is_integer, is_real
+from bnlab._checks import check_materialized, is_integer, is_real
+from bnlab._layer_state import has_stats
+from bnlab.variants.noisy import eval_factor
 
 __all__ = [
     "FlaxBN",
@@ -120,13 +122,29 @@ def _bessel(batch_values: int | None, who: str) -> float:
 
 
 def _vector(value: Any, c: int, name: str, who: str, like: Tensor) -> Tensor:
-    t = torch.as_tensor(value).detach()
+    # Python lists in float64: torch.as_tensor made them float32, which rounded 0.3 for a
+    # float64 layer (arrays and tensors keep their own dtype)
+    t = torch.as_tensor(value, dtype=torch.float64 if isinstance(value, (list, tuple)) else None)
+    t = t.detach()
     if tuple(t.shape) != (c,):
         raise ValueError(f"{who}: {name} must have shape ({c},), got {tuple(t.shape)}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{who}: {name} must be finite, got {t.tolist()}")
     t = t.to(device=like.device, dtype=like.dtype)
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{who}: {name} must be finite, got {t.tolist()}")
+        raise ValueError(f"{who}: {name} is not representable in the layer's {like.dtype} "
+                         f"(it becomes {t.tolist()})")
     return t
+
+
+def _check_source(decay: Any, eps: Any, who: str) -> None:
+    """The source layer's ``momentum`` (its decay) and ``epsilon``, named as the source names
+    them. ε = 0 is taken: the layers evaluate with it (they refuse it only when training)."""
+    if isinstance(decay, bool) or not is_real(decay) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"{who}: momentum (the source's decay of the old value) must be a "
+                         f"number in [0, 1], got {decay!r}")
+    if isinstance(eps, bool) or not is_real(eps) or not 0.0 <= eps < float("inf"):
+        raise ValueError(f"{who}: epsilon must be a finite number >= 0, got {eps!r}")
 
 
 @torch.no_grad()
@@ -134,12 +152,16 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
           eps: float, factor: float, who: str, names: tuple[str, str, str, str]) -> nn.Module:
     """Load (γ, β, mean, variance), named ``names`` in the source framework's terms."""
     check_materialized(bn, who)
-    check_eps(eps, who)
+    _check_source(decay, eps, who)
     momentum = decay_to_momentum(decay)
     layer = _bn_like(bn, who)
-    if layer.running_mean is None:
+    if not has_stats(who, layer.running_mean, layer.running_var, "running_var"):
         raise ValueError(f"{who}: {type(bn).__name__} has no running statistics "
                          "(track_running_stats=False) to load into")
+    assert layer.running_mean is not None  # (has_stats)
+    # A NoisyBatchNorm's eval output is E[s]·BN(x) (its noise's expectation): γ and β are
+    # loaded divided by it, so that the layer computes the source's function.
+    k = eval_factor(bn)
     c = layer.num_features
     rm = layer.running_mean
     # Everything is converted and checked before anything is copied: a bad array leaves the
@@ -153,13 +175,17 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
                                         ("bias", names[1], beta, 0.0)):
         param = getattr(bn, name, None)
         if param is None:
-            if value is not None and not torch.all(torch.as_tensor(value) == default):
-                why = "affine=False" if not getattr(bn, "affine", True) else "bias=False"
+            given = None if value is None else _vector(value, c, shown, who, rm)
+            why = "affine=False" if not getattr(bn, "affine", True) else "bias=False"
+            if given is not None and not torch.all(given == default):
                 raise ValueError(f"{who}: {type(bn).__name__} has {why} but the source "
-                                 f"has a non-trivial {shown}")
+                                 f"has a non-trivial {shown}: {given.tolist()}")
+            if k != 1.0 and (name == "weight" or default != 0.0):
+                raise ValueError(f"{who}: a {type(bn).__name__} with {why} evaluates to "
+                                 f"E[s] = {k} times the source's output; give it γ to load")
             continue
-        new[name] = (_vector(value, c, shown, who, param) if value is not None
-                     else torch.full_like(param, default))
+        new[name] = (_vector(value, c, shown, who, param) / k if value is not None
+                     else torch.full_like(param, default / k))
     for name, t in new.items():
         getattr(bn, name).copy_(t)
     layer.eps = float(eps)
@@ -180,14 +206,19 @@ def _keys(given: Mapping[str, Any], allowed: Sequence[str], required: Sequence[s
 
 
 def _export(bn: nn.Module, batch_values: int | None, who: str) -> tuple[Tensor, ...]:
+    check_materialized(bn, who)
     layer = _bn_like(bn, who)
-    if layer.running_mean is None:
+    if not has_stats(who, layer.running_mean, layer.running_var, "running_var"):
         raise ValueError(f"{who}: {type(bn).__name__} has no running statistics to export")
     factor = _bessel(batch_values, who)
-    assert layer.running_var is not None  # registered with running_mean (track_running_stats)
+    assert layer.running_mean is not None and layer.running_var is not None  # (has_stats)
     c, like = layer.num_features, layer.running_mean
     w = layer.weight if layer.weight is not None else torch.ones(c, dtype=like.dtype)
     b = layer.bias if layer.bias is not None else torch.zeros(c, dtype=like.dtype)
+    # A NoisyBatchNorm's eval transform ends with E[s] (as fold and FrozenBatchNorm take it)
+    k = eval_factor(bn)
+    if k != 1.0:
+        w, b = w * k, b * k
     # bfloat16 has no NumPy dtype: such a layer's arrays come as float32 (exact), so that
     # `.numpy()` works as for the others.
     return tuple(t.detach().cpu().to(torch.float32 if t.dtype == torch.bfloat16 else t.dtype,
