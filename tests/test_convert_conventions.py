@@ -265,3 +265,15 @@ def test_shapes_are_checked_where_the_layer_has_nowhere_to_put_them_and_state_is
         keras_weights(half)
     with pytest.raises(ValueError, match="LazyBatchNorm1d"):
         flax_variables(bnlab.LazyBatchNorm1d())
+
+
+def test_flax_config_loads_back_as_keyword_arguments() -> None:
+    # the Keras pair took its config back; flax_variables' use_scale/use_bias were refused
+    bn = load_keras_weights(bnlab.BatchNorm1d(C, dtype=F64), _keras_arrays(13), epsilon=1e-4)
+    f = flax_variables(bn)
+    back = load_flax_variables(bnlab.BatchNorm1d(C, dtype=F64), f.variables, **f.config)
+    for k, v in bn.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v)
+    assert back.eps == bn.eps
+    with pytest.raises(ValueError, match=r"variables\['params'\] must have keys \['bias'\]"):
+        load_flax_variables(bnlab.BatchNorm1d(C), f.variables, use_scale=False)

@@ -299,13 +299,17 @@ def keras_weights(bn: nn.Module, *, batch_values: int | None = None) -> KerasBN:
 
 def load_flax_variables(bn: nn.Module, variables: Mapping[str, Mapping[str, Any]], *,
                         momentum: float = 0.99, epsilon: float = 1e-5,
+                        use_scale: bool = True, use_bias: bool = True,
                         batch_values: int | None = None) -> nn.Module:
     """Load a Flax ``BatchNorm``'s variables (``{"params": ..., "batch_stats": ...}``) into
-    ``bn`` in place; ``momentum`` and ``epsilon`` are the Flax layer's (Flax defaults)."""
+    ``bn`` in place; ``momentum``, ``epsilon``, ``use_scale`` and ``use_bias`` are the Flax
+    layer's (Flax defaults), so ``load_flax_variables(bn, f.variables, **f.config)`` loads what
+    `flax_variables` gave. A missing ``scale`` or ``bias`` loads as 1 or 0."""
     who = "load_flax_variables"
     _keys(variables, ("params", "batch_stats"), ("batch_stats",), "variables (one layer's)", who)
     params, stats = variables.get("params", {}), variables["batch_stats"]
-    _keys(params, ("scale", "bias"), (), "variables['params']", who)
+    allowed = tuple(k for k, use in (("scale", use_scale), ("bias", use_bias)) if use)
+    _keys(params, allowed, (), "variables['params']", who)  # (as use_scale, use_bias say)
     _keys(stats, ("mean", "var"), ("mean", "var"), "variables['batch_stats']", who)
     return _load(bn, params.get("scale"), params.get("bias"), stats["mean"], stats["var"],
                  decay=momentum, eps=epsilon, factor=_bessel(batch_values, who), who=who,
