@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -257,6 +258,28 @@ def checks_and_counts_case(rank: int) -> dict[str, float]:
     return out
 
 
+def ddp_helpers_case(rank: int) -> dict[str, float]:
+    """setup_from_env uses a group that exists (without WORLD_SIZE it answered "rank 0 of 1"
+    on every rank); wrap_ddp passes DDP's options on, and leaves a model with nothing to
+    train unwrapped (DDP refuses one) with rank 0's buffers."""
+    saved = os.environ.pop("WORLD_SIZE")
+    try:
+        reuses = ddp.setup_from_env("cpu")[:2] == (rank, 2)
+    finally:
+        os.environ["WORLD_SIZE"] = saved
+    frozen = nn.Sequential(bnlab.variants.FrozenBatchNorm1d(C))
+    frozen[0].running_mean.fill_(float(rank + 1))
+    same = ddp.wrap_ddp(frozen)
+    unused = nn.ModuleDict({"used": nn.Linear(C, 1), "unused": nn.Linear(C, 1)})
+    unused.forward = lambda x: unused["used"](x)  # type: ignore[method-assign]
+    par = ddp.wrap_ddp(unused, find_unused_parameters=True)
+    for _ in range(2):  # without find_unused_parameters the second step raises
+        par(torch.randn(3, C)).sum().backward()
+    return {"reuses_group": float(reuses), "frozen_unwrapped": float(same is frozen),
+            "frozen_rank0_buffers": float(frozen[0].running_mean.eq(1.0).all()),
+            "unused_ok": 1.0}
+
+
 def eval_has_no_collective(rank: int) -> dict[str, float]:
     calls = {"n": 0}
     names = ("all_gather_single", "all_gather_into_tensor", "all_reduce")
@@ -351,7 +374,8 @@ def main(out_dir: str) -> None:
            "eval": eval_has_no_collective(rank), "all_empty": all_empty_case(rank),
            "ddp": ddp_smoke(rank, world), "noisy": noisy_case(rank),
            "ddp_local": ddp_local_layer(rank, world), "recalibrate": recalibrate_case(rank),
-           "cumulative": cumulative_probe_case(rank), "checks": checks_and_counts_case(rank)}
+           "cumulative": cumulative_probe_case(rank), "checks": checks_and_counts_case(rank),
+           "ddp_helpers": ddp_helpers_case(rank)}
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(res, f)
     ddp.teardown()

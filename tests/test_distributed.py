@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import bnlab
@@ -129,6 +130,12 @@ def test_arguments_are_checked_and_batches_counted_as_in_one_process(
     for rank, res in enumerate(results):
         assert res["checks"] == {"eps_refused": 1.0, "renorm_eps_refused": 1.0,
                                  "momentum_refused": 1.0, "untracked_counted": 1.0}, (rank, res)
+
+
+def test_ddp_helpers_reuse_the_group_and_wrap_what_ddp_takes(results: list[dict]) -> None:
+    for rank, res in enumerate(results):
+        assert res["ddp_helpers"] == {"reuses_group": 1.0, "frozen_unwrapped": 1.0,
+                                      "frozen_rank0_buffers": 1.0, "unused_ok": 1.0}, (rank, res)
 
 
 def test_eval_mode_does_no_collective(results: list[dict]) -> None:
@@ -263,6 +270,38 @@ def test_ddp_helpers_single_process() -> None:
     assert float(ddp.global_mean(loss, 3)) == 2.0
     assert ddp.all_reduce_sum(loss) is loss
     ddp.teardown()
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"RANK": "1"}, r"RANK=1 but WORLD_SIZE is unset"),
+    ({"WORLD_SIZE": "1", "LOCAL_RANK": "2"}, r"LOCAL_RANK=2 but WORLD_SIZE is 1"),
+    ({"WORLD_SIZE": "two"}, r"WORLD_SIZE must be an integer >= 1, got 'two'"),
+    ({"WORLD_SIZE": "0"}, r"WORLD_SIZE must be an integer >= 1, got '0'"),
+    ({"WORLD_SIZE": "2"}, r"WORLD_SIZE=2 but RANK is unset"),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, r"RANK must be in \[0, 2\) \(WORLD_SIZE=2\), got 5"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, r"RANK must be an integer >= 0, got '-1'"),
+])
+def test_setup_from_env_names_a_bad_environment_at_once(env, message, monkeypatch) -> None:
+    # a missing or wrong RANK waited out the 300 s timeout, then failed with a network error
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        ddp.setup_from_env("cpu", timeout_s=5)
+    assert not dist.is_initialized()
+
+
+def test_shard_helpers_name_bad_arguments() -> None:
+    x = torch.randn(6, 2)
+    with pytest.raises(ValueError, match="x and y must have the same length, got 6 and 4"):
+        ddp.shard_batch(x, torch.randn(4), 0, 2)
+    with pytest.raises(TypeError, match="x must be a tensor with a batch dimension, got tuple"):
+        ddp.shard_batch((x,), None, 0, 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shard_range: world_size must be >= 1"):
+        ddp.shard_range(5, 0, 0)
+    with pytest.raises(ValueError, match="global_batch_size must be >= 1, got 0"):
+        ddp.global_mean(torch.tensor(1.0), 0)
 
 
 def test_conversion_keeps_none_bias_and_none_buffers() -> None:
