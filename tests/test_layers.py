@@ -331,3 +331,37 @@ def test_output_strides_are_torchs(layout: str, train: bool, force: str, monkeyp
     torch.testing.assert_close(y, y_ref)
     if y_ref.is_contiguous():
         y.view(y.shape[0], -1)
+
+
+@pytest.mark.parametrize("force", ["0", "1"], ids=["kernels", "reference"])
+def test_an_hwc_images_channels_last_view_stays_channels_last(force: str, monkeypatch) -> None:
+    # permute(2, 0, 1).unsqueeze(0) of an (H, W, C) image is channels_last with an odd size-1
+    # batch stride, which suggest_memory_format does not take: the reference path returned
+    # NCHW (torch's BN and the kernels, channels_last)
+    monkeypatch.setenv("BNLAB_FORCE_REFERENCE", force)
+    x = torch.randn(8, 6, 3).permute(2, 0, 1).unsqueeze(0)
+    for dtype in (torch.float32, torch.float64):
+        y = bnlab.BatchNorm2d(3, dtype=dtype)(x.to(dtype))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.nn.BatchNorm2d(3, dtype=dtype)(x.to(dtype)).is_contiguous(
+            memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("force", ["0", "1"], ids=["kernels", "reference"])
+@pytest.mark.parametrize("momentum", [0.1, 0.0])
+def test_an_infinite_running_variance_stays_infinite_as_torchs(force: str, momentum,
+                                                               monkeypatch) -> None:
+    # r + w·(s − r) is NaN at r = inf (momentum 0 included); torch's (1 − w)·r + w·s keeps inf,
+    # so eval gives β there, not NaN. (A float16 running_var overflows so: variance > 65504.)
+    # (momentum=None's first factor is 1: 0·inf is NaN in torch's formula too.)
+    monkeypatch.setenv("BNLAB_FORCE_REFERENCE", force)
+    ours, ref = bnlab.BatchNorm2d(2, momentum=momentum), torch.nn.BatchNorm2d(2, momentum=momentum)
+    for m in (ours, ref):
+        m.running_var[1] = float("inf")
+    x = torch.randn(4, 2, 3, 3)
+    for _ in range(2):
+        ours(x)
+        ref(x)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert ours.running_var[1].isinf()
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x))

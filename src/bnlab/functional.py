@@ -109,10 +109,12 @@ def suggest_memory_format(x: Tensor) -> torch.memory_format:
 
 
 def output_memory_format(x: Tensor) -> torch.memory_format:
-    """The output layout for ``x``, as torch's BN gives it: contiguous where x is, else
-    `suggest_memory_format`."""
+    """The output layout for ``x``, as torch's BN gives it: contiguous where x is, channels_last
+    where x is that (an HWC image's ``permute(2, 0, 1).unsqueeze(0)``, whose size-1 batch
+    stride `suggest_memory_format` does not take), else `suggest_memory_format`."""
     if x.dim() in (4, 5) and not x.is_contiguous():
-        return suggest_memory_format(x)
+        last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        return last if x.is_contiguous(memory_format=last) else suggest_memory_format(x)
     return torch.contiguous_format
 
 
@@ -169,8 +171,12 @@ def lerp_buffer_(buf: Tensor, stat: Tensor, momentum: float | Tensor, finite: Te
         # cannot trace these tests; compiled code makes no inference tensors.)
         inference = (not torch.compiler.is_compiling() and buf.is_inference()
                      and not torch.is_inference_mode_enabled())
+        s = stat.to(ct)
+        # A buffer holding ±inf (a float16 one that overflowed, a checkpoint's): lerp gives NaN
+        # there, torch's (1 − w)·r + w·s keeps it (eval then gives β, not NaN).
+        upd = torch.where(r.isfinite(), torch.lerp(r, s, w), r * (1 - w) + s * w)
         with torch.inference_mode() if inference else contextlib.nullcontext():
-            buf.copy_(torch.where(finite, torch.lerp(r, stat.to(ct), w), r))
+            buf.copy_(torch.where(finite, upd, r))
     except RuntimeError as e:
         if "vmap" not in str(e):
             raise

@@ -246,7 +246,20 @@ std::tuple<Tensor, Tensor> eval_fwd_autograd(const Tensor& x, const Tensor& rm, 
 // outside the loop. (Written with the choice inside the loop, and all_finite as a short-circuit
 // &&, both ran scalar: the layers' training forward took 1.36-1.51x the time on (2, 16384) in
 // two A/B runs, 1.15-1.23x on (2, 1024).)
+bool all_finite(const float* __restrict__ a, const float* __restrict__ b, int64_t n);
 void lerp_into(float* __restrict__ r, const float* __restrict__ s, float k, float w, int64_t n) {
+  if (!all_finite(r, r, n)) {
+    // A buffer holding ±inf (a float16 one that overflowed, a checkpoint's): r + w·(s − r)
+    // is NaN there, torch's (1 − w)·r + w·s keeps it (BN's eval then gives β, not NaN). Rare:
+    // one scalar pass, the finite values as below.
+    for (int64_t c = 0; c < n; ++c) {
+      const float b = s[c] * k;
+      r[c] = !std::isfinite(r[c])     ? (1.0f - w) * r[c] + w * b
+             : std::abs(w) < 0.5f     ? std::fma(w, b - r[c], r[c])
+                                      : std::fma(w - 1.0f, b - r[c], b);
+    }
+    return;
+  }
   if (std::abs(w) < 0.5f) {
     for (int64_t c = 0; c < n; ++c) r[c] = std::fma(w, s[c] * k - r[c], r[c]);
   } else {
