@@ -298,3 +298,22 @@ def test_hook_handles_still_remove_the_hooks_after_inplace_replacement(kind: str
     post.remove()
     model(x)
     assert calls == [0, 1]
+
+
+def test_a_frozen_layer_made_a_torch_bn_copies_and_unfreezes() -> None:
+    # freeze's handles on the new torch BN pointed at hook dicts that carrying the old layer's
+    # hooks replaced: deepcopy (so fold, replace_norm) failed and unfreeze removed nothing
+    model = bnlab.freeze(nn.Sequential(nn.Linear(4, 3), bnlab.BatchNorm1d(3)))
+    calls: list[int] = []
+    model[1].register_forward_hook(lambda m, a, out: calls.append(1))
+    back = bnlab.replace_norm(model, "torch")
+    assert is_frozen(back[1])
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(back.train()(x), copy.deepcopy(back).eval()(x))
+    assert len(calls) == 2
+    bnlab.fold(back)
+    bnlab.unfreeze(back)
+    before = back[1].running_mean.clone()
+    back.train()(x)
+    assert not is_frozen(back[1]) and not torch.equal(back[1].running_mean, before)
+    assert len(calls) == 3  # the user's hook stays

@@ -78,6 +78,12 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     `freeze`'s hooks, and leaves the model): the handles that registration returned point at
     those dicts, so ``handle.remove()`` still removes a hook from the new layer. (With copies
     of the entries, a removed hook kept running on it.)"""
+    # `freeze`'s handles on ``new`` point at its own dicts, which are replaced below: its hooks
+    # are registered again afterwards (a dead handle made the module impossible to deep-copy,
+    # and `unfreeze` remove nothing)
+    frozen = new.__dict__.pop(_HANDLES, None)
+    for handle in frozen or ():
+        handle.remove()
     for d in ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
               "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
         shared, own = getattr(old, d), getattr(new, d)
@@ -87,6 +93,19 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
         shared.clear()
         shared.update([*own.items(), *carried])  # new's own first
         setattr(new, d, shared)
+    if frozen is not None:
+        _register_freeze_hooks(new)
+        for d in ("_forward_pre_hooks", "_forward_hooks"):  # first, as before the carry
+            hooks = getattr(new, d)
+            for k in [k for k, h in hooks.items() if h in _OWN_HOOKS]:
+                hooks.move_to_end(k, last=False)
+
+
+def _register_freeze_hooks(m: nn.Module) -> None:
+    """Run a torch BN in eval mode for each call. always_call: a forward that raises (a bad
+    shape, an OOM the caller retries) must not leave the layer in eval mode."""
+    m.__dict__[_HANDLES] = (m.register_forward_pre_hook(_eval_pre_hook),
+                            m.register_forward_hook(_restore_hook, always_call=True))
 
 
 def is_frozen(module: nn.Module) -> bool:
@@ -126,10 +145,7 @@ def freeze(model: nn.Module, *, stats: bool = True, affine: bool = True) -> nn.M
             if isinstance(m, _FLAGGED):
                 m.frozen = True
             elif _HANDLES not in m.__dict__:
-                # always_call: a forward that raises (a bad shape, an OOM the caller retries)
-                # must not leave the layer in eval mode
-                m.__dict__[_HANDLES] = (m.register_forward_pre_hook(_eval_pre_hook),
-                                        m.register_forward_hook(_restore_hook, always_call=True))
+                _register_freeze_hooks(m)
         if affine:
             for p in (m.weight, m.bias):
                 if p is not None:
