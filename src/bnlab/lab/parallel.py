@@ -13,7 +13,6 @@ rank 0 writes the run directory, the other ranks keep their run in memory (`Memo
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,11 @@ _STATE = Parallel()
 
 
 def init(*, sync_bn: bool = False) -> Parallel:
-    """Join the torchrun process group if there is one (a no-op in a single process)."""
+    """Join the torchrun process group if there is one (a no-op in a single process). The lab
+    trains on the CPU, so the group is gloo's. (An undocumented BNLAB_DEVICE=cuda chose NCCL
+    while the model and data stayed on the CPU, which NCCL cannot reduce: removed.)"""
     global _STATE
-    rank, world, _ = ddp.setup_from_env("cpu" if os.environ.get("BNLAB_DEVICE") is None
-                                        else os.environ["BNLAB_DEVICE"])
+    rank, world, _ = ddp.setup_from_env("cpu")
     _STATE = Parallel(rank, world, sync_bn)
     return _STATE
 
