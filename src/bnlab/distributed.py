@@ -277,8 +277,9 @@ class SyncBatchRenorm(BatchRenorm):
         if not _sync_active(self.process_group):
             return super()._renorm_train(input, r_max, d_max, update)
         running_mean, running_var = self.running_stats()
-        check_args(input, running_mean, running_var, self.weight, self.bias, True,
-                   self._momentum(), self.eps, self._who(), local_size=False)  # (as above)
+        momentum = self._momentum()
+        check_args(input, running_mean, running_var, self.weight, self.bias, True, momentum,
+                   self.eps, self._who(), local_size=False)  # (as above)
         mean, var, count = sync_batch_stats(input, self.process_group)
         if not _has_stats(count, self._who()):  # every shard empty: no r, d, no update
             return F.empty_batch(input, self.weight, self.bias), None
@@ -288,7 +289,7 @@ class SyncBatchRenorm(BatchRenorm):
         if not update:
             return y, None
         return y, store_running_stats(running_mean, running_var, mean, unbiased(var, count),
-                                      self._momentum())
+                                      momentum)
 
 
 # Class → its synchronized class, or None: kept as is on purpose (statistics local by design).

@@ -79,8 +79,13 @@ def _bn_like(bn: nn.Module, who: str) -> _BNLike:
 
 def decay_to_momentum(decay: float) -> float:
     """Keras/Flax ``momentum`` (decay d of the old value) → PyTorch momentum m = 1 − d."""
+    return _to_momentum(decay, "decay_to_momentum", "decay")
+
+
+def _to_momentum(decay: Any, who: str, name: str) -> float:
+    """`decay_to_momentum`, its errors naming ``who`` and the argument ``name``."""
     if isinstance(decay, bool) or not is_real(decay) or not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay_to_momentum: decay must be in [0, 1], got {decay!r}")
+        raise ValueError(f"{who}: {name} must be a number in [0, 1], got {decay!r}")
     return 1.0 - float(decay)
 
 
@@ -137,12 +142,9 @@ def _vector(value: Any, c: int, name: str, who: str, like: Tensor) -> Tensor:
     return t
 
 
-def _check_source(decay: Any, eps: Any, who: str) -> None:
-    """The source layer's ``momentum`` (its decay) and ``epsilon``, named as the source names
-    them. ε = 0 is taken: the layers evaluate with it (they refuse it only when training)."""
-    if isinstance(decay, bool) or not is_real(decay) or not 0.0 <= decay <= 1.0:
-        raise ValueError(f"{who}: momentum (the source's decay of the old value) must be a "
-                         f"number in [0, 1], got {decay!r}")
+def _check_epsilon(eps: Any, who: str) -> None:
+    """The source layer's ``epsilon``, named as the source names it. ε = 0 is taken: the
+    layers evaluate with it (they refuse it only when training)."""
     if isinstance(eps, bool) or not is_real(eps) or not 0.0 <= eps < float("inf"):
         raise ValueError(f"{who}: epsilon must be a finite number >= 0, got {eps!r}")
 
@@ -152,8 +154,8 @@ def _load(bn: nn.Module, gamma: Any, beta: Any, mean: Any, var: Any, *, decay: f
           eps: float, factor: float, who: str, names: tuple[str, str, str, str]) -> nn.Module:
     """Load (γ, β, mean, variance), named ``names`` in the source framework's terms."""
     check_materialized(bn, who)
-    _check_source(decay, eps, who)
-    momentum = decay_to_momentum(decay)
+    momentum = _to_momentum(decay, who, "momentum (the source's decay of the old value)")
+    _check_epsilon(eps, who)
     layer = _bn_like(bn, who)
     if not has_stats(who, layer.running_mean, layer.running_var, "running_var"):
         raise ValueError(f"{who}: {type(bn).__name__} has no running statistics "
